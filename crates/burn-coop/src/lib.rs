@@ -1,0 +1,34 @@
+//! # burn-coop
+//!
+//! Communication-efficient distributed training for [Burn](https://burn.dev), built on the
+//! *Cooperative SGD* framework (Wang & Joshi): `m` workers each take τ local optimizer steps,
+//! then merge their models with a rule — periodic averaging (local SGD, FedAvg), elastic
+//! averaging (EASGD) or gossip over a graph. In matrix form every rule is
+//! `X_{k+1} = (X_k − η G_k) W_k`, with `W_k = I` between merges.
+//!
+//! The pieces, one concept per module:
+//! - [`topology`] and [`mixing`]: graphs, mixing matrices `W`, validation, `ζ`;
+//! - [`rules`]: the [`MergeRule`] trait and its implementations;
+//! - [`schedule`]: when to merge ([`SyncSchedule`], [`PeriodicSchedule`]);
+//! - [`params`]: flat parameter buffers for any Burn module;
+//! - [`transport`]: how workers exchange buffers ([`Transport`], [`InProcessGroup`]);
+//! - [`LocalSgd`]: the optimizer wrapper that puts them together.
+
+pub mod error;
+pub mod local_sgd;
+pub mod mixing;
+pub mod params;
+pub mod rules;
+pub mod schedule;
+mod spectrum;
+pub mod topology;
+pub mod transport;
+
+pub use error::CoopError;
+pub use local_sgd::{CoopStats, InnerStatePolicy, LocalSgd, LocalSgdState, SyncReport};
+pub use mixing::{MixingError, MixingMatrix};
+pub use params::{BufferPolicy, ParamLayout};
+pub use rules::{ElasticAveraging, Gossip, MergeOutcome, MergeRule, PeriodicAveraging, RuleError};
+pub use schedule::{PeriodicSchedule, ScheduleError, SyncSchedule};
+pub use topology::{Topology, TopologyError, TopologyKind, WeightRule};
+pub use transport::{InProcessGroup, InProcessTransport, ReduceOp, Traffic, Transport, TransportError};

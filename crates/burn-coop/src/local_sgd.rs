@@ -1,0 +1,374 @@
+//! The optimizer wrapper: any Burn optimizer plus a merge rule, a schedule and a transport.
+
+use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
+use burn::module::Module;
+use burn::optim::{GradientsParams, ModuleOptimizer, OptimizerRecord};
+use serde::{Deserialize, Serialize};
+
+use crate::error::CoopError;
+use crate::params::{BufferPolicy, ParamLayout};
+use crate::rules::{MergeRule, PeriodicAveraging, RuleState};
+use crate::schedule::{PeriodicSchedule, SyncSchedule};
+use crate::transport::{Traffic, Transport};
+
+/// What happens to the inner optimizer's state (momentum, Adam moments) at a merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InnerStatePolicy {
+    /// Each worker keeps its own state (as PyTorch's `PostLocalSGDOptimizer` does).
+    #[default]
+    KeepLocal,
+    /// The state is reset to the optimizer as it was given to [`LocalSgd::new`].
+    Reset,
+}
+
+/// What one synchronization did.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SyncReport {
+    /// The local step (1-based) the merge followed.
+    pub step: u64,
+    /// How many merges have run, this one included.
+    pub syncs: u64,
+    /// Consensus distance before the merge, `(1/m) Σ_i ‖x_i − x̄‖²`, when measured.
+    pub consensus_distance: Option<f64>,
+    /// Bytes this worker sent during the merge.
+    pub bytes_sent: u64,
+    /// Bytes this worker received during the merge.
+    pub bytes_received: u64,
+}
+
+/// Counters of a [`LocalSgd`] optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct CoopStats {
+    /// Local steps taken.
+    pub steps: u64,
+    /// Merges done.
+    pub syncs: u64,
+    /// Total bytes sent and received by this worker.
+    pub traffic: Traffic,
+    /// Consensus distance measured at the last merge.
+    pub last_consensus_distance: Option<f64>,
+}
+
+/// The wrapper's own state (the inner optimizer's state is saved with
+/// [`LocalSgd::to_record`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalSgdState {
+    /// Local steps taken.
+    pub steps: u64,
+    /// Merges done.
+    pub syncs: u64,
+    /// Traffic counted so far.
+    pub traffic: Traffic,
+    /// Consensus distance at the last merge.
+    pub last_consensus_distance: Option<f64>,
+    /// The rule's state (anchor, …).
+    pub rule: RuleState,
+    /// The schedule's state.
+    pub schedule: Vec<u8>,
+    /// Whether the rule has seen the initial parameters.
+    pub started: bool,
+}
+
+/// Cooperative SGD as a drop-in replacement for a Burn [`ModuleOptimizer`].
+///
+/// Each call to [`LocalSgd::step`] applies the inner optimizer to this worker's model; on the
+/// steps the schedule selects, the merge rule then combines the workers' models through the
+/// transport. In the notation of Cooperative SGD, `X_{k+1} = (X_k − η G_k) W_k` with `W_k = I`
+/// between merges.
+///
+/// Swapping it into a training loop changes the optimizer's construction and adds a `?`:
+///
+/// ```
+/// use burn::module::Module;
+/// use burn::nn::{Linear, LinearConfig};
+/// use burn::optim::{GradientsParams, SgdConfig};
+/// use burn::tensor::{Device, Tensor};
+/// use burn_coop::{InProcessGroup, LocalSgd, PeriodicAveraging, PeriodicSchedule};
+///
+/// # fn main() -> Result<(), burn_coop::CoopError> {
+/// let device = Device::flex().autodiff();
+/// let mut handles = InProcessGroup::new(1).into_transports();
+/// let mut model: Linear = LinearConfig::new(4, 2).init(&device);
+///
+/// // Before: let mut optim = SgdConfig::new().init();
+/// let mut optim = LocalSgd::new(
+///     SgdConfig::new().init(),
+///     PeriodicAveraging::new(),
+///     PeriodicSchedule::every(8)?,
+///     handles.remove(0),
+/// )?;
+///
+/// for _ in 0..16 {
+///     let x = Tensor::<2>::ones([3, 4], &device);
+///     let loss = model.forward(x).powi_scalar(2).mean();
+///     let grads = GradientsParams::from_grads(loss.backward(), &model);
+///     // Before: model = optim.step(0.1, model, grads);
+///     model = optim.step(0.1, model, grads)?;
+/// }
+/// assert_eq!(optim.stats().syncs, 2);
+/// # Ok(())
+/// # }
+/// ```
+pub struct LocalSgd {
+    inner: ModuleOptimizer,
+    pristine: ModuleOptimizer,
+    rule: Box<dyn MergeRule>,
+    schedule: Box<dyn SyncSchedule>,
+    transport: Box<dyn Transport>,
+    buffer_policy: BufferPolicy,
+    inner_state: InnerStatePolicy,
+    layout: Option<ParamLayout>,
+    flat: Vec<f32>,
+    steps: u64,
+    syncs: u64,
+    started: bool,
+    traffic_offset: Traffic,
+    last_report: Option<SyncReport>,
+}
+
+impl std::fmt::Debug for LocalSgd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalSgd")
+            .field("rule", &self.rule.name())
+            .field("rank", &self.transport.rank())
+            .field("world_size", &self.transport.world_size())
+            .field("steps", &self.steps)
+            .field("syncs", &self.syncs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalSgd {
+    /// Wraps `inner` (any Burn optimizer, e.g. `SgdConfig::new().init()` or
+    /// `AdamConfig::new().init()`) with a merge rule, a schedule and this worker's transport.
+    ///
+    /// Fails when the rule cannot run with the transport's number of workers (e.g. an elastic
+    /// α out of range, or a gossip matrix of the wrong order).
+    pub fn new(
+        inner: ModuleOptimizer,
+        rule: impl MergeRule + 'static,
+        schedule: impl SyncSchedule + 'static,
+        transport: impl Transport + 'static,
+    ) -> Result<Self, CoopError> {
+        rule.validate(transport.world_size())?;
+        Ok(Self {
+            pristine: inner.clone(),
+            inner,
+            rule: Box::new(rule),
+            schedule: Box::new(schedule),
+            transport: Box::new(transport),
+            buffer_policy: BufferPolicy::default(),
+            inner_state: InnerStatePolicy::default(),
+            layout: None,
+            flat: Vec::new(),
+            steps: 0,
+            syncs: 0,
+            started: false,
+            traffic_offset: Traffic::default(),
+            last_report: None,
+        })
+    }
+
+    /// Synchronous SGD: model averaging after every step (`τ = 1`, `W = J`).
+    pub fn synchronous(inner: ModuleOptimizer, transport: impl Transport + 'static) -> Self {
+        let every_step = PeriodicSchedule::every(1).expect("a period of 1 is valid");
+        Self::new(inner, PeriodicAveraging::new(), every_step, transport)
+            .expect("averaging runs with any number of workers")
+    }
+
+    /// Chooses whether buffers (BatchNorm running statistics) are merged or kept local.
+    /// Must be set before the first step.
+    pub fn with_buffer_policy(self, policy: BufferPolicy) -> Self {
+        Self { buffer_policy: policy, layout: None, ..self }
+    }
+
+    /// Chooses what happens to the inner optimizer's state at a merge.
+    pub fn with_inner_state(self, policy: InnerStatePolicy) -> Self {
+        Self { inner_state: policy, ..self }
+    }
+
+    /// One optimizer step, followed by a merge when the schedule says so. Same call as
+    /// [`ModuleOptimizer::step`], returning a `Result` because a merge can fail (a lost worker,
+    /// non-finite parameters).
+    pub fn step<M: Module>(
+        &mut self,
+        lr: impl Into<ModuleLearningRate>,
+        module: M,
+        grads: GradientsParams,
+    ) -> Result<M, CoopError> {
+        if !self.started {
+            self.ensure_layout(&module);
+            let layout = self.layout.as_ref().expect("layout recorded above");
+            layout.flatten_into(&module, &mut self.flat)?;
+            self.rule.start(&self.flat);
+            self.started = true;
+        }
+        let module = self.inner.step(lr, module, grads);
+        self.steps += 1;
+        if self.schedule.is_sync_step(self.steps) {
+            self.merge(module)
+        } else {
+            Ok(module)
+        }
+    }
+
+    /// Merges now, whatever the schedule (e.g. before evaluating or saving the final model).
+    /// Every worker must call it at the same point.
+    pub fn merge<M: Module>(&mut self, module: M) -> Result<M, CoopError> {
+        self.ensure_layout(&module);
+        let layout = self.layout.take().expect("layout recorded above");
+        let merged = self.merge_with(&layout, module);
+        self.layout = Some(layout);
+        merged
+    }
+
+    fn merge_with<M: Module>(&mut self, layout: &ParamLayout, module: M) -> Result<M, CoopError> {
+        layout.flatten_into(&module, &mut self.flat)?;
+        self.check_finite()?;
+        let before = self.transport.traffic();
+        let outcome = self.rule.merge(&mut self.flat, self.transport.as_mut())?;
+        let after = self.transport.traffic();
+        let module = layout.unflatten(module, &self.flat)?;
+        self.syncs += 1;
+        if self.inner_state == InnerStatePolicy::Reset {
+            self.inner = self.pristine.clone();
+        }
+        self.last_report = Some(SyncReport {
+            step: self.steps,
+            syncs: self.syncs,
+            consensus_distance: outcome.consensus_distance,
+            bytes_sent: after.bytes_sent - before.bytes_sent,
+            bytes_received: after.bytes_received - before.bytes_received,
+        });
+        Ok(module)
+    }
+
+    /// Every worker learns which workers hold NaN or infinite values, so all of them stop with
+    /// the same error instead of waiting on a worker that gave up.
+    fn check_finite(&mut self) -> Result<(), CoopError> {
+        let world = self.transport.world_size();
+        let rank = self.transport.rank();
+        let mut bad = vec![0.0; world];
+        bad[rank] = self.flat.iter().filter(|v| !v.is_finite()).count() as f64;
+        self.transport.all_reduce_f64(&mut bad)?;
+        match bad.iter().position(|&count| count > 0.0) {
+            None => Ok(()),
+            Some(bad_rank) => Err(CoopError::NonFiniteParameters {
+                rank: bad_rank,
+                step: self.steps,
+                count: bad[bad_rank] as usize,
+                total: self.flat.len(),
+            }),
+        }
+    }
+
+    fn ensure_layout<M: Module>(&mut self, module: &M) {
+        if self.layout.is_none() {
+            self.layout = Some(ParamLayout::of(module, self.buffer_policy));
+        }
+    }
+
+    /// Counters: steps, merges, traffic, last consensus distance.
+    pub fn stats(&self) -> CoopStats {
+        CoopStats {
+            steps: self.steps,
+            syncs: self.syncs,
+            traffic: self.traffic(),
+            last_consensus_distance: self.last_report.and_then(|r| r.consensus_distance),
+        }
+    }
+
+    /// What the last merge did, if any has run.
+    pub fn last_sync(&self) -> Option<&SyncReport> {
+        self.last_report.as_ref()
+    }
+
+    fn traffic(&self) -> Traffic {
+        let now = self.transport.traffic();
+        Traffic {
+            bytes_sent: self.traffic_offset.bytes_sent + now.bytes_sent,
+            bytes_received: self.traffic_offset.bytes_received + now.bytes_received,
+        }
+    }
+
+    /// This worker's rank.
+    pub fn rank(&self) -> usize {
+        self.transport.rank()
+    }
+
+    /// Number of workers.
+    pub fn world_size(&self) -> usize {
+        self.transport.world_size()
+    }
+
+    /// The merge rule's name.
+    pub fn rule_name(&self) -> &'static str {
+        self.rule.name()
+    }
+
+    /// The current period between merges.
+    pub fn period(&self) -> u64 {
+        self.schedule.period(self.steps)
+    }
+
+    /// The transport, for collectives of the training loop's own (e.g. averaging a metric).
+    pub fn transport_mut(&mut self) -> &mut dyn Transport {
+        self.transport.as_mut()
+    }
+
+    /// Gives the transport back (e.g. to rebuild the optimizer with another rule).
+    pub fn into_transport(self) -> Box<dyn Transport> {
+        self.transport
+    }
+
+    /// The inner optimizer.
+    pub fn inner(&self) -> &ModuleOptimizer {
+        &self.inner
+    }
+
+    /// The inner optimizer's record (momentum buffers, Adam moments, …).
+    pub fn to_record(&self) -> OptimizerRecord {
+        self.inner.to_record()
+    }
+
+    /// Restores the inner optimizer's record.
+    pub fn load_record(&mut self, record: OptimizerRecord) {
+        self.inner = self.inner.clone().load_record(record);
+    }
+
+    /// The wrapper's own state: counters, the rule's state and the schedule's state.
+    pub fn state(&self) -> LocalSgdState {
+        LocalSgdState {
+            steps: self.steps,
+            syncs: self.syncs,
+            traffic: self.traffic(),
+            last_consensus_distance: self.last_report.and_then(|r| r.consensus_distance),
+            rule: self.rule.export_state(),
+            schedule: self.schedule.export_state(),
+            started: self.started,
+        }
+    }
+
+    /// Restores state produced by [`LocalSgd::state`] (with the same rule and schedule).
+    pub fn load_state(&mut self, state: LocalSgdState) -> Result<(), CoopError> {
+        self.rule.import_state(state.rule)?;
+        self.schedule.import_state(&state.schedule)?;
+        let now = self.transport.traffic();
+        self.traffic_offset = Traffic {
+            bytes_sent: state.traffic.bytes_sent.saturating_sub(now.bytes_sent),
+            bytes_received: state.traffic.bytes_received.saturating_sub(now.bytes_received),
+        };
+        self.steps = state.steps;
+        self.syncs = state.syncs;
+        self.started = state.started;
+        self.last_report = state.last_consensus_distance.map(|c| SyncReport {
+            step: state.steps,
+            syncs: state.syncs,
+            consensus_distance: Some(c),
+            bytes_sent: 0,
+            bytes_received: 0,
+        });
+        Ok(())
+    }
+}

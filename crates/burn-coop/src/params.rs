@@ -1,0 +1,328 @@
+//! Flat parameter buffers for any Burn [`Module`].
+//!
+//! Merge rules work on one contiguous `f32` buffer per worker: every float tensor of the module,
+//! in visiting order, flattened and concatenated. [`ParamLayout`] records which tensor sits where
+//! so the merged buffer can be written back with the same [`ParamId`]s, shapes, devices, dtypes
+//! and `require_grad` flags.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
+use serde::{Deserialize, Serialize};
+
+/// What happens to buffers — float tensors that do not require gradients, such as BatchNorm's
+/// running mean and variance — at a merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BufferPolicy {
+    /// Buffers are merged with the same rule as the weights (PyTorch's `PeriodicModelAverager`
+    /// averages buffers too). The evaluated average model then carries averaged statistics.
+    #[default]
+    Merge,
+    /// Buffers stay local to each worker: only trainable parameters are exchanged.
+    KeepLocal,
+}
+
+/// Whether a tensor is trained or a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TensorRole {
+    /// A tensor that requires gradients.
+    Parameter,
+    /// A float tensor that does not require gradients (BatchNorm running statistics, frozen
+    /// weights).
+    Buffer,
+}
+
+/// Where one tensor lives in the flat buffer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    /// The tensor's parameter id.
+    pub id: ParamId,
+    /// The tensor's shape.
+    pub shape: Vec<usize>,
+    /// Trained parameter or buffer.
+    pub role: TensorRole,
+    /// Offset in the flat buffer, or `None` when the policy leaves it out.
+    pub offset: Option<usize>,
+}
+
+impl Slot {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether the tensor has no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The mapping between a module's float tensors and a flat buffer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamLayout {
+    slots: Vec<Slot>,
+    len: usize,
+    policy: BufferPolicy,
+}
+
+/// A module whose tensors no longer match the layout recorded earlier.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// Different number of float tensors.
+    #[error("the module now has {found} float tensors but the layout recorded {expected}")]
+    TensorCount {
+        /// Tensors in the layout.
+        expected: usize,
+        /// Tensors in the module.
+        found: usize,
+    },
+    /// A tensor's id or shape changed.
+    #[error("tensor {index} of the module is {found} but the layout recorded {expected}")]
+    TensorChanged {
+        /// Position in visiting order.
+        index: usize,
+        /// What the layout holds.
+        expected: String,
+        /// What the module holds.
+        found: String,
+    },
+    /// A flat buffer of the wrong length.
+    #[error("a flat buffer of {found} values was given for a layout of {expected}")]
+    BufferLength {
+        /// Layout length.
+        expected: usize,
+        /// Buffer length.
+        found: usize,
+    },
+    /// A tensor's data could not be read.
+    #[error("cannot read tensor {id}: {cause}")]
+    Read {
+        /// The tensor's id.
+        id: ParamId,
+        /// What failed.
+        cause: String,
+    },
+}
+
+impl ParamLayout {
+    /// Records the layout of `module`'s float tensors under `policy`.
+    pub fn of<M: Module>(module: &M, policy: BufferPolicy) -> Self {
+        let mut visitor = LayoutVisitor { slots: Vec::new() };
+        module.visit(&mut visitor);
+        let mut len = 0;
+        let slots = visitor
+            .slots
+            .into_iter()
+            .map(|mut slot| {
+                let included = slot.role == TensorRole::Parameter || policy == BufferPolicy::Merge;
+                if included {
+                    slot.offset = Some(len);
+                    len += slot.len();
+                }
+                slot
+            })
+            .collect();
+        Self { slots, len, policy }
+    }
+
+    /// Length of the flat buffer.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the flat buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every float tensor of the module in visiting order, including those left out.
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// The buffer policy this layout was made with.
+    pub fn policy(&self) -> BufferPolicy {
+        self.policy
+    }
+
+    /// Number of values that are trainable parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.slots.iter().filter(|s| s.role == TensorRole::Parameter).map(Slot::len).sum()
+    }
+
+    /// Copies the module's tensors into `out` (resized to [`ParamLayout::len`]).
+    pub fn flatten_into<M: Module>(&self, module: &M, out: &mut Vec<f32>) -> Result<(), LayoutError> {
+        out.clear();
+        out.resize(self.len, 0.0);
+        let mut visitor = FlattenVisitor { layout: self, index: 0, out, error: None };
+        module.visit(&mut visitor);
+        let index = visitor.index;
+        if let Some(error) = visitor.error {
+            return Err(error);
+        }
+        self.check_count(index)
+    }
+
+    /// Returns the module's tensors as a new flat buffer.
+    pub fn flatten<M: Module>(&self, module: &M) -> Result<Vec<f32>, LayoutError> {
+        let mut out = Vec::new();
+        self.flatten_into(module, &mut out)?;
+        Ok(out)
+    }
+
+    /// Writes `flat` back into the module's tensors, keeping ids, shapes, devices, dtypes,
+    /// autodiff and `require_grad`. Tensors left out by the policy are untouched.
+    pub fn unflatten<M: Module>(&self, module: M, flat: &[f32]) -> Result<M, LayoutError> {
+        if flat.len() != self.len {
+            return Err(LayoutError::BufferLength { expected: self.len, found: flat.len() });
+        }
+        let mut mapper = WriteBackMapper { layout: self, index: 0, flat, error: None };
+        let module = module.map(&mut mapper);
+        let index = mapper.index;
+        if let Some(error) = mapper.error {
+            return Err(error);
+        }
+        self.check_count(index)?;
+        Ok(module)
+    }
+
+    fn check_count(&self, found: usize) -> Result<(), LayoutError> {
+        if found == self.slots.len() {
+            Ok(())
+        } else {
+            Err(LayoutError::TensorCount { expected: self.slots.len(), found })
+        }
+    }
+
+    /// The slot expected at `index`, checked against the tensor actually found there.
+    fn expect(&self, index: usize, id: ParamId, shape: &[usize]) -> Result<&Slot, LayoutError> {
+        let slot = self
+            .slots
+            .get(index)
+            .ok_or(LayoutError::TensorCount { expected: self.slots.len(), found: index + 1 })?;
+        if slot.id != id || slot.shape != shape {
+            return Err(LayoutError::TensorChanged {
+                index,
+                expected: format!("id {} with shape {:?}", slot.id, slot.shape),
+                found: format!("id {id} with shape {shape:?}"),
+            });
+        }
+        Ok(slot)
+    }
+}
+
+fn role_of<const D: usize>(tensor: &Tensor<D>) -> TensorRole {
+    if tensor.is_require_grad() { TensorRole::Parameter } else { TensorRole::Buffer }
+}
+
+struct LayoutVisitor {
+    slots: Vec<Slot>,
+}
+
+impl ModuleVisitor for LayoutVisitor {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let tensor = param.val();
+        self.slots.push(Slot {
+            id: param.id,
+            shape: tensor.shape().iter().copied().collect(),
+            role: role_of(&tensor),
+            offset: None,
+        });
+    }
+}
+
+struct FlattenVisitor<'a> {
+    layout: &'a ParamLayout,
+    index: usize,
+    out: &'a mut [f32],
+    error: Option<LayoutError>,
+}
+
+impl ModuleVisitor for FlattenVisitor<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let index = self.index;
+        self.index += 1;
+        if self.error.is_some() {
+            return;
+        }
+        let tensor = param.val();
+        let shape: Vec<usize> = tensor.shape().iter().copied().collect();
+        let slot = match self.layout.expect(index, param.id, &shape) {
+            Ok(slot) => slot,
+            Err(error) => {
+                self.error = Some(error);
+                return;
+            }
+        };
+        let Some(offset) = slot.offset else { return };
+        let target = &mut self.out[offset..offset + slot.len()];
+        if let Err(cause) = read_f32(tensor, target) {
+            self.error = Some(LayoutError::Read { id: param.id, cause });
+        }
+    }
+}
+
+/// Copies a tensor's values, converted to `f32`, into `target`.
+fn read_f32<const D: usize>(tensor: Tensor<D>, target: &mut [f32]) -> Result<(), String> {
+    let data = tensor.inner().try_into_data().map_err(|e| e.to_string())?;
+    if data.dtype() == DType::F32 {
+        target.copy_from_slice(data.as_slice::<f32>().map_err(|e| format!("{e:?}"))?);
+    } else {
+        let data = data.convert::<f32>();
+        target.copy_from_slice(data.as_slice::<f32>().map_err(|e| format!("{e:?}"))?);
+    }
+    Ok(())
+}
+
+struct WriteBackMapper<'a> {
+    layout: &'a ParamLayout,
+    index: usize,
+    flat: &'a [f32],
+    error: Option<LayoutError>,
+}
+
+impl ModuleMapper for WriteBackMapper<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let index = self.index;
+        self.index += 1;
+        if self.error.is_some() {
+            return param;
+        }
+        let (id, old, mapper) = param.consume();
+        let shape: Vec<usize> = old.shape().iter().copied().collect();
+        let slot = match self.layout.expect(index, id, &shape) {
+            Ok(slot) => slot,
+            Err(error) => {
+                self.error = Some(error);
+                return Param::from_mapped_value(id, old, mapper);
+            }
+        };
+        let Some(offset) = slot.offset else {
+            return Param::from_mapped_value(id, old, mapper);
+        };
+        let values = self.flat[offset..offset + slot.len()].to_vec();
+        let updated = rebuild_like(&old, TensorData::new(values, shape), id);
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+/// A tensor holding `data` with everything else — device, dtype, autodiff, checkpointing
+/// strategy, `require_grad`, distributed flag — taken from `like`.
+fn rebuild_like<const D: usize>(like: &Tensor<D>, data: TensorData, id: ParamId) -> Tensor<D> {
+    let device = like.device();
+    let options = TensorCreationOptions::new(device.clone().without_autodiff()).with_dtype(like.dtype());
+    let mut tensor = Tensor::<D>::from_data(data, options);
+    if like.is_autodiff() {
+        tensor = tensor.autodiff();
+        if let Some(strategy) = like.gradient_checkpointing_strategy() {
+            tensor = tensor.with_gradient_checkpointing_strategy(strategy);
+        }
+    }
+    if like.is_require_grad() {
+        tensor = tensor.require_grad();
+    }
+    if like.is_distributed() {
+        tensor = tensor.set_distributed(id);
+    }
+    tensor
+}

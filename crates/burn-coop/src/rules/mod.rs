@@ -1,0 +1,121 @@
+//! Merge rules: what happens to the workers' models at a synchronization step.
+//!
+//! Every rule is one mixing matrix `W` of Cooperative SGD applied through a [`Transport`]:
+//!
+//! | rule | `W` | anchors | file |
+//! |---|---|---|---|
+//! | [`PeriodicAveraging`] (local SGD, FedAvg; synchronous SGD at τ = 1) | `J = 11ᵀ/m` | 0 | `averaging.rs` |
+//! | [`ElasticAveraging`] (EASGD) | `[[(1−α)I, α1], [α1ᵀ, 1−mα]]` | 1 | `elastic.rs` |
+//! | [`Gossip`] (decentralized periodic averaging; D-PSGD at τ = 1) | a topology's `W` | 0 | `gossip.rs` |
+
+mod averaging;
+mod elastic;
+mod gossip;
+
+pub use averaging::PeriodicAveraging;
+pub use elastic::ElasticAveraging;
+pub use gossip::Gossip;
+
+use serde::{Deserialize, Serialize};
+
+use crate::mixing::MixingMatrix;
+use crate::transport::{Transport, TransportError};
+
+/// Why a rule cannot run with the given configuration.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RuleError {
+    /// EASGD's moving rate outside the stable range.
+    #[error(
+        "elastic averaging needs 0 < α < 2/(m+1) = {upper:.6} for m = {workers} workers (stability of the (m+1)x(m+1) mixing matrix), got α = {alpha}"
+    )]
+    ElasticAlphaOutOfRange {
+        /// The α given.
+        alpha: f64,
+        /// Number of workers.
+        workers: usize,
+        /// The exclusive upper bound `2/(m+1)`.
+        upper: f64,
+    },
+    /// The rule was built for a different number of workers than the transport has.
+    #[error("the {rule} rule was built for {expected} workers but the transport has {found}")]
+    WorldSizeMismatch {
+        /// Rule name.
+        rule: &'static str,
+        /// Workers the rule expects.
+        expected: usize,
+        /// Workers the transport has.
+        found: usize,
+    },
+    /// Saved state that does not fit the rule.
+    #[error("cannot restore the {rule} rule's state: {reason}")]
+    BadState {
+        /// Rule name.
+        rule: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// What a merge measured.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct MergeOutcome {
+    /// Consensus distance before the merge, `(1/m) Σ_i ‖x_i − x̄‖²`, when the rule measured it.
+    pub consensus_distance: Option<f64>,
+}
+
+/// A rule's own state, saved with checkpoints.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RuleState {
+    /// The anchor (center) model of rules that keep one.
+    pub anchor: Option<Vec<f32>>,
+}
+
+/// One synchronization rule of Cooperative SGD, applied to a worker's flat parameter buffer.
+///
+/// All workers call [`MergeRule::merge`] at the same steps; the rule talks to the others only
+/// through the transport, so it runs unchanged over threads or MPI.
+pub trait MergeRule: Send {
+    /// A short name for logs and metrics (`"averaging"`, `"elastic"`, `"gossip"`).
+    fn name(&self) -> &'static str;
+
+    /// Checks that the rule can run with `world_size` workers.
+    fn validate(&self, world_size: usize) -> Result<(), RuleError>;
+
+    /// Called once with the initial parameters before the first local step.
+    fn start(&mut self, _initial: &[f32]) {}
+
+    /// Replaces `params` (this worker's model) by its merged value.
+    fn merge(&mut self, params: &mut [f32], transport: &mut dyn Transport) -> Result<MergeOutcome, TransportError>;
+
+    /// The rule's mixing matrix for `world_size` workers (`(m+v) × (m+v)` with `v` anchors).
+    fn mixing_matrix(&self, world_size: usize) -> MixingMatrix;
+
+    /// The rule's state to checkpoint.
+    fn export_state(&self) -> RuleState {
+        RuleState::default()
+    }
+
+    /// Restores state produced by [`MergeRule::export_state`].
+    fn import_state(&mut self, state: RuleState) -> Result<(), RuleError> {
+        match state.anchor {
+            None => Ok(()),
+            Some(_) => Err(RuleError::BadState { rule: self.name(), reason: "this rule keeps no anchor".into() }),
+        }
+    }
+}
+
+/// Sums a worker's squared distance across workers and divides by `m`: the consensus distance.
+pub(crate) fn consensus_from_local(local: f64, transport: &mut dyn Transport) -> Result<f64, TransportError> {
+    let mut total = [local];
+    transport.all_reduce_f64(&mut total)?;
+    Ok(total[0] / transport.world_size() as f64)
+}
+
+/// The consensus distance `(1/m) Σ_i ‖x_i − x̄‖²` of the workers' current `params`
+/// (one all-reduce of the buffer and one of a scalar). All workers must call it.
+pub fn consensus_distance(params: &[f32], transport: &mut dyn Transport) -> Result<f64, TransportError> {
+    let mut mean = vec![0.0; params.len()];
+    transport.all_reduce(params, &mut mean, crate::transport::ReduceOp::Mean)?;
+    let local = params.iter().zip(&mean).map(|(&x, &avg)| f64::from(x - avg).powi(2)).sum();
+    consensus_from_local(local, transport)
+}

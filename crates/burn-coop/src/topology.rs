@@ -1,0 +1,341 @@
+//! Communication graphs between workers and the mixing matrices built on them.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::mixing::{MixingError, MixingMatrix, connected_components};
+use crate::spectrum::symmetric_eigenvalues;
+
+/// Why a topology cannot be built.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TopologyError {
+    /// A topology needs at least one worker.
+    #[error("a topology needs at least one worker, got 0")]
+    NoWorkers,
+    /// A torus side is zero.
+    #[error("torus sides must be at least 1, got {rows} x {cols}")]
+    EmptyTorus {
+        /// Rows of the torus.
+        rows: usize,
+        /// Columns of the torus.
+        cols: usize,
+    },
+    /// A torus whose sides do not multiply to the number of workers.
+    #[error("a {rows} x {cols} torus has {product} nodes, but there are {workers} workers")]
+    TorusSize {
+        /// Rows of the torus.
+        rows: usize,
+        /// Columns of the torus.
+        cols: usize,
+        /// `rows * cols`.
+        product: usize,
+        /// Workers requested.
+        workers: usize,
+    },
+    /// `m` has no factorization into a torus with both sides ≥ 2.
+    #[error("{workers} workers cannot form a 2-D torus with both sides at least 2; give the sides explicitly")]
+    NoSquareishTorus {
+        /// Workers requested.
+        workers: usize,
+    },
+    /// Adjacency rows of uneven length.
+    #[error("adjacency matrix is not square: row {row} has {len} entries but there are {rows} rows")]
+    AdjacencyNotSquare {
+        /// Offending row.
+        row: usize,
+        /// Its length.
+        len: usize,
+        /// Number of rows.
+        rows: usize,
+    },
+    /// `A[i][j] != A[j][i]`.
+    #[error("adjacency matrix is not symmetric: A[{row}][{col}] = {forward} but A[{col}][{row}] = {backward}")]
+    AdjacencyNotSymmetric {
+        /// Row index.
+        row: usize,
+        /// Column index.
+        col: usize,
+        /// `A[row][col]`.
+        forward: bool,
+        /// `A[col][row]`.
+        backward: bool,
+    },
+    /// The graph has more than one component.
+    #[error("topology graph is disconnected: worker {unreachable} cannot be reached from worker 0 ({components} components)")]
+    Disconnected {
+        /// A worker not reachable from worker 0.
+        unreachable: usize,
+        /// Number of components.
+        components: usize,
+    },
+    /// The weights produced for this graph are not a valid mixing matrix.
+    #[error(transparent)]
+    Mixing(#[from] MixingError),
+}
+
+/// How edge weights are chosen when turning a graph into a mixing matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightRule {
+    /// Metropolis–Hastings: `W_ij = 1 / (1 + max(d_i, d_j))` on each edge and the rest of the
+    /// row on the diagonal. Symmetric and doubly stochastic on any graph; on a `d`-regular graph
+    /// (ring, torus, complete, exponential) every neighbour and the worker itself get `1/(d+1)`.
+    #[default]
+    MetropolisHastings,
+    /// Best constant edge weight: `W = I − α L` with `L` the graph Laplacian and
+    /// `α = 2 / (λ₂(L) + λ_max(L))`, which minimizes `ζ` over constant edge weights. On
+    /// irregular graphs that α can make a diagonal entry negative; it is then capped at
+    /// `1 / d_max` so that `W` stays non-negative.
+    BestConstant,
+}
+
+/// The shape of the communication graph.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum TopologyKind {
+    /// Everybody talks to everybody.
+    Complete,
+    /// Worker `i` talks to `i − 1` and `i + 1` (mod m).
+    Ring,
+    /// A `rows × cols` 2-D torus: up, down, left and right with wrap-around.
+    Torus {
+        /// Rows of the grid.
+        rows: usize,
+        /// Columns of the grid.
+        cols: usize,
+    },
+    /// Worker `i` talks to `i ± 2^k` (mod m) for every `2^k < m`.
+    Exponential,
+    /// A user-supplied symmetric adjacency matrix (the diagonal is ignored).
+    Custom {
+        /// `adjacency[i][j]` is true when `i` and `j` exchange models.
+        adjacency: Vec<Vec<bool>>,
+    },
+}
+
+/// A connected, undirected communication graph on `m` workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    workers: usize,
+    kind: TopologyKind,
+    neighbors: Vec<BTreeSet<usize>>,
+}
+
+impl Topology {
+    /// Builds a topology of the given shape on `workers` nodes (for a torus, `rows * cols` must
+    /// equal `workers`; for a custom graph, the adjacency's order).
+    pub fn new(workers: usize, kind: TopologyKind) -> Result<Self, TopologyError> {
+        match kind {
+            TopologyKind::Custom { adjacency } => {
+                if adjacency.len() != workers {
+                    return Err(TopologyError::AdjacencyNotSquare {
+                        row: 0,
+                        len: workers,
+                        rows: adjacency.len(),
+                    });
+                }
+                Self::from_adjacency(adjacency)
+            }
+            TopologyKind::Torus { rows, cols } if rows == 0 || cols == 0 => {
+                Err(TopologyError::EmptyTorus { rows, cols })
+            }
+            kind => Self::build(workers, kind),
+        }
+    }
+
+    /// The complete graph on `workers` nodes (its mixing matrix is exact averaging).
+    pub fn complete(workers: usize) -> Result<Self, TopologyError> {
+        Self::build(workers, TopologyKind::Complete)
+    }
+
+    /// The ring on `workers` nodes.
+    pub fn ring(workers: usize) -> Result<Self, TopologyError> {
+        Self::build(workers, TopologyKind::Ring)
+    }
+
+    /// A `rows × cols` torus (`rows * cols` workers).
+    pub fn torus(rows: usize, cols: usize) -> Result<Self, TopologyError> {
+        if rows == 0 || cols == 0 {
+            return Err(TopologyError::EmptyTorus { rows, cols });
+        }
+        Self::build(rows * cols, TopologyKind::Torus { rows, cols })
+    }
+
+    /// The most square torus with `workers` nodes and both sides at least 2
+    /// (e.g. 4 → 2×2, 6 → 2×3, 16 → 4×4).
+    pub fn torus_for(workers: usize) -> Result<Self, TopologyError> {
+        let rows = (2..=workers.isqrt())
+            .rev()
+            .find(|r| workers % r == 0)
+            .ok_or(TopologyError::NoSquareishTorus { workers })?;
+        Self::torus(rows, workers / rows)
+    }
+
+    /// The static exponential graph: neighbours at distance `2^k` in both directions.
+    pub fn exponential(workers: usize) -> Result<Self, TopologyError> {
+        Self::build(workers, TopologyKind::Exponential)
+    }
+
+    /// A user-supplied adjacency matrix. It must be square, symmetric and connected; the
+    /// diagonal is ignored (every worker always keeps part of its own model).
+    pub fn from_adjacency(adjacency: Vec<Vec<bool>>) -> Result<Self, TopologyError> {
+        let rows = adjacency.len();
+        for (row, values) in adjacency.iter().enumerate() {
+            if values.len() != rows {
+                return Err(TopologyError::AdjacencyNotSquare { row, len: values.len(), rows });
+            }
+        }
+        for row in 0..rows {
+            for col in row + 1..rows {
+                let (forward, backward) = (adjacency[row][col], adjacency[col][row]);
+                if forward != backward {
+                    return Err(TopologyError::AdjacencyNotSymmetric { row, col, forward, backward });
+                }
+            }
+        }
+        Self::build(rows, TopologyKind::Custom { adjacency })
+    }
+
+    fn build(workers: usize, kind: TopologyKind) -> Result<Self, TopologyError> {
+        if workers == 0 {
+            return Err(TopologyError::NoWorkers);
+        }
+        let m = workers;
+        let mut neighbors = vec![BTreeSet::new(); m];
+        let mut link = |i: usize, j: usize| {
+            if i != j {
+                neighbors[i].insert(j);
+                neighbors[j].insert(i);
+            }
+        };
+        match &kind {
+            TopologyKind::Complete => {
+                for i in 0..m {
+                    for j in i + 1..m {
+                        link(i, j);
+                    }
+                }
+            }
+            TopologyKind::Ring => {
+                for i in 0..m {
+                    link(i, (i + 1) % m);
+                }
+            }
+            TopologyKind::Torus { rows, cols } => {
+                let (rows, cols) = (*rows, *cols);
+                if rows * cols != m {
+                    return Err(TopologyError::TorusSize { rows, cols, product: rows * cols, workers: m });
+                }
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let here = r * cols + c;
+                        link(here, r * cols + (c + 1) % cols);
+                        link(here, ((r + 1) % rows) * cols + c);
+                    }
+                }
+            }
+            TopologyKind::Exponential => {
+                for i in 0..m {
+                    let mut hop = 1;
+                    while hop < m {
+                        link(i, (i + hop) % m);
+                        hop *= 2;
+                    }
+                }
+            }
+            TopologyKind::Custom { adjacency } => {
+                for (i, row) in adjacency.iter().enumerate() {
+                    for (j, &edge) in row.iter().enumerate() {
+                        if edge {
+                            link(i, j);
+                        }
+                    }
+                }
+            }
+        }
+        let labels = connected_components(m, |i, j| neighbors[i].contains(&j));
+        let components = labels.iter().max().map_or(0, |max| max + 1);
+        if components > 1 {
+            let unreachable = labels.iter().position(|&label| label != 0).unwrap_or(0);
+            return Err(TopologyError::Disconnected { unreachable, components });
+        }
+        Ok(Self { workers, kind, neighbors })
+    }
+
+    /// Number of workers.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// The graph's shape.
+    pub fn kind(&self) -> &TopologyKind {
+        &self.kind
+    }
+
+    /// The neighbours of `rank` (excluding itself), in increasing order.
+    pub fn neighbors(&self, rank: usize) -> impl Iterator<Item = usize> + '_ {
+        self.neighbors[rank].iter().copied()
+    }
+
+    /// Number of neighbours of `rank`.
+    pub fn degree(&self, rank: usize) -> usize {
+        self.neighbors[rank].len()
+    }
+
+    /// The mixing matrix of this graph under `rule` (validated before it is returned).
+    pub fn mixing_matrix(&self, rule: WeightRule) -> Result<MixingMatrix, TopologyError> {
+        let m = self.workers;
+        let mut w = vec![0.0; m * m];
+        match rule {
+            WeightRule::MetropolisHastings => {
+                for i in 0..m {
+                    for j in self.neighbors(i) {
+                        w[i * m + j] = 1.0 / (1.0 + self.degree(i).max(self.degree(j)) as f64);
+                    }
+                }
+            }
+            WeightRule::BestConstant => {
+                let mut laplacian = vec![0.0; m * m];
+                for i in 0..m {
+                    laplacian[i * m + i] = self.degree(i) as f64;
+                    for j in self.neighbors(i) {
+                        laplacian[i * m + j] = -1.0;
+                    }
+                }
+                let alpha = if m == 1 {
+                    0.0
+                } else {
+                    // Decreasing order: λ_max first, λ₂ (the algebraic connectivity) second to last.
+                    let values = symmetric_eigenvalues(&laplacian, m);
+                    let max_degree = (0..m).map(|i| self.degree(i)).max().unwrap_or(1) as f64;
+                    (2.0 / (values[m - 2] + values[0])).min(1.0 / max_degree)
+                };
+                for i in 0..m {
+                    for j in self.neighbors(i) {
+                        w[i * m + j] = alpha;
+                    }
+                }
+            }
+        }
+        for i in 0..m {
+            let off: f64 = (0..m).filter(|&j| j != i).map(|j| w[i * m + j]).sum();
+            w[i * m + i] = 1.0 - off;
+        }
+        let rows = w.chunks(m).map(<[f64]>::to_vec).collect();
+        Ok(MixingMatrix::new(rows)?)
+    }
+}
+
+impl fmt::Display for Topology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            TopologyKind::Complete => write!(f, "complete graph on {} workers", self.workers),
+            TopologyKind::Ring => write!(f, "ring of {} workers", self.workers),
+            TopologyKind::Torus { rows, cols } => write!(f, "{rows} x {cols} torus"),
+            TopologyKind::Exponential => write!(f, "exponential graph on {} workers", self.workers),
+            TopologyKind::Custom { .. } => write!(f, "custom graph on {} workers", self.workers),
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! Invariants of the rules and of the optimizer wrapper.
+
+mod common;
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use burn::module::Module;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::tensor::{Tensor, TensorData};
+use burn_coop::params::TensorRole;
+use burn_coop::rules::consensus_distance;
+use burn_coop::{
+    BufferPolicy, CoopError, ElasticAveraging, Gossip, InProcessGroup, LocalSgd, MergeRule, ParamLayout,
+    PeriodicAveraging, PeriodicSchedule, Topology, Transport, TransportError,
+};
+use common::{fixed_grads, flat, run_workers, tiny_for, value};
+
+fn sgd_momentum() -> ModuleOptimizer {
+    SgdConfig::new()
+        .with_momentum(Some(MomentumConfig::new().with_dampening(0.0)))
+        .with_weight_decay(Some(WeightDecayConfig::new(5e-4)))
+        .init()
+}
+
+/// Runs `rule` once on deterministic buffers of `m` workers; returns (before, after, measured
+/// consensus distance, consensus distance after the merge).
+fn merge_buffers<R: MergeRule + Clone + Sync + 'static>(m: usize, rule: R) -> Vec<(Vec<f32>, Vec<f32>, Option<f64>, f64)> {
+    run_workers(m, move |rank, mut transport| {
+        let mut rule = rule.clone();
+        let before: Vec<f32> = (0..257).map(|k| value(rank, k, 3)).collect();
+        let mut after = before.clone();
+        rule.start(&(0..257).map(|k| value(0, k, 3)).collect::<Vec<_>>());
+        let outcome = rule.merge(&mut after, &mut transport).unwrap();
+        let post = consensus_distance(&after, &mut transport).unwrap();
+        (before, after, outcome.consensus_distance, post)
+    })
+}
+
+fn worker_mean(buffers: &[Vec<f32>]) -> Vec<f64> {
+    let m = buffers.len() as f64;
+    (0..buffers[0].len()).map(|k| buffers.iter().map(|b| f64::from(b[k])).sum::<f64>() / m).collect()
+}
+
+fn independent_consensus(buffers: &[Vec<f32>]) -> f64 {
+    let mean = worker_mean(buffers);
+    buffers
+        .iter()
+        .map(|b| b.iter().zip(&mean).map(|(&x, &avg)| (f64::from(x) - avg).powi(2)).sum::<f64>())
+        .sum::<f64>()
+        / buffers.len() as f64
+}
+
+#[test]
+fn averaging_preserves_the_mean_and_reaches_consensus() {
+    let results = merge_buffers(4, PeriodicAveraging::new());
+    let before: Vec<_> = results.iter().map(|r| r.0.clone()).collect();
+    let after: Vec<_> = results.iter().map(|r| r.1.clone()).collect();
+    common::assert_close(&after[0], &worker_mean(&before), 1e-6, "average");
+    assert!(after.iter().all(|a| a == &after[0]), "all workers hold the same bits after averaging");
+    let expected = independent_consensus(&before);
+    for (_, _, measured, post) in &results {
+        assert!((measured.unwrap() - expected).abs() < 1e-6 * expected, "{measured:?} vs {expected}");
+        assert_eq!(*post, 0.0, "consensus distance after averaging");
+    }
+    assert!(expected > 0.1, "the workers started apart");
+}
+
+#[test]
+fn gossip_preserves_the_mean_and_shrinks_the_distance() {
+    for topology in [Topology::ring(6).unwrap(), Topology::exponential(6).unwrap(), Topology::torus(2, 3).unwrap()] {
+        let results = merge_buffers(6, Gossip::on(&topology).unwrap());
+        let before: Vec<_> = results.iter().map(|r| r.0.clone()).collect();
+        let after: Vec<_> = results.iter().map(|r| r.1.clone()).collect();
+        let (mean_before, mean_after) = (worker_mean(&before), worker_mean(&after));
+        for (a, b) in mean_after.iter().zip(&mean_before) {
+            assert!((a - b).abs() < 1e-6, "{topology}: mean moved from {b} to {a}");
+        }
+        let (d_before, d_after) = (independent_consensus(&before), independent_consensus(&after));
+        assert!((results[0].2.unwrap() - d_before).abs() < 1e-6 * d_before);
+        assert!((results[0].3 - d_after).abs() < 1e-6 * d_before);
+        // One gossip round contracts the disagreement by at least ζ².
+        let zeta = topology.mixing_matrix(Default::default()).unwrap().zeta();
+        assert!(d_after <= zeta * zeta * d_before * (1.0 + 1e-6), "{topology}: {d_after} > ζ² {d_before}");
+    }
+}
+
+#[test]
+fn elastic_preserves_the_mean_of_workers_and_anchor() {
+    let m = 4;
+    let results = merge_buffers(m, ElasticAveraging::new(0.2));
+    let anchor: Vec<f64> = (0..257).map(|k| f64::from(value(0, k, 3))).collect();
+    let before: Vec<_> = results.iter().map(|r| r.0.clone()).collect();
+    let after: Vec<_> = results.iter().map(|r| r.1.clone()).collect();
+    for k in 0..257 {
+        let sum_before: f64 = before.iter().map(|b| f64::from(b[k])).sum::<f64>() + anchor[k];
+        let sum_workers_after: f64 = after.iter().map(|a| f64::from(a[k])).sum();
+        // z' = z + α Σ (x_i − z); check Σ x_i' + z' = Σ x_i + z.
+        let anchor_after = anchor[k] + 0.2 * before.iter().map(|b| f64::from(b[k]) - anchor[k]).sum::<f64>();
+        assert!((sum_workers_after + anchor_after - sum_before).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn one_worker_is_bit_identical_to_the_bare_optimizer() {
+    for (name, optimizer) in [("sgd", sgd_momentum()), ("adam", AdamConfig::new().init())] {
+        let mut bare = optimizer.clone();
+        let mut bare_model = tiny_for(0);
+        let mut transports = InProcessGroup::new(1).into_transports();
+        let mut wrapped =
+            LocalSgd::new(optimizer, PeriodicAveraging::new(), PeriodicSchedule::every(3).unwrap(), transports.remove(0))
+                .unwrap();
+        let mut wrapped_model = tiny_for(0);
+        for step in 0..10 {
+            bare_model = bare.step(0.1, bare_model, fixed_grads(&tiny_for(0), 0, step));
+            wrapped_model = wrapped.step(0.1, wrapped_model, fixed_grads(&tiny_for(0), 0, step)).unwrap();
+            let (a, b) = (flat(&bare_model), flat(&wrapped_model));
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{name}: step {step} differs"
+            );
+        }
+        assert_eq!(wrapped.stats().syncs, 3);
+    }
+}
+
+#[test]
+fn tau_one_averaging_equals_synchronous_sgd_on_averaged_gradients() {
+    let m = 4;
+    let steps = 5;
+    let models = run_workers(m, move |rank, transport| {
+        let mut optim = LocalSgd::synchronous(sgd_momentum(), transport);
+        let mut model = tiny_for(0);
+        for step in 0..steps {
+            model = { let grads = fixed_grads(&model, rank, step); optim.step(0.05, model, grads) }.unwrap();
+        }
+        flat(&model)
+    });
+    // One model, one optimizer, gradients averaged over the workers.
+    let mut optim = sgd_momentum();
+    let mut model = tiny_for(0);
+    let layout = ParamLayout::of(&model, BufferPolicy::Merge);
+    for step in 0..steps {
+        let mut grads = GradientsParams::new();
+        for slot in layout.slots().iter().filter(|s| s.role == TensorRole::Parameter) {
+            let offset = slot.offset.unwrap();
+            let values: Vec<f32> = (0..slot.len())
+                .map(|k| (0..m).map(|r| value(r, offset + k, 100 + step)).sum::<f32>() / m as f32)
+                .collect();
+            let data = TensorData::new(values, slot.shape.clone());
+            let plain = burn::tensor::Device::flex();
+            match slot.shape.len() {
+                1 => grads.register::<1>(slot.id, Tensor::from_data(data, &plain)),
+                _ => grads.register::<2>(slot.id, Tensor::from_data(data, &plain)),
+            }
+        }
+        model = optim.step(0.05, model, grads);
+    }
+    let reference: Vec<f64> = flat(&model).iter().map(|&v| f64::from(v)).collect();
+    for (rank, worker) in models.iter().enumerate() {
+        common::assert_close(worker, &reference, 1e-5, &format!("worker {rank}"));
+    }
+}
+
+#[test]
+fn sync_counts_follow_the_schedule() {
+    let counts = run_workers(2, |rank, transport| {
+        let mut optim =
+            LocalSgd::new(sgd_momentum(), PeriodicAveraging::new(), PeriodicSchedule::every(4).unwrap(), transport)
+                .unwrap();
+        let mut model = tiny_for(rank);
+        let mut synced_at = Vec::new();
+        for step in 0..8 {
+            model = { let grads = fixed_grads(&model, rank, step); optim.step(0.01, model, grads) }.unwrap();
+            if optim.last_sync().is_some_and(|s| s.step == step + 1) {
+                synced_at.push(step + 1);
+            }
+        }
+        (optim.stats().syncs, synced_at)
+    });
+    assert_eq!(counts, vec![(2, vec![4, 8]), (2, vec![4, 8])]);
+
+    let warm = run_workers(2, |rank, transport| {
+        let schedule = PeriodicSchedule::every(4).unwrap().with_warmup(3);
+        let mut optim = LocalSgd::new(sgd_momentum(), PeriodicAveraging::new(), schedule, transport).unwrap();
+        let mut model = tiny_for(rank);
+        for step in 0..11 {
+            model = { let grads = fixed_grads(&model, rank, step); optim.step(0.01, model, grads) }.unwrap();
+        }
+        optim.stats().syncs
+    });
+    // Steps 1, 2, 3 (warm-up), then 7 and 11.
+    assert_eq!(warm, vec![5, 5]);
+}
+
+#[test]
+fn traffic_counts_ring_all_reduce_bytes() {
+    let m = 4;
+    let reports = run_workers(m, move |rank, transport| {
+        let mut optim =
+            LocalSgd::new(sgd_momentum(), PeriodicAveraging::new(), PeriodicSchedule::every(2).unwrap(), transport)
+                .unwrap();
+        let mut model = tiny_for(rank);
+        for step in 0..4 {
+            model = { let grads = fixed_grads(&model, rank, step); optim.step(0.01, model, grads) }.unwrap();
+        }
+        (optim.stats(), flat(&model).len() as u64)
+    });
+    for (stats, d) in reports {
+        // Per merge: the finite-check vector (m f64), the model (d f32), the consensus scalar (f64).
+        let per_merge = 2 * 3 * (m as u64 * 8) / 4 + 2 * 3 * (4 * d) / 4 + 2 * 3 * 8 / 4;
+        assert_eq!(stats.syncs, 2);
+        assert_eq!(stats.traffic.bytes_sent, 2 * per_merge);
+        assert_eq!(stats.traffic.bytes_received, 2 * per_merge);
+        assert!(stats.last_consensus_distance.unwrap() > 0.0);
+    }
+}
+
+fn running_means(model: &common::Tiny) -> Vec<f32> {
+    model.bn.running_mean.value().into_data().try_to_vec::<f32>().unwrap()
+}
+
+#[test]
+fn buffers_are_merged_or_kept_local_by_policy() {
+    for policy in [BufferPolicy::Merge, BufferPolicy::KeepLocal] {
+        let results = run_workers(2, move |rank, transport| {
+            let model = tiny_for(rank);
+            let before = running_means(&model);
+            let ids_before: Vec<_> = ParamLayout::of(&model, BufferPolicy::Merge).slots().iter().map(|s| s.id).collect();
+            let mut optim =
+                LocalSgd::new(sgd_momentum(), PeriodicAveraging::new(), PeriodicSchedule::every(1).unwrap(), transport)
+                    .unwrap()
+                    .with_buffer_policy(policy);
+            let model = optim.step(0.01, model, fixed_grads(&tiny_for(rank), rank, 0)).unwrap();
+            let ids_after: Vec<_> = ParamLayout::of(&model, BufferPolicy::Merge).slots().iter().map(|s| s.id).collect();
+            assert_eq!(ids_before, ids_after, "ParamIds survive the merge");
+            (before, running_means(&model), model.fc1.weight.val().into_data().try_to_vec::<f32>().unwrap())
+        });
+        let (before0, after0, w0) = &results[0];
+        let (before1, after1, w1) = &results[1];
+        assert_eq!(w0, w1, "{policy:?}: weights are averaged");
+        match policy {
+            BufferPolicy::Merge => {
+                let mean: Vec<f64> = before0.iter().zip(before1).map(|(a, b)| (f64::from(*a) + f64::from(*b)) / 2.0).collect();
+                common::assert_close(after0, &mean, 1e-6, "merged running mean");
+                assert_eq!(after0, after1);
+            }
+            BufferPolicy::KeepLocal => {
+                assert_eq!(after0, before0, "worker 0 keeps its running mean");
+                assert_eq!(after1, before1, "worker 1 keeps its running mean");
+                assert_ne!(after0, after1);
+            }
+        }
+    }
+}
+
+#[test]
+fn restored_state_continues_exactly() {
+    let run = |interrupt: bool| {
+        run_workers(2, move |rank, transport| {
+            let rule = ElasticAveraging::new(0.25);
+            let schedule = PeriodicSchedule::every(2).unwrap();
+            let mut optim = LocalSgd::new(sgd_momentum(), rule, schedule, transport).unwrap();
+            let mut model = tiny_for(0);
+            for step in 0..6 {
+                if interrupt && step == 3 {
+                    // Save everything as bytes, then rebuild model and optimizer from them.
+                    let state = serde_json::to_vec(&optim.state()).unwrap();
+                    let optim_bytes = optim.to_record().into_bytes().unwrap();
+                    let model_bytes = model.into_record().into_bytes().unwrap();
+                    let record = burn::store::ModuleRecord::from_bytes(model_bytes).unwrap();
+                    model = common::Tiny::new(&common::device()).load_record(record);
+                    let state = serde_json::from_slice(&state).unwrap();
+                    let record = burn::optim::OptimizerRecord::from_bytes(optim_bytes).unwrap();
+                    let transport = std::mem::replace(&mut optim, placeholder()).into_transport();
+                    optim = LocalSgd::new(sgd_momentum(), ElasticAveraging::new(0.25), PeriodicSchedule::every(2).unwrap(), transport)
+                        .unwrap();
+                    optim.load_state(state).unwrap();
+                    optim.load_record(record);
+                }
+                model = { let grads = fixed_grads(&model, rank, step); optim.step(0.05, model, grads) }.unwrap();
+            }
+            (flat(&model), optim.state())
+        })
+    };
+    let straight = run(false);
+    let resumed = run(true);
+    for (a, b) in straight.iter().zip(&resumed) {
+        assert_eq!(a.0, b.0, "parameters after resume");
+        assert_eq!(a.1, b.1, "optimizer state after resume");
+    }
+}
+
+fn placeholder() -> LocalSgd {
+    let transport = InProcessGroup::new(1).into_transports().remove(0);
+    LocalSgd::synchronous(SgdConfig::new().init(), transport)
+}
+
+#[test]
+fn a_panicking_worker_makes_the_others_fail_fast() {
+    let (tx, rx) = mpsc::channel();
+    let handles: Vec<_> = InProcessGroup::new(4)
+        .into_transports()
+        .into_iter()
+        .enumerate()
+        .map(|(rank, transport)| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut optim =
+                    LocalSgd::new(sgd_momentum(), PeriodicAveraging::new(), PeriodicSchedule::every(2).unwrap(), transport)
+                        .unwrap();
+                let mut model = tiny_for(rank);
+                for step in 0..4 {
+                    if rank == 2 && step == 1 {
+                        panic!("worker 2 fails on purpose");
+                    }
+                    match optim.step(0.01, model, fixed_grads(&tiny_for(rank), rank, step)) {
+                        Ok(next) => model = next,
+                        Err(error) => {
+                            tx.send((rank, error.to_string(), matches!(error, CoopError::Transport(TransportError::PeerLost { rank: 2 })))).unwrap();
+                            return;
+                        }
+                    }
+                }
+                tx.send((rank, "finished".into(), false)).unwrap();
+            })
+        })
+        .collect();
+    drop(tx);
+    let mut reports = Vec::new();
+    for _ in 0..3 {
+        reports.push(rx.recv_timeout(Duration::from_secs(60)).expect("a surviving worker hung"));
+    }
+    reports.sort_by_key(|r| r.0);
+    for (rank, message, lost_two) in &reports {
+        assert!(lost_two, "worker {rank} reported: {message}");
+        assert!(message.contains("worker 2 was lost"), "{message}");
+    }
+    let panicked: Vec<bool> = handles.into_iter().map(|h| h.join().is_err()).collect();
+    assert_eq!(panicked, vec![false, false, true, false]);
+}
+
+#[test]
+fn non_finite_parameters_stop_every_worker_with_the_culprit_named() {
+    let results = run_workers(3, |rank, transport| {
+        let mut optim =
+            LocalSgd::new(SgdConfig::new().init(), PeriodicAveraging::new(), PeriodicSchedule::every(2).unwrap(), transport)
+                .unwrap();
+        let mut model = tiny_for(rank);
+        for step in 0..2 {
+            let mut grads = fixed_grads(&model, rank, step);
+            if rank == 1 && step == 1 {
+                let id = model.fc2.bias.as_ref().unwrap().id;
+                grads.register::<1>(id, Tensor::from_data([f32::NAN, 0.0], &burn::tensor::Device::flex()));
+            }
+            match optim.step(0.1, model, grads) {
+                Ok(next) => model = next,
+                Err(error) => return error.to_string(),
+            }
+        }
+        "no error".to_string()
+    });
+    for message in results {
+        assert_eq!(message, "worker 1 has non-finite parameters at step 2 (1 of 42 values are NaN or infinite)");
+    }
+}
+
+#[test]
+fn a_timeout_names_the_missing_worker() {
+    let mut transports = InProcessGroup::new(2).with_timeout(Duration::from_millis(200)).into_transports();
+    let _silent = transports.pop().unwrap();
+    let mut first = transports.pop().unwrap();
+    let error = first.barrier().unwrap_err();
+    assert!(matches!(&error, TransportError::Timeout { waiting_for, .. } if waiting_for == &vec![1]), "{error}");
+}
+
+#[test]
+fn mismatched_buffers_are_reported() {
+    let results = run_workers(2, |rank, mut transport| {
+        let send = vec![1.0; 3 + rank];
+        let mut recv = vec![0.0; 3 + rank];
+        transport.all_reduce(&send, &mut recv, burn_coop::ReduceOp::Sum).unwrap_err().to_string()
+    });
+    assert_eq!(results[0], "worker 0 passed a buffer of 3 values but worker 1 passed 4");
+    assert_eq!(results[1], "worker 1 passed a buffer of 4 values but worker 0 passed 3");
+}
+
+#[test]
+fn modules_round_trip_through_flat_buffers() {
+    let model = tiny_for(3);
+    let layout = ParamLayout::of(&model, BufferPolicy::Merge);
+    // fc1: 12 + 4, bn: gamma 4 + beta 4 + running mean 4 + running var 4, fc2: 8 + 2.
+    assert_eq!(layout.len(), 42);
+    assert_eq!(layout.parameter_count(), 34);
+    assert_eq!(ParamLayout::of(&model, BufferPolicy::KeepLocal).len(), 34);
+    let values: Vec<f32> = (0..42).map(|k| k as f32 * 0.5 - 3.0).collect();
+    let model = layout.unflatten(model, &values).unwrap();
+    assert_eq!(layout.flatten(&model).unwrap(), values);
+    assert!(model.fc1.weight.val().is_require_grad());
+    assert!(!model.bn.running_var.value().is_require_grad());
+    assert_eq!(model.fc1.weight.val().dims(), [3, 4]);
+    let other = common::Tiny::new(&common::device());
+    assert!(matches!(layout.flatten(&other), Err(burn_coop::params::LayoutError::TensorChanged { index: 0, .. })));
+    assert!(matches!(
+        layout.unflatten(tiny_for(0), &values[..41]),
+        Err(burn_coop::params::LayoutError::BufferLength { expected: 42, found: 41 })
+    ));
+    // The merged module still trains: gradients reach the written-back weights.
+    let x = Tensor::<2>::ones([5, 3], &common::device());
+    let loss = model.forward(x).sum();
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    assert_eq!(grads.len(), 6);
+    let _ = model.num_params();
+}
