@@ -32,9 +32,7 @@ pub enum CoopError {
     #[error(transparent)]
     Layout(#[from] LayoutError),
     /// A worker's parameters became NaN or infinite.
-    #[error(
-        "worker {rank} has non-finite parameters at step {step} ({count} of {total} values are NaN or infinite)"
-    )]
+    #[error("worker {rank} has non-finite parameters at step {step} ({count} of {total} values are NaN or infinite)")]
     NonFiniteParameters {
         /// Rank of the worker whose parameters are not finite.
         rank: usize,

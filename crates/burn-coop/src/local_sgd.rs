@@ -206,11 +206,7 @@ impl LocalSgd {
         }
         let module = self.inner.step(lr, module, grads);
         self.steps += 1;
-        if self.schedule.is_sync_step(self.steps) {
-            self.merge(module)
-        } else {
-            Ok(module)
-        }
+        if self.schedule.is_sync_step(self.steps) { self.merge(module) } else { Ok(module) }
     }
 
     /// Merges now, whatever the schedule (e.g. before evaluating or saving the final model).

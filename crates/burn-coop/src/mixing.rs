@@ -215,12 +215,7 @@ impl MixingMatrix {
 
     /// The other workers `rank` mixes with and their weights `W[rank][j]`, in increasing `j`.
     pub fn neighbors(&self, rank: usize) -> Vec<(usize, f64)> {
-        self.row(rank)
-            .iter()
-            .enumerate()
-            .filter(|&(j, &w)| j != rank && w != 0.0)
-            .map(|(j, &w)| (j, w))
-            .collect()
+        self.row(rank).iter().enumerate().filter(|&(j, &w)| j != rank && w != 0.0).map(|(j, &w)| (j, w)).collect()
     }
 
     /// Eigenvalues in decreasing order (the matrix is symmetric).
@@ -233,17 +228,9 @@ impl MixingMatrix {
     pub fn zeta(&self) -> f64 {
         let values = self.eigenvalues();
         // The largest eigenvalue of a doubly stochastic matrix is 1; drop the one closest to 1.
-        let top = values
-            .iter()
-            .enumerate()
-            .min_by(|a, b| (a.1 - 1.0).abs().total_cmp(&(b.1 - 1.0).abs()))
-            .map(|(i, _)| i);
-        values
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| Some(i) != top)
-            .map(|(_, v)| v.abs())
-            .fold(0.0, f64::max)
+        let top =
+            values.iter().enumerate().min_by(|a, b| (a.1 - 1.0).abs().total_cmp(&(b.1 - 1.0).abs())).map(|(i, _)| i);
+        values.iter().enumerate().filter(|&(i, _)| Some(i) != top).map(|(_, v)| v.abs()).fold(0.0, f64::max)
     }
 
     /// The spectral gap `1 − ζ`.
@@ -258,11 +245,7 @@ impl MixingMatrix {
         assert_eq!(columns.len(), self.order, "one column per worker");
         let d = columns.first().map_or(0, Vec::len);
         (0..self.order)
-            .map(|j| {
-                (0..d)
-                    .map(|k| (0..self.order).map(|i| columns[i][k] * self.get(i, j)).sum())
-                    .collect()
-            })
+            .map(|j| (0..d).map(|k| (0..self.order).map(|i| columns[i][k] * self.get(i, j)).sum()).collect())
             .collect()
     }
 }

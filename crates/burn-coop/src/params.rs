@@ -196,10 +196,8 @@ impl ParamLayout {
 
     /// The slot expected at `index`, checked against the tensor actually found there.
     fn expect(&self, index: usize, id: ParamId, shape: &[usize]) -> Result<&Slot, LayoutError> {
-        let slot = self
-            .slots
-            .get(index)
-            .ok_or(LayoutError::TensorCount { expected: self.slots.len(), found: index + 1 })?;
+        let slot =
+            self.slots.get(index).ok_or(LayoutError::TensorCount { expected: self.slots.len(), found: index + 1 })?;
         if slot.id != id || slot.shape != shape {
             return Err(LayoutError::TensorChanged {
                 index,

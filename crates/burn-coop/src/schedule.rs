@@ -33,10 +33,7 @@ pub trait SyncSchedule: Send {
         if state.is_empty() {
             Ok(())
         } else {
-            Err(ScheduleError::BadState(format!(
-                "this schedule keeps no state but {} bytes were given",
-                state.len()
-            )))
+            Err(ScheduleError::BadState(format!("this schedule keeps no state but {} bytes were given", state.len())))
         }
     }
 }
@@ -78,7 +75,7 @@ impl PeriodicSchedule {
 
 impl SyncSchedule for PeriodicSchedule {
     fn is_sync_step(&mut self, step: u64) -> bool {
-        step <= self.warmup || (step - self.warmup) % self.period == 0
+        step <= self.warmup || (step - self.warmup).is_multiple_of(self.period)
     }
 
     fn period(&self, step: u64) -> u64 {

@@ -86,9 +86,8 @@ mod tests {
             a[(i + 1) * n + i + 1] += 1.0;
         }
         let values = symmetric_eigenvalues(&a, n);
-        let mut expected: Vec<f64> = (0..n)
-            .map(|k| 2.0 - 2.0 * (k as f64 * std::f64::consts::PI / n as f64).cos())
-            .collect();
+        let mut expected: Vec<f64> =
+            (0..n).map(|k| 2.0 - 2.0 * (k as f64 * std::f64::consts::PI / n as f64).cos()).collect();
         expected.sort_by(|x, y| y.total_cmp(x));
         for (v, e) in values.iter().zip(&expected) {
             assert!((v - e).abs() < 1e-10, "{values:?} vs {expected:?}");

@@ -63,7 +63,9 @@ pub enum TopologyError {
         backward: bool,
     },
     /// The graph has more than one component.
-    #[error("topology graph is disconnected: worker {unreachable} cannot be reached from worker 0 ({components} components)")]
+    #[error(
+        "topology graph is disconnected: worker {unreachable} cannot be reached from worker 0 ({components} components)"
+    )]
     Disconnected {
         /// A worker not reachable from worker 0.
         unreachable: usize,
@@ -130,11 +132,7 @@ impl Topology {
         match kind {
             TopologyKind::Custom { adjacency } => {
                 if adjacency.len() != workers {
-                    return Err(TopologyError::AdjacencyNotSquare {
-                        row: 0,
-                        len: workers,
-                        rows: adjacency.len(),
-                    });
+                    return Err(TopologyError::AdjacencyNotSquare { row: 0, len: workers, rows: adjacency.len() });
                 }
                 Self::from_adjacency(adjacency)
             }
@@ -168,7 +166,7 @@ impl Topology {
     pub fn torus_for(workers: usize) -> Result<Self, TopologyError> {
         let rows = (2..=workers.isqrt())
             .rev()
-            .find(|r| workers % r == 0)
+            .find(|&r| workers.is_multiple_of(r))
             .ok_or(TopologyError::NoSquareishTorus { workers })?;
         Self::torus(rows, workers / rows)
     }

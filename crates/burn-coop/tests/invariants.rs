@@ -6,8 +6,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use burn::module::Module;
-use burn::optim::momentum::MomentumConfig;
 use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Tensor, TensorData};
 use burn_coop::params::TensorRole;
@@ -27,7 +27,10 @@ fn sgd_momentum() -> ModuleOptimizer {
 
 /// Runs `rule` once on deterministic buffers of `m` workers; returns (before, after, measured
 /// consensus distance, consensus distance after the merge).
-fn merge_buffers<R: MergeRule + Clone + Sync + 'static>(m: usize, rule: R) -> Vec<(Vec<f32>, Vec<f32>, Option<f64>, f64)> {
+fn merge_buffers<R: MergeRule + Clone + Sync + 'static>(
+    m: usize,
+    rule: R,
+) -> Vec<(Vec<f32>, Vec<f32>, Option<f64>, f64)> {
     run_workers(m, move |rank, mut transport| {
         let mut rule = rule.clone();
         let before: Vec<f32> = (0..257).map(|k| value(rank, k, 3)).collect();
@@ -46,10 +49,7 @@ fn worker_mean(buffers: &[Vec<f32>]) -> Vec<f64> {
 
 fn independent_consensus(buffers: &[Vec<f32>]) -> f64 {
     let mean = worker_mean(buffers);
-    buffers
-        .iter()
-        .map(|b| b.iter().zip(&mean).map(|(&x, &avg)| (f64::from(x) - avg).powi(2)).sum::<f64>())
-        .sum::<f64>()
+    buffers.iter().map(|b| b.iter().zip(&mean).map(|(&x, &avg)| (f64::from(x) - avg).powi(2)).sum::<f64>()).sum::<f64>()
         / buffers.len() as f64
 }
 
@@ -109,18 +109,19 @@ fn one_worker_is_bit_identical_to_the_bare_optimizer() {
         let mut bare = optimizer.clone();
         let mut bare_model = tiny_for(0);
         let mut transports = InProcessGroup::new(1).into_transports();
-        let mut wrapped =
-            LocalSgd::new(optimizer, PeriodicAveraging::new(), PeriodicSchedule::every(3).unwrap(), transports.remove(0))
-                .unwrap();
+        let mut wrapped = LocalSgd::new(
+            optimizer,
+            PeriodicAveraging::new(),
+            PeriodicSchedule::every(3).unwrap(),
+            transports.remove(0),
+        )
+        .unwrap();
         let mut wrapped_model = tiny_for(0);
         for step in 0..10 {
             bare_model = bare.step(0.1, bare_model, fixed_grads(&tiny_for(0), 0, step));
             wrapped_model = wrapped.step(0.1, wrapped_model, fixed_grads(&tiny_for(0), 0, step)).unwrap();
             let (a, b) = (flat(&bare_model), flat(&wrapped_model));
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{name}: step {step} differs"
-            );
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}: step {step} differs");
         }
         assert_eq!(wrapped.stats().syncs, 3);
     }
@@ -134,7 +135,11 @@ fn tau_one_averaging_equals_synchronous_sgd_on_averaged_gradients() {
         let mut optim = LocalSgd::synchronous(sgd_momentum(), transport);
         let mut model = tiny_for(0);
         for step in 0..steps {
-            model = { let grads = fixed_grads(&model, rank, step); optim.step(0.05, model, grads) }.unwrap();
+            model = {
+                let grads = fixed_grads(&model, rank, step);
+                optim.step(0.05, model, grads)
+            }
+            .unwrap();
         }
         flat(&model)
     });
@@ -173,7 +178,11 @@ fn sync_counts_follow_the_schedule() {
         let mut model = tiny_for(rank);
         let mut synced_at = Vec::new();
         for step in 0..8 {
-            model = { let grads = fixed_grads(&model, rank, step); optim.step(0.01, model, grads) }.unwrap();
+            model = {
+                let grads = fixed_grads(&model, rank, step);
+                optim.step(0.01, model, grads)
+            }
+            .unwrap();
             if optim.last_sync().is_some_and(|s| s.step == step + 1) {
                 synced_at.push(step + 1);
             }
@@ -187,7 +196,11 @@ fn sync_counts_follow_the_schedule() {
         let mut optim = LocalSgd::new(sgd_momentum(), PeriodicAveraging::new(), schedule, transport).unwrap();
         let mut model = tiny_for(rank);
         for step in 0..11 {
-            model = { let grads = fixed_grads(&model, rank, step); optim.step(0.01, model, grads) }.unwrap();
+            model = {
+                let grads = fixed_grads(&model, rank, step);
+                optim.step(0.01, model, grads)
+            }
+            .unwrap();
         }
         optim.stats().syncs
     });
@@ -204,7 +217,11 @@ fn traffic_counts_ring_all_reduce_bytes() {
                 .unwrap();
         let mut model = tiny_for(rank);
         for step in 0..4 {
-            model = { let grads = fixed_grads(&model, rank, step); optim.step(0.01, model, grads) }.unwrap();
+            model = {
+                let grads = fixed_grads(&model, rank, step);
+                optim.step(0.01, model, grads)
+            }
+            .unwrap();
         }
         (optim.stats(), flat(&model).len() as u64)
     });
@@ -228,7 +245,8 @@ fn buffers_are_merged_or_kept_local_by_policy() {
         let results = run_workers(2, move |rank, transport| {
             let model = tiny_for(rank);
             let before = running_means(&model);
-            let ids_before: Vec<_> = ParamLayout::of(&model, BufferPolicy::Merge).slots().iter().map(|s| s.id).collect();
+            let ids_before: Vec<_> =
+                ParamLayout::of(&model, BufferPolicy::Merge).slots().iter().map(|s| s.id).collect();
             let mut optim =
                 LocalSgd::new(sgd_momentum(), PeriodicAveraging::new(), PeriodicSchedule::every(1).unwrap(), transport)
                     .unwrap()
@@ -243,7 +261,8 @@ fn buffers_are_merged_or_kept_local_by_policy() {
         assert_eq!(w0, w1, "{policy:?}: weights are averaged");
         match policy {
             BufferPolicy::Merge => {
-                let mean: Vec<f64> = before0.iter().zip(before1).map(|(a, b)| (f64::from(*a) + f64::from(*b)) / 2.0).collect();
+                let mean: Vec<f64> =
+                    before0.iter().zip(before1).map(|(a, b)| (f64::from(*a) + f64::from(*b)) / 2.0).collect();
                 common::assert_close(after0, &mean, 1e-6, "merged running mean");
                 assert_eq!(after0, after1);
             }
@@ -275,12 +294,21 @@ fn restored_state_continues_exactly() {
                     let state = serde_json::from_slice(&state).unwrap();
                     let record = burn::optim::OptimizerRecord::from_bytes(optim_bytes).unwrap();
                     let transport = std::mem::replace(&mut optim, placeholder()).into_transport();
-                    optim = LocalSgd::new(sgd_momentum(), ElasticAveraging::new(0.25), PeriodicSchedule::every(2).unwrap(), transport)
-                        .unwrap();
+                    optim = LocalSgd::new(
+                        sgd_momentum(),
+                        ElasticAveraging::new(0.25),
+                        PeriodicSchedule::every(2).unwrap(),
+                        transport,
+                    )
+                    .unwrap();
                     optim.load_state(state).unwrap();
                     optim.load_record(record);
                 }
-                model = { let grads = fixed_grads(&model, rank, step); optim.step(0.05, model, grads) }.unwrap();
+                model = {
+                    let grads = fixed_grads(&model, rank, step);
+                    optim.step(0.05, model, grads)
+                }
+                .unwrap();
             }
             (flat(&model), optim.state())
         })
@@ -308,9 +336,13 @@ fn a_panicking_worker_makes_the_others_fail_fast() {
         .map(|(rank, transport)| {
             let tx = tx.clone();
             std::thread::spawn(move || {
-                let mut optim =
-                    LocalSgd::new(sgd_momentum(), PeriodicAveraging::new(), PeriodicSchedule::every(2).unwrap(), transport)
-                        .unwrap();
+                let mut optim = LocalSgd::new(
+                    sgd_momentum(),
+                    PeriodicAveraging::new(),
+                    PeriodicSchedule::every(2).unwrap(),
+                    transport,
+                )
+                .unwrap();
                 let mut model = tiny_for(rank);
                 for step in 0..4 {
                     if rank == 2 && step == 1 {
@@ -319,7 +351,12 @@ fn a_panicking_worker_makes_the_others_fail_fast() {
                     match optim.step(0.01, model, fixed_grads(&tiny_for(rank), rank, step)) {
                         Ok(next) => model = next,
                         Err(error) => {
-                            tx.send((rank, error.to_string(), matches!(error, CoopError::Transport(TransportError::PeerLost { rank: 2 })))).unwrap();
+                            tx.send((
+                                rank,
+                                error.to_string(),
+                                matches!(error, CoopError::Transport(TransportError::PeerLost { rank: 2 })),
+                            ))
+                            .unwrap();
                             return;
                         }
                     }
@@ -345,9 +382,13 @@ fn a_panicking_worker_makes_the_others_fail_fast() {
 #[test]
 fn non_finite_parameters_stop_every_worker_with_the_culprit_named() {
     let results = run_workers(3, |rank, transport| {
-        let mut optim =
-            LocalSgd::new(SgdConfig::new().init(), PeriodicAveraging::new(), PeriodicSchedule::every(2).unwrap(), transport)
-                .unwrap();
+        let mut optim = LocalSgd::new(
+            SgdConfig::new().init(),
+            PeriodicAveraging::new(),
+            PeriodicSchedule::every(2).unwrap(),
+            transport,
+        )
+        .unwrap();
         let mut model = tiny_for(rank);
         for step in 0..2 {
             let mut grads = fixed_grads(&model, rank, step);

@@ -3,7 +3,9 @@
 mod common;
 
 use burn::optim::SgdConfig;
-use burn_coop::{ElasticAveraging, Gossip, LocalSgd, MergeRule, MixingMatrix, PeriodicAveraging, PeriodicSchedule, Topology};
+use burn_coop::{
+    ElasticAveraging, Gossip, LocalSgd, MergeRule, MixingMatrix, PeriodicAveraging, PeriodicSchedule, Topology,
+};
 use common::{assert_close, fixed_grads, flat, run_workers, tiny_for};
 
 const M: usize = 4;
@@ -32,9 +34,7 @@ fn pre_merge_columns() -> Vec<Vec<f64>> {
 /// `Y = X W` for columns `X` and a row-major `order × order` matrix `w`.
 fn times(columns: &[Vec<f64>], w: &[Vec<f64>]) -> Vec<Vec<f64>> {
     let d = columns[0].len();
-    (0..w.len())
-        .map(|j| (0..d).map(|k| (0..w.len()).map(|i| columns[i][k] * w[i][j]).sum()).collect())
-        .collect()
+    (0..w.len()).map(|j| (0..d).map(|k| (0..w.len()).map(|i| columns[i][k] * w[i][j]).sum()).collect()).collect()
 }
 
 /// Runs one local step with τ = 1 on every worker and returns their merged flat models and
@@ -98,12 +98,8 @@ fn gossip_on_torus_equals_x_times_w() {
 
 #[test]
 fn gossip_with_user_matrix_equals_x_times_w() {
-    let rows = vec![
-        vec![0.5, 0.2, 0.0, 0.3],
-        vec![0.2, 0.6, 0.2, 0.0],
-        vec![0.0, 0.2, 0.7, 0.1],
-        vec![0.3, 0.0, 0.1, 0.6],
-    ];
+    let rows =
+        vec![vec![0.5, 0.2, 0.0, 0.3], vec![0.2, 0.6, 0.2, 0.0], vec![0.0, 0.2, 0.7, 0.1], vec![0.3, 0.0, 0.1, 0.6]];
     let expected = times(&pre_merge_columns(), &rows);
     let (merged, _) = one_merge(Gossip::new(MixingMatrix::new(rows).unwrap()));
     for rank in 0..M {

@@ -65,20 +65,18 @@ fn exponential_graph_has_log_degree_and_a_larger_gap_than_the_ring() {
 
 #[test]
 fn best_constant_weights_never_do_worse_than_metropolis_hastings() {
-    let star = Topology::from_adjacency(
-        (0..5).map(|i| (0..5).map(|j| i != j && (i == 0 || j == 0)).collect()).collect(),
-    )
-    .unwrap();
+    let star =
+        Topology::from_adjacency((0..5).map(|i| (0..5).map(|j| i != j && (i == 0 || j == 0)).collect()).collect())
+            .unwrap();
     for topology in [Topology::ring(8).unwrap(), Topology::torus(3, 4).unwrap(), star] {
         let mh = topology.mixing_matrix(WeightRule::MetropolisHastings).unwrap();
         let best = topology.mixing_matrix(WeightRule::BestConstant).unwrap();
         assert!(best.zeta() <= mh.zeta() + 1e-9, "{topology}: {} > {}", best.zeta(), mh.zeta());
     }
     // A star's best α = 2/(1 + 5) would give the hub weight 1 − 4/3 < 0: capped at 1/4.
-    let star = Topology::from_adjacency(
-        (0..5).map(|i| (0..5).map(|j| i != j && (i == 0 || j == 0)).collect()).collect(),
-    )
-    .unwrap();
+    let star =
+        Topology::from_adjacency((0..5).map(|i| (0..5).map(|j| i != j && (i == 0 || j == 0)).collect()).collect())
+            .unwrap();
     let capped = star.mixing_matrix(WeightRule::BestConstant).unwrap();
     assert!(close(capped.get(0, 0), 0.0) && close(capped.get(0, 1), 0.25) && close(capped.get(1, 1), 0.75));
     // Ring of 8: L has λ₂ = 2 − 2cos(2π/8) and λ_max = 4, so α = 2/(6 − √2).
@@ -109,7 +107,12 @@ fn every_mixing_matrix_error_names_the_problem() {
             MixingError::NotSymmetric { row: 0, col: 1, upper: 0.5, lower: 0.0 },
         ),
         (
-            vec![vec![1.0, 0.0, 0.0, 0.0], vec![0.0, 1.0, 0.0, 0.0], vec![0.0, 0.0, 0.5, 0.5], vec![0.0, 0.0, 0.5, 0.5]],
+            vec![
+                vec![1.0, 0.0, 0.0, 0.0],
+                vec![0.0, 1.0, 0.0, 0.0],
+                vec![0.0, 0.0, 0.5, 0.5],
+                vec![0.0, 0.0, 0.5, 0.5],
+            ],
             MixingError::Disconnected { unreachable: 1, components: 3 },
         ),
     ];
@@ -164,7 +167,8 @@ fn rule_and_schedule_errors_surface_when_the_optimizer_is_built() {
     let every = || PeriodicSchedule::every(2).unwrap();
     // α must lie in (0, 2/(m+1)) = (0, 0.4) for 4 workers.
     for alpha in [0.0, -0.1, 0.4, 0.5, f64::NAN] {
-        let error = LocalSgd::new(SgdConfig::new().init(), ElasticAveraging::new(alpha), every(), transport()).unwrap_err();
+        let error =
+            LocalSgd::new(SgdConfig::new().init(), ElasticAveraging::new(alpha), every(), transport()).unwrap_err();
         assert!(
             matches!(error, CoopError::Rule(RuleError::ElasticAlphaOutOfRange { workers: 4, upper, .. }) if (upper - 0.4).abs() < 1e-12),
             "α = {alpha}: {error}"

@@ -143,10 +143,7 @@ impl Shared {
                         self.changed.notify_all();
                         return Err(error);
                     }
-                    self.changed
-                        .wait_timeout(state, deadline - now)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
+                    self.changed.wait_timeout(state, deadline - now).unwrap_or_else(PoisonError::into_inner).0
                 }
             };
         }
@@ -178,11 +175,8 @@ impl InProcessTransport {
         let state = shared.wait(state, deadline, |s| s.scattering)?;
         drop(state);
 
-        let guards: Vec<_> = shared
-            .slots
-            .iter()
-            .map(|slot| slot.read().unwrap_or_else(PoisonError::into_inner))
-            .collect();
+        let guards: Vec<_> =
+            shared.slots.iter().map(|slot| slot.read().unwrap_or_else(PoisonError::into_inner)).collect();
         let result = combine(&guards);
         drop(guards);
 

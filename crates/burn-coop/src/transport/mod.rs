@@ -43,7 +43,9 @@ impl Traffic {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TransportError {
     /// Another worker died, panicked or left before taking part in a collective.
-    #[error("worker {rank} was lost (it panicked, exited or dropped its transport) before joining the collective operation")]
+    #[error(
+        "worker {rank} was lost (it panicked, exited or dropped its transport) before joining the collective operation"
+    )]
     PeerLost {
         /// The lost worker's rank.
         rank: usize,
