@@ -12,9 +12,11 @@
 //! - [`schedule`]: when to merge ([`SyncSchedule`], [`PeriodicSchedule`]);
 //! - [`params`]: flat parameter buffers for any Burn module;
 //! - [`transport`]: how workers exchange buffers ([`Transport`], [`InProcessGroup`]);
-//! - [`LocalSgd`]: the optimizer wrapper that puts them together.
+//! - [`LocalSgd`]: the optimizer wrapper that puts them together;
+//! - [`learner`]: replicas trained together, with metrics, evaluation and checkpoints.
 
 pub mod error;
+pub mod learner;
 pub mod local_sgd;
 pub mod mixing;
 pub mod params;
@@ -25,6 +27,7 @@ pub mod topology;
 pub mod transport;
 
 pub use error::CoopError;
+pub use learner::{CoopTask, Learner, LearnerConfig, LearnerError};
 pub use local_sgd::{CoopStats, InnerStatePolicy, LocalSgd, LocalSgdState, SyncReport};
 pub use mixing::{MixingError, MixingMatrix};
 pub use params::{BufferPolicy, ParamLayout};

@@ -152,6 +152,7 @@ impl ParamLayout {
 
     /// Copies the module's tensors into `out` (resized to [`ParamLayout::len`]).
     pub fn flatten_into<M: Module>(&self, module: &M, out: &mut Vec<f32>) -> Result<(), LayoutError> {
+        flush_buffers(module);
         out.clear();
         out.resize(self.len, 0.0);
         let mut visitor = FlattenVisitor { layout: self, index: 0, out, error: None };
@@ -207,6 +208,18 @@ impl ParamLayout {
         }
         Ok(slot)
     }
+}
+
+/// Applies pending running-statistic updates.
+///
+/// Burn's `RunningState` (BatchNorm's running mean and variance) keeps the value of the last
+/// forward pass pending until its next use; visiting the module — to flatten it, or to build a
+/// record for a checkpoint — would otherwise read the value from one step earlier and a later
+/// use would overwrite whatever was written in between. `Module::valid` applies the pending
+/// updates of every running state in place, which is all this does (the copy it returns is
+/// dropped).
+pub fn flush_buffers<M: Module>(module: &M) {
+    drop(module.valid());
 }
 
 fn role_of<const D: usize>(tensor: &Tensor<D>) -> TensorRole {
@@ -310,11 +323,12 @@ fn rebuild_like<const D: usize>(like: &Tensor<D>, data: TensorData, id: ParamId)
     let device = like.device();
     let options = TensorCreationOptions::new(device.clone().without_autodiff()).with_dtype(like.dtype());
     let mut tensor = Tensor::<D>::from_data(data, options);
-    if like.is_autodiff() {
-        tensor = tensor.autodiff();
-        if let Some(strategy) = like.gradient_checkpointing_strategy() {
-            tensor = tensor.with_gradient_checkpointing_strategy(strategy);
-        }
+    if !like.is_autodiff() {
+        return tensor;
+    }
+    tensor = tensor.autodiff();
+    if let Some(strategy) = like.gradient_checkpointing_strategy() {
+        tensor = tensor.with_gradient_checkpointing_strategy(strategy);
     }
     if like.is_require_grad() {
         tensor = tensor.require_grad();

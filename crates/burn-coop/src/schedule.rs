@@ -38,6 +38,21 @@ pub trait SyncSchedule: Send {
     }
 }
 
+impl<S: SyncSchedule + ?Sized> SyncSchedule for Box<S> {
+    fn is_sync_step(&mut self, step: u64) -> bool {
+        (**self).is_sync_step(step)
+    }
+    fn period(&self, step: u64) -> u64 {
+        (**self).period(step)
+    }
+    fn export_state(&self) -> Vec<u8> {
+        (**self).export_state()
+    }
+    fn import_state(&mut self, state: &[u8]) -> Result<(), ScheduleError> {
+        (**self).import_state(state)
+    }
+}
+
 /// Merge every `τ` steps, optionally after a warm-up of `K` steps that merge every step
 /// (post-local SGD: synchronous SGD first, local SGD after).
 ///

@@ -119,3 +119,27 @@ pub fn consensus_distance(params: &[f32], transport: &mut dyn Transport) -> Resu
     let local = params.iter().zip(&mean).map(|(&x, &avg)| f64::from(x - avg).powi(2)).sum();
     consensus_from_local(local, transport)
 }
+
+impl<R: MergeRule + ?Sized> MergeRule for Box<R> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn validate(&self, world_size: usize) -> Result<(), RuleError> {
+        (**self).validate(world_size)
+    }
+    fn start(&mut self, initial: &[f32]) {
+        (**self).start(initial)
+    }
+    fn merge(&mut self, params: &mut [f32], transport: &mut dyn Transport) -> Result<MergeOutcome, TransportError> {
+        (**self).merge(params, transport)
+    }
+    fn mixing_matrix(&self, world_size: usize) -> MixingMatrix {
+        (**self).mixing_matrix(world_size)
+    }
+    fn export_state(&self) -> RuleState {
+        (**self).export_state()
+    }
+    fn import_state(&mut self, state: RuleState) -> Result<(), RuleError> {
+        (**self).import_state(state)
+    }
+}

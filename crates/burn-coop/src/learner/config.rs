@@ -1,0 +1,71 @@
+//! The learner's configuration.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::spec::{LrSchedule, OptimizerSpec, RuleSpec};
+use crate::local_sgd::InnerStatePolicy;
+use crate::params::BufferPolicy;
+
+/// Everything the cooperative learner needs to know about a run (the task supplies the model
+/// and data).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LearnerConfig {
+    /// Number of workers (model replicas).
+    pub workers: usize,
+    /// Merge rule.
+    pub rule: RuleSpec,
+    /// Local steps between merges (ignored by synchronous SGD).
+    pub tau: u64,
+    /// Steps at the start that merge after every step (post-local SGD).
+    pub warmup_steps: u64,
+    /// Training epochs.
+    pub epochs: usize,
+    /// Inner optimizer.
+    pub optimizer: OptimizerSpec,
+    /// Learning-rate schedule.
+    pub lr: LrSchedule,
+    /// Whether BatchNorm statistics are merged with the weights.
+    pub buffers: BufferPolicy,
+    /// What happens to the inner optimizer's state at a merge.
+    pub inner_state: InnerStatePolicy,
+    /// Also evaluate each worker's own model at the end of each epoch.
+    pub eval_workers: bool,
+    /// Write a checkpoint every this many merges (0: only at the end of each epoch).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept on disk (the newest ones).
+    pub keep_checkpoints: usize,
+    /// Output folder for metrics, the resolved configuration and checkpoints.
+    pub output: PathBuf,
+    /// Stop after this many global steps (for tests and smoke runs; `None`: run all epochs).
+    pub max_steps: Option<u64>,
+    /// Seed of the model's initialization (the task seeds its own data order).
+    pub seed: u64,
+    /// Show progress bars when the output is a terminal.
+    pub progress: bool,
+}
+
+impl Default for LearnerConfig {
+    fn default() -> Self {
+        Self {
+            workers: 4,
+            rule: RuleSpec::Average,
+            tau: 8,
+            warmup_steps: 0,
+            epochs: 5,
+            optimizer: OptimizerSpec::default(),
+            lr: LrSchedule::default(),
+            buffers: BufferPolicy::Merge,
+            inner_state: InnerStatePolicy::KeepLocal,
+            eval_workers: false,
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
+            output: PathBuf::from("runs/latest"),
+            max_steps: None,
+            seed: 42,
+            progress: true,
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Metrics of a run: JSON lines and CSV files in the output folder, and progress on a terminal.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+/// Measured at one merge.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SyncMetrics {
+    /// Epoch (0-based) the merge happened in.
+    pub epoch: usize,
+    /// Global step (1-based) the merge followed.
+    pub step: u64,
+    /// Merges so far.
+    pub syncs: u64,
+    /// Learning rate of the last step.
+    pub lr: f64,
+    /// Period between merges.
+    pub tau: u64,
+    /// Mean training loss over workers since the previous merge.
+    pub train_loss: f64,
+    /// Each worker's mean training loss since the previous merge.
+    pub worker_train_loss: Vec<f64>,
+    /// Consensus distance before the merge.
+    pub consensus_distance: Option<f64>,
+    /// Bytes each worker has sent so far.
+    pub bytes_sent_per_worker: Vec<u64>,
+    /// Seconds since the run started.
+    pub wall_seconds: f64,
+}
+
+/// Measured at the end of an epoch.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EpochMetrics {
+    /// Epoch (0-based).
+    pub epoch: usize,
+    /// Global steps done.
+    pub step: u64,
+    /// Merges so far.
+    pub syncs: u64,
+    /// Learning rate of the last step.
+    pub lr: f64,
+    /// Period between merges.
+    pub tau: u64,
+    /// Mean training loss over workers and the epoch's steps.
+    pub train_loss: f64,
+    /// Each worker's mean training loss over the epoch.
+    pub worker_train_loss: Vec<f64>,
+    /// Test loss of the average model x̄.
+    pub test_loss: f64,
+    /// Test accuracy of the average model x̄.
+    pub test_accuracy: f64,
+    /// Test accuracy of each worker's own model, when evaluated.
+    pub worker_test_accuracy: Option<Vec<f64>>,
+    /// Consensus distance at the last merge.
+    pub consensus_distance: Option<f64>,
+    /// Bytes each worker has sent so far.
+    pub bytes_sent_per_worker: Vec<u64>,
+    /// Seconds since the run started.
+    pub wall_seconds: f64,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+enum Line<'a> {
+    Sync(&'a SyncMetrics),
+    Epoch(&'a EpochMetrics),
+}
+
+/// Writes `metrics.jsonl`, `syncs.csv` and `epochs.csv` and shows progress.
+pub struct MetricsWriter {
+    jsonl: BufWriter<File>,
+    syncs: BufWriter<File>,
+    epochs: BufWriter<File>,
+    bar: Option<ProgressBar>,
+    folder: PathBuf,
+}
+
+fn open(path: &Path, header: &str) -> std::io::Result<BufWriter<File>> {
+    let fresh = !path.exists();
+    let mut file = BufWriter::new(OpenOptions::new().create(true).append(true).open(path)?);
+    if fresh && !header.is_empty() {
+        writeln!(file, "{header}")?;
+    }
+    Ok(file)
+}
+
+fn joined<T: ToString>(values: &[T]) -> String {
+    values.iter().map(T::to_string).collect::<Vec<_>>().join(";")
+}
+
+fn optional(value: Option<f64>) -> String {
+    value.map_or_else(String::new, |v| v.to_string())
+}
+
+impl MetricsWriter {
+    /// Opens (appending, for resumed runs) the metric files in `folder`. A progress bar over
+    /// `total_steps` is shown when `progress` is set and standard error is a terminal;
+    /// otherwise one line per epoch is printed.
+    pub fn create(folder: &Path, total_steps: u64, done_steps: u64, progress: bool) -> std::io::Result<Self> {
+        std::fs::create_dir_all(folder)?;
+        let bar = (progress && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::new(total_steps).with_position(done_steps);
+            bar.set_style(
+                ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} steps ({eta}) {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar
+        });
+        Ok(Self {
+            jsonl: open(&folder.join("metrics.jsonl"), "")?,
+            syncs: open(
+                &folder.join("syncs.csv"),
+                "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,consensus_distance,bytes_sent_per_worker,wall_seconds",
+            )?,
+            epochs: open(
+                &folder.join("epochs.csv"),
+                "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,test_loss,test_accuracy,worker_test_accuracy,consensus_distance,bytes_sent_per_worker,wall_seconds",
+            )?,
+            bar,
+            folder: folder.to_path_buf(),
+        })
+    }
+
+    /// The folder the files are written to.
+    pub fn folder(&self) -> &Path {
+        &self.folder
+    }
+
+    /// Advances the progress bar by one step.
+    pub fn step(&self, epoch: usize, loss: f64, lr: f64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+            bar.set_message(format!("epoch {} loss {loss:.4} lr {lr:.4}", epoch + 1));
+        }
+    }
+
+    /// Records a merge.
+    pub fn sync(&mut self, m: &SyncMetrics) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.jsonl, &Line::Sync(m))?;
+        writeln!(self.jsonl)?;
+        writeln!(
+            self.syncs,
+            "{},{},{},{},{},{},{},{},{},{:.3}",
+            m.epoch,
+            m.step,
+            m.syncs,
+            m.lr,
+            m.tau,
+            m.train_loss,
+            joined(&m.worker_train_loss),
+            optional(m.consensus_distance),
+            joined(&m.bytes_sent_per_worker),
+            m.wall_seconds
+        )?;
+        self.jsonl.flush()?;
+        self.syncs.flush()
+    }
+
+    /// Records an epoch and prints its summary.
+    pub fn epoch(&mut self, m: &EpochMetrics) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.jsonl, &Line::Epoch(m))?;
+        writeln!(self.jsonl)?;
+        writeln!(
+            self.epochs,
+            "{},{},{},{},{},{},{},{},{},{},{},{},{:.3}",
+            m.epoch,
+            m.step,
+            m.syncs,
+            m.lr,
+            m.tau,
+            m.train_loss,
+            joined(&m.worker_train_loss),
+            m.test_loss,
+            m.test_accuracy,
+            m.worker_test_accuracy.as_deref().map_or_else(String::new, joined),
+            optional(m.consensus_distance),
+            joined(&m.bytes_sent_per_worker),
+            m.wall_seconds
+        )?;
+        self.jsonl.flush()?;
+        self.epochs.flush()?;
+        let line = format!(
+            "epoch {:>3}  step {:>6}  train loss {:.4}  test loss {:.4}  test acc {:.2}%  consensus {}  sent/worker {:.1} MB  {:.0} s",
+            m.epoch + 1,
+            m.step,
+            m.train_loss,
+            m.test_loss,
+            100.0 * m.test_accuracy,
+            m.consensus_distance.map_or_else(|| "-".into(), |c| format!("{c:.3e}")),
+            m.bytes_sent_per_worker.iter().sum::<u64>() as f64 / m.bytes_sent_per_worker.len().max(1) as f64 / 1e6,
+            m.wall_seconds
+        );
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+        Ok(())
+    }
+
+    /// Prints a line above the progress bar (or to standard error).
+    pub fn note(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    /// Removes the progress bar.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The cooperative learner: replicas of a model trained together on threads of one process.
+//!
+//! [`Learner`] replicates a [`CoopTask`]'s model across a list of Burn devices (several replicas
+//! may share a device), runs [`run_worker`] on one thread per replica with an in-process
+//! transport, and returns a [`TrainingSummary`]. The same [`run_worker`] runs one-per-process
+//! under MPI. Metrics go to the output folder as `metrics.jsonl`, `syncs.csv` and `epochs.csv`
+//! beside the resolved `learner.json`; checkpoints go to `checkpoints/` (see [`checkpoint`]).
+
+pub mod checkpoint;
+mod config;
+mod metrics;
+pub mod spec;
+mod task;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread;
+
+use burn::tensor::Device;
+
+pub use checkpoint::CheckpointError;
+pub use config::LearnerConfig;
+pub use metrics::{EpochMetrics, MetricsWriter, SyncMetrics};
+pub use spec::{LrSchedule, LrShape, OptimizerSpec, RuleSpec, TopologySpec};
+pub use task::{CoopTask, Evaluation};
+pub use worker::{WorkerReport, run_worker};
+
+use crate::error::CoopError;
+use crate::transport::{InProcessGroup, TransportError};
+
+/// Why a run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnerError {
+    /// The cooperative layer failed (a lost worker, a bad rule, non-finite parameters…).
+    #[error(transparent)]
+    Coop(#[from] CoopError),
+    /// A checkpoint could not be written or read.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// A file in the output folder could not be written.
+    #[error("cannot write {path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A worker's training loss became NaN or infinite.
+    #[error("worker {worker} has a non-finite training loss ({loss}) at step {step}; the last good checkpoint is kept")]
+    NonFiniteLoss {
+        /// The worker.
+        worker: usize,
+        /// The step (1-based) whose loss was not finite.
+        step: u64,
+        /// The loss value.
+        loss: f64,
+    },
+    /// A worker thread panicked.
+    #[error("worker {worker} panicked: {message}")]
+    WorkerPanicked {
+        /// The worker.
+        worker: usize,
+        /// The panic message.
+        message: String,
+    },
+    /// The configuration cannot run.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A model or optimizer record could not be (de)serialized.
+    #[error("cannot serialize or restore a record: {0}")]
+    Record(String),
+}
+
+impl From<crate::params::LayoutError> for LearnerError {
+    fn from(error: crate::params::LayoutError) -> Self {
+        Self::Coop(error.into())
+    }
+}
+
+impl LearnerError {
+    /// When several workers fail, the learner reports the cause rather than its consequences:
+    /// a worker's own failure first, then another worker's non-finite parameters as seen by the
+    /// rest, then lost peers.
+    fn consequence_rank(&self) -> u8 {
+        match self {
+            Self::Coop(CoopError::Transport(TransportError::PeerLost { .. })) => 2,
+            Self::Coop(CoopError::NonFiniteParameters { .. }) => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingSummary {
+    /// One report per worker, in rank order.
+    pub workers: Vec<WorkerReport>,
+    /// Where metrics, checkpoints and the average model were written.
+    pub output: PathBuf,
+}
+
+impl TrainingSummary {
+    /// The last epoch's metrics.
+    pub fn last_epoch(&self) -> Option<&EpochMetrics> {
+        self.workers.first().and_then(|w| w.last_epoch.as_ref())
+    }
+}
+
+/// Trains `config.workers` replicas of a task's model on threads of this process.
+pub struct Learner<T: CoopTask> {
+    task: Arc<T>,
+    config: LearnerConfig,
+    devices: Vec<Device>,
+    resume: bool,
+}
+
+impl<T: CoopTask> Learner<T> {
+    /// A learner for `task`; replica `r` runs on `devices[r % devices.len()]`.
+    pub fn new(task: T, config: LearnerConfig, devices: Vec<Device>) -> Self {
+        Self { task: Arc::new(task), config, devices, resume: false }
+    }
+
+    /// Continue from the newest checkpoint in the configured output folder.
+    pub fn resume(self) -> Self {
+        Self { resume: true, ..self }
+    }
+
+    /// Runs the training to the end (or to the first error, after every worker has stopped).
+    pub fn run(self) -> Result<TrainingSummary, LearnerError> {
+        let config = self.config;
+        if config.workers == 0 {
+            return Err(LearnerError::Config("at least one worker is needed".into()));
+        }
+        if self.devices.is_empty() {
+            return Err(LearnerError::Config("at least one device is needed".into()));
+        }
+        std::fs::create_dir_all(&config.output)
+            .map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
+        let resolved = config.output.join("learner.json");
+        std::fs::write(&resolved, serde_json::to_vec_pretty(&config).expect("config serializes"))
+            .map_err(|source| LearnerError::Io { path: resolved, source })?;
+
+        let threads: Vec<_> = InProcessGroup::new(config.workers)
+            .into_transports()
+            .into_iter()
+            .enumerate()
+            .map(|(rank, transport)| {
+                let (task, config) = (Arc::clone(&self.task), config.clone());
+                let device = self.devices[rank % self.devices.len()].clone();
+                let resume = self.resume;
+                thread::Builder::new()
+                    .name(format!("coop-worker-{rank}"))
+                    .spawn(move || run_worker(task.as_ref(), &config, &device, transport, resume))
+                    .expect("spawn worker thread")
+            })
+            .collect();
+        let mut reports = Vec::new();
+        let mut errors = Vec::new();
+        for (worker, thread) in threads.into_iter().enumerate() {
+            match thread.join() {
+                Ok(Ok(report)) => reports.push(report),
+                Ok(Err(error)) => errors.push(error),
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic payload".into());
+                    errors.push(LearnerError::WorkerPanicked { worker, message });
+                }
+            }
+        }
+        if !errors.is_empty() {
+            errors.sort_by_key(LearnerError::consequence_rank);
+            return Err(errors.remove(0));
+        }
+        Ok(TrainingSummary { workers: reports, output: config.output })
+    }
+}

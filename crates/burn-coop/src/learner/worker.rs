@@ -1,0 +1,327 @@
+//! The worker loop: one replica's whole training run, written once for every transport.
+//!
+//! The in-process learner runs it on one thread per replica; under MPI each rank runs it once.
+//! Every collective happens at the same step on every worker, so the loop is in lockstep by
+//! construction: local steps, merges chosen by the (identical) schedule, metric gathering at
+//! merges, evaluation and checkpoints at fixed steps.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{GradientsParams, OptimizerRecord};
+use burn::store::ModuleRecord;
+use burn::tensor::{Bytes, Device};
+
+use super::LearnerError;
+use super::checkpoint::{CheckpointError, Checkpoints, WorkerFiles, WorkerState};
+use super::config::LearnerConfig;
+use super::metrics::{EpochMetrics, MetricsWriter, SyncMetrics};
+use super::task::{CoopTask, Evaluation};
+use crate::error::CoopError;
+use crate::local_sgd::LocalSgd;
+use crate::params::{BufferPolicy, ParamLayout};
+use crate::transport::{ReduceOp, Transport};
+
+/// What a worker's run produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerReport {
+    /// This worker's rank.
+    pub rank: usize,
+    /// Global steps done (including those before a resume).
+    pub steps: u64,
+    /// Merges done.
+    pub syncs: u64,
+    /// Bytes this worker sent.
+    pub bytes_sent: u64,
+    /// The last epoch's metrics (identical on every worker), if an epoch ended.
+    pub last_epoch: Option<EpochMetrics>,
+    /// This worker's final flat parameters (weights and buffers, in visiting order).
+    pub final_parameters: Vec<f32>,
+}
+
+/// Runs one worker: `transport` decides its rank among the workers. With `resume`, continues
+/// from the newest checkpoint in the output folder. Rank 0 writes metrics and publishes
+/// checkpoints; every worker writes its own checkpoint files.
+pub fn run_worker<T: CoopTask>(
+    task: &T,
+    config: &LearnerConfig,
+    device: &Device,
+    transport: impl Transport + 'static,
+    resume: bool,
+) -> Result<WorkerReport, LearnerError> {
+    let (rank, workers) = (transport.rank(), transport.world_size());
+    if workers != config.workers {
+        return Err(LearnerError::Config(format!(
+            "the configuration asks for {} workers but the transport has {workers}",
+            config.workers
+        )));
+    }
+    let device = device.clone().autodiff();
+    let steps_per_epoch = (0..workers).map(|w| task.batches_per_epoch(w, workers)).min().unwrap_or(0) as u64;
+    if steps_per_epoch == 0 {
+        return Err(LearnerError::Config(
+            "a worker has no training batch: its data shard is smaller than a batch".into(),
+        ));
+    }
+    let planned_steps = steps_per_epoch * config.epochs as u64;
+    let total_steps = config.max_steps.map_or(planned_steps, |max| max.min(planned_steps));
+    let checkpoints = Checkpoints::in_output(&config.output);
+
+    let rule = config.rule.build(workers)?;
+    let schedule = config.rule.schedule(config.tau, config.warmup_steps)?;
+    let mut model = init_seeded(task, &device, config.seed);
+    let mut optim = LocalSgd::new(config.optimizer.build(), rule, schedule, transport)?
+        .with_buffer_policy(config.buffers)
+        .with_inner_state(config.inner_state);
+    let (mut step, mut elapsed_before) = (0u64, 0.0);
+    if resume {
+        let dir = checkpoints.latest()?.ok_or_else(|| CheckpointError::Missing(checkpoints.root().to_path_buf()))?;
+        let files = Checkpoints::read_worker(&dir, rank, workers)?;
+        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(files.model))
+            .map_err(|e| LearnerError::Record(format!("{}: {e:?}", dir.display())))?;
+        model = model.load_record(record);
+        let record = OptimizerRecord::from_bytes(Bytes::from_bytes_vec(files.optimizer))
+            .map_err(|e| LearnerError::Record(format!("{}: {e:?}", dir.display())))?;
+        optim.load_record(record);
+        optim.load_state(files.state.local_sgd)?;
+        step = files.state.step;
+        elapsed_before = files.state.elapsed_seconds;
+    } else {
+        model = start_equal(model, optim.transport_mut())?;
+    }
+
+    let mut writer = match rank {
+        0 => Some(
+            MetricsWriter::create(&config.output, total_steps, step, config.progress)
+                .map_err(|source| LearnerError::Io { path: config.output.clone(), source })?,
+        ),
+        _ => None,
+    };
+    let started = Instant::now();
+    let wall = |elapsed_before: f64| elapsed_before + started.elapsed().as_secs_f64();
+    let (mut since_sync, mut since_sync_n, mut epoch_sum, mut epoch_n) = (0.0, 0u64, 0.0, 0u64);
+    let mut first_bad_loss: Option<(u64, f64)> = None;
+    let mut last_epoch = None;
+    let mut lr;
+    let mut last_checkpoint = step;
+
+    while step < total_steps {
+        let epoch = (step / steps_per_epoch) as usize;
+        let index = (step % steps_per_epoch) as usize;
+        lr = config.lr.at(step, steps_per_epoch, planned_steps);
+        let batch = task.train_batch(rank, workers, epoch, index, &device);
+        let loss = task.loss(&model, batch);
+        let loss_value = f64::from(loss.clone().into_scalar::<f32>());
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        step += 1;
+        if !loss_value.is_finite() && first_bad_loss.is_none() {
+            first_bad_loss = Some((step, loss_value));
+        }
+        model = match optim.step(lr, model, grads) {
+            Ok(model) => model,
+            Err(CoopError::NonFiniteParameters { rank: bad, .. }) if bad == rank && first_bad_loss.is_some() => {
+                let (step, loss) = first_bad_loss.expect("checked above");
+                return Err(LearnerError::NonFiniteLoss { worker: rank, step, loss });
+            }
+            Err(error) => return Err(error.into()),
+        };
+        since_sync += loss_value;
+        since_sync_n += 1;
+        epoch_sum += loss_value;
+        epoch_n += 1;
+        if let Some(w) = &writer {
+            w.step(epoch, loss_value, lr);
+        }
+
+        let merged_now = optim.last_sync().is_some_and(|s| s.step == optim.stats().steps);
+        if merged_now {
+            let (losses, bytes) = gather(&mut optim, since_sync / since_sync_n.max(1) as f64)?;
+            since_sync = 0.0;
+            since_sync_n = 0;
+            if let Some(w) = writer.as_mut() {
+                let report = optim.last_sync().expect("merged");
+                let metrics = SyncMetrics {
+                    epoch,
+                    step,
+                    syncs: report.syncs,
+                    lr,
+                    tau: optim.period(),
+                    train_loss: losses.iter().sum::<f64>() / workers as f64,
+                    worker_train_loss: losses,
+                    consensus_distance: report.consensus_distance,
+                    bytes_sent_per_worker: bytes,
+                    wall_seconds: wall(elapsed_before),
+                };
+                w.sync(&metrics).map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
+            }
+        }
+
+        let epoch_ends = step.is_multiple_of(steps_per_epoch);
+        if epoch_ends {
+            let (losses, bytes) = gather(&mut optim, epoch_sum / epoch_n.max(1) as f64)?;
+            epoch_sum = 0.0;
+            epoch_n = 0;
+            let (average, evaluation) = evaluate_average(task, &model, optim.transport_mut(), &device)?;
+            let worker_accuracy = if config.eval_workers {
+                let own = task.evaluate(&model.valid(), 0, 1, &device.clone().without_autodiff());
+                let mut accuracies = vec![0.0; workers];
+                accuracies[rank] = own.accuracy();
+                optim.transport_mut().all_reduce_f64(&mut accuracies).map_err(CoopError::from)?;
+                Some(accuracies)
+            } else {
+                None
+            };
+            let stats = optim.stats();
+            let metrics = EpochMetrics {
+                epoch,
+                step,
+                syncs: stats.syncs,
+                lr,
+                tau: optim.period(),
+                train_loss: losses.iter().sum::<f64>() / workers as f64,
+                worker_train_loss: losses,
+                test_loss: evaluation.loss(),
+                test_accuracy: evaluation.accuracy(),
+                worker_test_accuracy: worker_accuracy,
+                consensus_distance: stats.last_consensus_distance,
+                bytes_sent_per_worker: bytes,
+                wall_seconds: wall(elapsed_before),
+            };
+            if let Some(w) = writer.as_mut() {
+                w.epoch(&metrics).map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
+                save_average(&average, &config.output)?;
+            }
+            last_epoch = Some(metrics);
+        }
+
+        let checkpoint_due =
+            (merged_now && config.checkpoint_every > 0 && optim.stats().syncs.is_multiple_of(config.checkpoint_every))
+                || (epoch_ends && step < planned_steps);
+        if checkpoint_due && step != last_checkpoint {
+            let state = WorkerState {
+                rank,
+                workers,
+                step,
+                epochs_done: (step / steps_per_epoch) as usize,
+                local_sgd: optim.state(),
+                elapsed_seconds: wall(elapsed_before),
+            };
+            checkpoint(&checkpoints, &model, &mut optim, state, config.keep_checkpoints)?;
+            last_checkpoint = step;
+            if let Some(w) = &writer {
+                w.note(&format!("checkpoint at step {step} written to {}", checkpoints.root().display()));
+            }
+        }
+    }
+    if let Some(w) = &writer {
+        w.finish();
+    }
+    let stats = optim.stats();
+    let layout = ParamLayout::of(&model, BufferPolicy::Merge);
+    Ok(WorkerReport {
+        rank,
+        steps: step,
+        syncs: stats.syncs,
+        bytes_sent: stats.traffic.bytes_sent,
+        last_epoch,
+        final_parameters: layout.flatten(&model)?,
+    })
+}
+
+/// Makes every worker start from worker 0's model: a sum all-reduce in which every other worker
+/// contributes zeros is an exact broadcast.
+fn start_equal<M: Module>(model: M, transport: &mut dyn Transport) -> Result<M, LearnerError> {
+    let layout = ParamLayout::of(&model, BufferPolicy::Merge);
+    let mut mine = layout.flatten(&model)?;
+    if transport.rank() != 0 {
+        mine.iter_mut().for_each(|v| *v = 0.0);
+    }
+    let mut first = vec![0.0; mine.len()];
+    transport.all_reduce(&mine, &mut first, ReduceOp::Sum).map_err(CoopError::from)?;
+    Ok(layout.unflatten(model, &first)?)
+}
+
+/// Gathers one value per worker and every worker's bytes sent.
+fn gather(optim: &mut LocalSgd, value: f64) -> Result<(Vec<f64>, Vec<u64>), LearnerError> {
+    let (rank, workers) = (optim.rank(), optim.world_size());
+    let mut values = vec![0.0; 2 * workers];
+    values[rank] = value;
+    values[workers + rank] = optim.stats().traffic.bytes_sent as f64;
+    optim.transport_mut().all_reduce_f64(&mut values).map_err(CoopError::from)?;
+    let bytes = values[workers..].iter().map(|&b| b as u64).collect();
+    values.truncate(workers);
+    Ok((values, bytes))
+}
+
+/// Evaluates the workers' average model x̄ (weights and buffers averaged), each worker on its
+/// share of the test set. Returns x̄ (without autodiff) and the summed evaluation.
+fn evaluate_average<T: CoopTask>(
+    task: &T,
+    model: &T::Model,
+    transport: &mut dyn Transport,
+    device: &Device,
+) -> Result<(T::Model, Evaluation), LearnerError> {
+    let layout = ParamLayout::of(model, BufferPolicy::Merge);
+    let mine = layout.flatten(model)?;
+    let mut mean = vec![0.0; mine.len()];
+    transport.all_reduce(&mine, &mut mean, ReduceOp::Mean).map_err(CoopError::from)?;
+    // `valid` gives a copy with its own BatchNorm state, so the worker's model is untouched.
+    let average = layout.unflatten(model.valid(), &mean)?;
+    let (rank, workers) = (transport.rank(), transport.world_size());
+    let part = task.evaluate(&average, rank, workers, &device.clone().without_autodiff());
+    let mut totals = [part.loss_sum, part.correct as f64, part.count as f64];
+    transport.all_reduce_f64(&mut totals).map_err(CoopError::from)?;
+    let evaluation = Evaluation { loss_sum: totals[0], correct: totals[1] as u64, count: totals[2] as u64 };
+    Ok((average, evaluation))
+}
+
+/// Writes the average model to `<output>/model-average.bpk` through a temporary file.
+fn save_average<M: Module>(model: &M, output: &Path) -> Result<(), LearnerError> {
+    let bytes = model.clone().into_record().into_bytes().map_err(|e| LearnerError::Record(format!("{e:?}")))?;
+    let path = output.join("model-average.bpk");
+    let temporary = output.join("model-average.bpk.tmp");
+    std::fs::write(&temporary, &*bytes).map_err(|source| LearnerError::Io { path: temporary.clone(), source })?;
+    std::fs::rename(&temporary, &path).map_err(|source| LearnerError::Io { path, source })
+}
+
+/// Every worker writes its files; after a barrier rank 0 publishes the checkpoint; a second
+/// barrier keeps anyone from starting the next one before it is published.
+fn checkpoint<M: Module>(
+    checkpoints: &Checkpoints,
+    model: &M,
+    optim: &mut LocalSgd,
+    state: WorkerState,
+    keep: usize,
+) -> Result<(), LearnerError> {
+    let step = state.step;
+    let record = |e| LearnerError::Record(format!("{e:?}"));
+    crate::params::flush_buffers(model);
+    let files = WorkerFiles {
+        model: model.clone().into_record().into_bytes().map_err(record)?.to_vec(),
+        optimizer: optim.to_record().into_bytes().map_err(record)?.to_vec(),
+        state,
+    };
+    checkpoints.write_worker(step, &files)?;
+    optim.transport_mut().barrier().map_err(CoopError::from)?;
+    if optim.rank() == 0 {
+        checkpoints.commit(step, keep)?;
+    }
+    optim.transport_mut().barrier().map_err(CoopError::from)?;
+    Ok(())
+}
+
+/// Seeding and initializing happen under one process-wide lock: workers on threads share the
+/// device's random generator, and the model must not depend on how their threads interleave.
+static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A model initialized from `seed`: the same seed gives the same weights in every run.
+fn init_seeded<T: CoopTask>(task: &T, device: &Device, seed: u64) -> T::Model {
+    let _guard = INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    device.seed(seed);
+    let model = task.init_model(device);
+    // Parameters are initialized lazily: touch them all while the lock is held.
+    crate::params::flush_buffers(&model);
+    let _ = ParamLayout::of(&model, BufferPolicy::Merge);
+    model
+}

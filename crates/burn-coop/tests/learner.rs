@@ -1,0 +1,246 @@
+//! The cooperative learner end to end on a small synthetic task: every rule runs and writes its
+//! metrics, interrupted runs resume bit-identically, and failures stop the run with a clear error.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_coop::learner::checkpoint::Checkpoints;
+use burn_coop::learner::{Evaluation, LrSchedule, LrShape, RuleSpec, TopologySpec};
+use burn_coop::{CoopError, CoopTask, Learner, LearnerConfig, LearnerError, WeightRule};
+use common::{Tiny, value};
+
+/// Two-class points in 3-D: the label is the sign of `x0 + x1 − x2`.
+#[derive(Clone)]
+struct Synthetic {
+    batches: usize,
+    batch: usize,
+    panic_at: Option<(usize, usize)>,
+    nan_at: Option<(usize, usize)>,
+}
+
+impl Synthetic {
+    fn new() -> Self {
+        Self { batches: 6, batch: 8, panic_at: None, nan_at: None }
+    }
+
+    fn points(&self, seed: usize, n: usize, device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
+        let xs: Vec<f32> = (0..n * 3).map(|k| value(seed, k, 11) * 2.0).collect();
+        let ys: Vec<i64> = xs.chunks(3).map(|p| i64::from(p[0] + p[1] - p[2] > 0.0)).collect();
+        (Tensor::from_data(TensorData::new(xs, [n, 3]), device), Tensor::from_data(TensorData::new(ys, [n]), device))
+    }
+}
+
+impl CoopTask for Synthetic {
+    type Model = Tiny;
+    type Batch = (Tensor<2>, Tensor<1, Int>);
+
+    fn init_model(&self, device: &Device) -> Tiny {
+        Tiny::new(device)
+    }
+
+    fn batches_per_epoch(&self, _worker: usize, _workers: usize) -> usize {
+        self.batches
+    }
+
+    fn train_batch(&self, worker: usize, _workers: usize, epoch: usize, index: usize, device: &Device) -> Self::Batch {
+        let step = epoch * self.batches + index;
+        if self.panic_at == Some((worker, step)) {
+            panic!("data shard of worker {worker} is unreadable");
+        }
+        let (x, y) = self.points(1000 * worker + step, self.batch, device);
+        if self.nan_at == Some((worker, step)) {
+            return (x.mul_scalar(f32::NAN), y);
+        }
+        (x, y)
+    }
+
+    fn loss(&self, model: &Tiny, (x, y): Self::Batch) -> Tensor<1> {
+        let logits = model.forward(x);
+        CrossEntropyLossConfig::new().init(&logits.device()).forward(logits, y)
+    }
+
+    fn evaluate(&self, model: &Tiny, part: usize, parts: usize, device: &Device) -> Evaluation {
+        let (x, y) = self.points(999_999, 64, device);
+        let chunk = 64 / parts;
+        let (x, y) = (x.slice(part * chunk..(part + 1) * chunk), y.slice(part * chunk..(part + 1) * chunk));
+        let logits = model.forward(x);
+        let loss = CrossEntropyLossConfig::new().init(device).forward(logits.clone(), y.clone());
+        let correct = logits.argmax(1).squeeze_dim::<1>(1).equal(y).int().sum().into_scalar::<i64>();
+        Evaluation {
+            loss_sum: f64::from(loss.into_scalar::<f32>()) * chunk as f64,
+            correct: correct as u64,
+            count: chunk as u64,
+        }
+    }
+}
+
+fn output(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("burn-coop-learner-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn config(name: &str, rule: RuleSpec) -> LearnerConfig {
+    LearnerConfig {
+        workers: 2,
+        rule,
+        tau: 2,
+        epochs: 2,
+        lr: LrSchedule { lr: 0.1, shape: LrShape::Cosine, warmup_epochs: 0.5, min_lr: 0.0 },
+        output: output(name),
+        progress: false,
+        ..LearnerConfig::default()
+    }
+}
+
+fn run(task: Synthetic, config: &LearnerConfig) -> Result<burn_coop::learner::TrainingSummary, LearnerError> {
+    Learner::new(task, config.clone(), vec![Device::flex()]).run()
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn every_rule_trains_and_writes_metrics() {
+    let rules = [
+        ("sync", RuleSpec::Sync),
+        ("average", RuleSpec::Average),
+        ("elastic", RuleSpec::Elastic { alpha: None }),
+        ("gossip", RuleSpec::Gossip { topology: TopologySpec::Ring, weights: WeightRule::MetropolisHastings }),
+    ];
+    for (name, rule) in rules {
+        let config = config(name, rule);
+        let summary = run(Synthetic::new(), &config).unwrap();
+        let expected_syncs = if name == "sync" { 12 } else { 6 };
+        for worker in &summary.workers {
+            assert_eq!((worker.steps, worker.syncs), (12, expected_syncs), "{name}");
+        }
+        let out = &config.output;
+        let epochs = lines(&out.join("epochs.csv"));
+        assert_eq!(epochs.len(), 3, "{name}: header and two epochs");
+        assert!(epochs[0].starts_with("epoch,step,syncs,lr,tau,train_loss"));
+        let syncs = lines(&out.join("syncs.csv"));
+        assert_eq!(syncs.len(), 1 + expected_syncs as usize, "{name}");
+        let jsonl = lines(&out.join("metrics.jsonl"));
+        assert_eq!(jsonl.len(), 2 + expected_syncs as usize);
+        let last: serde_json::Value = serde_json::from_str(jsonl.last().unwrap()).unwrap();
+        assert_eq!(last["kind"], "epoch");
+        assert_eq!(last["step"], 12);
+        assert!(last["test_accuracy"].as_f64().unwrap() > 0.5, "{name}: {last}");
+        assert_eq!(last["worker_train_loss"].as_array().unwrap().len(), 2);
+        assert!(last["bytes_sent_per_worker"][0].as_u64().unwrap() > 0);
+        assert!(out.join("model-average.bpk").exists());
+        assert!(out.join("learner.json").exists());
+        if name != "elastic" {
+            // The last step is an averaging merge (gossip on a ring of two is averaging too):
+            // both workers hold the same parameters.
+            assert_eq!(summary.workers[0].final_parameters, summary.workers[1].final_parameters, "{name}");
+        } else {
+            assert_ne!(summary.workers[0].final_parameters, summary.workers[1].final_parameters, "elastic");
+        }
+        std::fs::remove_dir_all(out).unwrap();
+    }
+}
+
+#[test]
+fn an_interrupted_run_resumes_bit_identically() {
+    let mut straight = config("straight", RuleSpec::Elastic { alpha: Some(0.3) });
+    straight.checkpoint_every = 1;
+    straight.keep_checkpoints = 100;
+    let reference = run(Synthetic::new(), &straight).unwrap();
+
+    let mut interrupted = config("interrupted", RuleSpec::Elastic { alpha: Some(0.3) });
+    interrupted.checkpoint_every = 1;
+    interrupted.max_steps = Some(8);
+    let first = run(Synthetic::new(), &interrupted).unwrap();
+    assert_eq!(first.workers[0].steps, 8);
+    let latest = Checkpoints::in_output(&interrupted.output).latest().unwrap().unwrap();
+    assert!(latest.ends_with("step-00000008"), "{}", latest.display());
+
+    let saved = |dir: &Path, rank: usize| {
+        let files = Checkpoints::read_worker(dir, rank, 2).unwrap();
+        let record = burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(files.model)).unwrap();
+        common::flat(&burn::module::Module::load_record(Tiny::new(&common::device()), record))
+    };
+    for rank in 0..2 {
+        let at_eight = straight.output.join("checkpoints/step-00000008");
+        assert_eq!(saved(&at_eight, rank), saved(&latest, rank), "worker {rank} differs at the interruption");
+    }
+    interrupted.max_steps = None;
+    let resumed = Learner::new(Synthetic::new(), interrupted.clone(), vec![Device::flex()]).resume().run().unwrap();
+    for (a, b) in reference.workers.iter().zip(&resumed.workers) {
+        assert_eq!((a.steps, a.syncs), (b.steps, b.syncs));
+        assert!(
+            a.final_parameters.iter().zip(&b.final_parameters).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "worker {}: parameters differ after resume",
+            a.rank
+        );
+    }
+    let epochs = lines(&interrupted.output.join("epochs.csv"));
+    assert_eq!(epochs.len(), 3, "resumed run appends its epochs: {epochs:?}");
+    std::fs::remove_dir_all(&straight.output).unwrap();
+    std::fs::remove_dir_all(&interrupted.output).unwrap();
+}
+
+#[test]
+fn a_panicking_worker_stops_the_run_with_its_message() {
+    let config = config("panic", RuleSpec::Average);
+    let task = Synthetic { panic_at: Some((1, 3)), ..Synthetic::new() };
+    let error = run(task, &config).unwrap_err();
+    assert!(
+        matches!(&error, LearnerError::WorkerPanicked { worker: 1, message } if message == "data shard of worker 1 is unreadable"),
+        "{error}"
+    );
+    std::fs::remove_dir_all(&config.output).unwrap();
+}
+
+#[test]
+fn a_nan_loss_names_worker_and_step_and_keeps_the_last_checkpoint() {
+    let mut config = config("nan", RuleSpec::Average);
+    config.checkpoint_every = 1;
+    let task = Synthetic { nan_at: Some((1, 6)), ..Synthetic::new() };
+    let error = run(task, &config).unwrap_err();
+    assert!(matches!(error, LearnerError::NonFiniteLoss { worker: 1, step: 7, .. }), "{error}");
+    assert_eq!(
+        error.to_string(),
+        "worker 1 has a non-finite training loss (NaN) at step 7; the last good checkpoint is kept"
+    );
+    let checkpoints = Checkpoints::in_output(&config.output);
+    let latest = checkpoints.latest().unwrap().unwrap();
+    assert!(latest.ends_with("step-00000006"), "{}", latest.display());
+    for rank in 0..2 {
+        let files = Checkpoints::read_worker(&latest, rank, 2).unwrap();
+        assert_eq!(files.state.step, 6);
+    }
+    // The run can resume from it.
+    let resumed = Learner::new(Synthetic::new(), config.clone(), vec![Device::flex()]).resume().run().unwrap();
+    assert_eq!(resumed.workers[0].steps, 12);
+    std::fs::remove_dir_all(&config.output).unwrap();
+}
+
+#[test]
+fn bad_configurations_are_reported() {
+    let mut bad = config("bad", RuleSpec::Elastic { alpha: Some(0.9) });
+    let error = run(Synthetic::new(), &bad).unwrap_err();
+    assert!(matches!(error, LearnerError::Coop(CoopError::Rule(_))), "{error}");
+    bad.rule = RuleSpec::Average;
+    bad.tau = 0;
+    let error = run(Synthetic::new(), &bad).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "the synchronization period τ must be at least 1, got 0 (τ = 1 is fully synchronous)"
+    );
+    let missing =
+        Learner::new(Synthetic::new(), config("missing", RuleSpec::Average), vec![Device::flex()]).resume().run();
+    assert!(matches!(missing, Err(LearnerError::Checkpoint(_))));
+    let _ = std::fs::remove_dir_all(&bad.output);
+    let _ = std::fs::remove_dir_all(output("missing"));
+}
