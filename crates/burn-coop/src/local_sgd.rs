@@ -44,7 +44,8 @@ pub struct CoopStats {
     pub steps: u64,
     /// Merges done.
     pub syncs: u64,
-    /// Total bytes sent and received by this worker.
+    /// Bytes this worker sent and received in merges (collectives the training loop runs
+    /// itself through [`LocalSgd::transport_mut`] are not counted here).
     pub traffic: Traffic,
     /// Consensus distance measured at the last merge.
     pub last_consensus_distance: Option<f64>,
@@ -123,7 +124,7 @@ pub struct LocalSgd {
     steps: u64,
     syncs: u64,
     started: bool,
-    traffic_offset: Traffic,
+    traffic: Traffic,
     last_report: Option<SyncReport>,
 }
 
@@ -165,7 +166,7 @@ impl LocalSgd {
             steps: 0,
             syncs: 0,
             started: false,
-            traffic_offset: Traffic::default(),
+            traffic: Traffic::default(),
             last_report: None,
         })
     }
@@ -221,10 +222,12 @@ impl LocalSgd {
 
     fn merge_with<M: Module>(&mut self, layout: &ParamLayout, module: M) -> Result<M, CoopError> {
         layout.flatten_into(&module, &mut self.flat)?;
-        self.check_finite()?;
         let before = self.transport.traffic();
+        self.check_finite()?;
         let outcome = self.rule.merge(&mut self.flat, self.transport.as_mut())?;
         let after = self.transport.traffic();
+        self.traffic.bytes_sent += after.bytes_sent - before.bytes_sent;
+        self.traffic.bytes_received += after.bytes_received - before.bytes_received;
         let module = layout.unflatten(module, &self.flat)?;
         self.syncs += 1;
         if self.inner_state == InnerStatePolicy::Reset {
@@ -270,7 +273,7 @@ impl LocalSgd {
         CoopStats {
             steps: self.steps,
             syncs: self.syncs,
-            traffic: self.traffic(),
+            traffic: self.traffic,
             last_consensus_distance: self.last_report.and_then(|r| r.consensus_distance),
         }
     }
@@ -278,14 +281,6 @@ impl LocalSgd {
     /// What the last merge did, if any has run.
     pub fn last_sync(&self) -> Option<&SyncReport> {
         self.last_report.as_ref()
-    }
-
-    fn traffic(&self) -> Traffic {
-        let now = self.transport.traffic();
-        Traffic {
-            bytes_sent: self.traffic_offset.bytes_sent + now.bytes_sent,
-            bytes_received: self.traffic_offset.bytes_received + now.bytes_received,
-        }
     }
 
     /// This worker's rank.
@@ -338,7 +333,7 @@ impl LocalSgd {
         LocalSgdState {
             steps: self.steps,
             syncs: self.syncs,
-            traffic: self.traffic(),
+            traffic: self.traffic,
             last_consensus_distance: self.last_report.and_then(|r| r.consensus_distance),
             rule: self.rule.export_state(),
             schedule: self.schedule.export_state(),
@@ -350,11 +345,7 @@ impl LocalSgd {
     pub fn load_state(&mut self, state: LocalSgdState) -> Result<(), CoopError> {
         self.rule.import_state(state.rule)?;
         self.schedule.import_state(&state.schedule)?;
-        let now = self.transport.traffic();
-        self.traffic_offset = Traffic {
-            bytes_sent: state.traffic.bytes_sent.saturating_sub(now.bytes_sent),
-            bytes_received: state.traffic.bytes_received.saturating_sub(now.bytes_received),
-        };
+        self.traffic = state.traffic;
         self.steps = state.steps;
         self.syncs = state.syncs;
         self.started = state.started;
