@@ -16,6 +16,7 @@
 //! - [`learner`]: replicas trained together, with metrics, evaluation and checkpoints.
 
 pub mod error;
+pub mod launch;
 pub mod learner;
 pub mod local_sgd;
 pub mod mixing;
@@ -27,6 +28,7 @@ pub mod topology;
 pub mod transport;
 
 pub use error::CoopError;
+pub use launch::{Worker, WorkerPanicked, launch};
 pub use learner::{CoopTask, Learner, LearnerConfig, LearnerError};
 pub use local_sgd::{CoopStats, InnerStatePolicy, LocalSgd, LocalSgdState, SyncReport};
 pub use mixing::{MixingError, MixingMatrix};

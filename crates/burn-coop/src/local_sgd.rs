@@ -9,7 +9,7 @@ use crate::error::CoopError;
 use crate::params::{BufferPolicy, ParamLayout};
 use crate::rules::{MergeRule, PeriodicAveraging, RuleState};
 use crate::schedule::{PeriodicSchedule, SyncSchedule};
-use crate::transport::{Traffic, Transport};
+use crate::transport::{ReduceOp, Traffic, Transport};
 
 /// What happens to the inner optimizer's state (momentum, Adam moments) at a merge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -119,6 +119,7 @@ pub struct LocalSgd {
     transport: Box<dyn Transport>,
     buffer_policy: BufferPolicy,
     inner_state: InnerStatePolicy,
+    initial_broadcast: bool,
     layout: Option<ParamLayout>,
     flat: Vec<f32>,
     steps: u64,
@@ -161,6 +162,7 @@ impl LocalSgd {
             transport: Box::new(transport),
             buffer_policy: BufferPolicy::default(),
             inner_state: InnerStatePolicy::default(),
+            initial_broadcast: true,
             layout: None,
             flat: Vec::new(),
             steps: 0,
@@ -184,6 +186,13 @@ impl LocalSgd {
         Self { buffer_policy: policy, layout: None, ..self }
     }
 
+    /// Whether workers adopt worker 0's parameters before the first step (default: yes, so that
+    /// all start from the same model, as Cooperative SGD assumes). Turn it off only when the
+    /// models are already equal or when different starting points are intended.
+    pub fn with_initial_broadcast(self, broadcast: bool) -> Self {
+        Self { initial_broadcast: broadcast, ..self }
+    }
+
     /// Chooses what happens to the inner optimizer's state at a merge.
     pub fn with_inner_state(self, policy: InnerStatePolicy) -> Self {
         Self { inner_state: policy, ..self }
@@ -198,16 +207,41 @@ impl LocalSgd {
         module: M,
         grads: GradientsParams,
     ) -> Result<M, CoopError> {
-        if !self.started {
-            self.ensure_layout(&module);
-            let layout = self.layout.as_ref().expect("layout recorded above");
-            layout.flatten_into(&module, &mut self.flat)?;
-            self.rule.start(&self.flat);
-            self.started = true;
-        }
+        let module = if self.started { module } else { self.start(module)? };
         let module = self.inner.step(lr, module, grads);
         self.steps += 1;
         if self.schedule.is_sync_step(self.steps) { self.merge(module) } else { Ok(module) }
+    }
+
+    /// Before the first step: every worker adopts worker 0's parameters (unless disabled with
+    /// [`LocalSgd::with_initial_broadcast`]), and the rule sees the initial model.
+    fn start<M: Module>(&mut self, module: M) -> Result<M, CoopError> {
+        self.ensure_layout(&module);
+        let layout = self.layout.take().expect("layout recorded above");
+        let started = self.broadcast_start(&layout, module);
+        self.layout = Some(layout);
+        let module = started?;
+        self.rule.start(&self.flat);
+        self.started = true;
+        Ok(module)
+    }
+
+    fn broadcast_start<M: Module>(&mut self, layout: &ParamLayout, module: M) -> Result<M, CoopError> {
+        layout.flatten_into(&module, &mut self.flat)?;
+        if !self.initial_broadcast || self.transport.world_size() == 1 {
+            return Ok(module);
+        }
+        // A sum in which every other worker contributes zeros is an exact broadcast.
+        let mut mine = self.flat.clone();
+        if self.transport.rank() != 0 {
+            mine.iter_mut().for_each(|v| *v = 0.0);
+        }
+        let before = self.transport.traffic();
+        self.transport.all_reduce(&mine, &mut self.flat, ReduceOp::Sum)?;
+        let after = self.transport.traffic();
+        self.traffic.bytes_sent += after.bytes_sent - before.bytes_sent;
+        self.traffic.bytes_received += after.bytes_received - before.bytes_received;
+        Ok(layout.unflatten(module, &self.flat)?)
     }
 
     /// Merges now, whatever the schedule (e.g. before evaluating or saving the final model).

@@ -228,9 +228,11 @@ fn traffic_counts_ring_all_reduce_bytes() {
     for (stats, d) in reports {
         // Per merge: the finite-check vector (m f64), the model (d f32), the consensus scalar (f64).
         let per_merge = 2 * 3 * (m as u64 * 8) / 4 + 2 * 3 * (4 * d) / 4 + 2 * 3 * 8 / 4;
+        // Before the first step, worker 0's model is broadcast (one all-reduce of the model).
+        let broadcast = 2 * 3 * (4 * d) / 4;
         assert_eq!(stats.syncs, 2);
-        assert_eq!(stats.traffic.bytes_sent, 2 * per_merge);
-        assert_eq!(stats.traffic.bytes_received, 2 * per_merge);
+        assert_eq!(stats.traffic.bytes_sent, broadcast + 2 * per_merge);
+        assert_eq!(stats.traffic.bytes_received, broadcast + 2 * per_merge);
         assert!(stats.last_consensus_distance.unwrap() > 0.0);
     }
 }
@@ -250,7 +252,8 @@ fn buffers_are_merged_or_kept_local_by_policy() {
             let mut optim =
                 LocalSgd::new(sgd_momentum(), PeriodicAveraging::new(), PeriodicSchedule::every(1).unwrap(), transport)
                     .unwrap()
-                    .with_buffer_policy(policy);
+                    .with_buffer_policy(policy)
+                    .with_initial_broadcast(false);
             let model = optim.step(0.01, model, fixed_grads(&tiny_for(rank), rank, 0)).unwrap();
             let ids_after: Vec<_> = ParamLayout::of(&model, BufferPolicy::Merge).slots().iter().map(|s| s.id).collect();
             assert_eq!(ids_before, ids_after, "ParamIds survive the merge");
@@ -426,6 +429,22 @@ fn mismatched_buffers_are_reported() {
     });
     assert_eq!(results[0], "worker 0 passed a buffer of 3 values but worker 1 passed 4");
     assert_eq!(results[1], "worker 1 passed a buffer of 4 values but worker 0 passed 3");
+}
+
+#[test]
+fn workers_start_from_worker_zeros_model() {
+    let starts = run_workers(3, |rank, transport| {
+        let mut optim =
+            LocalSgd::new(SgdConfig::new().init(), PeriodicAveraging::new(), PeriodicSchedule::every(5).unwrap(), transport)
+                .unwrap();
+        let model = tiny_for(rank);
+        let grads = GradientsParams::new();
+        flat(&optim.step(0.1, model, grads).unwrap())
+    });
+    let zero = flat(&tiny_for(0));
+    for start in &starts {
+        assert_eq!(start, &zero);
+    }
 }
 
 #[test]

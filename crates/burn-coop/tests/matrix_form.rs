@@ -44,7 +44,8 @@ fn one_merge<R: MergeRule + Clone + Sync + 'static>(rule: R) -> (Vec<Vec<f32>>, 
         let model = tiny_for(rank);
         let mut optim =
             LocalSgd::new(SgdConfig::new().init(), rule.clone(), PeriodicSchedule::every(1).unwrap(), transport)
-                .unwrap();
+                .unwrap()
+                .with_initial_broadcast(false);
         let grads = fixed_grads(&model, rank, 0);
         let model = optim.step(LR, model, grads).unwrap();
         assert_eq!(optim.stats().syncs, 1);

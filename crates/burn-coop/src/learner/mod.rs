@@ -162,11 +162,7 @@ impl<T: CoopTask> Learner<T> {
                 Ok(Ok(report)) => reports.push(report),
                 Ok(Err(error)) => errors.push(error),
                 Err(panic) => {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic payload".into());
+                    let message = crate::launch::panic_message(panic.as_ref());
                     errors.push(LearnerError::WorkerPanicked { worker, message });
                 }
             }

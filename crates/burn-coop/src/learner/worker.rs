@@ -87,8 +87,6 @@ pub fn run_worker<T: CoopTask>(
         optim.load_state(files.state.local_sgd)?;
         step = files.state.step;
         elapsed_before = files.state.elapsed_seconds;
-    } else {
-        model = start_equal(model, optim.transport_mut())?;
     }
 
     let mut writer = match rank {
@@ -197,7 +195,7 @@ pub fn run_worker<T: CoopTask>(
 
         let checkpoint_due =
             (merged_now && config.checkpoint_every > 0 && optim.stats().syncs.is_multiple_of(config.checkpoint_every))
-                || (epoch_ends && step < planned_steps);
+                || epoch_ends;
         if checkpoint_due && step != last_checkpoint {
             let state = WorkerState {
                 rank,
@@ -227,19 +225,6 @@ pub fn run_worker<T: CoopTask>(
         last_epoch,
         final_parameters: layout.flatten(&model)?,
     })
-}
-
-/// Makes every worker start from worker 0's model: a sum all-reduce in which every other worker
-/// contributes zeros is an exact broadcast.
-fn start_equal<M: Module>(model: M, transport: &mut dyn Transport) -> Result<M, LearnerError> {
-    let layout = ParamLayout::of(&model, BufferPolicy::Merge);
-    let mut mine = layout.flatten(&model)?;
-    if transport.rank() != 0 {
-        mine.iter_mut().for_each(|v| *v = 0.0);
-    }
-    let mut first = vec![0.0; mine.len()];
-    transport.all_reduce(&mine, &mut first, ReduceOp::Sum).map_err(CoopError::from)?;
-    Ok(layout.unflatten(model, &first)?)
 }
 
 /// Gathers one value per worker and every worker's bytes sent.
