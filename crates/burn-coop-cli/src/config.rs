@@ -1,0 +1,506 @@
+//! `coop train`'s configuration: defaults, then a TOML file, then command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use burn_coop::learner::{LrSchedule, LrShape, OptimizerSpec, RuleSpec, TopologySpec};
+use burn_coop::{BufferPolicy, InnerStatePolicy, LearnerConfig, WeightRule};
+use burn_coop_vision::task::ModelKind;
+use clap::{Args, ValueEnum};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::device::DeviceName;
+
+/// Merge rule by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuleName {
+    /// Synchronous SGD (averaging after every step).
+    Sync,
+    /// Periodic averaging (local SGD).
+    Average,
+    /// Elastic averaging (EASGD).
+    Elastic,
+    /// Gossip over a topology.
+    Gossip,
+}
+
+/// Inner optimizer by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerName {
+    /// SGD with momentum.
+    Sgd,
+    /// Adam.
+    Adam,
+    /// AdamW.
+    Adamw,
+}
+
+/// Learning-rate shape by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrShapeName {
+    /// Constant after the warm-up.
+    Constant,
+    /// Step decay at the milestones.
+    Step,
+    /// Cosine decay to `min-lr`.
+    Cosine,
+}
+
+/// How the training set is split across workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartitionName {
+    /// Equal random shards.
+    Iid,
+    /// Label skew: class proportions per worker drawn from Dirichlet(β).
+    Dirichlet,
+}
+
+/// Where the workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportName {
+    /// Threads of this process.
+    Threads,
+    /// One worker per MPI rank (start with `mpirun -np M coop train --transport mpi`).
+    Mpi,
+}
+
+/// A complete `coop train` configuration (the form written to and read from TOML files).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TrainConfig {
+    /// Model.
+    pub model: ModelKind,
+    /// Merge rule.
+    pub rule: RuleName,
+    /// Gossip topology.
+    pub topology: TopologySpec,
+    /// Gossip edge weights.
+    pub weights: WeightRule,
+    /// Local steps between merges.
+    pub tau: u64,
+    /// Elastic moving rate (default 2/(m+2)).
+    pub alpha: Option<f64>,
+    /// Synchronous steps before local steps begin (post-local SGD).
+    pub warmup_steps: u64,
+    /// Workers (model replicas).
+    pub workers: usize,
+    /// Devices; replica r runs on `devices[r % len]`.
+    pub devices: Vec<DeviceName>,
+    /// Training epochs.
+    pub epochs: usize,
+    /// Images per batch per worker.
+    pub batch_size: usize,
+    /// Inner optimizer.
+    pub optimizer: OptimizerName,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning-rate shape after the warm-up.
+    pub lr_schedule: LrShapeName,
+    /// Linear learning-rate warm-up, in epochs.
+    pub lr_warmup_epochs: f64,
+    /// Final learning rate of the cosine shape.
+    pub min_lr: f64,
+    /// Epochs at which the step shape multiplies the rate by `gamma`.
+    pub milestones: Vec<usize>,
+    /// Step-decay factor.
+    pub gamma: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// How the training set is split.
+    pub partition: PartitionName,
+    /// Dirichlet concentration β (smaller: more skew).
+    pub beta: f64,
+    /// Random crop and flip augmentation.
+    pub augment: bool,
+    /// Whether BatchNorm statistics are merged.
+    pub buffers: BufferPolicy,
+    /// The inner optimizer's state at a merge.
+    pub inner_state: InnerStatePolicy,
+    /// Seed of initialization, partition, shuffling and augmentation.
+    pub seed: u64,
+    /// Output folder (default `runs/<model>-<rule>-m<workers>-tau<tau>`).
+    pub output: Option<PathBuf>,
+    /// Checkpoint every N merges (0: at the end of each epoch).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept.
+    pub keep_checkpoints: usize,
+    /// Also evaluate each worker's own model every epoch.
+    pub eval_workers: bool,
+    /// Stop after this many steps (smoke runs).
+    pub max_steps: Option<u64>,
+    /// CIFAR-10 location (archive or folder).
+    pub data: Option<PathBuf>,
+    /// Download CIFAR-10 when no local copy is found.
+    pub download: bool,
+    /// Check every data file against the official md5 sums (turn off for other CIFAR-format data).
+    pub verify: bool,
+    /// Where workers run.
+    pub transport: TransportName,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelKind::Resnet20,
+            rule: RuleName::Average,
+            topology: TopologySpec::Ring,
+            weights: WeightRule::MetropolisHastings,
+            tau: 8,
+            alpha: None,
+            warmup_steps: 0,
+            workers: 4,
+            devices: vec![DeviceName::default_for_build()],
+            epochs: 5,
+            batch_size: 32,
+            optimizer: OptimizerName::Sgd,
+            lr: 0.2,
+            lr_schedule: LrShapeName::Cosine,
+            lr_warmup_epochs: 1.0,
+            min_lr: 0.0,
+            milestones: Vec::new(),
+            gamma: 0.1,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 5e-4,
+            partition: PartitionName::Iid,
+            beta: 0.5,
+            augment: true,
+            buffers: BufferPolicy::Merge,
+            inner_state: InnerStatePolicy::KeepLocal,
+            seed: 1,
+            output: None,
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
+            eval_workers: false,
+            max_steps: None,
+            data: None,
+            download: true,
+            verify: true,
+            transport: TransportName::Threads,
+        }
+    }
+}
+
+/// Parses a kebab-case name of any serde enum (for flags whose type lives in a library crate).
+pub fn serde_name<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|e| e.to_string())
+}
+
+fn at_least_one(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(v) if v >= 1 => Ok(v),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(_) => Err(format!("'{text}' is not a whole number")),
+    }
+}
+
+fn positive_f64(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("'{text}' is not a positive number")),
+    }
+}
+
+fn non_negative_f64(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("'{text}' is not a non-negative number")),
+    }
+}
+
+/// `coop train` flags; each one overrides the configuration file.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TrainArgs {
+    /// TOML configuration file (flags override its values).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Continue the run in DIR from its newest checkpoint (uses DIR/config.toml).
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Model: resnet20, resnet32, resnet44, resnet56, resnet110, resnet18.
+    #[arg(long, value_parser = serde_name::<ModelKind>)]
+    pub model: Option<ModelKind>,
+    /// Merge rule.
+    #[arg(long, value_enum)]
+    pub rule: Option<RuleName>,
+    /// Gossip topology: ring, torus, exponential, complete.
+    #[arg(long, value_parser = serde_name::<TopologySpec>)]
+    pub topology: Option<TopologySpec>,
+    /// Gossip weights: metropolis-hastings, best-constant.
+    #[arg(long, value_parser = serde_name::<WeightRule>)]
+    pub weights: Option<WeightRule>,
+    /// Local steps between merges (τ ≥ 1).
+    #[arg(long, value_parser = at_least_one)]
+    pub tau: Option<u64>,
+    /// Elastic moving rate α, in (0, 2/(m+1)).
+    #[arg(long, value_parser = positive_f64)]
+    pub alpha: Option<f64>,
+    /// Synchronous steps before local steps begin.
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// Number of workers.
+    #[arg(long, value_parser = at_least_one)]
+    pub workers: Option<u64>,
+    /// Devices, comma-separated (flex, ndarray, wgpu, wgpu:cpu, cuda:0, ...).
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Option<Vec<DeviceName>>,
+    /// Training epochs.
+    #[arg(long, value_parser = at_least_one)]
+    pub epochs: Option<u64>,
+    /// Images per batch per worker.
+    #[arg(long, value_parser = at_least_one)]
+    pub batch_size: Option<u64>,
+    /// Inner optimizer.
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerName>,
+    /// Peak learning rate.
+    #[arg(long, value_parser = positive_f64)]
+    pub lr: Option<f64>,
+    /// Learning-rate shape after the warm-up.
+    #[arg(long, value_enum)]
+    pub lr_schedule: Option<LrShapeName>,
+    /// Linear warm-up length in epochs.
+    #[arg(long, value_parser = non_negative_f64)]
+    pub lr_warmup_epochs: Option<f64>,
+    /// Final learning rate of the cosine shape.
+    #[arg(long, value_parser = non_negative_f64)]
+    pub min_lr: Option<f64>,
+    /// Step-decay epochs, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub milestones: Option<Vec<usize>>,
+    /// Step-decay factor.
+    #[arg(long, value_parser = positive_f64)]
+    pub gamma: Option<f64>,
+    /// SGD momentum (0 disables it).
+    #[arg(long, value_parser = non_negative_f64)]
+    pub momentum: Option<f64>,
+    /// Nesterov momentum (true/false).
+    #[arg(long)]
+    pub nesterov: Option<bool>,
+    /// Weight decay.
+    #[arg(long, value_parser = non_negative_f64)]
+    pub weight_decay: Option<f64>,
+    /// Training-set split across workers.
+    #[arg(long, value_enum)]
+    pub partition: Option<PartitionName>,
+    /// Dirichlet concentration β.
+    #[arg(long, value_parser = positive_f64)]
+    pub beta: Option<f64>,
+    /// Random crop and flip (true/false).
+    #[arg(long)]
+    pub augment: Option<bool>,
+    /// BatchNorm statistics at a merge: merge, keep-local.
+    #[arg(long, value_parser = serde_name::<BufferPolicy>)]
+    pub buffers: Option<BufferPolicy>,
+    /// Inner optimizer state at a merge: keep-local, reset.
+    #[arg(long, value_parser = serde_name::<InnerStatePolicy>)]
+    pub inner_state: Option<InnerStatePolicy>,
+    /// Seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Output folder.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Checkpoint every N merges (0: at each epoch end).
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoints kept on disk.
+    #[arg(long, value_parser = at_least_one)]
+    pub keep_checkpoints: Option<u64>,
+    /// Evaluate each worker's own model too (true/false).
+    #[arg(long)]
+    pub eval_workers: Option<bool>,
+    /// Stop after N steps.
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// CIFAR-10 archive or folder (also: BURN_COOP_CIFAR10).
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// Download CIFAR-10 if no local copy is found (true/false).
+    #[arg(long)]
+    pub download: Option<bool>,
+    /// Check the data against the official md5 sums (true/false).
+    #[arg(long)]
+    pub verify: Option<bool>,
+    /// Where workers run: threads, or mpi (one worker per rank).
+    #[arg(long, value_enum)]
+    pub transport: Option<TransportName>,
+}
+
+impl TrainArgs {
+    /// Applies every flag that was given to `config`.
+    pub fn apply(&self, config: &mut TrainConfig) {
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { config.$field = v.into(); } )* };
+        }
+        set!(model, rule, topology, weights, tau, warmup_steps, devices, optimizer, lr, lr_schedule);
+        set!(lr_warmup_epochs, min_lr, milestones, gamma, momentum, nesterov, weight_decay, partition, beta);
+        set!(augment, buffers, inner_state, seed, checkpoint_every, eval_workers, download, verify, transport);
+        if let Some(v) = self.alpha {
+            config.alpha = Some(v);
+        }
+        if let Some(v) = self.workers {
+            config.workers = v as usize;
+        }
+        if let Some(v) = self.epochs {
+            config.epochs = v as usize;
+        }
+        if let Some(v) = self.batch_size {
+            config.batch_size = v as usize;
+        }
+        if let Some(v) = self.keep_checkpoints {
+            config.keep_checkpoints = v as usize;
+        }
+        if let Some(v) = &self.output {
+            config.output = Some(v.clone());
+        }
+        if let Some(v) = self.max_steps {
+            config.max_steps = Some(v);
+        }
+        if let Some(v) = &self.data {
+            config.data = Some(v.clone());
+        }
+    }
+}
+
+/// A configuration value that cannot run, named as in the file and on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidValue {
+    /// The option's name.
+    pub option: &'static str,
+    /// The value given.
+    pub value: String,
+    /// Why it is invalid.
+    pub reason: String,
+}
+
+impl std::fmt::Display for InvalidValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid value '{}' for '--{}': {}", self.value, self.option, self.reason)
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML file (missing keys keep their defaults; unknown keys are errors).
+    pub fn from_toml_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("invalid configuration file {}: {e}", path.display()))
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the configuration serializes")
+    }
+
+    /// Checks values that flags alone cannot (they may come from a file) and that depend on each
+    /// other, such as elastic α against the number of workers.
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        let invalid = |option, value: String, reason: &str| Err(InvalidValue { option, value, reason: reason.into() });
+        if self.workers == 0 {
+            return invalid("workers", "0".into(), "at least one worker is needed");
+        }
+        if self.tau == 0 {
+            return invalid("tau", "0".into(), "the period τ must be at least 1 (τ = 1 is synchronous)");
+        }
+        if self.epochs == 0 {
+            return invalid("epochs", "0".into(), "at least one epoch is needed");
+        }
+        if self.batch_size == 0 {
+            return invalid("batch-size", "0".into(), "a batch needs at least one image");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return invalid("lr", self.lr.to_string(), "the learning rate must be positive");
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return invalid("momentum", self.momentum.to_string(), "momentum must lie in [0, 1)");
+        }
+        if self.partition == PartitionName::Dirichlet && !(self.beta.is_finite() && self.beta > 0.0) {
+            return invalid("beta", self.beta.to_string(), "the Dirichlet concentration must be positive");
+        }
+        if self.devices.is_empty() {
+            return invalid("devices", String::new(), "at least one device is needed");
+        }
+        if let Err(error) = self.rule_spec().build(self.workers) {
+            let (option, value) = match self.rule {
+                RuleName::Elastic => ("alpha", self.alpha.map_or_else(|| "default".into(), |a| a.to_string())),
+                _ => ("topology", format!("{:?}", self.topology).to_lowercase()),
+            };
+            return invalid(option, value, &error.to_string());
+        }
+        Ok(())
+    }
+
+    /// The rule as the learner describes it.
+    pub fn rule_spec(&self) -> RuleSpec {
+        match self.rule {
+            RuleName::Sync => RuleSpec::Sync,
+            RuleName::Average => RuleSpec::Average,
+            RuleName::Elastic => RuleSpec::Elastic { alpha: self.alpha },
+            RuleName::Gossip => RuleSpec::Gossip { topology: self.topology, weights: self.weights },
+        }
+    }
+
+    /// The output folder, explicit or derived from the run's main choices.
+    pub fn output_folder(&self) -> PathBuf {
+        self.output.clone().unwrap_or_else(|| {
+            let rule = match self.rule {
+                RuleName::Sync => "sync".to_string(),
+                RuleName::Average => format!("average-tau{}", self.tau),
+                RuleName::Elastic => format!("elastic-tau{}", self.tau),
+                RuleName::Gossip => format!("gossip-{}-tau{}", serde_name_of(&self.topology), self.tau),
+            };
+            PathBuf::from("runs").join(format!("{}-{rule}-m{}", serde_name_of(&self.model), self.workers))
+        })
+    }
+
+    /// The learner's part of the configuration.
+    pub fn learner_config(&self) -> LearnerConfig {
+        let optimizer = match self.optimizer {
+            OptimizerName::Sgd => {
+                OptimizerSpec::Sgd { momentum: self.momentum, nesterov: self.nesterov, weight_decay: self.weight_decay }
+            }
+            OptimizerName::Adam => OptimizerSpec::Adam { weight_decay: self.weight_decay },
+            OptimizerName::Adamw => OptimizerSpec::AdamW { weight_decay: self.weight_decay },
+        };
+        let shape = match self.lr_schedule {
+            LrShapeName::Constant => LrShape::Constant,
+            LrShapeName::Step => LrShape::Step { gamma: self.gamma, milestones: self.milestones.clone() },
+            LrShapeName::Cosine => LrShape::Cosine,
+        };
+        LearnerConfig {
+            workers: self.workers,
+            rule: self.rule_spec(),
+            tau: self.tau,
+            warmup_steps: self.warmup_steps,
+            epochs: self.epochs,
+            optimizer,
+            lr: LrSchedule { lr: self.lr, shape, warmup_epochs: self.lr_warmup_epochs, min_lr: self.min_lr },
+            buffers: self.buffers,
+            inner_state: self.inner_state,
+            eval_workers: self.eval_workers,
+            checkpoint_every: self.checkpoint_every,
+            keep_checkpoints: self.keep_checkpoints,
+            output: self.output_folder(),
+            max_steps: self.max_steps,
+            seed: self.seed,
+            progress: true,
+        }
+    }
+}
+
+/// The kebab-case name serde gives a unit variant.
+pub fn serde_name_of<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        other => format!("{other:?}"),
+    }
+}

@@ -1,0 +1,47 @@
+//! `coop`: cooperative training of CIFAR ResNets with Burn — local SGD, elastic averaging and
+//! gossip — on threads of one machine or across MPI ranks.
+
+mod config;
+mod data;
+mod device;
+mod topology;
+mod train;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Communication-efficient distributed training for Burn (Cooperative SGD).
+#[derive(Debug, Parser)]
+#[command(name = "coop", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a CIFAR-10 ResNet with cooperating replicas.
+    Train(Box<config::TrainArgs>),
+    /// Print a topology's mixing matrix W and its spectral quantities.
+    Topology(topology::TopologyArgs),
+    /// Obtain or check the CIFAR-10 data.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train::run(&args),
+        Command::Topology(args) => topology::run(&args),
+        Command::Data(command) => data::run(&command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

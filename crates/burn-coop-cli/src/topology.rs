@@ -1,0 +1,63 @@
+//! `coop topology`: a graph's mixing matrix and how fast it mixes.
+
+use burn_coop::learner::TopologySpec;
+use burn_coop::WeightRule;
+use clap::Args;
+use serde::Serialize;
+
+use crate::config::serde_name;
+
+/// Arguments of `coop topology`.
+#[derive(Debug, Args)]
+pub struct TopologyArgs {
+    /// ring, torus, exponential or complete.
+    #[arg(long, default_value = "ring", value_parser = serde_name::<TopologySpec>)]
+    topology: TopologySpec,
+    /// Number of workers.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    workers: u64,
+    /// Edge weights: metropolis-hastings or best-constant.
+    #[arg(long, default_value = "metropolis-hastings", value_parser = serde_name::<WeightRule>)]
+    weights: WeightRule,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    topology: String,
+    workers: usize,
+    weights: WeightRule,
+    w: Vec<Vec<f64>>,
+    eigenvalues: Vec<f64>,
+    zeta: f64,
+    spectral_gap: f64,
+}
+
+/// Runs `coop topology`.
+pub fn run(args: &TopologyArgs) -> Result<(), String> {
+    let workers = args.workers as usize;
+    let topology = args.topology.build(workers).map_err(|e| e.to_string())?;
+    let w = topology.mixing_matrix(args.weights).map_err(|e| e.to_string())?;
+    let report = Report {
+        topology: topology.to_string(),
+        workers,
+        weights: args.weights,
+        w: w.to_rows(),
+        eigenvalues: w.eigenvalues(),
+        zeta: w.zeta(),
+        spectral_gap: w.spectral_gap(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+    } else {
+        println!("{} ({} weights)", report.topology, crate::config::serde_name_of(&args.weights));
+        println!();
+        print!("{w}");
+        println!();
+        println!("zeta (second-largest |eigenvalue|): {:.6}", report.zeta);
+        println!("spectral gap 1 - zeta:              {:.6}", report.spectral_gap);
+    }
+    Ok(())
+}

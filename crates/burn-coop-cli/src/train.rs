@@ -1,0 +1,164 @@
+//! `coop train`.
+
+use std::sync::Arc;
+
+use burn_coop::learner::TrainingSummary;
+use burn_coop::Learner;
+use burn_coop_vision::task::CifarTask;
+use burn_coop_vision::{Cifar10, LocateOptions, Partition, Verify, locate};
+use clap::CommandFactory;
+use clap::error::ErrorKind;
+
+use crate::config::{PartitionName, TrainArgs, TrainConfig, TransportName};
+
+/// Resolves the configuration: defaults, then `--config FILE` (or the resumed run's
+/// `config.toml`), then flags. Invalid values exit like clap's own errors, naming the value.
+pub fn resolve(args: &TrainArgs) -> TrainConfig {
+    let file = args.resume.as_ref().map(|dir| dir.join("config.toml")).or_else(|| args.config.clone());
+    let mut config = match &file {
+        Some(path) => TrainConfig::from_toml_file(path)
+            .unwrap_or_else(|message| crate::Cli::command().error(ErrorKind::InvalidValue, message).exit()),
+        None => TrainConfig::default(),
+    };
+    args.apply(&mut config);
+    if let Some(dir) = &args.resume {
+        config.output = Some(dir.clone());
+    }
+    if let Err(invalid) = config.validate() {
+        crate::Cli::command().error(ErrorKind::ValueValidation, invalid.to_string()).exit();
+    }
+    config
+}
+
+/// Runs `coop train`.
+pub fn run(args: &TrainArgs) -> Result<(), String> {
+    let config = resolve(args);
+    let resume = args.resume.is_some();
+    let output = config.output_folder();
+    let has_checkpoints = output.join("checkpoints").join("LATEST").exists();
+    if has_checkpoints && !resume {
+        return Err(format!(
+            "{} already holds a run with checkpoints: continue it with --resume {0} or choose another --output",
+            output.display()
+        ));
+    }
+    if config.transport == TransportName::Mpi {
+        return run_mpi(config, resume);
+    }
+
+    let task = build_task(&config)?;
+    std::fs::create_dir_all(&output).map_err(|e| format!("cannot create {}: {e}", output.display()))?;
+    let resolved = output.join("config.toml");
+    std::fs::write(&resolved, config.to_toml()).map_err(|e| format!("cannot write {}: {e}", resolved.display()))?;
+
+    let devices: Vec<_> = config.devices.iter().map(|d| d.open()).collect();
+    eprintln!(
+        "training {} with {} workers ({}) on {} for {} epochs; output in {}",
+        crate::config::serde_name_of(&config.model),
+        config.workers,
+        describe_rule(&config),
+        config.devices.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        config.epochs,
+        output.display()
+    );
+    let mut learner = Learner::new(task, config.learner_config(), devices);
+    if resume {
+        learner = learner.resume();
+    }
+    let summary = learner.run().map_err(|e| e.to_string())?;
+    print_summary(&summary);
+    Ok(())
+}
+
+/// One worker per MPI rank: every rank loads the data and runs the same worker loop; rank 0
+/// writes metrics and publishes checkpoints, every rank writes its own checkpoint files (the
+/// output folder must be shared between machines for multi-node resumes).
+#[cfg(feature = "mpi")]
+fn run_mpi(mut config: TrainConfig, resume: bool) -> Result<(), String> {
+    use burn_coop::learner::run_worker;
+
+    let transport = burn_coop_mpi::MpiTransport::world().map_err(|e| e.to_string())?;
+    let (rank, world) = (transport.rank(), transport.world_size());
+    config.workers = world;
+    config.validate().map_err(|invalid| invalid.to_string())?;
+    let output = config.output_folder();
+    let task = build_task(&config)?;
+    if rank == 0 {
+        std::fs::create_dir_all(&output).map_err(|e| format!("cannot create {}: {e}", output.display()))?;
+        let resolved = output.join("config.toml");
+        std::fs::write(&resolved, config.to_toml()).map_err(|e| format!("cannot write {}: {e}", resolved.display()))?;
+        eprintln!(
+            "training {} with {world} MPI ranks ({}) for {} epochs; output in {}",
+            crate::config::serde_name_of(&config.model),
+            describe_rule(&config),
+            config.epochs,
+            output.display()
+        );
+    }
+    let device = config.devices[rank % config.devices.len()].open();
+    let report = run_worker(&task, &config.learner_config(), &device, transport, resume)
+        .map_err(|e| format!("rank {rank}: {e}"))?;
+    if rank == 0 {
+        print_summary(&TrainingSummary { workers: vec![report], output });
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "mpi"))]
+fn run_mpi(_config: TrainConfig, _resume: bool) -> Result<(), String> {
+    Err("this binary was built without MPI support: rebuild burn-coop-cli with --features mpi".into())
+}
+
+fn describe_rule(config: &TrainConfig) -> String {
+    match config.rule {
+        crate::config::RuleName::Sync => "synchronous SGD".into(),
+        crate::config::RuleName::Average => format!("periodic averaging, tau = {}", config.tau),
+        crate::config::RuleName::Elastic => format!("elastic averaging, tau = {}", config.tau),
+        crate::config::RuleName::Gossip => {
+            format!("gossip on a {}, tau = {}", crate::config::serde_name_of(&config.topology), config.tau)
+        }
+    }
+}
+
+/// Loads CIFAR-10 (verified), splits it and builds the task.
+pub fn build_task(config: &TrainConfig) -> Result<CifarTask, String> {
+    let mut options = LocateOptions::new().with_download(config.download);
+    if let Some(path) = &config.data {
+        options = options.with_path(path);
+    }
+    let source = locate(&options).map_err(|e| e.to_string())?;
+    let verify = if config.verify { Verify::Official } else { Verify::Skip };
+    let (train, test) = Cifar10::load_splits(&source, verify).map_err(|e| e.to_string())?;
+    let partition = match config.partition {
+        PartitionName::Iid => Partition::iid(train.len(), config.workers, config.seed),
+        PartitionName::Dirichlet => Partition::dirichlet(train.labels(), config.workers, config.beta, config.seed),
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(CifarTask::new(
+        Arc::new(train),
+        Arc::new(test),
+        partition,
+        config.model,
+        config.batch_size,
+        config.augment,
+        config.seed,
+    ))
+}
+
+fn print_summary(summary: &TrainingSummary) {
+    let Some(last) = summary.last_epoch() else {
+        println!("stopped before the end of the first epoch; output in {}", summary.output.display());
+        return;
+    };
+    let sent = last.bytes_sent_per_worker.iter().sum::<u64>() as f64 / last.bytes_sent_per_worker.len() as f64;
+    println!(
+        "final test accuracy {:.2}% (loss {:.4}) after {} steps and {} merges in {:.0} s; {:.1} MB sent per worker; output in {}",
+        100.0 * last.test_accuracy,
+        last.test_loss,
+        last.step,
+        last.syncs,
+        last.wall_seconds,
+        sent / 1e6,
+        summary.output.display()
+    );
+}

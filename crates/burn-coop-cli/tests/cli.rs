@@ -1,0 +1,115 @@
+//! The `coop` binary: parsing, configuration merging, clear errors, and a short real run on
+//! generated CIFAR-format data.
+
+use std::process::{Command, Output};
+
+mod common;
+
+use common::generated_cifar;
+
+fn coop(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_coop")).args(args).env_remove("BURN_COOP_CIFAR10").output().expect("run coop")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn topology_prints_w_and_zeta_as_json() {
+    let output = coop(&["topology", "--topology", "ring", "--workers", "6", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let expected = (1.0 + 2.0 * (2.0 * std::f64::consts::PI / 6.0).cos()) / 3.0;
+    assert!((report["zeta"].as_f64().unwrap() - expected).abs() < 1e-9, "{report}");
+    assert_eq!(report["w"].as_array().unwrap().len(), 6);
+    assert!((report["w"][0][1].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-12);
+    let table = coop(&["topology", "--topology", "complete", "--workers", "4"]);
+    let text = String::from_utf8(table.stdout).unwrap();
+    assert!(text.contains("complete graph on 4 workers") && text.contains("zeta (second-largest |eigenvalue|): 0.000000"), "{text}");
+}
+
+#[test]
+fn bad_values_are_named_like_clap_errors() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["train", "--tau", "0"], "invalid value '0' for '--tau <TAU>': must be at least 1"),
+        (&["train", "--rule", "elastic", "--alpha", "0.5", "--workers", "4"], "invalid value '0.5' for '--alpha'"),
+        (&["train", "--topology", "hex"], "invalid value 'hex' for '--topology <TOPOLOGY>'"),
+        (&["train", "--rule", "gossip", "--topology", "torus", "--workers", "7"], "7 workers cannot form a 2-D torus"),
+        (&["train", "--devices", "quantum"], "unknown device 'quantum'"),
+    ];
+    for (args, expected) in cases {
+        let output = coop(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
+    }
+}
+
+#[test]
+fn config_file_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "tau = 4\nlearning-rate = 0.1\n").unwrap();
+    let output = coop(&["train", "--config", file.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("unknown field `learning-rate`"), "{}", stderr(&output));
+    std::fs::write(&file, "tau = 0\n").unwrap();
+    let output = coop(&["train", "--config", file.to_str().unwrap()]);
+    assert!(stderr(&output).contains("invalid value '0' for '--tau'"), "{}", stderr(&output));
+}
+
+#[test]
+fn missing_data_tells_how_to_point_at_a_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere");
+    let output = coop(&["train", "--data", missing.to_str().unwrap(), "--output", dir.path().join("run").to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("nowhere"), "{}", stderr(&output));
+}
+
+#[test]
+fn a_short_run_merges_file_and_flags_writes_metrics_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = generated_cifar(dir.path(), 32);
+    let run = dir.path().join("run");
+    let file = dir.path().join("run.toml");
+    std::fs::write(&file, "workers = 2\ntau = 4\nbatch-size = 8\nepochs = 1\nrule = \"elastic\"\nverify = false\n").unwrap();
+    let args = [
+        "train",
+        "--config",
+        file.to_str().unwrap(),
+        "--tau",
+        "2",
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        run.to_str().unwrap(),
+        "--checkpoint-every",
+        "2",
+    ];
+    let output = coop(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("final test accuracy"), "{stdout}");
+
+    let resolved: toml::Value = toml::from_str(&std::fs::read_to_string(run.join("config.toml")).unwrap()).unwrap();
+    assert_eq!(resolved["tau"].as_integer(), Some(2), "the flag overrides the file");
+    assert_eq!(resolved["workers"].as_integer(), Some(2), "the file overrides the default");
+    assert_eq!(resolved["rule"].as_str(), Some("elastic"));
+    assert_eq!(resolved["lr"].as_float(), Some(0.2), "defaults fill the rest");
+
+    // 2 workers x 80 images each / batch 8 = 10 steps, merges every 2 steps.
+    let epochs = std::fs::read_to_string(run.join("epochs.csv")).unwrap();
+    let last = epochs.lines().last().unwrap();
+    assert!(last.starts_with("0,10,5,"), "{epochs}");
+    assert_eq!(std::fs::read_to_string(run.join("syncs.csv")).unwrap().lines().count(), 6);
+    assert!(run.join("checkpoints/LATEST").exists());
+
+    let again = coop(&args);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(stderr(&again).contains("already holds a run with checkpoints"), "{}", stderr(&again));
+    let resumed = coop(&["train", "--resume", run.to_str().unwrap(), "--epochs", "2"]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let epochs = std::fs::read_to_string(run.join("epochs.csv")).unwrap();
+    assert!(epochs.lines().last().unwrap().starts_with("1,20,10,"), "{epochs}");
+}

@@ -1,0 +1,208 @@
+//! Times each merge rule over [`MpiTransport`] against the raw MPI operation moving the same
+//! bytes, interleaved in one run.
+//!
+//! Usage: `mpirun -np 4 mpi-merge-bench [floats (default 272474, ResNet-20)] [repetitions (default 200)]`.
+//! Rank 0 prints, per operation, the median / 10th / 90th percentile over repetitions of the
+//! slowest rank's time, and the ratio of medians to the raw all-reduce.
+
+use std::cell::RefCell;
+use std::ffi::{c_int, c_void};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use burn_coop::{ElasticAveraging, Gossip, MergeRule, PeriodicAveraging, Topology, Transport, TransportError};
+use burn_coop_mpi::MpiTransport;
+use burn_coop_mpi::mpi::ffi;
+use burn_coop_mpi::mpi::topology::SimpleCommunicator;
+
+type Op<'a> = Box<dyn FnMut(&mut Vec<f32>) -> Result<(), TransportError> + 'a>;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("mpi-merge-bench: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn raw_all_reduce(comm: ffi::MPI_Comm, send: &[f32], recv: &mut [f32]) {
+    // SAFETY: both buffers hold `send.len()` f32.
+    let code = unsafe {
+        ffi::MPI_Allreduce(
+            send.as_ptr().cast::<c_void>(),
+            recv.as_mut_ptr().cast::<c_void>(),
+            send.len() as c_int,
+            ffi::RSMPI_FLOAT,
+            ffi::RSMPI_SUM,
+            comm,
+        )
+    };
+    assert_eq!(code, 0, "MPI_Allreduce failed");
+}
+
+fn raw_ring_exchange(comm: ffi::MPI_Comm, rank: usize, m: usize, send: &[f32], left: &mut [f32], right: &mut [f32]) {
+    let peers = [(rank + m - 1) % m, (rank + 1) % m];
+    let mut requests = [unsafe { ffi::RSMPI_REQUEST_NULL }; 4];
+    let n = send.len() as c_int;
+    // SAFETY: the buffers outlive the requests, completed by MPI_Waitall below.
+    unsafe {
+        for (k, (peer, buffer)) in peers.iter().zip([left, right]).enumerate() {
+            let peer = *peer as c_int;
+            ffi::MPI_Irecv(buffer.as_mut_ptr().cast(), n, ffi::RSMPI_FLOAT, peer, 7, comm, &mut requests[2 * k]);
+            ffi::MPI_Isend(send.as_ptr().cast(), n, ffi::RSMPI_FLOAT, peer, 7, comm, &mut requests[2 * k + 1]);
+        }
+        assert_eq!(ffi::MPI_Waitall(4, requests.as_mut_ptr(), ffi::RSMPI_STATUSES_IGNORE), 0);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(272_474);
+    let reps: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(200);
+
+    let checked = MpiTransport::world()?;
+    let unchecked = MpiTransport::from_communicator(&SimpleCommunicator::world())?.with_length_checks(false);
+    let (rank, m) = (checked.rank(), checked.world_size());
+    let comm = checked.as_raw();
+    let _ = &unchecked;
+
+    let initial: Vec<f32> = (0..n).map(|k| ((k * 7 + rank * 13) % 101) as f32 * 0.01).collect();
+    let mut scratch = vec![0.0f32; n];
+    let mut scratch2 = vec![0.0f32; n];
+    let reference: Vec<f32> = initial.iter().map(|v| v * 0.5).collect();
+
+    let mut averaging = PeriodicAveraging::new();
+    let mut averaging_unchecked = PeriodicAveraging::new();
+    let mut elastic = ElasticAveraging::optimal(m);
+    elastic.start(&initial);
+    let ring = if m >= 3 { Some(Topology::ring(m)?) } else { None };
+    let mut gossip = ring.as_ref().map(Gossip::on).transpose()?;
+    let mut gossip_plain = gossip.clone().map(|g| g.measure_consensus(false));
+
+    let checked = RefCell::new(checked);
+    let unchecked = RefCell::new(unchecked);
+    let with_checked =
+        |f: &mut dyn FnMut(&mut MpiTransport) -> Result<(), TransportError>| f(&mut checked.borrow_mut());
+    let with_unchecked =
+        |f: &mut dyn FnMut(&mut MpiTransport) -> Result<(), TransportError>| f(&mut unchecked.borrow_mut());
+    let mut left = vec![0.0f32; n];
+    let mut right = vec![0.0f32; n];
+
+    let mut ops: Vec<(&str, Op<'_>)> = vec![
+        (
+            "raw MPI_Allreduce (f32 sum)",
+            Box::new(|buf| {
+                raw_all_reduce(comm, buf, &mut scratch);
+                Ok(())
+            }),
+        ),
+        ("averaging merge", Box::new(|buf| with_checked(&mut |t| averaging.merge(buf, t).map(drop)))),
+        (
+            "averaging merge, no length check",
+            Box::new(|buf| with_unchecked(&mut |t| averaging_unchecked.merge(buf, t).map(drop))),
+        ),
+        (
+            "transport all_reduce (mean)",
+            Box::new(|buf| with_checked(&mut |t| t.all_reduce(buf, &mut scratch2, burn_coop::ReduceOp::Mean))),
+        ),
+        (
+            "consensus-distance loop alone (no communication)",
+            Box::new(|buf| {
+                let local: f64 = buf.iter().zip(&reference).map(|(&x, &avg)| f64::from(x - avg).powi(2)).sum();
+                std::hint::black_box(local);
+                Ok(())
+            }),
+        ),
+        ("elastic merge", Box::new(|buf| with_checked(&mut |t| elastic.merge(buf, t).map(drop)))),
+    ];
+    if let (Some(g), Some(gp)) = (gossip.as_mut(), gossip_plain.as_mut()) {
+        ops.push((
+            "raw ring Isend/Irecv (2 neighbours)",
+            Box::new(|buf| {
+                raw_ring_exchange(comm, rank, m, buf, &mut left, &mut right);
+                Ok(())
+            }),
+        ));
+        ops.push((
+            "gossip ring merge, no consensus",
+            Box::new(|buf| with_checked(&mut |t| gp.merge(buf, t).map(drop))),
+        ));
+        ops.push(("gossip ring merge (+ consensus)", Box::new(|buf| with_checked(&mut |t| g.merge(buf, t).map(drop)))));
+    }
+
+    let warmup = 10.min(reps);
+    let mut samples = vec![vec![0.0f64; reps]; ops.len()];
+    let mut buf = initial.clone();
+    for rep in 0..warmup + reps {
+        for (k, (_, op)) in ops.iter_mut().enumerate() {
+            buf.copy_from_slice(&initial);
+            with_checked(&mut |t| t.barrier())?;
+            let start = Instant::now();
+            op(&mut buf)?;
+            let elapsed = start.elapsed().as_secs_f64();
+            if rep >= warmup {
+                samples[k][rep - warmup] = elapsed;
+            }
+        }
+    }
+    drop(ops);
+
+    // The slowest rank's time of each sample.
+    let mut flat: Vec<f64> = samples.concat();
+    let local = flat.clone();
+    // SAFETY: both buffers hold `flat.len()` f64.
+    let code = unsafe {
+        ffi::MPI_Allreduce(
+            local.as_ptr().cast(),
+            flat.as_mut_ptr().cast(),
+            flat.len() as c_int,
+            ffi::RSMPI_DOUBLE,
+            ffi::RSMPI_MAX,
+            comm,
+        )
+    };
+    assert_eq!(code, 0, "MPI_Allreduce (max) failed");
+
+    if rank == 0 {
+        let names = [
+            "raw MPI_Allreduce (f32 sum)",
+            "averaging merge",
+            "averaging merge, no length check",
+            "transport all_reduce (mean)",
+            "consensus-distance loop alone (no communication)",
+            "elastic merge",
+            "raw ring Isend/Irecv (2 neighbours)",
+            "gossip ring merge, no consensus",
+            "gossip ring merge (+ consensus)",
+        ];
+        let rows = samples.len();
+        println!(
+            "np={m}, {n} f32 ({:.2} MB) per rank, {reps} repetitions after {warmup} warm-up, times in µs (slowest rank)",
+            n as f64 * 4.0 / 1e6
+        );
+        println!("{}", MpiTransport::library_version().lines().next().unwrap_or(""));
+        println!("| operation | median | p10 | p90 | ratio to raw all-reduce (medians) |");
+        println!("|---|---:|---:|---:|---:|");
+        let mut medians = Vec::new();
+        for (k, name) in names.iter().enumerate().take(rows) {
+            let mut times: Vec<f64> = flat[k * reps..(k + 1) * reps].iter().map(|t| t * 1e6).collect();
+            times.sort_by(f64::total_cmp);
+            let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+            let median = pick(0.5);
+            medians.push(median);
+            println!("| {name} | {median:.0} | {:.0} | {:.0} | {:.2} |", pick(0.1), pick(0.9), median / medians[0]);
+        }
+        if rows > 6 {
+            println!(
+                "gossip ring merge (+ consensus) / (raw ring exchange + raw all-reduce): {:.2}",
+                medians[8] / (medians[6] + medians[0])
+            );
+            println!("gossip ring merge, no consensus / raw ring exchange: {:.2}", medians[7] / medians[6]);
+        }
+    }
+    drop(unchecked);
+    checked.borrow_mut().barrier()?;
+    Ok(())
+}

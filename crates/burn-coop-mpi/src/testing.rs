@@ -1,0 +1,305 @@
+//! Deterministic training runs shared by the MPI test binaries and the in-process reference,
+//! so both sides execute identical code and only the transport differs.
+//!
+//! A [`Scenario`] trains the [`Tiny`] model (Linear(3→4) → BatchNorm(4) → Linear(4→2)) for
+//! [`STEPS`] local steps of SGD with momentum and merges every [`TAU`] steps. Parameters and
+//! gradients are fixed functions of the rank and step, so any two transports must end with the
+//! same parameters.
+
+use std::path::Path;
+use std::process::Command;
+
+use burn::module::Module;
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Tensor, TensorData};
+use burn_coop::params::TensorRole;
+use burn_coop::{
+    BufferPolicy, CoopError, ElasticAveraging, Gossip, LocalSgd, ParamLayout, PeriodicAveraging, PeriodicSchedule,
+    Topology, Traffic, Transport,
+};
+use serde::{Deserialize, Serialize};
+
+/// Local steps per run.
+pub const STEPS: u64 = 6;
+/// Steps between merges.
+pub const TAU: u64 = 2;
+/// Learning rate.
+pub const LR: f64 = 0.05;
+
+/// Linear(3→4) → BatchNorm(4) → Linear(4→2): weights, biases, BatchNorm affine and buffers.
+#[derive(Module, Debug)]
+pub struct Tiny {
+    /// First layer.
+    pub fc1: Linear,
+    /// Normalization with running statistics (buffers).
+    pub bn: BatchNorm,
+    /// Output layer.
+    pub fc2: Linear,
+}
+
+impl Tiny {
+    /// A freshly initialized model on `device`.
+    pub fn new(device: &Device) -> Self {
+        Self {
+            fc1: LinearConfig::new(3, 4).init(device),
+            bn: BatchNormConfig::new(4).init(device),
+            fc2: LinearConfig::new(4, 2).init(device),
+        }
+    }
+
+    /// The forward pass.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let h = self.fc1.forward(x);
+        let h: Tensor<3> = self.bn.forward(h.unsqueeze_dim(2));
+        self.fc2.forward(h.squeeze_dim(2))
+    }
+}
+
+/// The device the runs use: Flex with autodiff.
+pub fn device() -> Device {
+    Device::flex().autodiff()
+}
+
+/// A deterministic value for position `k` of rank `rank`'s vector number `which`.
+pub fn value(rank: usize, k: usize, which: u64) -> f32 {
+    let x = (k as f64 + 1.0) * 0.37 + rank as f64 * 1.91 + which as f64 * 0.53;
+    (x.sin() * 0.8 + 0.1 * (x * 3.1).cos()) as f32
+}
+
+/// A fresh model (with its own BatchNorm state) whose every float tensor holds deterministic
+/// values for `seed`. Running variances stay positive.
+pub fn tiny_for(seed: usize) -> Tiny {
+    let model = Tiny::new(&device());
+    let layout = ParamLayout::of(&model, BufferPolicy::Merge);
+    let mut flat: Vec<f32> = (0..layout.len()).map(|k| value(seed, k, 0)).collect();
+    for slot in layout.slots() {
+        if let (TensorRole::Buffer, Some(offset)) = (slot.role, slot.offset) {
+            flat[offset..offset + slot.len()].iter_mut().for_each(|v| *v = v.abs() + 0.5);
+        }
+    }
+    layout.unflatten(model, &flat).expect("the layout was made from this model")
+}
+
+/// Fixed gradients for every trainable tensor of `module`, depending on rank and step.
+pub fn fixed_grads<M: Module>(module: &M, rank: usize, step: u64) -> GradientsParams {
+    let layout = ParamLayout::of(module, BufferPolicy::Merge);
+    let mut grads = GradientsParams::new();
+    let plain = Device::flex();
+    for slot in layout.slots().iter().filter(|s| s.role == TensorRole::Parameter) {
+        let offset = slot.offset.expect("parameters are always in the layout");
+        let values: Vec<f32> = (0..slot.len()).map(|k| value(rank, offset + k, 100 + step)).collect();
+        let data = TensorData::new(values, slot.shape.clone());
+        match slot.shape.len() {
+            1 => grads.register::<1>(slot.id, Tensor::from_data(data, &plain)),
+            2 => grads.register::<2>(slot.id, Tensor::from_data(data, &plain)),
+            rank => panic!("unexpected tensor rank {rank}"),
+        }
+    }
+    grads
+}
+
+/// The flat buffer of every float tensor (buffers included) of `module`.
+pub fn flat<M: Module>(module: &M) -> Vec<f32> {
+    ParamLayout::of(module, BufferPolicy::Merge).flatten(module).expect("the layout was made from this module")
+}
+
+/// One deterministic training run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Periodic averaging; every rank starts from its own model.
+    Averaging,
+    /// Elastic averaging (α = 2/(m+2)) from a given common anchor; every rank starts from its
+    /// own model.
+    Elastic,
+    /// Elastic averaging where every rank starts from the same model, which becomes the anchor
+    /// each rank keeps a copy of.
+    ElasticCommonStart,
+    /// Gossip on a ring with Metropolis–Hastings weights; every rank starts from its own model.
+    GossipRing,
+}
+
+impl Scenario {
+    /// Every scenario.
+    pub const ALL: [Scenario; 4] =
+        [Scenario::Averaging, Scenario::Elastic, Scenario::ElasticCommonStart, Scenario::GossipRing];
+
+    /// The scenario's name, as used on command lines and in file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Averaging => "averaging",
+            Scenario::Elastic => "elastic",
+            Scenario::ElasticCommonStart => "elastic-common-start",
+            Scenario::GossipRing => "gossip-ring",
+        }
+    }
+
+    /// The scenario called `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Runs the scenario on this worker and gives the transport back for the next run.
+    pub fn run<T: Transport + 'static>(self, transport: T) -> Result<(Outcome, Box<dyn Transport>), CoopError> {
+        let rank = transport.rank();
+        let m = transport.world_size();
+        let before = transport.traffic();
+        let model = match self {
+            Scenario::ElasticCommonStart => tiny_for(0),
+            _ => tiny_for(rank),
+        };
+        let inner = SgdConfig::new().with_momentum(Some(MomentumConfig::new())).init();
+        let schedule = PeriodicSchedule::every(TAU)?;
+        let mut optim = match self {
+            Scenario::Averaging => LocalSgd::new(inner, PeriodicAveraging::new(), schedule, transport)?,
+            Scenario::Elastic => {
+                let anchor: Vec<f32> = (0..flat(&model).len()).map(|k| value(9, k, 7)).collect();
+                LocalSgd::new(inner, ElasticAveraging::optimal(m).with_anchor(anchor), schedule, transport)?
+            }
+            Scenario::ElasticCommonStart => LocalSgd::new(inner, ElasticAveraging::optimal(m), schedule, transport)?,
+            Scenario::GossipRing => LocalSgd::new(inner, Gossip::on(&Topology::ring(m)?)?, schedule, transport)?,
+        };
+        let mut model = model;
+        for step in 0..STEPS {
+            let grads = fixed_grads(&model, rank, step);
+            model = optim.step(LR, model, grads)?;
+        }
+        let stats = optim.stats();
+        let state = optim.state();
+        let transport = optim.into_transport();
+        let after = transport.traffic();
+        let outcome = Outcome {
+            scenario: self,
+            rank,
+            world_size: m,
+            params: flat(&model).iter().map(|v| v.to_bits()).collect(),
+            anchor: state.rule.anchor.map(|a| a.iter().map(|v| v.to_bits()).collect()),
+            syncs: stats.syncs,
+            traffic: Traffic {
+                bytes_sent: after.bytes_sent - before.bytes_sent,
+                bytes_received: after.bytes_received - before.bytes_received,
+            },
+            consensus_distance: stats.last_consensus_distance,
+        };
+        Ok((outcome, transport))
+    }
+}
+
+/// What one worker ended a [`Scenario`] with. Floats are stored as their bit patterns so a
+/// round trip through JSON is exact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// The scenario run.
+    pub scenario: Scenario,
+    /// The worker's rank.
+    pub rank: usize,
+    /// Number of workers.
+    pub world_size: usize,
+    /// Final flat parameters (buffers included), as `f32::to_bits`.
+    pub params: Vec<u32>,
+    /// Final anchor of rules that keep one, as `f32::to_bits`.
+    pub anchor: Option<Vec<u32>>,
+    /// Merges done.
+    pub syncs: u64,
+    /// Traffic counted during the run.
+    pub traffic: Traffic,
+    /// Consensus distance measured at the last merge.
+    pub consensus_distance: Option<f64>,
+}
+
+impl Outcome {
+    /// The final parameters.
+    pub fn params(&self) -> Vec<f32> {
+        self.params.iter().map(|&b| f32::from_bits(b)).collect()
+    }
+
+    /// The final anchor, if any.
+    pub fn anchor(&self) -> Option<Vec<f32>> {
+        self.anchor.as_ref().map(|a| a.iter().map(|&b| f32::from_bits(b)).collect())
+    }
+
+    /// The file a worker writes its outcome to in `dir`.
+    pub fn file_name(scenario: Scenario, rank: usize) -> String {
+        format!("{}-rank{rank}.json", scenario.name())
+    }
+
+    /// Writes the outcome as JSON into `dir`.
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_string(self).map_err(std::io::Error::other)?;
+        std::fs::write(dir.join(Self::file_name(self.scenario, self.rank)), json)
+    }
+
+    /// Reads the outcome `scenario`/`rank` from `dir`.
+    pub fn load(dir: &Path, scenario: Scenario, rank: usize) -> std::io::Result<Self> {
+        let text = std::fs::read_to_string(dir.join(Self::file_name(scenario, rank)))?;
+        serde_json::from_str(&text).map_err(std::io::Error::other)
+    }
+}
+
+/// The path of `mpirun` when it is on `PATH`.
+pub fn find_mpirun() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join("mpirun")).find(|p| p.is_file())
+}
+
+/// An `mpirun -np <np>` command for this machine: shared memory and loopback only, yielding
+/// when idle, oversubscription allowed, runnable as root (OpenMPI flags).
+pub fn mpirun_local(mpirun: &Path, np: usize) -> Command {
+    let mut command = Command::new(mpirun);
+    command
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .args(["--oversubscribe", "--mca", "btl", "self,vader", "--mca", "oob_tcp_if_include", "lo"])
+        .args(["--mca", "mpi_yield_when_idle", "1", "-np", &np.to_string()]);
+    command
+}
+
+/// How a child process ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit status, or `None` when it was killed for running past the deadline.
+    pub status: Option<std::process::ExitStatus>,
+    /// Time until it ended.
+    pub elapsed: std::time::Duration,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+/// Runs `command` with its output captured, killing it when it runs longer than `deadline`.
+pub fn run_with_deadline(mut command: Command, deadline: std::time::Duration) -> std::io::Result<Finished> {
+    use std::process::Stdio;
+    use std::time::Instant;
+
+    let dir = std::env::temp_dir();
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tag = format!("burn-coop-mpi-{}-{run}", std::process::id());
+    let (out_path, err_path) = (dir.join(format!("{tag}.out")), dir.join(format!("{tag}.err")));
+    let start = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(std::fs::File::create(&out_path)?))
+        .stderr(Stdio::from(std::fs::File::create(&err_path)?))
+        .spawn()?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let elapsed = start.elapsed();
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let _ = std::fs::remove_file(out_path);
+    let _ = std::fs::remove_file(err_path);
+    Ok(Finished { status, elapsed, stdout, stderr })
+}
