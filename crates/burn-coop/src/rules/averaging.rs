@@ -1,6 +1,6 @@
 //! Periodic model averaging: local SGD, FedAvg with full participation, and synchronous SGD.
 
-use super::{MergeOutcome, MergeRule, RuleError, consensus_from_local};
+use super::{MergeOutcome, MergeRule, RuleError, consensus_from_local, squared_distance};
 use crate::mixing::MixingMatrix;
 use crate::transport::{ReduceOp, Transport, TransportError};
 
@@ -35,11 +35,8 @@ impl MergeRule for PeriodicAveraging {
     fn merge(&mut self, params: &mut [f32], transport: &mut dyn Transport) -> Result<MergeOutcome, TransportError> {
         self.mean.resize(params.len(), 0.0);
         transport.all_reduce(params, &mut self.mean, ReduceOp::Mean)?;
-        let mut local = 0.0;
-        for (x, &avg) in params.iter_mut().zip(&self.mean) {
-            local += f64::from(*x - avg).powi(2);
-            *x = avg;
-        }
+        let local = squared_distance(params, &self.mean);
+        params.copy_from_slice(&self.mean);
         let consensus = consensus_from_local(local, transport)?;
         Ok(MergeOutcome { consensus_distance: Some(consensus) })
     }

@@ -1,6 +1,6 @@
 //! Elastic averaging (EASGD): workers are pulled towards an anchor that moves towards them.
 
-use super::{MergeOutcome, MergeRule, RuleError, RuleState, consensus_from_local};
+use super::{MergeOutcome, MergeRule, RuleError, RuleState, consensus_from_local, squared_distance};
 use crate::mixing::MixingMatrix;
 use crate::transport::{ReduceOp, Transport, TransportError};
 
@@ -21,13 +21,14 @@ pub struct ElasticAveraging {
     anchor: Option<Vec<f32>>,
     diff: Vec<f32>,
     sum: Vec<f32>,
+    mean_diff: Vec<f32>,
 }
 
 impl ElasticAveraging {
     /// Elastic averaging with moving rate `alpha`; checked against the number of workers when
     /// the optimizer wrapper is built (see [`MergeRule::validate`]).
     pub fn new(alpha: f64) -> Self {
-        Self { alpha, anchor: None, diff: Vec::new(), sum: Vec::new() }
+        Self { alpha, anchor: None, diff: Vec::new(), sum: Vec::new(), mean_diff: Vec::new() }
     }
 
     /// Elastic averaging with `α = 2/(m+2)`, the value minimizing `ζ(W_α)` for `m` workers.
@@ -85,14 +86,15 @@ impl MergeRule for ElasticAveraging {
         self.sum.resize(n, 0.0);
         transport.all_reduce(&self.diff, &mut self.sum, ReduceOp::Sum)?;
 
-        let alpha = self.alpha as f32;
+        // x̄ − z = S/m, so x_i − x̄ = d_i − S/m: the consensus distance needs no extra exchange.
         let inv_m = 1.0 / transport.world_size() as f32;
-        let mut local = 0.0;
+        self.mean_diff.clear();
+        self.mean_diff.extend(self.sum.iter().map(|s| s * inv_m));
+        let local = squared_distance(&self.diff, &self.mean_diff);
+        let alpha = self.alpha as f32;
         for k in 0..n {
-            let (d, s) = (self.diff[k], self.sum[k]);
-            local += f64::from(d - s * inv_m).powi(2);
-            params[k] -= alpha * d;
-            anchor[k] += alpha * s;
+            params[k] -= alpha * self.diff[k];
+            anchor[k] += alpha * self.sum[k];
         }
         let consensus = consensus_from_local(local, transport)?;
         Ok(MergeOutcome { consensus_distance: Some(consensus) })

@@ -1,6 +1,6 @@
 //! Decentralized gossip: each worker averages with its neighbours in a graph.
 
-use super::{MergeOutcome, MergeRule, RuleError, consensus_from_local};
+use super::{MergeOutcome, MergeRule, RuleError, consensus_from_local, squared_distance};
 use crate::mixing::MixingMatrix;
 use crate::topology::{Topology, TopologyError, WeightRule};
 use crate::transport::{ReduceOp, Transport, TransportError};
@@ -65,8 +65,7 @@ impl MergeRule for Gossip {
         let consensus_distance = if self.measure_consensus {
             self.mean.resize(params.len(), 0.0);
             transport.all_reduce(params, &mut self.mean, ReduceOp::Mean)?;
-            let local = params.iter().zip(&self.mean).map(|(&x, &avg)| f64::from(x - avg).powi(2)).sum();
-            Some(consensus_from_local(local, transport)?)
+            Some(consensus_from_local(squared_distance(params, &self.mean), transport)?)
         } else {
             None
         };
