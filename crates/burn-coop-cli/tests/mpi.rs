@@ -12,6 +12,16 @@ fn mpirun_available() -> bool {
     Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
+fn mpirun(np: &str) -> Command {
+    let mut command = Command::new("timeout");
+    command
+        .args(["300", "mpirun", "--oversubscribe", "--mca", "btl", "self,vader", "--mca", "oob_tcp_if_include", "lo"])
+        .args(["--mca", "mpi_yield_when_idle", "1", "-np", np, env!("CARGO_BIN_EXE_coop")])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    command
+}
+
 fn metrics_without_wall_time(run: &std::path::Path) -> Vec<String> {
     let epochs = std::fs::read_to_string(run.join("epochs.csv")).unwrap();
     epochs.lines().map(|line| line.rsplit_once(',').unwrap().0.to_string()).collect()
@@ -35,15 +45,8 @@ fn mpi_ranks_reproduce_the_threaded_run() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
     let ranks = dir.path().join("ranks");
-    let output = Command::new("timeout")
-        .args(["300", "mpirun", "--oversubscribe", "--mca", "btl", "self,vader", "--mca", "oob_tcp_if_include", "lo"])
-        .args(["--mca", "mpi_yield_when_idle", "1", "-np", "2", coop])
-        .args(common)
-        .args(["--transport", "mpi", "--output", ranks.to_str().unwrap()])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .output()
-        .unwrap();
+    let output =
+        mpirun("2").args(common).args(["--transport", "mpi", "--output", ranks.to_str().unwrap()]).output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(stdout.matches("final test accuracy").count(), 1, "only rank 0 reports: {stdout}");
@@ -54,4 +57,55 @@ fn mpi_ranks_reproduce_the_threaded_run() {
     for rank in 0..2 {
         assert!(ranks.join(format!("checkpoints/step-00000020/worker-{rank}.model.bpk")).exists());
     }
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_the_run_resumes_from_its_last_checkpoint() {
+    if !mpirun_available() {
+        eprintln!("skipped: mpirun is not installed (apt-get install openmpi-bin libopenmpi-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = generated_cifar(dir.path(), 32);
+    let run = dir.path().join("killed");
+    let common = [
+        "train", "--workers", "2", "--tau", "2", "--batch-size", "8", "--epochs", "2", "--verify", "false",
+        "--checkpoint-every", "1", "--data", data.to_str().unwrap(),
+    ];
+    let mut job = mpirun("2")
+        .args(common)
+        .args(["--transport", "mpi", "--output", run.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first published checkpoint, then kill -9 one rank.
+    let latest = run.join("checkpoints/LATEST");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !latest.exists() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ranks = format!("^{} train .*{}", env!("CARGO_BIN_EXE_coop"), run.display());
+    let pids = Command::new("pgrep").args(["-f", &ranks]).output().unwrap();
+    let pids: Vec<String> = String::from_utf8(pids.stdout).unwrap().lines().map(String::from).collect();
+    let victim = pids.iter().max_by_key(|p| p.parse::<u32>().unwrap()).expect("a coop rank is running");
+    assert!(Command::new("kill").args(["-9", victim]).status().unwrap().success());
+    let killed_at = std::time::Instant::now();
+    let output = job.wait_with_output().unwrap();
+    assert!(!output.status.success(), "the job must fail when a rank dies");
+    assert!(killed_at.elapsed() < std::time::Duration::from_secs(60), "the job hung after a rank died");
+
+    // The last checkpoint is complete and the run resumes from it under MPI.
+    let resumed = mpirun("2").args(["train", "--resume", run.to_str().unwrap(), "--transport", "mpi"]).output().unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    let straight = dir.path().join("straight");
+    let output = Command::new(env!("CARGO_BIN_EXE_coop"))
+        .args(common)
+        .args(["--output", straight.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let (a, b) = (metrics_without_wall_time(&straight), metrics_without_wall_time(&run));
+    assert_eq!(a.last(), b.last(), "the resumed run ends exactly like an uninterrupted one");
 }

@@ -25,6 +25,8 @@ pub mod rules;
 pub mod schedule;
 mod spectrum;
 pub mod topology;
+#[cfg(feature = "burn-train")]
+pub mod train_strategy;
 pub mod transport;
 
 pub use error::CoopError;
@@ -36,4 +38,11 @@ pub use params::{BufferPolicy, ParamLayout};
 pub use rules::{ElasticAveraging, Gossip, MergeOutcome, MergeRule, PeriodicAveraging, RuleError};
 pub use schedule::{PeriodicSchedule, ScheduleError, SyncSchedule};
 pub use topology::{Topology, TopologyError, TopologyKind, WeightRule};
+#[cfg(feature = "burn-train")]
+pub use train_strategy::LocalSgdStrategy;
 pub use transport::{InProcessGroup, InProcessTransport, ReduceOp, Traffic, Transport, TransportError};
+
+/// The README's code blocks, compiled and run as documentation tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
