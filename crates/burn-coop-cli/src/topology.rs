@@ -1,7 +1,7 @@
 //! `coop topology`: a graph's mixing matrix and how fast it mixes.
 
-use burn_coop::learner::TopologySpec;
 use burn_coop::WeightRule;
+use burn_coop::learner::TopologySpec;
 use clap::Args;
 use serde::Serialize;
 

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use burn_coop::learner::TrainingSummary;
 use burn_coop::Learner;
+use burn_coop::learner::TrainingSummary;
 use burn_coop_vision::task::CifarTask;
 use burn_coop_vision::{Cifar10, LocateOptions, Partition, Verify, locate};
 use clap::CommandFactory;

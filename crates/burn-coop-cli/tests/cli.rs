@@ -26,7 +26,10 @@ fn topology_prints_w_and_zeta_as_json() {
     assert!((report["w"][0][1].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-12);
     let table = coop(&["topology", "--topology", "complete", "--workers", "4"]);
     let text = String::from_utf8(table.stdout).unwrap();
-    assert!(text.contains("complete graph on 4 workers") && text.contains("zeta (second-largest |eigenvalue|): 0.000000"), "{text}");
+    assert!(
+        text.contains("complete graph on 4 workers") && text.contains("zeta (second-largest |eigenvalue|): 0.000000"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -62,7 +65,8 @@ fn config_file_errors_name_the_key() {
 fn missing_data_tells_how_to_point_at_a_copy() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nowhere");
-    let output = coop(&["train", "--data", missing.to_str().unwrap(), "--output", dir.path().join("run").to_str().unwrap()]);
+    let output =
+        coop(&["train", "--data", missing.to_str().unwrap(), "--output", dir.path().join("run").to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("nowhere"), "{}", stderr(&output));
 }
@@ -73,7 +77,8 @@ fn a_short_run_merges_file_and_flags_writes_metrics_and_resumes() {
     let data = generated_cifar(dir.path(), 32);
     let run = dir.path().join("run");
     let file = dir.path().join("run.toml");
-    std::fs::write(&file, "workers = 2\ntau = 4\nbatch-size = 8\nepochs = 1\nrule = \"elastic\"\nverify = false\n").unwrap();
+    std::fs::write(&file, "workers = 2\ntau = 4\nbatch-size = 8\nepochs = 1\nrule = \"elastic\"\nverify = false\n")
+        .unwrap();
     let args = [
         "train",
         "--config",

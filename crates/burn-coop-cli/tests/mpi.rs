@@ -37,8 +37,23 @@ fn mpi_ranks_reproduce_the_threaded_run() {
     let data = generated_cifar(dir.path(), 32);
     let coop = env!("CARGO_BIN_EXE_coop");
     let common = [
-        "train", "--workers", "2", "--rule", "elastic", "--tau", "2", "--batch-size", "8", "--epochs", "2",
-        "--verify", "false", "--checkpoint-every", "1", "--data", data.to_str().unwrap(),
+        "train",
+        "--workers",
+        "2",
+        "--rule",
+        "elastic",
+        "--tau",
+        "2",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--verify",
+        "false",
+        "--checkpoint-every",
+        "1",
+        "--data",
+        data.to_str().unwrap(),
     ];
     let threads = dir.path().join("threads");
     let output = Command::new(coop).args(common).args(["--output", threads.to_str().unwrap()]).output().unwrap();
@@ -69,10 +84,23 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_from_its_last_checkpoint() {
     let data = generated_cifar(dir.path(), 32);
     let run = dir.path().join("killed");
     let common = [
-        "train", "--workers", "2", "--tau", "2", "--batch-size", "8", "--epochs", "2", "--verify", "false",
-        "--checkpoint-every", "1", "--data", data.to_str().unwrap(),
+        "train",
+        "--workers",
+        "2",
+        "--tau",
+        "2",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--verify",
+        "false",
+        "--checkpoint-every",
+        "1",
+        "--data",
+        data.to_str().unwrap(),
     ];
-    let mut job = mpirun("2")
+    let job = mpirun("2")
         .args(common)
         .args(["--transport", "mpi", "--output", run.to_str().unwrap()])
         .stdout(std::process::Stdio::null())
@@ -97,7 +125,8 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_from_its_last_checkpoint() {
     assert!(killed_at.elapsed() < std::time::Duration::from_secs(60), "the job hung after a rank died");
 
     // The last checkpoint is complete and the run resumes from it under MPI.
-    let resumed = mpirun("2").args(["train", "--resume", run.to_str().unwrap(), "--transport", "mpi"]).output().unwrap();
+    let resumed =
+        mpirun("2").args(["train", "--resume", run.to_str().unwrap(), "--transport", "mpi"]).output().unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     let straight = dir.path().join("straight");
     let output = Command::new(env!("CARGO_BIN_EXE_coop"))

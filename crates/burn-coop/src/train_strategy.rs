@@ -63,9 +63,9 @@ use burn::tensor::Device;
 use burn::train::metric::store::EventStoreClient;
 use burn::train::train::WorkerFailure;
 use burn::train::{
-    EventProcessorTraining, InferenceStep, Interrupter, Learner as TrainLearner,
-    LearnerEvent, LearnerModel, LearningCheckpointer, SupervisedLearningStrategy, SupervisedTrainingEventProcessor,
-    TrainLoader, TrainStep, TrainingComponents, TrainingError, TrainingItem, ValidLoader,
+    EventProcessorTraining, InferenceStep, Interrupter, Learner as TrainLearner, LearnerEvent, LearnerModel,
+    LearningCheckpointer, SupervisedLearningStrategy, SupervisedTrainingEventProcessor, TrainLoader, TrainStep,
+    TrainingComponents, TrainingError, TrainingItem, ValidLoader,
 };
 
 use crate::error::CoopError;
@@ -357,10 +357,7 @@ impl<M: LearnerModel> Worker<M> {
 }
 
 /// Workers 1..m: training only.
-fn run_follower<M: LearnerModel>(
-    mut worker: Worker<M>,
-    epochs: RangeInclusive<usize>,
-) -> Result<WorkerRun, CoopError> {
+fn run_follower<M: LearnerModel>(mut worker: Worker<M>, epochs: RangeInclusive<usize>) -> Result<WorkerRun, CoopError> {
     for _ in epochs {
         let stop = worker.interrupter.should_stop();
         if worker.agree([stop, false])?[0] {
@@ -401,7 +398,8 @@ impl<M: LearnerModel> Leader<M> {
                 worker.learner.load_model(model.into_record());
             }
             interrupter.fail_on_error(
-                self.processor.process_train(LearnerEvent::StartSplit { epoch_number: epoch, total_items: train_items }),
+                self.processor
+                    .process_train(LearnerEvent::StartSplit { epoch_number: epoch, total_items: train_items }),
             );
             let processor = &mut self.processor;
             let end = worker.train_epoch(|item, progress, iteration, lr| {
@@ -415,7 +413,8 @@ impl<M: LearnerModel> Leader<M> {
             own = worker.end_epoch()?;
 
             interrupter.fail_on_error(
-                self.processor.process_valid(LearnerEvent::StartSplit { epoch_number: epoch, total_items: valid_items }),
+                self.processor
+                    .process_valid(LearnerEvent::StartSplit { epoch_number: epoch, total_items: valid_items }),
             );
             self.validate(&worker.learner);
             interrupter.fail_on_error(self.processor.process_valid(LearnerEvent::EndSplit(epoch)));

@@ -434,9 +434,13 @@ fn mismatched_buffers_are_reported() {
 #[test]
 fn workers_start_from_worker_zeros_model() {
     let starts = run_workers(3, |rank, transport| {
-        let mut optim =
-            LocalSgd::new(SgdConfig::new().init(), PeriodicAveraging::new(), PeriodicSchedule::every(5).unwrap(), transport)
-                .unwrap();
+        let mut optim = LocalSgd::new(
+            SgdConfig::new().init(),
+            PeriodicAveraging::new(),
+            PeriodicSchedule::every(5).unwrap(),
+            transport,
+        )
+        .unwrap();
         let model = tiny_for(rank);
         let grads = GradientsParams::new();
         flat(&optim.step(0.1, model, grads).unwrap())

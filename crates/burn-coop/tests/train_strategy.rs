@@ -20,9 +20,9 @@ use burn::train::{
     ClassificationOutput, InferenceStep, Learner, LearningResult, SupervisedTraining, TrainOutput, TrainStep,
     TrainingStrategy,
 };
+use burn_coop::WeightRule;
 use burn_coop::learner::{RuleSpec, TopologySpec};
 use burn_coop::train_strategy::{LocalSgdStrategy, parameter_fingerprint};
-use burn_coop::WeightRule;
 
 #[derive(Debug, Clone, Copy)]
 struct Point {

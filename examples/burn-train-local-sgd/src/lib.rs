@@ -177,8 +177,10 @@ pub fn train(options: &Options) -> Result<Outcome, String> {
         .batch_size(options.batch_size)
         .shuffle(7)
         .build(InMemDataset::new(synthetic(options.train_points, 1)));
-    let valid_loader = DataLoaderBuilder::new(SampleBatcher).batch_size(256).build(InMemDataset::new(synthetic(1024, 2)));
-    let strategy = Arc::new(LocalSgdStrategy::new(options.workers, vec![device.clone()]).rule(RuleSpec::Average).tau(options.tau));
+    let valid_loader =
+        DataLoaderBuilder::new(SampleBatcher).batch_size(256).build(InMemDataset::new(synthetic(1024, 2)));
+    let strategy =
+        Arc::new(LocalSgdStrategy::new(options.workers, vec![device.clone()]).rule(RuleSpec::Average).tau(options.tau));
 
     let training = SupervisedTraining::new(&options.artifacts, train_loader, valid_loader)
         .metrics((AccuracyMetric::new(), LossMetric::new()))

@@ -33,11 +33,20 @@ fn main() {
             } else {
                 "single device".to_string()
             };
-            println!("{mode}: held-out accuracy {:.4} after {} epochs in {:.1} s", outcome.accuracy, options.epochs, outcome.elapsed.as_secs_f64());
+            println!(
+                "{mode}: held-out accuracy {:.4} after {} epochs in {:.1} s",
+                outcome.accuracy,
+                options.epochs,
+                outcome.elapsed.as_secs_f64()
+            );
             for worker in outcome.run.iter().flat_map(|run| &run.workers) {
                 println!(
                     "  worker {}: {} batches, {} optimizer steps, {} merges, {} bytes sent",
-                    worker.rank, worker.batches, worker.optimizer_steps, worker.coop.syncs, worker.coop.traffic.bytes_sent
+                    worker.rank,
+                    worker.batches,
+                    worker.optimizer_steps,
+                    worker.coop.syncs,
+                    worker.coop.traffic.bytes_sent
                 );
             }
         }

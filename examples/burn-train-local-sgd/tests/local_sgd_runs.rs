@@ -6,7 +6,8 @@ use burn_train_local_sgd::{Options, train};
 #[test]
 fn local_sgd_through_burn_train_learns_and_ends_with_one_model() {
     let artifacts = std::env::temp_dir().join(format!("burn-train-local-sgd-test-{}", std::process::id()));
-    let options = Options { workers: 2, epochs: 2, train_points: 2048, artifacts: artifacts.clone(), ..Options::default() };
+    let options =
+        Options { workers: 2, epochs: 2, train_points: 2048, artifacts: artifacts.clone(), ..Options::default() };
     let outcome = train(&options).expect("training succeeds");
     let _ = std::fs::remove_dir_all(&artifacts);
 

@@ -29,7 +29,8 @@ impl Mlp {
 
 /// Batch `step` of worker `rank`'s shard: y = sin(x0) + x1·x2 − x3 / 2 on points in [−1, 1]⁴.
 fn batch(rank: usize, step: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
-    let mut state = (rank as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (step as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut state =
+        (rank as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (step as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     let mut uniform = move || {
         state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
@@ -44,6 +45,7 @@ fn train(worker: Worker, steps: usize) -> Result<f32, CoopError> {
     let device = Device::flex().autodiff();
     let rank = worker.rank();
     let mut model = Mlp::new(&device);
+    #[rustfmt::skip]
     let mut optim = AdamConfig::new().init();
     for step in 0..steps {
         let (x, y) = batch(rank, step, &device);
