@@ -330,9 +330,7 @@ impl Transport for MpiTransport {
                 recv.iter_mut().for_each(|r| *r /= m);
             }
         }
-        let bytes = Traffic::ring_all_reduce(4 * send.len() as u64, self.world_size);
-        self.traffic.bytes_sent += bytes;
-        self.traffic.bytes_received += bytes;
+        self.traffic.record(Traffic::ring_all_reduce(4 * send.len() as u64, self.world_size));
         Ok(())
     }
 
@@ -354,9 +352,7 @@ impl Transport for MpiTransport {
             },
             "MPI_Allreduce (f64 sum)",
         )?;
-        let bytes = Traffic::ring_all_reduce(8 * values.len() as u64, self.world_size);
-        self.traffic.bytes_sent += bytes;
-        self.traffic.bytes_received += bytes;
+        self.traffic.record(Traffic::ring_all_reduce(8 * values.len() as u64, self.world_size));
         Ok(())
     }
 
@@ -427,9 +423,7 @@ impl Transport for MpiTransport {
         for (&(_, weight), buffer) in neighbors.iter().zip(buffers.iter()) {
             recv.iter_mut().zip(buffer).for_each(|(r, v)| *r += weight * v);
         }
-        let bytes = 4 * send.len() as u64 * neighbors.len() as u64;
-        self.traffic.bytes_sent += bytes;
-        self.traffic.bytes_received += bytes;
+        self.traffic.record(4 * send.len() as u64 * neighbors.len() as u64);
         Ok(())
     }
 

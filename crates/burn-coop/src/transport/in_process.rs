@@ -243,9 +243,7 @@ impl Transport for InProcessTransport {
                 Ok(())
             },
         )?;
-        let bytes = Traffic::ring_all_reduce(4 * send.len() as u64, world);
-        self.traffic.bytes_sent += bytes;
-        self.traffic.bytes_received += bytes;
+        self.traffic.record(Traffic::ring_all_reduce(4 * send.len() as u64, world));
         Ok(())
     }
 
@@ -268,9 +266,7 @@ impl Transport for InProcessTransport {
                 Ok(())
             },
         )?;
-        let bytes = Traffic::ring_all_reduce(8 * len as u64, world);
-        self.traffic.bytes_sent += bytes;
-        self.traffic.bytes_received += bytes;
+        self.traffic.record(Traffic::ring_all_reduce(8 * len as u64, world));
         Ok(())
     }
 
@@ -305,9 +301,7 @@ impl Transport for InProcessTransport {
                 Ok(())
             },
         )?;
-        let bytes = 4 * send.len() as u64 * neighbors.len() as u64;
-        self.traffic.bytes_sent += bytes;
-        self.traffic.bytes_received += bytes;
+        self.traffic.record(4 * send.len() as u64 * neighbors.len() as u64);
         Ok(())
     }
 

@@ -33,6 +33,12 @@ pub struct Traffic {
 }
 
 impl Traffic {
+    /// Counts `bytes` sent and as many received (every collective here is symmetric).
+    pub fn record(&mut self, bytes: u64) {
+        self.bytes_sent += bytes;
+        self.bytes_received += bytes;
+    }
+
     /// Ring all-reduce traffic for `bytes` on `world` workers, each way.
     pub fn ring_all_reduce(bytes: u64, world: usize) -> u64 {
         if world <= 1 { 0 } else { 2 * (world as u64 - 1) * bytes / world as u64 }
