@@ -59,6 +59,7 @@ fn check(file: &str, actual: String, expected: &str) -> Result<()> {
 }
 
 /// Lowercase hex of a digest.
+#[cfg(feature = "download")]
 pub(crate) fn md5_hex_of(digest: &[u8]) -> String {
     hex(digest)
 }
