@@ -24,7 +24,7 @@
 //! | [`Transport`] call | MPI |
 //! |---|---|
 //! | [`Transport::all_reduce`] | `MPI_Allreduce(MPI_SUM)` on `f32`, then `/ m` for [`ReduceOp::Mean`] |
-//! | [`Transport::all_reduce_f64`] | `MPI_Allreduce(MPI_SUM)` on `f64` |
+//! | [`Transport::all_reduce_f64`] | up to 16 values: carried by the length exchange and summed in rank order; more: `MPI_Allreduce(MPI_SUM)` on `f64` |
 //! | [`Transport::mix`] | one `MPI_Irecv` and one `MPI_Isend` of the whole buffer per neighbour, then `MPI_Waitall` |
 //! | [`Transport::barrier`] | `MPI_Barrier` |
 //!
@@ -66,6 +66,12 @@ pub use mpi;
 /// Tag of the neighbour exchange messages on the transport's private communicator.
 const MIX_TAG: c_int = 0x6d78;
 
+/// `f64` values that travel inside the length agreement itself: an [`Transport::all_reduce_f64`]
+/// of at most this many values (merge statistics, metrics) costs one small collective, not two.
+const PIGGYBACK: usize = 16;
+/// Words each rank contributes to the agreement: length, bad neighbour + 1, piggybacked values.
+const RECORD: usize = 2 + PIGGYBACK;
+
 /// A [`Transport`] whose workers are the ranks of an MPI communicator.
 ///
 /// Build it with [`MpiTransport::world`] (initializes MPI, one worker per rank of
@@ -78,7 +84,7 @@ pub struct MpiTransport {
     check_lengths: bool,
     traffic: Traffic,
     neighbor_buffers: Vec<Vec<f32>>,
-    sizes: Vec<[u64; 2]>,
+    sizes: Vec<[u64; RECORD]>,
     universe: Option<Universe>,
 }
 
@@ -182,7 +188,7 @@ impl MpiTransport {
             transport.rank = rank as usize;
             transport.world_size = size as usize;
         }
-        transport.sizes = vec![[0; 2]; transport.world_size];
+        transport.sizes = vec![[0; RECORD]; transport.world_size];
         Ok(transport)
     }
 
@@ -225,13 +231,15 @@ impl MpiTransport {
         self.comm
     }
 
-    /// Exchanges `(len, bad neighbour + 1)` with every rank and turns any disagreement into the
-    /// same error on every rank.
+    /// Exchanges `(len, bad neighbour + 1, payload)` with every rank and turns any disagreement
+    /// into the same error on every rank. Every rank's `payload` (at most [`PIGGYBACK`] values)
+    /// is left in `self.sizes`.
     fn agree(
         &mut self,
         len: usize,
         bad_neighbor: Option<usize>,
         peers: Option<&[(usize, f32)]>,
+        payload: &[f64],
     ) -> Result<(), TransportError> {
         if !self.check_lengths {
             return match bad_neighbor {
@@ -241,16 +249,19 @@ impl MpiTransport {
                 None => Ok(()),
             };
         }
-        let mine = [len as u64, bad_neighbor.map_or(0, |n| n as u64 + 1)];
-        // SAFETY: `mine` holds 2 u64 and `sizes` 2 u64 per rank of `comm`.
+        let mut mine = [0u64; RECORD];
+        mine[0] = len as u64;
+        mine[1] = bad_neighbor.map_or(0, |n| n as u64 + 1);
+        mine[2..2 + payload.len()].iter_mut().zip(payload).for_each(|(word, v)| *word = v.to_bits());
+        // SAFETY: `mine` holds RECORD u64 and `sizes` RECORD u64 per rank of `comm`.
         check(
             unsafe {
                 ffi::MPI_Allgather(
                     mine.as_ptr().cast::<c_void>(),
-                    2,
+                    RECORD as c_int,
                     ffi::RSMPI_UINT64_T,
                     self.sizes.as_mut_ptr().cast::<c_void>(),
-                    2,
+                    RECORD as c_int,
                     ffi::RSMPI_UINT64_T,
                     self.comm,
                 )
@@ -305,7 +316,7 @@ impl Transport for MpiTransport {
     fn all_reduce(&mut self, send: &[f32], recv: &mut [f32], op: ReduceOp) -> Result<(), TransportError> {
         assert_eq!(send.len(), recv.len(), "all_reduce needs send and recv of the same length");
         let n = count(send.len(), "all_reduce")?;
-        self.agree(send.len(), None, None)?;
+        self.agree(send.len(), None, None, &[])?;
         // SAFETY: both buffers hold `n` f32 and do not overlap (one is shared, one exclusive).
         check(
             unsafe {
@@ -336,7 +347,18 @@ impl Transport for MpiTransport {
 
     fn all_reduce_f64(&mut self, values: &mut [f64]) -> Result<(), TransportError> {
         let n = count(values.len(), "all_reduce_f64")?;
-        self.agree(values.len(), None, None)?;
+        let traffic = Traffic::ring_all_reduce(8 * values.len() as u64, self.world_size);
+        if self.check_lengths && values.len() <= PIGGYBACK {
+            // The values ride in the agreement; every rank sums them in rank order, so all get
+            // bit-identical sums (the same as the in-process transport's).
+            self.agree(values.len(), None, None, values)?;
+            for (k, value) in values.iter_mut().enumerate() {
+                *value = self.sizes.iter().map(|record| f64::from_bits(record[2 + k])).sum();
+            }
+            self.traffic.record(traffic);
+            return Ok(());
+        }
+        self.agree(values.len(), None, None, &[])?;
         let send = values.to_vec();
         // SAFETY: both buffers hold `n` f64 and are distinct allocations.
         check(
@@ -352,7 +374,7 @@ impl Transport for MpiTransport {
             },
             "MPI_Allreduce (f64 sum)",
         )?;
-        self.traffic.record(Traffic::ring_all_reduce(8 * values.len() as u64, self.world_size));
+        self.traffic.record(traffic);
         Ok(())
     }
 
@@ -366,7 +388,7 @@ impl Transport for MpiTransport {
         assert_eq!(send.len(), recv.len(), "mix needs send and recv of the same length");
         let n = count(send.len(), "mix")?;
         let bad = neighbors.iter().map(|&(j, _)| j).find(|&j| j >= self.world_size || j == self.rank);
-        self.agree(send.len(), bad, Some(neighbors))?;
+        self.agree(send.len(), bad, Some(neighbors), &[])?;
 
         if self.neighbor_buffers.len() < neighbors.len() {
             self.neighbor_buffers.resize_with(neighbors.len(), Vec::new);

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::CoopError;
 use crate::params::{BufferPolicy, ParamLayout};
-use crate::rules::{MergeRule, PeriodicAveraging, RuleState};
+use crate::rules::{MergeOutcome, MergeRule, PeriodicAveraging, RuleState};
 use crate::schedule::{PeriodicSchedule, SyncSchedule};
 use crate::transport::{ReduceOp, Traffic, Transport};
 
@@ -238,9 +238,7 @@ impl LocalSgd {
         }
         let before = self.transport.traffic();
         self.transport.all_reduce(&mine, &mut self.flat, ReduceOp::Sum)?;
-        let after = self.transport.traffic();
-        self.traffic.bytes_sent += after.bytes_sent - before.bytes_sent;
-        self.traffic.bytes_received += after.bytes_received - before.bytes_received;
+        self.count_traffic_since(before);
         Ok(layout.unflatten(module, &self.flat)?)
     }
 
@@ -256,12 +254,11 @@ impl LocalSgd {
 
     fn merge_with<M: Module>(&mut self, layout: &ParamLayout, module: M) -> Result<M, CoopError> {
         layout.flatten_into(&module, &mut self.flat)?;
+        let non_finite = count_non_finite(&self.flat);
         let before = self.transport.traffic();
-        self.check_finite()?;
         let outcome = self.rule.merge(&mut self.flat, self.transport.as_mut())?;
-        let after = self.transport.traffic();
-        self.traffic.bytes_sent += after.bytes_sent - before.bytes_sent;
-        self.traffic.bytes_received += after.bytes_received - before.bytes_received;
+        let consensus_distance = self.merge_statistics(non_finite, outcome)?;
+        let traffic = self.count_traffic_since(before);
         let module = layout.unflatten(module, &self.flat)?;
         self.syncs += 1;
         if self.inner_state == InnerStatePolicy::Reset {
@@ -270,30 +267,43 @@ impl LocalSgd {
         self.last_report = Some(SyncReport {
             step: self.steps,
             syncs: self.syncs,
-            consensus_distance: outcome.consensus_distance,
-            bytes_sent: after.bytes_sent - before.bytes_sent,
-            bytes_received: after.bytes_received - before.bytes_received,
+            consensus_distance,
+            bytes_sent: traffic.bytes_sent,
+            bytes_received: traffic.bytes_received,
         });
         Ok(module)
     }
 
-    /// Every worker learns which workers hold NaN or infinite values, so all of them stop with
-    /// the same error instead of waiting on a worker that gave up.
-    fn check_finite(&mut self) -> Result<(), CoopError> {
-        let world = self.transport.world_size();
-        let rank = self.transport.rank();
-        let mut bad = vec![0.0; world];
-        bad[rank] = self.flat.iter().filter(|v| !v.is_finite()).count() as f64;
-        self.transport.all_reduce_f64(&mut bad)?;
-        match bad.iter().position(|&count| count > 0.0) {
-            None => Ok(()),
-            Some(bad_rank) => Err(CoopError::NonFiniteParameters {
+    /// One small collective after the rule's exchange: every worker learns which workers held
+    /// NaN or infinite values (so all stop with the same error instead of waiting on a worker
+    /// that gave up) and the consensus distance.
+    fn merge_statistics(&mut self, non_finite: usize, outcome: MergeOutcome) -> Result<Option<f64>, CoopError> {
+        let (world, rank) = (self.transport.world_size(), self.transport.rank());
+        let mut values = vec![0.0; world + 1];
+        values[rank] = non_finite as f64;
+        values[world] = outcome.local_squared_distance.unwrap_or(0.0);
+        self.transport.all_reduce_f64(&mut values)?;
+        if let Some(bad_rank) = values[..world].iter().position(|&count| count > 0.0) {
+            return Err(CoopError::NonFiniteParameters {
                 rank: bad_rank,
                 step: self.steps,
-                count: bad[bad_rank] as usize,
+                count: values[bad_rank] as usize,
                 total: self.flat.len(),
-            }),
+            });
         }
+        Ok(outcome.local_squared_distance.map(|_| values[world] / world as f64))
+    }
+
+    /// Adds the transport's traffic since `before` to the merge counters and returns it.
+    fn count_traffic_since(&mut self, before: Traffic) -> Traffic {
+        let after = self.transport.traffic();
+        let delta = Traffic {
+            bytes_sent: after.bytes_sent - before.bytes_sent,
+            bytes_received: after.bytes_received - before.bytes_received,
+        };
+        self.traffic.bytes_sent += delta.bytes_sent;
+        self.traffic.bytes_received += delta.bytes_received;
+        delta
     }
 
     fn ensure_layout<M: Module>(&mut self, module: &M) {
@@ -391,5 +401,33 @@ impl LocalSgd {
             bytes_received: 0,
         });
         Ok(())
+    }
+}
+
+/// NaN and infinite values in `values` (counted in lanes so the loop vectorizes).
+fn count_non_finite(values: &[f32]) -> usize {
+    const LANES: usize = 16;
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().filter(|v| !v.is_finite()).count();
+    let mut acc = [0u32; LANES];
+    for chunk in chunks {
+        for l in 0..LANES {
+            acc[l] += u32::from(!chunk[l].is_finite());
+        }
+    }
+    tail + acc.iter().map(|&a| a as usize).sum::<usize>()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn non_finite_values_are_counted_in_body_and_tail() {
+        let mut values = vec![1.0f32; 37];
+        values[3] = f32::NAN;
+        values[20] = f32::INFINITY;
+        values[36] = f32::NEG_INFINITY;
+        assert_eq!(super::count_non_finite(&values), 3);
+        assert_eq!(super::count_non_finite(&values[..16]), 1);
+        assert_eq!(super::count_non_finite(&[]), 0);
     }
 }

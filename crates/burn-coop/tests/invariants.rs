@@ -37,8 +37,9 @@ fn merge_buffers<R: MergeRule + Clone + Sync + 'static>(
         let mut after = before.clone();
         rule.start(&(0..257).map(|k| value(0, k, 3)).collect::<Vec<_>>());
         let outcome = rule.merge(&mut after, &mut transport).unwrap();
+        let measured = outcome.consensus_distance(&mut transport).unwrap();
         let post = consensus_distance(&after, &mut transport).unwrap();
-        (before, after, outcome.consensus_distance, post)
+        (before, after, measured, post)
     })
 }
 
@@ -226,8 +227,9 @@ fn traffic_counts_ring_all_reduce_bytes() {
         (optim.stats(), flat(&model).len() as u64)
     });
     for (stats, d) in reports {
-        // Per merge: the finite-check vector (m f64), the model (d f32), the consensus scalar (f64).
-        let per_merge = 2 * 3 * (m as u64 * 8) / 4 + 2 * 3 * (4 * d) / 4 + 2 * 3 * 8 / 4;
+        // Per merge: the model (d f32), then the statistics: a non-finite count per worker and
+        // the squared distance (m + 1 f64).
+        let per_merge = 2 * 3 * (4 * d) / 4 + 2 * 3 * ((m as u64 + 1) * 8) / 4;
         // Before the first step, worker 0's model is broadcast (one all-reduce of the model).
         let broadcast = 2 * 3 * (4 * d) / 4;
         assert_eq!(stats.syncs, 2);

@@ -1,5 +1,7 @@
 //! Times each merge rule over [`MpiTransport`] against the raw MPI operation moving the same
-//! bytes, interleaved in one run.
+//! bytes, interleaved in one run. A merge is what `LocalSgd` runs on its flat buffer: the rule,
+//! then one small collective of the merge statistics (a non-finite count per rank and the
+//! squared distance that gives the consensus distance).
 //!
 //! Usage: `mpirun -np 4 mpi-merge-bench [floats (default 272474, ResNet-20)] [repetitions (default 200)]`.
 //! Rank 0 prints, per operation, the median / 10th / 90th percentile over repetitions of the
@@ -16,6 +18,15 @@ use burn_coop_mpi::mpi::ffi;
 use burn_coop_mpi::mpi::topology::SimpleCommunicator;
 
 type Op<'a> = Box<dyn FnMut(&mut Vec<f32>) -> Result<(), TransportError> + 'a>;
+
+/// The rule's merge followed by the statistics collective, as `LocalSgd` runs them.
+fn merge(rule: &mut dyn MergeRule, buf: &mut [f32], transport: &mut MpiTransport) -> Result<(), TransportError> {
+    let outcome = rule.merge(buf, transport)?;
+    let m = transport.world_size();
+    let mut statistics = vec![0.0; m + 1];
+    statistics[m] = outcome.local_squared_distance.unwrap_or(0.0);
+    transport.all_reduce_f64(&mut statistics)
+}
 
 fn main() -> ExitCode {
     match run() {
@@ -98,10 +109,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(())
             }),
         ),
-        ("averaging merge", Box::new(|buf| with_checked(&mut |t| averaging.merge(buf, t).map(drop)))),
+        ("averaging merge", Box::new(|buf| with_checked(&mut |t| merge(&mut averaging, buf, t)))),
         (
             "averaging merge, no length check",
-            Box::new(|buf| with_unchecked(&mut |t| averaging_unchecked.merge(buf, t).map(drop))),
+            Box::new(|buf| with_unchecked(&mut |t| merge(&mut averaging_unchecked, buf, t))),
         ),
         (
             "transport all_reduce (mean)",
@@ -115,7 +126,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(())
             }),
         ),
-        ("elastic merge", Box::new(|buf| with_checked(&mut |t| elastic.merge(buf, t).map(drop)))),
+        ("elastic merge", Box::new(|buf| with_checked(&mut |t| merge(&mut elastic, buf, t)))),
     ];
     if let (Some(g), Some(gp)) = (gossip.as_mut(), gossip_plain.as_mut()) {
         ops.push((
@@ -125,11 +136,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(())
             }),
         ));
-        ops.push((
-            "gossip ring merge, no consensus",
-            Box::new(|buf| with_checked(&mut |t| gp.merge(buf, t).map(drop))),
-        ));
-        ops.push(("gossip ring merge (+ consensus)", Box::new(|buf| with_checked(&mut |t| g.merge(buf, t).map(drop)))));
+        ops.push(("gossip ring merge, no consensus", Box::new(|buf| with_checked(&mut |t| merge(gp, buf, t)))));
+        ops.push(("gossip ring merge (+ consensus)", Box::new(|buf| with_checked(&mut |t| merge(g, buf, t)))));
     }
 
     let warmup = 10.min(reps);

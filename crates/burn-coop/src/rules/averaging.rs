@@ -1,6 +1,6 @@
 //! Periodic model averaging: local SGD, FedAvg with full participation, and synchronous SGD.
 
-use super::{MergeOutcome, MergeRule, RuleError, consensus_from_local, squared_distance};
+use super::{MergeOutcome, MergeRule, RuleError, replace_by_mean};
 use crate::mixing::MixingMatrix;
 use crate::transport::{ReduceOp, Transport, TransportError};
 
@@ -10,10 +10,10 @@ use crate::transport::{ReduceOp, Transport, TransportError};
 /// With a period τ > 1 this is local SGD / FedAvg; with τ = 1 it is synchronous SGD: for SGD with
 /// momentum and weight decay, averaging the models after every step gives the same iterates as
 /// averaging the gradients, because every quantity involved is linear in the gradients.
-/// Measures the consensus distance at every merge for the cost of one scalar all-reduce.
+/// Measures each worker's distance to the average in the same pass that writes the average.
 #[derive(Debug, Clone, Default)]
 pub struct PeriodicAveraging {
-    mean: Vec<f32>,
+    sum: Vec<f32>,
 }
 
 impl PeriodicAveraging {
@@ -33,12 +33,10 @@ impl MergeRule for PeriodicAveraging {
     }
 
     fn merge(&mut self, params: &mut [f32], transport: &mut dyn Transport) -> Result<MergeOutcome, TransportError> {
-        self.mean.resize(params.len(), 0.0);
-        transport.all_reduce(params, &mut self.mean, ReduceOp::Mean)?;
-        let local = squared_distance(params, &self.mean);
-        params.copy_from_slice(&self.mean);
-        let consensus = consensus_from_local(local, transport)?;
-        Ok(MergeOutcome { consensus_distance: Some(consensus) })
+        self.sum.resize(params.len(), 0.0);
+        transport.all_reduce(params, &mut self.sum, ReduceOp::Sum)?;
+        let local = replace_by_mean(params, &self.sum, transport.world_size());
+        Ok(MergeOutcome { local_squared_distance: Some(local) })
     }
 
     fn mixing_matrix(&self, world_size: usize) -> MixingMatrix {

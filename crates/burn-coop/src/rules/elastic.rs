@@ -1,6 +1,6 @@
 //! Elastic averaging (EASGD): workers are pulled towards an anchor that moves towards them.
 
-use super::{MergeOutcome, MergeRule, RuleError, RuleState, consensus_from_local, squared_distance};
+use super::{MergeOutcome, MergeRule, RuleError, RuleState, lane_sum};
 use crate::mixing::MixingMatrix;
 use crate::transport::{ReduceOp, Transport, TransportError};
 
@@ -21,14 +21,13 @@ pub struct ElasticAveraging {
     anchor: Option<Vec<f32>>,
     diff: Vec<f32>,
     sum: Vec<f32>,
-    mean_diff: Vec<f32>,
 }
 
 impl ElasticAveraging {
     /// Elastic averaging with moving rate `alpha`; checked against the number of workers when
     /// the optimizer wrapper is built (see [`MergeRule::validate`]).
     pub fn new(alpha: f64) -> Self {
-        Self { alpha, anchor: None, diff: Vec::new(), sum: Vec::new(), mean_diff: Vec::new() }
+        Self { alpha, anchor: None, diff: Vec::new(), sum: Vec::new() }
     }
 
     /// Elastic averaging with `α = 2/(m+2)`, the value minimizing `ζ(W_α)` for `m` workers.
@@ -88,16 +87,13 @@ impl MergeRule for ElasticAveraging {
 
         // x̄ − z = S/m, so x_i − x̄ = d_i − S/m: the consensus distance needs no extra exchange.
         let inv_m = 1.0 / transport.world_size() as f32;
-        self.mean_diff.clear();
-        self.mean_diff.extend(self.sum.iter().map(|s| s * inv_m));
-        let local = squared_distance(&self.diff, &self.mean_diff);
+        let local = lane_sum(&self.diff, &self.sum, |d, s| (d - s * inv_m) * (d - s * inv_m));
         let alpha = self.alpha as f32;
-        for k in 0..n {
-            params[k] -= alpha * self.diff[k];
-            anchor[k] += alpha * self.sum[k];
+        for (((x, z), d), s) in params.iter_mut().zip(anchor.iter_mut()).zip(&self.diff).zip(&self.sum) {
+            *x -= alpha * d;
+            *z += alpha * s;
         }
-        let consensus = consensus_from_local(local, transport)?;
-        Ok(MergeOutcome { consensus_distance: Some(consensus) })
+        Ok(MergeOutcome { local_squared_distance: Some(local) })
     }
 
     fn mixing_matrix(&self, world_size: usize) -> MixingMatrix {

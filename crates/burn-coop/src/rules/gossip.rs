@@ -1,6 +1,6 @@
 //! Decentralized gossip: each worker averages with its neighbours in a graph.
 
-use super::{MergeOutcome, MergeRule, RuleError, consensus_from_local, squared_distance};
+use super::{MergeOutcome, MergeRule, RuleError, distance_to_mean_then_replace};
 use crate::mixing::MixingMatrix;
 use crate::topology::{Topology, TopologyError, WeightRule};
 use crate::transport::{ReduceOp, Transport, TransportError};
@@ -18,13 +18,13 @@ pub struct Gossip {
     matrix: MixingMatrix,
     measure_consensus: bool,
     mixed: Vec<f32>,
-    mean: Vec<f32>,
+    sum: Vec<f32>,
 }
 
 impl Gossip {
     /// Gossip with a validated mixing matrix.
     pub fn new(matrix: MixingMatrix) -> Self {
-        Self { matrix, measure_consensus: true, mixed: Vec::new(), mean: Vec::new() }
+        Self { matrix, measure_consensus: true, mixed: Vec::new(), sum: Vec::new() }
     }
 
     /// Gossip on a topology with its Metropolis–Hastings weights.
@@ -62,15 +62,14 @@ impl MergeRule for Gossip {
             self.matrix.neighbors(rank).into_iter().map(|(j, w)| (j, w as f32)).collect();
         self.mixed.resize(params.len(), 0.0);
         transport.mix(params, &mut self.mixed, self.matrix.self_weight(rank) as f32, &neighbors)?;
-        let consensus_distance = if self.measure_consensus {
-            self.mean.resize(params.len(), 0.0);
-            transport.all_reduce(params, &mut self.mean, ReduceOp::Mean)?;
-            Some(consensus_from_local(squared_distance(params, &self.mean), transport)?)
-        } else {
-            None
-        };
-        params.copy_from_slice(&self.mixed);
-        Ok(MergeOutcome { consensus_distance })
+        if !self.measure_consensus {
+            params.copy_from_slice(&self.mixed);
+            return Ok(MergeOutcome { local_squared_distance: None });
+        }
+        self.sum.resize(params.len(), 0.0);
+        transport.all_reduce(params, &mut self.sum, ReduceOp::Sum)?;
+        let local = distance_to_mean_then_replace(params, &self.sum, transport.world_size(), &self.mixed);
+        Ok(MergeOutcome { local_squared_distance: Some(local) })
     }
 
     fn mixing_matrix(&self, _world_size: usize) -> MixingMatrix {

@@ -56,11 +56,22 @@ pub enum RuleError {
     },
 }
 
-/// What a merge measured.
+/// What a merge measured on this worker.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct MergeOutcome {
-    /// Consensus distance before the merge, `(1/m) Σ_i ‖x_i − x̄‖²`, when the rule measured it.
-    pub consensus_distance: Option<f64>,
+    /// This worker's squared distance to the average model before the merge, `‖x_i − x̄‖²`,
+    /// when the rule measured it. Its mean over workers is the consensus distance:
+    /// [`LocalSgd`](crate::LocalSgd) reduces it together with its other per-merge statistics in
+    /// one small collective; standalone callers use [`MergeOutcome::consensus_distance`].
+    pub local_squared_distance: Option<f64>,
+}
+
+impl MergeOutcome {
+    /// The mean over workers of [`MergeOutcome::local_squared_distance`] (`None` when the rule
+    /// did not measure it). One scalar all-reduce: every worker must call it.
+    pub fn consensus_distance(&self, transport: &mut dyn Transport) -> Result<Option<f64>, TransportError> {
+        self.local_squared_distance.map(|local| consensus_from_local(local, transport)).transpose()
+    }
 }
 
 /// A rule's own state, saved with checkpoints.
@@ -105,7 +116,7 @@ pub trait MergeRule: Send {
 }
 
 /// Sums a worker's squared distance across workers and divides by `m`: the consensus distance.
-pub(crate) fn consensus_from_local(local: f64, transport: &mut dyn Transport) -> Result<f64, TransportError> {
+fn consensus_from_local(local: f64, transport: &mut dyn Transport) -> Result<f64, TransportError> {
     let mut total = [local];
     transport.all_reduce_f64(&mut total)?;
     Ok(total[0] / transport.world_size() as f64)
@@ -117,17 +128,39 @@ const LANES: usize = 16;
 /// Elements summed in f32 before the partial sums are folded into f64.
 const BLOCK: usize = 2048;
 
-/// `Σ_k (x_k − c_k)²`, accumulated in f32 lanes per block and in f64 across blocks.
-pub(crate) fn squared_distance(x: &[f32], c: &[f32]) -> f64 {
+/// Visits `x` and `y` together, summing `f(x_k, y_k)` (which may rewrite `x_k`) in f32 lanes per
+/// block and in f64 across blocks.
+#[inline(always)]
+fn fused_sum(x: &mut [f32], y: &[f32], mut f: impl FnMut(&mut f32, f32) -> f32) -> f64 {
+    debug_assert_eq!(x.len(), y.len());
     let mut total = 0.0;
-    for (xb, cb) in x.chunks(BLOCK).zip(c.chunks(BLOCK)) {
+    for (xb, yb) in x.chunks_mut(BLOCK).zip(y.chunks(BLOCK)) {
         let mut acc = [0.0f32; LANES];
-        let (xs, cs) = (xb.chunks_exact(LANES), cb.chunks_exact(LANES));
-        let tail: f32 = xs.remainder().iter().zip(cs.remainder()).map(|(a, b)| (a - b) * (a - b)).sum();
-        for (xl, cl) in xs.zip(cs) {
+        let mut xs = xb.chunks_exact_mut(LANES);
+        let mut ys = yb.chunks_exact(LANES);
+        for (xl, yl) in (&mut xs).zip(&mut ys) {
             for l in 0..LANES {
-                let d = xl[l] - cl[l];
-                acc[l] += d * d;
+                acc[l] += f(&mut xl[l], yl[l]);
+            }
+        }
+        let tail: f32 = xs.into_remainder().iter_mut().zip(ys.remainder()).map(|(x, &y)| f(x, y)).sum();
+        total += f64::from(tail) + acc.iter().map(|&a| f64::from(a)).sum::<f64>();
+    }
+    total
+}
+
+/// `Σ_k f(x_k, y_k)`, accumulated as [`fused_sum`] does, reading only.
+#[inline(always)]
+pub(crate) fn lane_sum(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    debug_assert_eq!(x.len(), y.len());
+    let mut total = 0.0;
+    for (xb, yb) in x.chunks(BLOCK).zip(y.chunks(BLOCK)) {
+        let mut acc = [0.0f32; LANES];
+        let (xs, ys) = (xb.chunks_exact(LANES), yb.chunks_exact(LANES));
+        let tail: f32 = xs.remainder().iter().zip(ys.remainder()).map(|(&x, &y)| f(x, y)).sum();
+        for (xl, yl) in xs.zip(ys) {
+            for l in 0..LANES {
+                acc[l] += f(xl[l], yl[l]);
             }
         }
         total += f64::from(tail) + acc.iter().map(|&a| f64::from(a)).sum::<f64>();
@@ -135,12 +168,63 @@ pub(crate) fn squared_distance(x: &[f32], c: &[f32]) -> f64 {
     total
 }
 
+/// The mean `s / m` of an element-wise sum over `m` workers, rounded as
+/// [`ReduceOp::Mean`](crate::transport::ReduceOp::Mean) rounds it (for a power of two, the
+/// multiplication by `1/m` is exact and equal to the division).
+#[derive(Debug, Clone, Copy)]
+enum MeanOf {
+    /// Multiply by `1/m`.
+    Scale(f32),
+    /// Divide by `m`.
+    Divide(f32),
+}
+
+impl MeanOf {
+    fn workers(m: usize) -> Self {
+        if m.is_power_of_two() { Self::Scale(1.0 / m as f32) } else { Self::Divide(m as f32) }
+    }
+}
+
+/// One pass over a worker's `params` and the workers' element-wise `sum`: replaces `params` by
+/// the mean and returns `‖params − mean‖²` from before the replacement.
+pub(crate) fn replace_by_mean(params: &mut [f32], sum: &[f32], m: usize) -> f64 {
+    let step = |mean: f32, x: &mut f32| {
+        let d = *x - mean;
+        *x = mean;
+        d * d
+    };
+    match MeanOf::workers(m) {
+        MeanOf::Scale(inv) => fused_sum(params, sum, |x, s| step(s * inv, x)),
+        MeanOf::Divide(m) => fused_sum(params, sum, |x, s| step(s / m, x)),
+    }
+}
+
+/// `‖params − sum/m‖²`, then `params ← replacement`, block by block (one pass over memory).
+pub(crate) fn distance_to_mean_then_replace(params: &mut [f32], sum: &[f32], m: usize, replacement: &[f32]) -> f64 {
+    let mean = MeanOf::workers(m);
+    let mut total = 0.0;
+    for ((xb, sb), rb) in params.chunks_mut(BLOCK).zip(sum.chunks(BLOCK)).zip(replacement.chunks(BLOCK)) {
+        total += distance_to_mean(xb, sb, mean);
+        xb.copy_from_slice(rb);
+    }
+    total
+}
+
+/// `‖x − s/m‖²`.
+fn distance_to_mean(x: &[f32], s: &[f32], mean: MeanOf) -> f64 {
+    match mean {
+        MeanOf::Scale(inv) => lane_sum(x, s, |x, s| (x - s * inv) * (x - s * inv)),
+        MeanOf::Divide(m) => lane_sum(x, s, |x, s| (x - s / m) * (x - s / m)),
+    }
+}
+
 /// The consensus distance `(1/m) Σ_i ‖x_i − x̄‖²` of the workers' current `params`
 /// (one all-reduce of the buffer and one of a scalar). All workers must call it.
 pub fn consensus_distance(params: &[f32], transport: &mut dyn Transport) -> Result<f64, TransportError> {
-    let mut mean = vec![0.0; params.len()];
-    transport.all_reduce(params, &mut mean, crate::transport::ReduceOp::Mean)?;
-    consensus_from_local(squared_distance(params, &mean), transport)
+    let mut sum = vec![0.0; params.len()];
+    transport.all_reduce(params, &mut sum, crate::transport::ReduceOp::Sum)?;
+    let mean = MeanOf::workers(transport.world_size());
+    consensus_from_local(distance_to_mean(params, &sum, mean), transport)
 }
 
 impl<R: MergeRule + ?Sized> MergeRule for Box<R> {
