@@ -13,7 +13,10 @@
 
 use std::time::Instant;
 
-use burn_coop::{ElasticAveraging, Gossip, LocalSgd, MergeRule, PeriodicAveraging, PeriodicSchedule, Topology, launch};
+use burn_coop::{
+    BufferPolicy, ElasticAveraging, Gossip, LocalSgd, MergeRule, ParamLayout, PeriodicAveraging, PeriodicSchedule,
+    Topology, launch,
+};
 
 use crate::setup::{
     cpu_threads, flat_len, fmt_seconds, gradients, median, random_batch, reference_device, resnet, sgd,
@@ -35,7 +38,7 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let mut rows = Vec::new();
     for (name, rule, models) in rules {
         let bandwidth = memcpy_bandwidth(WORKERS * n, scale.pick(50, 3));
-        let merge = merge_seconds(options, rule, reps)?;
+        let times = merge_times(options, rule, reps)?;
         // Each model (and anchor) read once and written once, in f32.
         let bytes = (2 * models * n * 4) as f64;
         let bound = bytes / bandwidth;
@@ -47,23 +50,51 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
                 bytes / 1e6,
                 bandwidth / 1e9
             ),
-            ours: fmt_seconds(merge),
+            ours: fmt_seconds(times.whole),
             reference: fmt_seconds(bound),
-            ratio: merge / bound,
+            ratio: times.whole / bound,
             goal: Goal::AtMost(2.0),
         });
+        for (part, seconds) in [
+            ("module → flat buffer", times.flatten),
+            ("exchange + arithmetic + statistics on the flat buffers", times.exchange),
+            ("flat buffer → module", times.unflatten),
+        ] {
+            rows.push(Row {
+                id: "P2",
+                what: format!("… {name}, of which {part}"),
+                ours: fmt_seconds(seconds),
+                reference: fmt_seconds(bound),
+                ratio: seconds / bound,
+                goal: Goal::Report,
+            });
+        }
     }
     Ok(rows)
 }
 
-/// Median over `reps` merges of the slowest worker's merge time.
-fn merge_seconds(
+/// Medians over merges of the slowest worker's time, for the whole merge and its parts.
+#[derive(Debug, Clone, Copy)]
+struct MergeTimes {
+    /// [`LocalSgd::merge`]: everything below plus the non-finite count and bookkeeping.
+    whole: f64,
+    /// Copying the module's tensors into the flat buffer (BatchNorm statistics flushed first),
+    /// as the merge does it ([`ParamLayout::flatten_owned`]).
+    flatten: f64,
+    /// The rule's exchange and arithmetic on the flat buffer, and the statistics collective.
+    exchange: f64,
+    /// Writing the flat buffer back into the module's tensors.
+    unflatten: f64,
+}
+
+/// Times merges on 4 workers; each part is timed separately between barriers.
+fn merge_times(
     options: &Options,
     rule: fn() -> Result<Box<dyn MergeRule>, BenchError>,
     reps: usize,
-) -> Result<f64, BenchError> {
+) -> Result<MergeTimes, BenchError> {
     let scale = options.scale;
-    let per_worker = launch(WORKERS, |worker| -> Result<Vec<f64>, BenchError> {
+    let per_worker = launch(WORKERS, |worker| -> Result<Vec<[f64; 4]>, BenchError> {
         let device = reference_device().autodiff();
         let mut model = resnet(scale.depth(), &device)?;
         let mut optim = LocalSgd::new(sgd(), rule()?, PeriodicSchedule::every(u64::MAX)?, worker.transport())?;
@@ -71,20 +102,47 @@ fn merge_seconds(
         let (images, targets) = random_batch(scale.pick(8, 2), &device);
         let (_, grads) = gradients(&model, images, targets);
         model = optim.step(0.05, model, grads)?;
+        let layout = ParamLayout::of(&model, BufferPolicy::Merge);
+        let mut flat = layout.flatten(&model)?;
+        let mut bare_rule = rule()?;
+        bare_rule.start(&flat);
         let mut times = Vec::with_capacity(reps);
         for rep in 0..reps + 3 {
+            let mut sample = [0.0; 4];
             optim.transport_mut().barrier()?;
             let start = Instant::now();
             model = optim.merge(model)?;
+            sample[0] = start.elapsed().as_secs_f64();
+
+            optim.transport_mut().barrier()?;
+            let start = Instant::now();
+            model = layout.flatten_owned(model, &mut flat)?;
+            sample[1] = start.elapsed().as_secs_f64();
+
+            optim.transport_mut().barrier()?;
+            let start = Instant::now();
+            let outcome = bare_rule.merge(&mut flat, optim.transport_mut())?;
+            let mut statistics = vec![0.0; WORKERS + 1];
+            statistics[WORKERS] = outcome.local_squared_distance.unwrap_or(0.0);
+            optim.transport_mut().all_reduce_f64(&mut statistics)?;
+            sample[2] = start.elapsed().as_secs_f64();
+
+            optim.transport_mut().barrier()?;
+            let start = Instant::now();
+            model = layout.unflatten(model, &flat)?;
+            sample[3] = start.elapsed().as_secs_f64();
             if rep >= 3 {
-                times.push(start.elapsed().as_secs_f64());
+                times.push(sample);
             }
         }
         Ok(times)
     })?;
-    let per_worker: Vec<Vec<f64>> = per_worker.into_iter().collect::<Result<_, _>>()?;
-    let slowest: Vec<f64> = (0..reps).map(|k| per_worker.iter().map(|t| t[k]).fold(0.0, f64::max)).collect();
-    Ok(median(&slowest))
+    let per_worker: Vec<Vec<[f64; 4]>> = per_worker.into_iter().collect::<Result<_, _>>()?;
+    let part = |p: usize| {
+        let slowest: Vec<f64> = (0..reps).map(|k| per_worker.iter().map(|t| t[k][p]).fold(0.0, f64::max)).collect();
+        median(&slowest)
+    };
+    Ok(MergeTimes { whole: part(0), flatten: part(1), exchange: part(2), unflatten: part(3) })
 }
 
 /// Bytes per second that `memcpy` moves (read plus written) over a buffer of `floats`, cache

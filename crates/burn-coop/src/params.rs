@@ -6,7 +6,7 @@
 //! and `require_grad` flags.
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorCreationOptions, TensorData};
 use serde::{Deserialize, Serialize};
 
 /// What happens to buffers — float tensors that do not require gradients, such as BatchNorm's
@@ -164,6 +164,25 @@ impl ParamLayout {
         self.check_count(index)
     }
 
+    /// Like [`ParamLayout::flatten_into`], for a module the caller owns: on backends whose
+    /// tensors live in host memory (Flex, NdArray) each tensor's buffer is taken out of the
+    /// module, copied into `out` and put back, instead of being copied out of a shared handle
+    /// first — one copy per value and no allocation. Returns the module, unchanged in value;
+    /// on an error the module is dropped.
+    pub fn flatten_owned<M: Module>(&self, module: M, out: &mut Vec<f32>) -> Result<M, LayoutError> {
+        flush_buffers(&module);
+        out.clear();
+        out.resize(self.len, 0.0);
+        let mut mapper = TakeMapper { layout: self, index: 0, out, error: None };
+        let module = module.map(&mut mapper);
+        let index = mapper.index;
+        if let Some(error) = mapper.error {
+            return Err(error);
+        }
+        self.check_count(index)?;
+        Ok(module)
+    }
+
     /// Returns the module's tensors as a new flat buffer.
     pub fn flatten<M: Module>(&self, module: &M) -> Result<Vec<f32>, LayoutError> {
         let mut out = Vec::new();
@@ -172,7 +191,8 @@ impl ParamLayout {
     }
 
     /// Writes `flat` back into the module's tensors, keeping ids, shapes, devices, dtypes,
-    /// autodiff and `require_grad`. Tensors left out by the policy are untouched.
+    /// autodiff and `require_grad`. Tensors left out by the policy are untouched. On host-memory
+    /// backends a tensor whose buffer no one else holds is overwritten in place.
     pub fn unflatten<M: Module>(&self, module: M, flat: &[f32]) -> Result<M, LayoutError> {
         if flat.len() != self.len {
             return Err(LayoutError::BufferLength { expected: self.len, found: flat.len() });
@@ -276,13 +296,123 @@ impl ModuleVisitor for FlattenVisitor<'_> {
 /// Copies a tensor's values, converted to `f32`, into `target`.
 fn read_f32<const D: usize>(tensor: Tensor<D>, target: &mut [f32]) -> Result<(), String> {
     let data = tensor.inner().try_into_data().map_err(|e| e.to_string())?;
+    copy_out(&data, target)
+}
+
+fn copy_out(data: &TensorData, target: &mut [f32]) -> Result<(), String> {
     if data.dtype() == DType::F32 {
         target.copy_from_slice(data.as_slice::<f32>().map_err(|e| format!("{e:?}"))?);
     } else {
-        let data = data.convert::<f32>();
+        let data = data.clone().convert::<f32>();
         target.copy_from_slice(data.as_slice::<f32>().map_err(|e| format!("{e:?}"))?);
     }
     Ok(())
+}
+
+/// Whether tensors on `device` live in host memory, where taking a tensor's data out and
+/// putting it back costs nothing (Flex, NdArray). Elsewhere the layout reads tensors through
+/// shared handles and writes new ones, so nothing is moved to the host and back needlessly.
+fn in_host_memory(device: &Device) -> bool {
+    // The dispatch device names its backend; `Device` has no public accessor for it.
+    let name = format!("{device:?}");
+    name.contains("Flex") || name.contains("NdArray")
+}
+
+/// Everything of a tensor but its values: what [`TensorKind::rebuild`] needs to make a tensor
+/// that differs only in its data.
+struct TensorKind {
+    device: Device,
+    dtype: DType,
+    autodiff: bool,
+    checkpointing: Option<burn::tensor::GradientCheckpointingStrategy>,
+    require_grad: bool,
+    distributed: bool,
+}
+
+impl TensorKind {
+    fn of<const D: usize>(tensor: &Tensor<D>) -> Self {
+        let autodiff = tensor.is_autodiff();
+        Self {
+            device: tensor.device(),
+            dtype: tensor.dtype(),
+            autodiff,
+            // Asking a tensor without autodiff for its strategy panics.
+            checkpointing: if autodiff { tensor.gradient_checkpointing_strategy() } else { None },
+            require_grad: autodiff && tensor.is_require_grad(),
+            distributed: autodiff && tensor.is_distributed(),
+        }
+    }
+
+    /// A tensor holding `data` with this kind's device, dtype, autodiff, checkpointing
+    /// strategy, `require_grad` and distributed flag.
+    fn rebuild<const D: usize>(&self, data: TensorData, id: ParamId) -> Tensor<D> {
+        let options = TensorCreationOptions::new(self.device.clone().without_autodiff()).with_dtype(self.dtype);
+        let mut tensor = Tensor::<D>::from_data(data, options);
+        if !self.autodiff {
+            return tensor;
+        }
+        tensor = tensor.autodiff();
+        if let Some(strategy) = self.checkpointing {
+            tensor = tensor.with_gradient_checkpointing_strategy(strategy);
+        }
+        if self.require_grad {
+            tensor = tensor.require_grad();
+        }
+        if self.distributed {
+            tensor = tensor.set_distributed(id);
+        }
+        tensor
+    }
+}
+
+/// Takes each tensor's data out of an owned module, copies it into the flat buffer and puts
+/// the same data back ([`ParamLayout::flatten_owned`]).
+struct TakeMapper<'a> {
+    layout: &'a ParamLayout,
+    index: usize,
+    out: &'a mut [f32],
+    error: Option<LayoutError>,
+}
+
+impl ModuleMapper for TakeMapper<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let index = self.index;
+        self.index += 1;
+        if self.error.is_some() {
+            return param;
+        }
+        let (id, tensor, mapper) = param.consume();
+        let shape: Vec<usize> = tensor.shape().iter().copied().collect();
+        let offset = match self.layout.expect(index, id, &shape) {
+            Ok(slot) => slot.offset,
+            Err(error) => {
+                self.error = Some(error);
+                return Param::from_mapped_value(id, tensor, mapper);
+            }
+        };
+        let Some(offset) = offset else { return Param::from_mapped_value(id, tensor, mapper) };
+        let target = &mut self.out[offset..offset + shape.iter().product::<usize>()];
+        if !in_host_memory(&tensor.device()) {
+            if let Err(cause) = read_f32(tensor.clone(), target) {
+                self.error = Some(LayoutError::Read { id, cause });
+            }
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let kind = TensorKind::of(&tensor);
+        // Consuming the only handle lets the backend hand its buffer over without a copy.
+        let data = match tensor.inner().try_into_data() {
+            Ok(data) => data,
+            Err(e) => {
+                // The flatten fails and the module is dropped with it: any value will do here.
+                self.error = Some(LayoutError::Read { id, cause: e.to_string() });
+                TensorData::zeros::<f32, _>(shape)
+            }
+        };
+        if let Err(cause) = copy_out(&data, target) {
+            self.error = Some(LayoutError::Read { id, cause });
+        }
+        Param::from_mapped_value(id, kind.rebuild(data, id), mapper)
+    }
 }
 
 struct WriteBackMapper<'a> {
@@ -311,30 +441,23 @@ impl ModuleMapper for WriteBackMapper<'_> {
         let Some(offset) = slot.offset else {
             return Param::from_mapped_value(id, old, mapper);
         };
-        let values = self.flat[offset..offset + slot.len()].to_vec();
-        let updated = rebuild_like(&old, TensorData::new(values, shape), id);
-        Param::from_mapped_value(id, updated, mapper)
+        let values = &self.flat[offset..offset + slot.len()];
+        let kind = TensorKind::of(&old);
+        let data = if in_host_memory(&kind.device) && kind.dtype == DType::F32 {
+            // Take the old buffer (no copy when no one else holds it) and overwrite it.
+            match old.inner().try_into_data() {
+                Ok(mut data) => match data.as_mut_slice::<f32>() {
+                    Ok(target) => {
+                        target.copy_from_slice(values);
+                        data
+                    }
+                    Err(_) => TensorData::new(values.to_vec(), shape),
+                },
+                Err(_) => TensorData::new(values.to_vec(), shape),
+            }
+        } else {
+            TensorData::new(values.to_vec(), shape)
+        };
+        Param::from_mapped_value(id, kind.rebuild(data, id), mapper)
     }
-}
-
-/// A tensor holding `data` with everything else — device, dtype, autodiff, checkpointing
-/// strategy, `require_grad`, distributed flag — taken from `like`.
-fn rebuild_like<const D: usize>(like: &Tensor<D>, data: TensorData, id: ParamId) -> Tensor<D> {
-    let device = like.device();
-    let options = TensorCreationOptions::new(device.clone().without_autodiff()).with_dtype(like.dtype());
-    let mut tensor = Tensor::<D>::from_data(data, options);
-    if !like.is_autodiff() {
-        return tensor;
-    }
-    tensor = tensor.autodiff();
-    if let Some(strategy) = like.gradient_checkpointing_strategy() {
-        tensor = tensor.with_gradient_checkpointing_strategy(strategy);
-    }
-    if like.is_require_grad() {
-        tensor = tensor.require_grad();
-    }
-    if like.is_distributed() {
-        tensor = tensor.set_distributed(id);
-    }
-    tensor
 }
