@@ -488,7 +488,7 @@ fn owned_flattening_and_in_place_write_back_leave_shared_handles_alone() {
     let expected = layout.flatten(&model).unwrap();
     // A handle on the same weights held elsewhere (as a user's copy of the model would be).
     let kept = model.fc1.weight.val();
-    let kept_values = kept.clone().into_data().to_vec::<f32>().unwrap();
+    let kept_values = kept.clone().into_data().try_to_vec::<f32>().unwrap();
 
     let mut flat = Vec::new();
     let model = layout.flatten_owned(model, &mut flat).unwrap();
@@ -499,7 +499,7 @@ fn owned_flattening_and_in_place_write_back_leave_shared_handles_alone() {
     let written: Vec<f32> = (0..layout.len()).map(|k| 1.0 + k as f32).collect();
     let model = layout.unflatten(model, &written).unwrap();
     assert_eq!(layout.flatten(&model).unwrap(), written);
-    assert_eq!(kept.into_data().to_vec::<f32>().unwrap(), kept_values, "a shared handle never sees the write");
+    assert_eq!(kept.into_data().try_to_vec::<f32>().unwrap(), kept_values, "a shared handle never sees the write");
     assert!(model.fc1.weight.val().is_require_grad());
     assert!(!model.bn.running_mean.value().is_require_grad());
 }
