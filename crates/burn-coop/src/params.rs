@@ -5,7 +5,9 @@
 //! so the merged buffer can be written back with the same [`ParamId`]s, shapes, devices, dtypes
 //! and `require_grad` flags.
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use std::ops::Range;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId, ParamMapper};
 use burn::tensor::{DType, Device, Tensor, TensorCreationOptions, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -173,13 +175,9 @@ impl ParamLayout {
         flush_buffers(&module);
         out.clear();
         out.resize(self.len, 0.0);
-        let mut mapper = TakeMapper { layout: self, index: 0, out, error: None };
+        let mut mapper = TakeMapper { cursor: Cursor::new(self), out };
         let module = module.map(&mut mapper);
-        let index = mapper.index;
-        if let Some(error) = mapper.error {
-            return Err(error);
-        }
-        self.check_count(index)?;
+        mapper.cursor.finish()?;
         Ok(module)
     }
 
@@ -197,13 +195,9 @@ impl ParamLayout {
         if flat.len() != self.len {
             return Err(LayoutError::BufferLength { expected: self.len, found: flat.len() });
         }
-        let mut mapper = WriteBackMapper { layout: self, index: 0, flat, error: None };
+        let mut mapper = WriteBackMapper { cursor: Cursor::new(self), flat };
         let module = module.map(&mut mapper);
-        let index = mapper.index;
-        if let Some(error) = mapper.error {
-            return Err(error);
-        }
-        self.check_count(index)?;
+        mapper.cursor.finish()?;
         Ok(module)
     }
 
@@ -365,83 +359,107 @@ impl TensorKind {
     }
 }
 
+/// Walks a module's float tensors in visiting order, checking each against the layout: the
+/// common part of the two mappers below.
+struct Cursor<'a> {
+    layout: &'a ParamLayout,
+    index: usize,
+    error: Option<LayoutError>,
+}
+
+/// A tensor taken out of its parameter, with what is needed to put a tensor back.
+struct Taken<const D: usize> {
+    id: ParamId,
+    tensor: Tensor<D>,
+    mapper: ParamMapper<Tensor<D>>,
+    range: Range<usize>,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(layout: &'a ParamLayout) -> Self {
+        Self { layout, index: 0, error: None }
+    }
+
+    /// The next tensor, taken out with its range in the flat buffer; or the parameter handed
+    /// back as it was (left out by the policy, or after an error, which is recorded).
+    fn take<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Result<Taken<D>, Param<Tensor<D>>> {
+        let index = self.index;
+        self.index += 1;
+        if self.error.is_some() {
+            return Err(param);
+        }
+        let (id, tensor, mapper) = param.consume();
+        let shape: Vec<usize> = tensor.shape().iter().copied().collect();
+        match self.layout.expect(index, id, &shape).map(|slot| slot.offset.map(|o| o..o + slot.len())) {
+            Ok(Some(range)) => Ok(Taken { id, tensor, mapper, range }),
+            Ok(None) => Err(Param::from_mapped_value(id, tensor, mapper)),
+            Err(error) => {
+                self.error = Some(error);
+                Err(Param::from_mapped_value(id, tensor, mapper))
+            }
+        }
+    }
+
+    /// The error met, or a count mismatch.
+    fn finish(self) -> Result<(), LayoutError> {
+        match self.error {
+            Some(error) => Err(error),
+            None => self.layout.check_count(self.index),
+        }
+    }
+}
+
 /// Takes each tensor's data out of an owned module, copies it into the flat buffer and puts
 /// the same data back ([`ParamLayout::flatten_owned`]).
 struct TakeMapper<'a> {
-    layout: &'a ParamLayout,
-    index: usize,
+    cursor: Cursor<'a>,
     out: &'a mut [f32],
-    error: Option<LayoutError>,
 }
 
 impl ModuleMapper for TakeMapper<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let index = self.index;
-        self.index += 1;
-        if self.error.is_some() {
-            return param;
-        }
-        let (id, tensor, mapper) = param.consume();
-        let shape: Vec<usize> = tensor.shape().iter().copied().collect();
-        let offset = match self.layout.expect(index, id, &shape) {
-            Ok(slot) => slot.offset,
-            Err(error) => {
-                self.error = Some(error);
-                return Param::from_mapped_value(id, tensor, mapper);
-            }
+        let Taken { id, tensor, mapper, range } = match self.cursor.take(param) {
+            Ok(taken) => taken,
+            Err(param) => return param,
         };
-        let Some(offset) = offset else { return Param::from_mapped_value(id, tensor, mapper) };
-        let target = &mut self.out[offset..offset + shape.iter().product::<usize>()];
+        let target = &mut self.out[range];
         if !in_host_memory(&tensor.device()) {
             if let Err(cause) = read_f32(tensor.clone(), target) {
-                self.error = Some(LayoutError::Read { id, cause });
+                self.cursor.error = Some(LayoutError::Read { id, cause });
             }
             return Param::from_mapped_value(id, tensor, mapper);
         }
         let kind = TensorKind::of(&tensor);
+        let shape = tensor.shape();
         // Consuming the only handle lets the backend hand its buffer over without a copy.
         let data = match tensor.inner().try_into_data() {
             Ok(data) => data,
             Err(e) => {
                 // The flatten fails and the module is dropped with it: any value will do here.
-                self.error = Some(LayoutError::Read { id, cause: e.to_string() });
+                self.cursor.error = Some(LayoutError::Read { id, cause: e.to_string() });
                 TensorData::zeros::<f32, _>(shape)
             }
         };
         if let Err(cause) = copy_out(&data, target) {
-            self.error = Some(LayoutError::Read { id, cause });
+            self.cursor.error = Some(LayoutError::Read { id, cause });
         }
         Param::from_mapped_value(id, kind.rebuild(data, id), mapper)
     }
 }
 
 struct WriteBackMapper<'a> {
-    layout: &'a ParamLayout,
-    index: usize,
+    cursor: Cursor<'a>,
     flat: &'a [f32],
-    error: Option<LayoutError>,
 }
 
 impl ModuleMapper for WriteBackMapper<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let index = self.index;
-        self.index += 1;
-        if self.error.is_some() {
-            return param;
-        }
-        let (id, old, mapper) = param.consume();
-        let shape: Vec<usize> = old.shape().iter().copied().collect();
-        let slot = match self.layout.expect(index, id, &shape) {
-            Ok(slot) => slot,
-            Err(error) => {
-                self.error = Some(error);
-                return Param::from_mapped_value(id, old, mapper);
-            }
+        let Taken { id, tensor: old, mapper, range } = match self.cursor.take(param) {
+            Ok(taken) => taken,
+            Err(param) => return param,
         };
-        let Some(offset) = slot.offset else {
-            return Param::from_mapped_value(id, old, mapper);
-        };
-        let values = &self.flat[offset..offset + slot.len()];
+        let shape = old.shape();
+        let values = &self.flat[range];
         let kind = TensorKind::of(&old);
         let data = if in_host_memory(&kind.device) && kind.dtype == DType::F32 {
             // Take the old buffer (no copy when no one else holds it) and overwrite it.
