@@ -1,14 +1,10 @@
 //! ResNet-20/32/44/56/110 for CIFAR (He et al. 2016, section 4.2).
 
 use burn::config::Config;
-use burn::module::Module;
-use burn::nn::conv::Conv2d;
-use burn::nn::loss::CrossEntropyLossConfig;
-use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, Relu};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::Device;
 
-use super::block::{BasicBlock, Shortcut, conv};
+use super::block::Shortcut;
+use super::residual::ResidualNetwork;
 use crate::error::ModelError;
 
 /// Configuration of a CIFAR ResNet of depth 6n+2: a 3×3 convolution to 16 channels, three
@@ -71,52 +67,9 @@ impl CifarResNetConfig {
     /// [`ModelError::InvalidDepth`].
     pub fn init(&self, device: &Device) -> Result<CifarResNet, ModelError> {
         let n = self.blocks_per_stage()?;
-        let mut blocks = Vec::with_capacity(3 * n);
-        let mut in_ch = 16;
-        for (stage, out_ch) in [16, 32, 64].into_iter().enumerate() {
-            for i in 0..n {
-                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
-                blocks.push(BasicBlock::new(in_ch, out_ch, stride, self.shortcut, device));
-                in_ch = out_ch;
-            }
-        }
-        Ok(CifarResNet {
-            conv: conv(3, 16, 3, 1, device),
-            bn: BatchNormConfig::new(16).init(device),
-            relu: Relu::new(),
-            blocks,
-            pool: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
-            fc: LinearConfig::new(64, self.num_classes).init(device),
-        })
+        Ok(ResidualNetwork::new(&[16, 32, 64], n, self.shortcut, self.num_classes, device))
     }
 }
 
-/// A CIFAR ResNet (see [`CifarResNetConfig`]).
-#[derive(Module, Debug)]
-pub struct CifarResNet {
-    conv: Conv2d,
-    bn: BatchNorm,
-    relu: Relu,
-    blocks: Vec<BasicBlock>,
-    pool: AdaptiveAvgPool2d,
-    fc: Linear,
-}
-
-impl CifarResNet {
-    /// Logits `[B, classes]` of images `[B, 3, H, W]`.
-    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let mut x = self.relu.forward(self.bn.forward(self.conv.forward(images)));
-        for block in &self.blocks {
-            x = block.forward(x);
-        }
-        let x = self.pool.forward(x).flatten::<2>(1, 3);
-        self.fc.forward(x)
-    }
-
-    /// Mean cross-entropy loss `[1]` and logits `[B, classes]`.
-    pub fn forward_classification(&self, images: Tensor<4>, targets: Tensor<1, Int>) -> (Tensor<1>, Tensor<2>) {
-        let logits = self.forward(images);
-        let loss = CrossEntropyLossConfig::new().init(&logits.device()).forward(logits.clone(), targets);
-        (loss, logits)
-    }
-}
+/// A CIFAR ResNet of depth 6n+2 (see [`CifarResNetConfig`]).
+pub type CifarResNet = ResidualNetwork;

@@ -1,11 +1,14 @@
-//! ResNets for CIFAR: [`CifarResNet`] (ResNet-20/32/44/56/110) and [`ResNet18`].
+//! ResNets for CIFAR: [`CifarResNet`] (ResNet-20/32/44/56/110) and [`ResNet18`], both a
+//! [`ResidualNetwork`].
 
 pub mod block;
 pub mod cifar_resnet;
+pub mod residual;
 pub mod resnet18;
 
 pub use block::{BasicBlock, Shortcut};
 pub use cifar_resnet::{CifarResNet, CifarResNetConfig};
+pub use residual::ResidualNetwork;
 pub use resnet18::{ResNet18, ResNet18Config};
 
 use burn::module::{Module, ModuleVisitor, Param};
