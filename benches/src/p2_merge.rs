@@ -78,8 +78,7 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
 struct MergeTimes {
     /// [`LocalSgd::merge`]: everything below plus the non-finite count and bookkeeping.
     whole: f64,
-    /// Copying the module's tensors into the flat buffer (BatchNorm statistics flushed first),
-    /// as the merge does it ([`ParamLayout::flatten_owned`]).
+    /// Copying the module's tensors into the flat buffer (BatchNorm statistics flushed first).
     flatten: f64,
     /// The rule's exchange and arithmetic on the flat buffer, and the statistics collective.
     exchange: f64,
@@ -106,17 +105,23 @@ fn merge_times(
         let mut flat = layout.flatten(&model)?;
         let mut bare_rule = rule()?;
         bare_rule.start(&flat);
-        let mut times = Vec::with_capacity(reps);
+        let mut times = vec![[0.0; 4]; reps];
+        // Whole merges back to back, as training runs them.
         for rep in 0..reps + 3 {
-            let mut sample = [0.0; 4];
             optim.transport_mut().barrier()?;
             let start = Instant::now();
             model = optim.merge(model)?;
-            sample[0] = start.elapsed().as_secs_f64();
+            if rep >= 3 {
+                times[rep - 3][0] = start.elapsed().as_secs_f64();
+            }
+        }
+        // Then the parts, each between barriers.
+        for rep in 0..reps + 3 {
+            let mut sample = [0.0; 4];
 
             optim.transport_mut().barrier()?;
             let start = Instant::now();
-            model = layout.flatten_owned(model, &mut flat)?;
+            layout.flatten_into(&model, &mut flat)?;
             sample[1] = start.elapsed().as_secs_f64();
 
             optim.transport_mut().barrier()?;
@@ -132,7 +137,7 @@ fn merge_times(
             model = layout.unflatten(model, &flat)?;
             sample[3] = start.elapsed().as_secs_f64();
             if rep >= 3 {
-                times.push(sample);
+                times[rep - 3][1..].copy_from_slice(&sample[1..]);
             }
         }
         Ok(times)

@@ -227,7 +227,7 @@ impl LocalSgd {
     }
 
     fn broadcast_start<M: Module>(&mut self, layout: &ParamLayout, module: M) -> Result<M, CoopError> {
-        let module = layout.flatten_owned(module, &mut self.flat)?;
+        layout.flatten_into(&module, &mut self.flat)?;
         if !self.initial_broadcast || self.transport.world_size() == 1 {
             return Ok(module);
         }
@@ -253,7 +253,7 @@ impl LocalSgd {
     }
 
     fn merge_with<M: Module>(&mut self, layout: &ParamLayout, module: M) -> Result<M, CoopError> {
-        let module = layout.flatten_owned(module, &mut self.flat)?;
+        layout.flatten_into(&module, &mut self.flat)?;
         let non_finite = count_non_finite(&self.flat);
         let before = self.transport.traffic();
         let outcome = self.rule.merge(&mut self.flat, self.transport.as_mut())?;

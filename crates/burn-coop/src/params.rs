@@ -166,21 +166,6 @@ impl ParamLayout {
         self.check_count(index)
     }
 
-    /// Like [`ParamLayout::flatten_into`], for a module the caller owns: on backends whose
-    /// tensors live in host memory (Flex, NdArray) each tensor's buffer is taken out of the
-    /// module, copied into `out` and put back, instead of being copied out of a shared handle
-    /// first — one copy per value and no allocation. Returns the module, unchanged in value;
-    /// on an error the module is dropped.
-    pub fn flatten_owned<M: Module>(&self, module: M, out: &mut Vec<f32>) -> Result<M, LayoutError> {
-        flush_buffers(&module);
-        out.clear();
-        out.resize(self.len, 0.0);
-        let mut mapper = TakeMapper { cursor: Cursor::new(self), out };
-        let module = module.map(&mut mapper);
-        mapper.cursor.finish()?;
-        Ok(module)
-    }
-
     /// Returns the module's tensors as a new flat buffer.
     pub fn flatten<M: Module>(&self, module: &M) -> Result<Vec<f32>, LayoutError> {
         let mut out = Vec::new();
@@ -189,8 +174,7 @@ impl ParamLayout {
     }
 
     /// Writes `flat` back into the module's tensors, keeping ids, shapes, devices, dtypes,
-    /// autodiff and `require_grad`. Tensors left out by the policy are untouched. On host-memory
-    /// backends a tensor whose buffer no one else holds is overwritten in place.
+    /// autodiff and `require_grad`. Tensors left out by the policy are untouched.
     pub fn unflatten<M: Module>(&self, module: M, flat: &[f32]) -> Result<M, LayoutError> {
         if flat.len() != self.len {
             return Err(LayoutError::BufferLength { expected: self.len, found: flat.len() });
@@ -290,26 +274,13 @@ impl ModuleVisitor for FlattenVisitor<'_> {
 /// Copies a tensor's values, converted to `f32`, into `target`.
 fn read_f32<const D: usize>(tensor: Tensor<D>, target: &mut [f32]) -> Result<(), String> {
     let data = tensor.inner().try_into_data().map_err(|e| e.to_string())?;
-    copy_out(&data, target)
-}
-
-fn copy_out(data: &TensorData, target: &mut [f32]) -> Result<(), String> {
     if data.dtype() == DType::F32 {
         target.copy_from_slice(data.as_slice::<f32>().map_err(|e| format!("{e:?}"))?);
     } else {
-        let data = data.clone().convert::<f32>();
+        let data = data.convert::<f32>();
         target.copy_from_slice(data.as_slice::<f32>().map_err(|e| format!("{e:?}"))?);
     }
     Ok(())
-}
-
-/// Whether tensors on `device` live in host memory, where taking a tensor's data out and
-/// putting it back costs nothing (Flex, NdArray). Elsewhere the layout reads tensors through
-/// shared handles and writes new ones, so nothing is moved to the host and back needlessly.
-fn in_host_memory(device: &Device) -> bool {
-    // The dispatch device names its backend; `Device` has no public accessor for it.
-    let name = format!("{device:?}");
-    name.contains("Flex") || name.contains("NdArray")
 }
 
 /// Everything of a tensor but its values: what [`TensorKind::rebuild`] needs to make a tensor
@@ -409,44 +380,6 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Takes each tensor's data out of an owned module, copies it into the flat buffer and puts
-/// the same data back ([`ParamLayout::flatten_owned`]).
-struct TakeMapper<'a> {
-    cursor: Cursor<'a>,
-    out: &'a mut [f32],
-}
-
-impl ModuleMapper for TakeMapper<'_> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Taken { id, tensor, mapper, range } = match self.cursor.take(param) {
-            Ok(taken) => taken,
-            Err(param) => return param,
-        };
-        let target = &mut self.out[range];
-        if !in_host_memory(&tensor.device()) {
-            if let Err(cause) = read_f32(tensor.clone(), target) {
-                self.cursor.error = Some(LayoutError::Read { id, cause });
-            }
-            return Param::from_mapped_value(id, tensor, mapper);
-        }
-        let kind = TensorKind::of(&tensor);
-        let shape = tensor.shape();
-        // Consuming the only handle lets the backend hand its buffer over without a copy.
-        let data = match tensor.inner().try_into_data() {
-            Ok(data) => data,
-            Err(e) => {
-                // The flatten fails and the module is dropped with it: any value will do here.
-                self.cursor.error = Some(LayoutError::Read { id, cause: e.to_string() });
-                TensorData::zeros::<f32, _>(shape)
-            }
-        };
-        if let Err(cause) = copy_out(&data, target) {
-            self.cursor.error = Some(LayoutError::Read { id, cause });
-        }
-        Param::from_mapped_value(id, kind.rebuild(data, id), mapper)
-    }
-}
-
 struct WriteBackMapper<'a> {
     cursor: Cursor<'a>,
     flat: &'a [f32],
@@ -459,23 +392,8 @@ impl ModuleMapper for WriteBackMapper<'_> {
             Err(param) => return param,
         };
         let shape = old.shape();
-        let values = &self.flat[range];
+        let data = TensorData::new(self.flat[range].to_vec(), shape);
         let kind = TensorKind::of(&old);
-        let data = if in_host_memory(&kind.device) && kind.dtype == DType::F32 {
-            // Take the old buffer (no copy when no one else holds it) and overwrite it.
-            match old.inner().try_into_data() {
-                Ok(mut data) => match data.as_mut_slice::<f32>() {
-                    Ok(target) => {
-                        target.copy_from_slice(values);
-                        data
-                    }
-                    Err(_) => TensorData::new(values.to_vec(), shape),
-                },
-                Err(_) => TensorData::new(values.to_vec(), shape),
-            }
-        } else {
-            TensorData::new(values.to_vec(), shape)
-        };
         Param::from_mapped_value(id, kind.rebuild(data, id), mapper)
     }
 }

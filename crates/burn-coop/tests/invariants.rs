@@ -482,20 +482,12 @@ fn modules_round_trip_through_flat_buffers() {
 }
 
 #[test]
-fn owned_flattening_and_in_place_write_back_leave_shared_handles_alone() {
+fn writing_back_leaves_shared_handles_alone() {
     let model = tiny_for(2);
     let layout = ParamLayout::of(&model, BufferPolicy::Merge);
-    let expected = layout.flatten(&model).unwrap();
     // A handle on the same weights held elsewhere (as a user's copy of the model would be).
     let kept = model.fc1.weight.val();
     let kept_values = kept.clone().into_data().try_to_vec::<f32>().unwrap();
-
-    let mut flat = Vec::new();
-    let model = layout.flatten_owned(model, &mut flat).unwrap();
-    assert_eq!(flat, expected, "owned flattening reads the same values");
-    assert_eq!(layout.flatten(&model).unwrap(), expected, "and leaves the module unchanged");
-    assert!(model.fc1.weight.val().is_require_grad());
-
     let written: Vec<f32> = (0..layout.len()).map(|k| 1.0 + k as f32).collect();
     let model = layout.unflatten(model, &written).unwrap();
     assert_eq!(layout.flatten(&model).unwrap(), written);
