@@ -1,7 +1,6 @@
 //! The in-process transport: `m` workers on threads of one process exchanging buffers through
 //! shared memory.
 
-use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -54,22 +53,18 @@ impl InProcessGroup {
             world: self.world,
             timeout: self.timeout,
             state: Mutex::new(State {
-                gathering: 0,
-                arrived_at: vec![None; self.world],
+                scattering: false,
+                arrived: vec![false; self.world],
                 arrived_count: 0,
+                readers_left: 0,
                 departed: vec![false; self.world],
                 broken: None,
             }),
             changed: Condvar::new(),
-            slots: [0, 1].map(|_| (0..self.world).map(|_| RwLock::new(Slot::default())).collect()),
+            slots: (0..self.world).map(|_| RwLock::new(Slot::default())).collect(),
         });
         (0..self.world)
-            .map(|rank| InProcessTransport {
-                rank,
-                shared: Arc::clone(&shared),
-                traffic: Traffic::default(),
-                generation: Cell::new(0),
-            })
+            .map(|rank| InProcessTransport { rank, shared: Arc::clone(&shared), traffic: Traffic::default() })
             .collect()
     }
 }
@@ -86,8 +81,6 @@ pub struct InProcessTransport {
     rank: usize,
     shared: Arc<Shared>,
     traffic: Traffic,
-    /// Collectives this worker has entered.
-    generation: Cell<u64>,
 }
 
 #[derive(Debug)]
@@ -96,8 +89,7 @@ struct Shared {
     timeout: Option<Duration>,
     state: Mutex<State>,
     changed: Condvar,
-    /// Two sets of slots, used by alternate collectives.
-    slots: [Vec<RwLock<Slot>>; 2],
+    slots: Vec<RwLock<Slot>>,
 }
 
 #[derive(Debug, Default)]
@@ -106,26 +98,16 @@ struct Slot {
     stats: Vec<f64>,
 }
 
-/// Collective number `g` writes and reads slot set `g % 2`. Each worker writes its own slot,
-/// arrives, and once all have arrived, reads every slot of the set. Nobody waits for the
-/// readers: a worker can only write set `g % 2` again in collective `g + 2`, which cannot start
-/// before collective `g + 1` has gathered everyone — and every worker arrives at `g + 1` only
-/// after it has finished reading `g`.
+/// A collective has two phases: gathering (each worker writes its own slot) and scattering
+/// (every worker reads all slots). The next gathering starts once every reader is done.
 #[derive(Debug)]
 struct State {
-    /// The collective being gathered.
-    gathering: u64,
-    /// The last collective each worker arrived at.
-    arrived_at: Vec<Option<u64>>,
+    scattering: bool,
+    arrived: Vec<bool>,
     arrived_count: usize,
+    readers_left: usize,
     departed: Vec<bool>,
     broken: Option<TransportError>,
-}
-
-impl State {
-    fn has_arrived(&self, rank: usize, generation: u64) -> bool {
-        self.arrived_at[rank].is_some_and(|g| g >= generation)
-    }
 }
 
 impl Shared {
@@ -133,21 +115,20 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits until collective `generation` has gathered every worker.
     fn wait<'a>(
         &'a self,
         mut state: MutexGuard<'a, State>,
         deadline: Option<Instant>,
-        generation: u64,
+        mut done: impl FnMut(&State) -> bool,
     ) -> Result<MutexGuard<'a, State>, TransportError> {
         loop {
             if let Some(error) = &state.broken {
                 return Err(error.clone());
             }
-            if state.gathering > generation {
+            if done(&state) {
                 return Ok(state);
             }
-            if let Some(rank) = (0..self.world).find(|&r| state.departed[r] && !state.has_arrived(r, generation)) {
+            if let Some(rank) = (0..self.world).find(|&r| state.departed[r] && !state.arrived[r]) {
                 let error = TransportError::PeerLost { rank };
                 state.broken = Some(error.clone());
                 self.changed.notify_all();
@@ -158,7 +139,7 @@ impl Shared {
                 Some(deadline) => {
                     let now = Instant::now();
                     if now >= deadline {
-                        let waiting_for = (0..self.world).filter(|&r| !state.has_arrived(r, generation)).collect();
+                        let waiting_for = (0..self.world).filter(|&r| !state.arrived[r]).collect();
                         let seconds = self.timeout.map_or(0.0, |t| t.as_secs_f64());
                         let error = TransportError::Timeout { seconds, waiting_for };
                         state.broken = Some(error.clone());
@@ -180,25 +161,37 @@ impl InProcessTransport {
         deposit: impl FnOnce(&mut Slot),
         combine: impl FnOnce(&[RwLockReadGuard<'_, Slot>]) -> Result<R, TransportError>,
     ) -> Result<R, TransportError> {
-        let generation = self.generation.get();
-        self.generation.set(generation + 1);
         let shared = &*self.shared;
-        let slots = &shared.slots[(generation % 2) as usize];
         let deadline = shared.timeout.map(|t| Instant::now() + t);
-        deposit(&mut slots[self.rank].write().unwrap_or_else(PoisonError::into_inner));
+        let state = shared.wait(shared.lock(), deadline, |s| !s.scattering)?;
+        drop(state);
+        deposit(&mut shared.slots[self.rank].write().unwrap_or_else(PoisonError::into_inner));
 
         let mut state = shared.lock();
-        state.arrived_at[self.rank] = Some(generation);
+        state.arrived[self.rank] = true;
         state.arrived_count += 1;
         if state.arrived_count == shared.world {
-            state.arrived_count = 0;
-            state.gathering = generation + 1;
+            state.scattering = true;
+            state.readers_left = shared.world;
             shared.changed.notify_all();
         }
-        drop(shared.wait(state, deadline, generation)?);
+        let state = shared.wait(state, deadline, |s| s.scattering)?;
+        drop(state);
 
-        let guards: Vec<_> = slots.iter().map(|slot| slot.read().unwrap_or_else(PoisonError::into_inner)).collect();
-        combine(&guards)
+        let guards: Vec<_> =
+            shared.slots.iter().map(|slot| slot.read().unwrap_or_else(PoisonError::into_inner)).collect();
+        let result = combine(&guards);
+        drop(guards);
+
+        let mut state = shared.lock();
+        state.readers_left -= 1;
+        if state.readers_left == 0 {
+            state.scattering = false;
+            state.arrived.iter_mut().for_each(|a| *a = false);
+            state.arrived_count = 0;
+            shared.changed.notify_all();
+        }
+        result
     }
 
     fn check_lengths(&self, slots: &[RwLockReadGuard<'_, Slot>], len: usize) -> Result<(), TransportError> {
