@@ -13,7 +13,9 @@ fn every_benchmark_runs_at_smoke_scale() {
     let rows = burn_coop_benches::run(&options).expect("benchmarks run");
     let count = |id: &str| rows.iter().filter(|r| r.id == id).count();
     assert_eq!(count("P1"), 2);
-    assert_eq!(count("P2"), 3, "one row per rule");
+    assert_eq!(count("P2"), 12, "per rule: the whole merge and its three parts");
+    let p2_goals = rows.iter().filter(|r| r.id == "P2" && r.goal == Goal::AtMost(2.0)).count();
+    assert_eq!(p2_goals, 3, "one goal row per rule");
     assert_eq!(count("P3"), 1);
     assert!(count("P7") >= 1, "at least the Flex backend");
     assert_eq!(count("P8"), 2);
