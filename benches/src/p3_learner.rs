@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn_coop::learner::{CoopTask, LrSchedule, LrShape, RuleSpec};
 use burn_coop::{Learner, LearnerConfig};
@@ -92,7 +91,6 @@ fn plain_images_per_second(task: CifarTask, batch: usize, steps: usize) -> Resul
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(0.05, model, grads);
     }
-    let _ = model.num_params();
     device.sync().map_err(|e| format!("device sync failed: {e:?}"))?;
     Ok((steps * batch) as f64 / start.elapsed().as_secs_f64())
 }

@@ -9,7 +9,6 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use burn::module::Module;
 use burn::tensor::Device;
 use burn_coop_vision::models::count_trainable_params;
 
@@ -91,7 +90,6 @@ fn burn_images_per_second(
                 times.push(elapsed);
             }
         }
-        let _ = model.num_params();
         Ok(batch as f64 / median(&times))
     }));
     attempt.unwrap_or_else(|panic| {

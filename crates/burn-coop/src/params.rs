@@ -5,10 +5,8 @@
 //! so the merged buffer can be written back with the same [`ParamId`]s, shapes, devices, dtypes
 //! and `require_grad` flags.
 
-use std::ops::Range;
-
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId, ParamMapper};
-use burn::tensor::{DType, Device, Tensor, TensorCreationOptions, TensorData};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
 use serde::{Deserialize, Serialize};
 
 /// What happens to buffers — float tensors that do not require gradients, such as BatchNorm's
@@ -179,9 +177,13 @@ impl ParamLayout {
         if flat.len() != self.len {
             return Err(LayoutError::BufferLength { expected: self.len, found: flat.len() });
         }
-        let mut mapper = WriteBackMapper { cursor: Cursor::new(self), flat };
+        let mut mapper = WriteBackMapper { layout: self, index: 0, flat, error: None };
         let module = module.map(&mut mapper);
-        mapper.cursor.finish()?;
+        let index = mapper.index;
+        if let Some(error) = mapper.error {
+            return Err(error);
+        }
+        self.check_count(index)?;
         Ok(module)
     }
 
@@ -283,117 +285,56 @@ fn read_f32<const D: usize>(tensor: Tensor<D>, target: &mut [f32]) -> Result<(),
     Ok(())
 }
 
-/// Everything of a tensor but its values: what [`TensorKind::rebuild`] needs to make a tensor
-/// that differs only in its data.
-struct TensorKind {
-    device: Device,
-    dtype: DType,
-    autodiff: bool,
-    checkpointing: Option<burn::tensor::GradientCheckpointingStrategy>,
-    require_grad: bool,
-    distributed: bool,
-}
-
-impl TensorKind {
-    fn of<const D: usize>(tensor: &Tensor<D>) -> Self {
-        let autodiff = tensor.is_autodiff();
-        Self {
-            device: tensor.device(),
-            dtype: tensor.dtype(),
-            autodiff,
-            // Asking a tensor without autodiff for its strategy panics.
-            checkpointing: if autodiff { tensor.gradient_checkpointing_strategy() } else { None },
-            require_grad: autodiff && tensor.is_require_grad(),
-            distributed: autodiff && tensor.is_distributed(),
-        }
-    }
-
-    /// A tensor holding `data` with this kind's device, dtype, autodiff, checkpointing
-    /// strategy, `require_grad` and distributed flag.
-    fn rebuild<const D: usize>(&self, data: TensorData, id: ParamId) -> Tensor<D> {
-        let options = TensorCreationOptions::new(self.device.clone().without_autodiff()).with_dtype(self.dtype);
-        let mut tensor = Tensor::<D>::from_data(data, options);
-        if !self.autodiff {
-            return tensor;
-        }
-        tensor = tensor.autodiff();
-        if let Some(strategy) = self.checkpointing {
-            tensor = tensor.with_gradient_checkpointing_strategy(strategy);
-        }
-        if self.require_grad {
-            tensor = tensor.require_grad();
-        }
-        if self.distributed {
-            tensor = tensor.set_distributed(id);
-        }
-        tensor
-    }
-}
-
-/// Walks a module's float tensors in visiting order, checking each against the layout: the
-/// common part of the two mappers below.
-struct Cursor<'a> {
+struct WriteBackMapper<'a> {
     layout: &'a ParamLayout,
     index: usize,
-    error: Option<LayoutError>,
-}
-
-/// A tensor taken out of its parameter, with what is needed to put a tensor back.
-struct Taken<const D: usize> {
-    id: ParamId,
-    tensor: Tensor<D>,
-    mapper: ParamMapper<Tensor<D>>,
-    range: Range<usize>,
-}
-
-impl<'a> Cursor<'a> {
-    fn new(layout: &'a ParamLayout) -> Self {
-        Self { layout, index: 0, error: None }
-    }
-
-    /// The next tensor, taken out with its range in the flat buffer; or the parameter handed
-    /// back as it was (left out by the policy, or after an error, which is recorded).
-    fn take<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Result<Taken<D>, Param<Tensor<D>>> {
-        let index = self.index;
-        self.index += 1;
-        if self.error.is_some() {
-            return Err(param);
-        }
-        let (id, tensor, mapper) = param.consume();
-        let shape: Vec<usize> = tensor.shape().iter().copied().collect();
-        match self.layout.expect(index, id, &shape).map(|slot| slot.offset.map(|o| o..o + slot.len())) {
-            Ok(Some(range)) => Ok(Taken { id, tensor, mapper, range }),
-            Ok(None) => Err(Param::from_mapped_value(id, tensor, mapper)),
-            Err(error) => {
-                self.error = Some(error);
-                Err(Param::from_mapped_value(id, tensor, mapper))
-            }
-        }
-    }
-
-    /// The error met, or a count mismatch.
-    fn finish(self) -> Result<(), LayoutError> {
-        match self.error {
-            Some(error) => Err(error),
-            None => self.layout.check_count(self.index),
-        }
-    }
-}
-
-struct WriteBackMapper<'a> {
-    cursor: Cursor<'a>,
     flat: &'a [f32],
+    error: Option<LayoutError>,
 }
 
 impl ModuleMapper for WriteBackMapper<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Taken { id, tensor: old, mapper, range } = match self.cursor.take(param) {
-            Ok(taken) => taken,
-            Err(param) => return param,
+        let index = self.index;
+        self.index += 1;
+        if self.error.is_some() {
+            return param;
+        }
+        let (id, old, mapper) = param.consume();
+        let shape: Vec<usize> = old.shape().iter().copied().collect();
+        let slot = match self.layout.expect(index, id, &shape) {
+            Ok(slot) => slot,
+            Err(error) => {
+                self.error = Some(error);
+                return Param::from_mapped_value(id, old, mapper);
+            }
         };
-        let shape = old.shape();
-        let data = TensorData::new(self.flat[range].to_vec(), shape);
-        let kind = TensorKind::of(&old);
-        Param::from_mapped_value(id, kind.rebuild(data, id), mapper)
+        let Some(offset) = slot.offset else {
+            return Param::from_mapped_value(id, old, mapper);
+        };
+        let values = self.flat[offset..offset + slot.len()].to_vec();
+        let updated = rebuild_like(&old, TensorData::new(values, shape), id);
+        Param::from_mapped_value(id, updated, mapper)
     }
+}
+
+/// A tensor holding `data` with everything else — device, dtype, autodiff, checkpointing
+/// strategy, `require_grad`, distributed flag — taken from `like`.
+fn rebuild_like<const D: usize>(like: &Tensor<D>, data: TensorData, id: ParamId) -> Tensor<D> {
+    let device = like.device();
+    let options = TensorCreationOptions::new(device.clone().without_autodiff()).with_dtype(like.dtype());
+    let mut tensor = Tensor::<D>::from_data(data, options);
+    if !like.is_autodiff() {
+        return tensor;
+    }
+    tensor = tensor.autodiff();
+    if let Some(strategy) = like.gradient_checkpointing_strategy() {
+        tensor = tensor.with_gradient_checkpointing_strategy(strategy);
+    }
+    if like.is_require_grad() {
+        tensor = tensor.require_grad();
+    }
+    if like.is_distributed() {
+        tensor = tensor.set_distributed(id);
+    }
+    tensor
 }

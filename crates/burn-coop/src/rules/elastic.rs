@@ -1,6 +1,6 @@
 //! Elastic averaging (EASGD): workers are pulled towards an anchor that moves towards them.
 
-use super::{MergeOutcome, MergeRule, RuleError, RuleState, lane_sum};
+use super::{MergeOutcome, MergeRule, RuleError, RuleState, distance_to_mean};
 use crate::mixing::MixingMatrix;
 use crate::transport::{ReduceOp, Transport, TransportError};
 
@@ -86,8 +86,7 @@ impl MergeRule for ElasticAveraging {
         transport.all_reduce(&self.diff, &mut self.sum, ReduceOp::Sum)?;
 
         // x̄ − z = S/m, so x_i − x̄ = d_i − S/m: the consensus distance needs no extra exchange.
-        let inv_m = 1.0 / transport.world_size() as f32;
-        let local = lane_sum(&self.diff, &self.sum, |d, s| (d - s * inv_m) * (d - s * inv_m));
+        let local = distance_to_mean(&self.diff, &self.sum, transport.world_size());
         let alpha = self.alpha as f32;
         for (((x, z), d), s) in params.iter_mut().zip(anchor.iter_mut()).zip(&self.diff).zip(&self.sum) {
             *x -= alpha * d;

@@ -128,30 +128,9 @@ const LANES: usize = 16;
 /// Elements summed in f32 before the partial sums are folded into f64.
 const BLOCK: usize = 2048;
 
-/// Visits `x` and `y` together, summing `f(x_k, y_k)` (which may rewrite `x_k`) in f32 lanes per
-/// block and in f64 across blocks.
+/// `Σ_k f(x_k, y_k)`, accumulated in f32 lanes per block and in f64 across blocks.
 #[inline(always)]
-fn fused_sum(x: &mut [f32], y: &[f32], mut f: impl FnMut(&mut f32, f32) -> f32) -> f64 {
-    debug_assert_eq!(x.len(), y.len());
-    let mut total = 0.0;
-    for (xb, yb) in x.chunks_mut(BLOCK).zip(y.chunks(BLOCK)) {
-        let mut acc = [0.0f32; LANES];
-        let mut xs = xb.chunks_exact_mut(LANES);
-        let mut ys = yb.chunks_exact(LANES);
-        for (xl, yl) in (&mut xs).zip(&mut ys) {
-            for l in 0..LANES {
-                acc[l] += f(&mut xl[l], yl[l]);
-            }
-        }
-        let tail: f32 = xs.into_remainder().iter_mut().zip(ys.remainder()).map(|(x, &y)| f(x, y)).sum();
-        total += f64::from(tail) + acc.iter().map(|&a| f64::from(a)).sum::<f64>();
-    }
-    total
-}
-
-/// `Σ_k f(x_k, y_k)`, accumulated as [`fused_sum`] does, reading only.
-#[inline(always)]
-pub(crate) fn lane_sum(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+fn lane_sum(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
     debug_assert_eq!(x.len(), y.len());
     let mut total = 0.0;
     for (xb, yb) in x.chunks(BLOCK).zip(y.chunks(BLOCK)) {
@@ -183,39 +162,56 @@ impl MeanOf {
     fn workers(m: usize) -> Self {
         if m.is_power_of_two() { Self::Scale(1.0 / m as f32) } else { Self::Divide(m as f32) }
     }
-}
 
-/// One pass over a worker's `params` and the workers' element-wise `sum`: replaces `params` by
-/// the mean and returns `‖params − mean‖²` from before the replacement.
-pub(crate) fn replace_by_mean(params: &mut [f32], sum: &[f32], m: usize) -> f64 {
-    let step = |mean: f32, x: &mut f32| {
-        let d = *x - mean;
-        *x = mean;
-        d * d
-    };
-    match MeanOf::workers(m) {
-        MeanOf::Scale(inv) => fused_sum(params, sum, |x, s| step(s * inv, x)),
-        MeanOf::Divide(m) => fused_sum(params, sum, |x, s| step(s / m, x)),
+    /// `‖x − s/m‖²`.
+    fn distance(self, x: &[f32], s: &[f32]) -> f64 {
+        match self {
+            Self::Scale(inv) => lane_sum(x, s, |x, s| (x - s * inv) * (x - s * inv)),
+            Self::Divide(m) => lane_sum(x, s, |x, s| (x - s / m) * (x - s / m)),
+        }
+    }
+
+    /// `out ← s/m`.
+    fn write(self, out: &mut [f32], s: &[f32]) {
+        match self {
+            Self::Scale(inv) => out.iter_mut().zip(s).for_each(|(o, s)| *o = s * inv),
+            Self::Divide(m) => out.iter_mut().zip(s).for_each(|(o, s)| *o = s / m),
+        }
     }
 }
 
-/// `‖params − sum/m‖²`, then `params ← replacement`, block by block (one pass over memory).
-pub(crate) fn distance_to_mean_then_replace(params: &mut [f32], sum: &[f32], m: usize, replacement: &[f32]) -> f64 {
+/// `‖x_i − x̄‖²` for this worker's `params` and the workers' element-wise `sum` (`x̄ = sum/m`),
+/// then `params ← replacement(x̄ block)`, block by block so each block is read from cache the
+/// second time: one pass over memory.
+fn distance_to_mean_then(
+    params: &mut [f32],
+    sum: &[f32],
+    m: usize,
+    mut replace: impl FnMut(MeanOf, &mut [f32], &[f32], usize),
+) -> f64 {
     let mean = MeanOf::workers(m);
     let mut total = 0.0;
-    for ((xb, sb), rb) in params.chunks_mut(BLOCK).zip(sum.chunks(BLOCK)).zip(replacement.chunks(BLOCK)) {
-        total += distance_to_mean(xb, sb, mean);
-        xb.copy_from_slice(rb);
+    for (block, (xb, sb)) in params.chunks_mut(BLOCK).zip(sum.chunks(BLOCK)).enumerate() {
+        total += mean.distance(xb, sb);
+        replace(mean, xb, sb, block * BLOCK);
     }
     total
 }
 
-/// `‖x − s/m‖²`.
-fn distance_to_mean(x: &[f32], s: &[f32], mean: MeanOf) -> f64 {
-    match mean {
-        MeanOf::Scale(inv) => lane_sum(x, s, |x, s| (x - s * inv) * (x - s * inv)),
-        MeanOf::Divide(m) => lane_sum(x, s, |x, s| (x - s / m) * (x - s / m)),
-    }
+/// Replaces `params` by the mean `sum/m` and returns `‖params − mean‖²` from before.
+pub(crate) fn replace_by_mean(params: &mut [f32], sum: &[f32], m: usize) -> f64 {
+    distance_to_mean_then(params, sum, m, |mean, xb, sb, _| mean.write(xb, sb))
+}
+
+/// `‖params − sum/m‖²`, then `params ← replacement`.
+pub(crate) fn distance_to_mean_then_replace(params: &mut [f32], sum: &[f32], m: usize, replacement: &[f32]) -> f64 {
+    distance_to_mean_then(params, sum, m, |_, xb, _, start| xb.copy_from_slice(&replacement[start..start + xb.len()]))
+}
+
+/// `‖x − s/m‖²` without changing `x` (`s` the workers' element-wise sum of something whose
+/// mean `x` is compared with).
+pub(crate) fn distance_to_mean(x: &[f32], s: &[f32], m: usize) -> f64 {
+    MeanOf::workers(m).distance(x, s)
 }
 
 /// The consensus distance `(1/m) Σ_i ‖x_i − x̄‖²` of the workers' current `params`
@@ -223,8 +219,7 @@ fn distance_to_mean(x: &[f32], s: &[f32], mean: MeanOf) -> f64 {
 pub fn consensus_distance(params: &[f32], transport: &mut dyn Transport) -> Result<f64, TransportError> {
     let mut sum = vec![0.0; params.len()];
     transport.all_reduce(params, &mut sum, crate::transport::ReduceOp::Sum)?;
-    let mean = MeanOf::workers(transport.world_size());
-    consensus_from_local(distance_to_mean(params, &sum, mean), transport)
+    consensus_from_local(distance_to_mean(params, &sum, transport.world_size()), transport)
 }
 
 impl<R: MergeRule + ?Sized> MergeRule for Box<R> {

@@ -69,9 +69,6 @@ impl InProcessGroup {
     }
 }
 
-/// Values combined per block in reductions (16 KiB of f32: the running result stays in L1).
-const BLOCK: usize = 4096;
-
 /// One worker's handle on an [`InProcessGroup`].
 ///
 /// Dropping the handle (also while unwinding from a panic) tells the other workers that this
@@ -234,18 +231,14 @@ impl Transport for InProcessTransport {
             },
             |slots| {
                 self.check_lengths(slots, send.len())?;
-                // Every worker sums in rank order, so all of them get bit-identical results. Block
-                // by block, so the partial sum stays in L1 while the other slots stream past.
-                let m = world as f32;
-                for (start, block) in recv.chunks_mut(BLOCK).enumerate().map(|(b, r)| (b * BLOCK, r)) {
-                    let range = start..start + block.len();
-                    block.copy_from_slice(&slots[0].values[range.clone()]);
-                    for slot in &slots[1..] {
-                        block.iter_mut().zip(&slot.values[range.clone()]).for_each(|(r, v)| *r += v);
-                    }
-                    if op == ReduceOp::Mean {
-                        block.iter_mut().for_each(|r| *r /= m);
-                    }
+                // Every worker sums in rank order, so all of them get bit-identical results.
+                recv.copy_from_slice(&slots[0].values);
+                for slot in &slots[1..] {
+                    recv.iter_mut().zip(&slot.values).for_each(|(r, v)| *r += v);
+                }
+                if op == ReduceOp::Mean {
+                    let m = world as f32;
+                    recv.iter_mut().for_each(|r| *r /= m);
                 }
                 Ok(())
             },
@@ -301,12 +294,9 @@ impl Transport for InProcessTransport {
                         return Err(TransportError::LengthMismatch { rank, len: send.len(), other_rank: j, other_len });
                     }
                 }
-                for (start, block) in recv.chunks_mut(BLOCK).enumerate().map(|(b, r)| (b * BLOCK, r)) {
-                    let range = start..start + block.len();
-                    block.iter_mut().zip(&send[range.clone()]).for_each(|(r, s)| *r = self_weight * s);
-                    for &(j, weight) in neighbors {
-                        block.iter_mut().zip(&slots[j].values[range.clone()]).for_each(|(r, v)| *r += weight * v);
-                    }
+                recv.iter_mut().zip(send).for_each(|(r, s)| *r = self_weight * s);
+                for &(j, weight) in neighbors {
+                    recv.iter_mut().zip(&slots[j].values).for_each(|(r, v)| *r += weight * v);
                 }
                 Ok(())
             },
