@@ -2,10 +2,11 @@
 
 use crate::mixing::MixingError;
 use crate::params::LayoutError;
+use crate::comm::CommError;
 use crate::rules::RuleError;
 use crate::schedule::ScheduleError;
+use crate::spec::SpecError;
 use crate::topology::TopologyError;
-use crate::transport::TransportError;
 
 /// Everything that can go wrong in cooperative training.
 ///
@@ -19,15 +20,18 @@ pub enum CoopError {
     /// A mixing matrix failed validation.
     #[error(transparent)]
     Mixing(#[from] MixingError),
-    /// A merge rule was configured with values it cannot run with.
+    /// A merge rule cannot run (its settings, its saved state).
     #[error(transparent)]
-    Rule(#[from] RuleError),
+    Rule(RuleError),
+    /// A rule's or schedule's settings cannot run with this number of workers.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     /// A synchronization schedule was configured with values it cannot run with.
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
     /// Communication with the other workers failed.
     #[error(transparent)]
-    Transport(#[from] TransportError),
+    Comm(#[from] CommError),
     /// The module's parameters do not match the layout recorded at the first step.
     #[error(transparent)]
     Layout(#[from] LayoutError),
@@ -43,7 +47,15 @@ pub enum CoopError {
         /// Number of values checked.
         total: usize,
     },
-    /// Saved state could not be restored.
-    #[error("cannot restore optimizer state: {0}")]
-    State(String),
+}
+
+impl From<RuleError> for CoopError {
+    /// A communication failure inside a rule is reported as one (so that a lost peer is
+    /// recognized as the consequence it is); every other rule error as a rule error.
+    fn from(error: RuleError) -> Self {
+        match error {
+            RuleError::Comm(error) => Self::Comm(error),
+            other => Self::Rule(other),
+        }
+    }
 }

@@ -8,39 +8,51 @@
 //!
 //! The pieces, one concept per module:
 //! - [`topology`] and [`mixing`]: graphs, mixing matrices `W`, validation, `ζ`;
-//! - [`rules`]: the [`MergeRule`] trait and its implementations;
-//! - [`schedule`]: when to merge ([`SyncSchedule`], [`PeriodicSchedule`]);
+//! - [`rules`]: the [`MergeRule`] trait (two phases, context, state records) and the rules;
+//! - [`schedule`]: when to merge ([`SyncSchedule`], fed with signals and merge feedback);
+//! - [`spec`]: the registries of rules and schedules (settings for files and flags);
+//! - [`comm`]: the [`Communicator`] that moves data between workers, [`InProcessGroup`] for
+//!   threads, and [`Metered`](comm::Metered) byte accounting;
 //! - [`params`]: flat parameter buffers for any Burn module;
-//! - [`transport`]: how workers exchange buffers ([`Transport`], [`InProcessGroup`]);
-//! - [`LocalSgd`]: the optimizer wrapper that puts them together;
-//! - [`learner`]: replicas trained together, with metrics, evaluation and checkpoints.
+//! - [`state`]: binary state records of rules and schedules;
+//! - [`Synchronizer`]: the merge engine driven after each local step;
+//! - [`LocalSgd`]: a Burn optimizer plus a synchronizer, the one-line swap;
+//! - [`learner`]: replicas trained together, with metrics, evaluation and checkpoints;
+//! - [`launch()`] / [`launch::run_group`]: one thread per worker, failures reported cause first;
+//! - [`testing`]: a test kit for rule authors.
 
-pub mod error;
+pub mod comm;
+mod error;
 pub mod launch;
 pub mod learner;
-pub mod local_sgd;
+mod local_sgd;
 pub mod mixing;
 pub mod params;
 pub mod rules;
 pub mod schedule;
+pub mod spec;
 mod spectrum;
+pub mod state;
+mod sync;
+pub mod testing;
 pub mod topology;
 #[cfg(feature = "burn-train")]
 pub mod train_strategy;
-pub mod transport;
 
+pub use comm::{CommError, Communicator, InProcessComm, InProcessGroup};
 pub use error::CoopError;
 pub use launch::{Worker, WorkerPanicked, launch};
 pub use learner::{CoopTask, Learner, LearnerConfig, LearnerError};
-pub use local_sgd::{CoopStats, InnerStatePolicy, LocalSgd, LocalSgdState, SyncReport};
+pub use local_sgd::{InnerStatePolicy, LocalSgd, LocalSgdState};
 pub use mixing::{MixingError, MixingMatrix};
 pub use params::{BufferPolicy, ParamLayout};
-pub use rules::{ElasticAveraging, Gossip, MergeOutcome, MergeRule, PeriodicAveraging, RuleError};
+pub use rules::{Averaging, Elastic, Gossip, MergeOutcome, MergeRule, RuleError, SyncContext};
 pub use schedule::{PeriodicSchedule, ScheduleError, SyncSchedule};
-pub use topology::{Topology, TopologyError, TopologyKind, WeightRule};
+pub use spec::{RuleSpec, ScheduleSpec, SpecError};
+pub use sync::{CoopStats, StepSignal, SyncReport, SyncState, Synchronizer};
+pub use topology::{Topology, TopologyError, TopologyKind, TopologySpec, WeightRule};
 #[cfg(feature = "burn-train")]
 pub use train_strategy::LocalSgdStrategy;
-pub use transport::{InProcessGroup, InProcessTransport, ReduceOp, Traffic, Transport, TransportError};
 
 /// The README's code blocks, compiled and run as documentation tests.
 #[cfg(doctest)]

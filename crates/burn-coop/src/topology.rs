@@ -8,6 +8,33 @@ use serde::{Deserialize, Serialize};
 use crate::mixing::{MixingError, MixingMatrix, connected_components};
 use crate::spectrum::symmetric_eigenvalues;
 
+/// A communication graph by name, sized later to the number of workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TopologySpec {
+    /// Ring.
+    #[default]
+    Ring,
+    /// The most square 2-D torus for the number of workers.
+    Torus,
+    /// Exponential graph (neighbours at distance `2^k`).
+    Exponential,
+    /// Complete graph.
+    Complete,
+}
+
+impl TopologySpec {
+    /// The topology on `workers` nodes.
+    pub fn build(self, workers: usize) -> Result<Topology, TopologyError> {
+        match self {
+            Self::Ring => Topology::ring(workers),
+            Self::Torus => Topology::torus_for(workers),
+            Self::Exponential => Topology::exponential(workers),
+            Self::Complete => Topology::complete(workers),
+        }
+    }
+}
+
 /// Why a topology cannot be built.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TopologyError {

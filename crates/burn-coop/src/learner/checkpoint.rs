@@ -7,7 +7,9 @@
 //! step-00001200/
 //!   worker-0.model.bpk        module record (weights, BatchNorm statistics, ParamIds)
 //!   worker-0.optim.bpk        inner optimizer record (momentum, Adam moments)
-//!   worker-0.state.json       step, LocalSgd state (counters, anchor, schedule)
+//!   worker-0.state.json       step and the synchronizer's counters (small JSON)
+//!   worker-0.coop.bin         the rule's and schedule's records (anchors, momenta: binary,
+//!                             see [`crate::state`])
 //!   ...
 //! ```
 //!
@@ -21,11 +23,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::local_sgd::LocalSgdState;
+use crate::state::StateFile;
+use crate::sync::SyncState;
 
 /// One worker's saved state besides its model and optimizer records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WorkerState {
+pub(crate) struct WorkerState {
     /// This worker's rank.
     pub rank: usize,
     /// Number of workers in the run.
@@ -34,21 +37,23 @@ pub struct WorkerState {
     pub step: u64,
     /// Epochs completed.
     pub epochs_done: usize,
-    /// The optimizer wrapper's state.
-    pub local_sgd: LocalSgdState,
+    /// The synchronizer's counters.
+    pub sync: SyncState,
     /// Wall-clock seconds trained before this checkpoint.
     pub elapsed_seconds: f64,
 }
 
 /// The files of one worker in a checkpoint.
 #[derive(Debug, Clone)]
-pub struct WorkerFiles {
+pub(crate) struct WorkerFiles {
     /// Module record bytes.
     pub model: Vec<u8>,
     /// Optimizer record bytes.
     pub optimizer: Vec<u8>,
     /// The rest of the state.
     pub state: WorkerState,
+    /// The rule's and the schedule's records.
+    pub records: StateFile,
 }
 
 /// Why a checkpoint could not be written or read.
@@ -62,7 +67,7 @@ pub enum CheckpointError {
         /// The cause.
         source: std::io::Error,
     },
-    /// A state file does not parse.
+    /// A state file does not parse (JSON counters or binary records).
     #[error("checkpoint state {path} is corrupt: {cause}")]
     Corrupt {
         /// The file.
@@ -95,9 +100,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Io { path: path.to_path_buf(), source }
 }
 
+/// The newest complete checkpoint of the run in `output`, if any.
+pub fn latest_checkpoint(output: &Path) -> Result<Option<PathBuf>, CheckpointError> {
+    Checkpoints::in_output(output).latest()
+}
+
 /// The checkpoint folder of a run.
 #[derive(Debug, Clone)]
-pub struct Checkpoints {
+pub(crate) struct Checkpoints {
     root: PathBuf,
 }
 
@@ -126,9 +136,13 @@ impl Checkpoints {
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         let rank = files.state.rank;
         let state = serde_json::to_vec_pretty(&files.state).expect("worker state serializes");
-        for (suffix, bytes) in
-            [("model.bpk", &files.model[..]), ("optim.bpk", &files.optimizer[..]), ("state.json", &state[..])]
-        {
+        let records = files.records.to_bytes();
+        for (suffix, bytes) in [
+            ("model.bpk", &files.model[..]),
+            ("optim.bpk", &files.optimizer[..]),
+            ("state.json", &state[..]),
+            ("coop.bin", &records[..]),
+        ] {
             let path = dir.join(format!("worker-{rank}.{suffix}"));
             let mut file = fs::File::create(&path).map_err(io(&path))?;
             file.write_all(bytes).map_err(io(&path))?;
@@ -197,6 +211,9 @@ impl Checkpoints {
                 expected_workers: workers,
             });
         }
-        Ok(WorkerFiles { model: read("model.bpk")?, optimizer: read("optim.bpk")?, state })
+        let records_path = dir.join(format!("worker-{rank}.coop.bin"));
+        let records = StateFile::from_bytes(&read("coop.bin")?)
+            .map_err(|e| CheckpointError::Corrupt { path: records_path, cause: e.to_string() })?;
+        Ok(WorkerFiles { model: read("model.bpk")?, optimizer: read("optim.bpk")?, state, records })
     }
 }

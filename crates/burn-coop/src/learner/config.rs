@@ -4,9 +4,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::{LrSchedule, OptimizerSpec, RuleSpec};
+use super::spec::{LrSchedule, OptimizerSpec};
 use crate::local_sgd::InnerStatePolicy;
 use crate::params::BufferPolicy;
+use crate::spec::{RuleSpec, ScheduleSpec};
 
 /// Everything the cooperative learner needs to know about a run (the task supplies the model
 /// and data).
@@ -15,12 +16,13 @@ use crate::params::BufferPolicy;
 pub struct LearnerConfig {
     /// Number of workers (model replicas).
     pub workers: usize,
-    /// Merge rule.
+    /// Merge rule and its settings.
     pub rule: RuleSpec,
-    /// Local steps between merges (ignored by synchronous SGD).
-    pub tau: u64,
-    /// Steps at the start that merge after every step (post-local SGD).
-    pub warmup_steps: u64,
+    /// When to merge (a rule may impose its own period: synchronous SGD merges every step).
+    pub schedule: ScheduleSpec,
+    /// Measure the consensus distance every this many merges for rules that do not measure it
+    /// by themselves (gossip); 0: never. Its bytes are reported apart.
+    pub consensus_every: u64,
     /// Training epochs.
     pub epochs: usize,
     /// Inner optimizer.
@@ -51,9 +53,9 @@ impl Default for LearnerConfig {
     fn default() -> Self {
         Self {
             workers: 4,
-            rule: RuleSpec::Average,
-            tau: 8,
-            warmup_steps: 0,
+            rule: RuleSpec::default(),
+            schedule: ScheduleSpec::default(),
+            consensus_every: 0,
             epochs: 5,
             optimizer: OptimizerSpec::default(),
             lr: LrSchedule::default(),

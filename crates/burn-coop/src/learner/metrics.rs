@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -76,7 +76,6 @@ pub struct MetricsWriter {
     syncs: BufWriter<File>,
     epochs: BufWriter<File>,
     bar: Option<ProgressBar>,
-    folder: PathBuf,
 }
 
 fn open(path: &Path, header: &str) -> std::io::Result<BufWriter<File>> {
@@ -122,13 +121,7 @@ impl MetricsWriter {
                 "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,test_loss,test_accuracy,worker_test_accuracy,consensus_distance,bytes_sent_per_worker,wall_seconds",
             )?,
             bar,
-            folder: folder.to_path_buf(),
         })
-    }
-
-    /// The folder the files are written to.
-    pub fn folder(&self) -> &Path {
-        &self.folder
     }
 
     /// Advances the progress bar by one step.

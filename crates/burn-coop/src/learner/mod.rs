@@ -6,28 +6,28 @@
 //! under MPI. Metrics go to the output folder as `metrics.jsonl`, `syncs.csv` and `epochs.csv`
 //! beside the resolved `learner.json`; checkpoints go to `checkpoints/` (see [`checkpoint`]).
 
-pub mod checkpoint;
+mod checkpoint;
 mod config;
 mod metrics;
-pub mod spec;
+mod spec;
 mod task;
 mod worker;
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::thread;
 
 use burn::tensor::Device;
 
-pub use checkpoint::CheckpointError;
+pub use checkpoint::{CheckpointError, latest_checkpoint};
 pub use config::LearnerConfig;
-pub use metrics::{EpochMetrics, MetricsWriter, SyncMetrics};
-pub use spec::{LrSchedule, LrShape, OptimizerSpec, RuleSpec, TopologySpec};
+pub use metrics::{EpochMetrics, SyncMetrics};
+pub use spec::{LrSchedule, LrShape, OptimizerSpec};
 pub use task::{CoopTask, Evaluation};
 pub use worker::{WorkerReport, run_worker};
 
+use crate::comm::InProcessGroup;
 use crate::error::CoopError;
-use crate::transport::{InProcessGroup, TransportError};
+use crate::launch::{Failure, FailureCause, run_group};
+use crate::spec::SpecError;
 
 /// Why a run stopped.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +64,10 @@ pub enum LearnerError {
         /// The panic message.
         message: String,
     },
-    /// The configuration cannot run.
+    /// A rule's or schedule's settings cannot run with this number of workers.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// The number of workers, devices or batches cannot run.
     #[error("invalid configuration: {0}")]
     Config(String),
     /// A model or optimizer record could not be (de)serialized.
@@ -78,14 +81,13 @@ impl From<crate::params::LayoutError> for LearnerError {
     }
 }
 
-impl LearnerError {
+impl FailureCause for LearnerError {
     /// When several workers fail, the learner reports the cause rather than its consequences:
     /// a worker's own failure first, then another worker's non-finite parameters as seen by the
     /// rest, then lost peers.
-    fn consequence_rank(&self) -> u8 {
+    fn consequence_level(&self) -> u8 {
         match self {
-            Self::Coop(CoopError::Transport(TransportError::PeerLost { .. })) => 2,
-            Self::Coop(CoopError::NonFiniteParameters { .. }) => 1,
+            Self::Coop(error) => error.consequence_level(),
             _ => 0,
         }
     }
@@ -109,7 +111,7 @@ impl TrainingSummary {
 
 /// Trains `config.workers` replicas of a task's model on threads of this process.
 pub struct Learner<T: CoopTask> {
-    task: Arc<T>,
+    task: T,
     config: LearnerConfig,
     devices: Vec<Device>,
     resume: bool,
@@ -118,7 +120,7 @@ pub struct Learner<T: CoopTask> {
 impl<T: CoopTask> Learner<T> {
     /// A learner for `task`; replica `r` runs on `devices[r % devices.len()]`.
     pub fn new(task: T, config: LearnerConfig, devices: Vec<Device>) -> Self {
-        Self { task: Arc::new(task), config, devices, resume: false }
+        Self { task, config, devices, resume: false }
     }
 
     /// Continue from the newest checkpoint in the configured output folder.
@@ -141,36 +143,18 @@ impl<T: CoopTask> Learner<T> {
         std::fs::write(&resolved, serde_json::to_vec_pretty(&config).expect("config serializes"))
             .map_err(|source| LearnerError::Io { path: resolved, source })?;
 
-        let threads: Vec<_> = InProcessGroup::new(config.workers)
-            .into_transports()
-            .into_iter()
-            .enumerate()
-            .map(|(rank, transport)| {
-                let (task, config) = (Arc::clone(&self.task), config.clone());
-                let device = self.devices[rank % self.devices.len()].clone();
-                let resume = self.resume;
-                thread::Builder::new()
-                    .name(format!("coop-worker-{rank}"))
-                    .spawn(move || run_worker(task.as_ref(), &config, &device, transport, resume))
-                    .expect("spawn worker thread")
-            })
-            .collect();
-        let mut reports = Vec::new();
-        let mut errors = Vec::new();
-        for (worker, thread) in threads.into_iter().enumerate() {
-            match thread.join() {
-                Ok(Ok(report)) => reports.push(report),
-                Ok(Err(error)) => errors.push(error),
-                Err(panic) => {
-                    let message = crate::launch::panic_message(panic.as_ref());
-                    errors.push(LearnerError::WorkerPanicked { worker, message });
-                }
+        let comms = InProcessGroup::new(config.workers).into_communicators();
+        let (task, devices, resume) = (&self.task, &self.devices, self.resume);
+        let reports = run_group(comms, |rank, comm| {
+            run_worker(task, &config, &devices[rank % devices.len()], comm, resume)
+        })
+        .map_err(|failure| {
+            let primary = failure.into_primary();
+            match primary.failure {
+                Failure::Error(error) => error,
+                Failure::Panicked(message) => LearnerError::WorkerPanicked { worker: primary.rank, message },
             }
-        }
-        if !errors.is_empty() {
-            errors.sort_by_key(LearnerError::consequence_rank);
-            return Err(errors.remove(0));
-        }
+        })?;
         Ok(TrainingSummary { workers: reports, output: config.output })
     }
 }

@@ -1,90 +1,11 @@
-//! Serializable descriptions of a run's rule, optimizer and learning-rate schedule, so that a
-//! run's configuration can be written to a file, read back and given on the command line.
+//! Serializable descriptions of a run's inner optimizer and learning-rate schedule (the rule's
+//! and the synchronization schedule's live in [`crate::spec`]).
 
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, AdamWConfig, ModuleOptimizer, SgdConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::error::CoopError;
-use crate::rules::{ElasticAveraging, Gossip, MergeRule, PeriodicAveraging};
-use crate::schedule::{PeriodicSchedule, SyncSchedule};
-use crate::topology::{Topology, TopologyError, WeightRule};
-
-/// A communication graph by name, sized later to the number of workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum TopologySpec {
-    /// Ring.
-    #[default]
-    Ring,
-    /// The most square 2-D torus for the number of workers.
-    Torus,
-    /// Exponential graph (neighbours at distance `2^k`).
-    Exponential,
-    /// Complete graph.
-    Complete,
-}
-
-impl TopologySpec {
-    /// The topology on `workers` nodes.
-    pub fn build(self, workers: usize) -> Result<Topology, TopologyError> {
-        match self {
-            Self::Ring => Topology::ring(workers),
-            Self::Torus => Topology::torus_for(workers),
-            Self::Exponential => Topology::exponential(workers),
-            Self::Complete => Topology::complete(workers),
-        }
-    }
-}
-
-/// Which merge rule a run uses.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "kind")]
-pub enum RuleSpec {
-    /// Synchronous SGD: averaging after every step (τ is forced to 1).
-    Sync,
-    /// Periodic averaging (local SGD).
-    #[default]
-    Average,
-    /// Elastic averaging; `alpha = None` uses `2/(m+2)`, the ζ-minimizing value.
-    Elastic {
-        /// Moving rate α.
-        alpha: Option<f64>,
-    },
-    /// Gossip on a topology.
-    Gossip {
-        /// The graph.
-        topology: TopologySpec,
-        /// How its edges are weighted.
-        weights: WeightRule,
-    },
-}
-
-impl RuleSpec {
-    /// The rule for `workers` workers.
-    pub fn build(&self, workers: usize) -> Result<Box<dyn MergeRule>, CoopError> {
-        let rule: Box<dyn MergeRule> = match *self {
-            Self::Sync | Self::Average => Box::new(PeriodicAveraging::new()),
-            Self::Elastic { alpha: None } => Box::new(ElasticAveraging::optimal(workers)),
-            Self::Elastic { alpha: Some(alpha) } => Box::new(ElasticAveraging::new(alpha)),
-            Self::Gossip { topology, weights } => {
-                Box::new(Gossip::new(topology.build(workers)?.mixing_matrix(weights)?))
-            }
-        };
-        rule.validate(workers)?;
-        Ok(rule)
-    }
-
-    /// The schedule for this rule: every step for synchronous SGD, else every `tau` steps after
-    /// `warmup` synchronous steps.
-    pub fn schedule(&self, tau: u64, warmup: u64) -> Result<Box<dyn SyncSchedule>, CoopError> {
-        Ok(match self {
-            Self::Sync => Box::new(PeriodicSchedule::every(1)?),
-            _ => Box::new(PeriodicSchedule::every(tau)?.with_warmup(warmup)),
-        })
-    }
-}
 
 /// The inner optimizer of every worker.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -220,21 +141,5 @@ mod tests {
         for (lr, e) in lrs.iter().zip(expected) {
             assert!((lr - e).abs() < 1e-12, "{lrs:?}");
         }
-    }
-
-    #[test]
-    fn rules_build_with_their_schedules() {
-        let gossip = RuleSpec::Gossip { topology: TopologySpec::Torus, weights: WeightRule::MetropolisHastings };
-        assert_eq!(gossip.build(6).unwrap().name(), "gossip");
-        assert!(RuleSpec::Elastic { alpha: Some(0.9) }.build(4).is_err());
-        assert!(matches!(
-            RuleSpec::Gossip { topology: TopologySpec::Torus, weights: WeightRule::BestConstant }.build(7),
-            Err(CoopError::Topology(TopologyError::NoSquareishTorus { workers: 7 }))
-        ));
-        let mut sync = RuleSpec::Sync.schedule(8, 0).unwrap();
-        assert!(sync.is_sync_step(1) && sync.is_sync_step(2));
-        let mut local = RuleSpec::Average.schedule(8, 0).unwrap();
-        assert!(!local.is_sync_step(1) && local.is_sync_step(8));
-        assert!(RuleSpec::Average.schedule(0, 0).is_err());
     }
 }

@@ -18,10 +18,13 @@ use super::checkpoint::{CheckpointError, Checkpoints, WorkerFiles, WorkerState};
 use super::config::LearnerConfig;
 use super::metrics::{EpochMetrics, MetricsWriter, SyncMetrics};
 use super::task::{CoopTask, Evaluation};
+use crate::comm::Communicator;
 use crate::error::CoopError;
-use crate::local_sgd::LocalSgd;
+use crate::local_sgd::InnerStatePolicy;
 use crate::params::{BufferPolicy, ParamLayout};
-use crate::transport::{ReduceOp, Transport};
+use crate::rules::kernels::divide;
+use crate::state::StateFile;
+use crate::sync::{StepSignal, Synchronizer};
 
 /// What a worker's run produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,20 +43,20 @@ pub struct WorkerReport {
     pub final_parameters: Vec<f32>,
 }
 
-/// Runs one worker: `transport` decides its rank among the workers. With `resume`, continues
+/// Runs one worker: `comm` decides its rank among the workers. With `resume`, continues
 /// from the newest checkpoint in the output folder. Rank 0 writes metrics and publishes
 /// checkpoints; every worker writes its own checkpoint files.
 pub fn run_worker<T: CoopTask>(
     task: &T,
     config: &LearnerConfig,
     device: &Device,
-    transport: impl Transport + 'static,
+    comm: impl Communicator + 'static,
     resume: bool,
 ) -> Result<WorkerReport, LearnerError> {
-    let (rank, workers) = (transport.rank(), transport.world_size());
+    let (rank, workers) = (comm.rank(), comm.world_size());
     if workers != config.workers {
         return Err(LearnerError::Config(format!(
-            "the configuration asks for {} workers but the transport has {workers}",
+            "the configuration asks for {} workers but the communicator has {workers}",
             config.workers
         )));
     }
@@ -68,12 +71,14 @@ pub fn run_worker<T: CoopTask>(
     let total_steps = config.max_steps.map_or(planned_steps, |max| max.min(planned_steps));
     let checkpoints = Checkpoints::in_output(&config.output);
 
-    let rule = config.rule.build(workers)?;
-    let schedule = config.rule.schedule(config.tau, config.warmup_steps)?;
+    let (rule, schedule) = crate::spec::build_pair(&config.rule, &config.schedule, workers)?;
     let mut model = init_seeded(task, &device, config.seed);
-    let mut optim = LocalSgd::new(config.optimizer.build(), rule, schedule, transport)?
+    let mut sync = Synchronizer::new(rule, schedule, comm)?
         .with_buffer_policy(config.buffers)
-        .with_inner_state(config.inner_state);
+        .with_consensus_every(config.consensus_every)
+        .with_seed(config.seed);
+    let pristine = config.optimizer.build();
+    let mut optim = pristine.clone();
     let (mut step, mut elapsed_before) = (0u64, 0.0);
     if resume {
         let dir = checkpoints.latest()?.ok_or_else(|| CheckpointError::Missing(checkpoints.root().to_path_buf()))?;
@@ -83,8 +88,8 @@ pub fn run_worker<T: CoopTask>(
         model = model.load_record(record);
         let record = OptimizerRecord::from_bytes(Bytes::from_bytes_vec(files.optimizer))
             .map_err(|e| LearnerError::Record(format!("{}: {e:?}", dir.display())))?;
-        optim.load_record(record);
-        optim.load_state(files.state.local_sgd)?;
+        optim = optim.load_record(record);
+        sync.load(files.state.sync, files.records)?;
         step = files.state.step;
         elapsed_before = files.state.elapsed_seconds;
     }
@@ -116,14 +121,24 @@ pub fn run_worker<T: CoopTask>(
         if !loss_value.is_finite() && first_bad_loss.is_none() {
             first_bad_loss = Some((step, loss_value));
         }
-        model = match optim.step(lr, model, grads) {
-            Ok(model) => model,
+        let stepped = sync.before_step(model).and_then(|model| {
+            let model = optim.step(lr, model, grads);
+            sync.after_step(model, StepSignal::new(lr, loss_value))
+        });
+        let merged_now = match stepped {
+            Ok((stepped_model, report)) => {
+                model = stepped_model;
+                report
+            }
             Err(CoopError::NonFiniteParameters { rank: bad, .. }) if bad == rank && first_bad_loss.is_some() => {
                 let (step, loss) = first_bad_loss.expect("checked above");
                 return Err(LearnerError::NonFiniteLoss { worker: rank, step, loss });
             }
             Err(error) => return Err(error.into()),
         };
+        if merged_now.is_some() && config.inner_state == InnerStatePolicy::Reset {
+            optim = pristine.clone();
+        }
         since_sync += loss_value;
         since_sync_n += 1;
         epoch_sum += loss_value;
@@ -132,19 +147,17 @@ pub fn run_worker<T: CoopTask>(
             w.step(epoch, loss_value, lr);
         }
 
-        let merged_now = optim.last_sync().is_some_and(|s| s.step == optim.stats().steps);
-        if merged_now {
-            let (losses, bytes) = gather(&mut optim, since_sync / since_sync_n.max(1) as f64)?;
+        if let Some(report) = merged_now {
+            let (losses, bytes) = gather(&mut sync, since_sync / since_sync_n.max(1) as f64)?;
             since_sync = 0.0;
             since_sync_n = 0;
             if let Some(w) = writer.as_mut() {
-                let report = optim.last_sync().expect("merged");
                 let metrics = SyncMetrics {
                     epoch,
                     step,
                     syncs: report.syncs,
                     lr,
-                    tau: optim.period(),
+                    tau: sync.period(),
                     train_loss: losses.iter().sum::<f64>() / workers as f64,
                     worker_train_loss: losses,
                     consensus_distance: report.consensus_distance,
@@ -157,26 +170,26 @@ pub fn run_worker<T: CoopTask>(
 
         let epoch_ends = step.is_multiple_of(steps_per_epoch);
         if epoch_ends {
-            let (losses, bytes) = gather(&mut optim, epoch_sum / epoch_n.max(1) as f64)?;
+            let (losses, bytes) = gather(&mut sync, epoch_sum / epoch_n.max(1) as f64)?;
             epoch_sum = 0.0;
             epoch_n = 0;
-            let (average, evaluation) = evaluate_average(task, &model, optim.transport_mut(), &device)?;
+            let (average, evaluation) = evaluate_average(task, &model, sync.comm(), &device)?;
             let worker_accuracy = if config.eval_workers {
                 let own = task.evaluate(&model.valid(), 0, 1, &device.clone().without_autodiff());
                 let mut accuracies = vec![0.0; workers];
                 accuracies[rank] = own.accuracy();
-                optim.transport_mut().all_reduce_f64(&mut accuracies).map_err(CoopError::from)?;
+                sync.comm().all_reduce_f64(&mut accuracies).map_err(CoopError::from)?;
                 Some(accuracies)
             } else {
                 None
             };
-            let stats = optim.stats();
+            let stats = sync.stats();
             let metrics = EpochMetrics {
                 epoch,
                 step,
                 syncs: stats.syncs,
                 lr,
-                tau: optim.period(),
+                tau: sync.period(),
                 train_loss: losses.iter().sum::<f64>() / workers as f64,
                 worker_train_loss: losses,
                 test_loss: evaluation.loss(),
@@ -193,19 +206,22 @@ pub fn run_worker<T: CoopTask>(
             last_epoch = Some(metrics);
         }
 
-        let checkpoint_due =
-            (merged_now && config.checkpoint_every > 0 && optim.stats().syncs.is_multiple_of(config.checkpoint_every))
-                || epoch_ends;
+        let checkpoint_due = (merged_now.is_some()
+            && config.checkpoint_every > 0
+            && sync.stats().syncs.is_multiple_of(config.checkpoint_every))
+            || epoch_ends;
         if checkpoint_due && step != last_checkpoint {
             let state = WorkerState {
                 rank,
                 workers,
                 step,
                 epochs_done: (step / steps_per_epoch) as usize,
-                local_sgd: optim.state(),
+                sync: sync.state(),
                 elapsed_seconds: wall(elapsed_before),
             };
-            checkpoint(&checkpoints, &model, &mut optim, state, config.keep_checkpoints)?;
+            let records = sync.records();
+            let optimizer = optim.to_record();
+            checkpoint(&checkpoints, &model, optimizer, &mut sync, state, records, config.keep_checkpoints)?;
             last_checkpoint = step;
             if let Some(w) = &writer {
                 w.note(&format!("checkpoint at step {step} written to {}", checkpoints.root().display()));
@@ -215,7 +231,7 @@ pub fn run_worker<T: CoopTask>(
     if let Some(w) = &writer {
         w.finish();
     }
-    let stats = optim.stats();
+    let stats = sync.stats();
     let layout = ParamLayout::of(&model, BufferPolicy::Merge);
     Ok(WorkerReport {
         rank,
@@ -228,12 +244,12 @@ pub fn run_worker<T: CoopTask>(
 }
 
 /// Gathers one value per worker and every worker's bytes sent.
-fn gather(optim: &mut LocalSgd, value: f64) -> Result<(Vec<f64>, Vec<u64>), LearnerError> {
-    let (rank, workers) = (optim.rank(), optim.world_size());
+fn gather(sync: &mut Synchronizer, value: f64) -> Result<(Vec<f64>, Vec<u64>), LearnerError> {
+    let (rank, workers) = (sync.rank(), sync.world_size());
     let mut values = vec![0.0; 2 * workers];
     values[rank] = value;
-    values[workers + rank] = optim.stats().traffic.bytes_sent as f64;
-    optim.transport_mut().all_reduce_f64(&mut values).map_err(CoopError::from)?;
+    values[workers + rank] = sync.stats().traffic.bytes_sent as f64;
+    sync.comm().all_reduce_f64(&mut values).map_err(CoopError::from)?;
     let bytes = values[workers..].iter().map(|&b| b as u64).collect();
     values.truncate(workers);
     Ok((values, bytes))
@@ -244,19 +260,19 @@ fn gather(optim: &mut LocalSgd, value: f64) -> Result<(Vec<f64>, Vec<u64>), Lear
 fn evaluate_average<T: CoopTask>(
     task: &T,
     model: &T::Model,
-    transport: &mut dyn Transport,
+    comm: &mut dyn Communicator,
     device: &Device,
 ) -> Result<(T::Model, Evaluation), LearnerError> {
     let layout = ParamLayout::of(model, BufferPolicy::Merge);
-    let mine = layout.flatten(model)?;
-    let mut mean = vec![0.0; mine.len()];
-    transport.all_reduce(&mine, &mut mean, ReduceOp::Mean).map_err(CoopError::from)?;
+    let mut mean = layout.flatten(model)?;
+    comm.all_reduce_sum(&mut mean).map_err(CoopError::from)?;
+    divide(&mut mean, comm.world_size());
     // `valid` gives a copy with its own BatchNorm state, so the worker's model is untouched.
     let average = layout.unflatten(model.valid(), &mean)?;
-    let (rank, workers) = (transport.rank(), transport.world_size());
+    let (rank, workers) = (comm.rank(), comm.world_size());
     let part = task.evaluate(&average, rank, workers, &device.clone().without_autodiff());
     let mut totals = [part.loss_sum, part.correct as f64, part.count as f64];
-    transport.all_reduce_f64(&mut totals).map_err(CoopError::from)?;
+    comm.all_reduce_f64(&mut totals).map_err(CoopError::from)?;
     let evaluation = Evaluation { loss_sum: totals[0], correct: totals[1] as u64, count: totals[2] as u64 };
     Ok((average, evaluation))
 }
@@ -275,8 +291,10 @@ fn save_average<M: Module>(model: &M, output: &Path) -> Result<(), LearnerError>
 fn checkpoint<M: Module>(
     checkpoints: &Checkpoints,
     model: &M,
-    optim: &mut LocalSgd,
+    optimizer: OptimizerRecord,
+    sync: &mut Synchronizer,
     state: WorkerState,
+    records: StateFile,
     keep: usize,
 ) -> Result<(), LearnerError> {
     let step = state.step;
@@ -284,15 +302,16 @@ fn checkpoint<M: Module>(
     crate::params::flush_buffers(model);
     let files = WorkerFiles {
         model: model.clone().into_record().into_bytes().map_err(record)?.to_vec(),
-        optimizer: optim.to_record().into_bytes().map_err(record)?.to_vec(),
+        optimizer: optimizer.into_bytes().map_err(record)?.to_vec(),
         state,
+        records,
     };
     checkpoints.write_worker(step, &files)?;
-    optim.transport_mut().barrier().map_err(CoopError::from)?;
-    if optim.rank() == 0 {
+    sync.comm().barrier().map_err(CoopError::from)?;
+    if sync.rank() == 0 {
         checkpoints.commit(step, keep)?;
     }
-    optim.transport_mut().barrier().map_err(CoopError::from)?;
+    sync.comm().barrier().map_err(CoopError::from)?;
     Ok(())
 }
 

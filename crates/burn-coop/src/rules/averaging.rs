@@ -1,29 +1,77 @@
 //! Periodic model averaging: local SGD, FedAvg with full participation, and synchronous SGD.
+//!
+//! At a merge every worker replaces its model by the average of all models,
+//! `x_i ← (1/m) Σ_j x_j` (`W = J = 11ᵀ/m`), from one sum all-reduce. With a period τ > 1 this
+//! is local SGD (Stich, "Local SGD Converges Fast and Communicates Little", ICLR 2019) and
+//! FedAvg with full participation (McMahan et al., AISTATS 2017); with τ = 1 it is synchronous
+//! SGD: for SGD with momentum and weight decay, averaging the models after every step gives the
+//! same iterates as averaging the gradients, because every quantity involved is linear in the
+//! gradients. Each worker's distance to the average is measured in the same pass that writes
+//! the average, so the consensus distance costs one scalar.
 
-use super::{MergeOutcome, MergeRule, RuleError, replace_by_mean};
+use serde::{Deserialize, Serialize};
+
+use super::kernels::replace_by_mean;
+use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
+use crate::comm::{Communicator, PendingSum};
 use crate::mixing::MixingMatrix;
-use crate::transport::{ReduceOp, Transport, TransportError};
+use crate::spec::{RuleConfig, SpecError};
 
-/// Every worker replaces its model by the average of all models: `x_i ← (1/m) Σ_j x_j`
-/// (`W = J`).
-///
-/// With a period τ > 1 this is local SGD / FedAvg; with τ = 1 it is synchronous SGD: for SGD with
-/// momentum and weight decay, averaging the models after every step gives the same iterates as
-/// averaging the gradients, because every quantity involved is linear in the gradients.
-/// Measures each worker's distance to the average in the same pass that writes the average.
-#[derive(Debug, Clone, Default)]
-pub struct PeriodicAveraging {
-    sum: Vec<f32>,
+/// `--rule average`: periodic averaging has no settings of its own (the period is the
+/// schedule's).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AveragingConfig {}
+
+impl RuleConfig for AveragingConfig {
+    const NAME: &'static str = "average";
+
+    fn build(&self, _world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+        Ok(Box::new(Averaging::new()))
+    }
+
+    fn describe(&self) -> String {
+        "periodic averaging".into()
+    }
 }
 
-impl PeriodicAveraging {
+/// `--rule sync`: synchronous SGD, i.e. averaging after every step (the period is forced to 1).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SynchronousConfig {}
+
+impl RuleConfig for SynchronousConfig {
+    const NAME: &'static str = "sync";
+
+    fn build(&self, _world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+        Ok(Box::new(Averaging::new()))
+    }
+
+    fn describe(&self) -> String {
+        "synchronous SGD".into()
+    }
+
+    fn forced_period(&self) -> Option<u64> {
+        Some(1)
+    }
+}
+
+/// Every worker replaces its model by the average of all models (`W = J`); see the
+/// [module documentation](self).
+#[derive(Debug, Default)]
+pub struct Averaging {
+    sum: Vec<f32>,
+    pending: Option<PendingSum>,
+}
+
+impl Averaging {
     /// The averaging rule.
     pub fn new() -> Self {
         Self::default()
     }
 }
 
-impl MergeRule for PeriodicAveraging {
+impl MergeRule for Averaging {
     fn name(&self) -> &'static str {
         "averaging"
     }
@@ -32,14 +80,67 @@ impl MergeRule for PeriodicAveraging {
         Ok(())
     }
 
-    fn merge(&mut self, params: &mut [f32], transport: &mut dyn Transport) -> Result<MergeOutcome, TransportError> {
-        self.sum.resize(params.len(), 0.0);
-        transport.all_reduce(params, &mut self.sum, ReduceOp::Sum)?;
-        let local = replace_by_mean(params, &self.sum, transport.world_size());
+    fn begin(&mut self, params: &[f32], _ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        let mut send = std::mem::take(&mut self.sum);
+        send.clear();
+        send.extend_from_slice(params);
+        self.pending = Some(comm.start_all_reduce_sum(send)?);
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        params: &mut [f32],
+        ctx: &SyncContext,
+        _comm: &mut dyn Communicator,
+    ) -> Result<MergeOutcome, RuleError> {
+        let pending = self.pending.take().ok_or(RuleError::NotBegun { rule: self.name() })?;
+        self.sum = pending.wait()?;
+        let local = replace_by_mean(params, &self.sum, ctx.world_size);
         Ok(MergeOutcome { local_squared_distance: Some(local) })
     }
 
-    fn mixing_matrix(&self, world_size: usize) -> MixingMatrix {
-        MixingMatrix::averaging(world_size)
+    fn measures_consensus(&self) -> bool {
+        true
+    }
+
+    fn reaches_consensus(&self) -> bool {
+        true
+    }
+
+    fn mixing_matrix(&self, world_size: usize) -> Option<MixingMatrix> {
+        Some(MixingMatrix::averaging(world_size))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{check_rule_against_matrix, run_one_merge};
+
+    #[test]
+    fn one_merge_is_x_times_j() {
+        check_rule_against_matrix(4, 37, || Box::new(Averaging::new()));
+        check_rule_against_matrix(3, 5, || Box::new(Averaging::new()));
+    }
+
+    #[test]
+    fn a_merge_is_one_all_reduce_of_the_model() {
+        let runs = run_one_merge(4, 10, |_| Box::new(Averaging::new()));
+        for run in &runs {
+            assert_eq!(run.calls.all_reduce, 1);
+            assert_eq!(run.calls.all_reduce_values, 10);
+            assert_eq!(run.calls.total(), 1);
+            assert!(run.outcome.local_squared_distance.unwrap() > 0.0);
+        }
+        assert!(runs.windows(2).all(|w| w[0].params == w[1].params), "every worker holds the mean");
+    }
+
+    #[test]
+    fn finish_without_begin_is_an_error() {
+        let mut comm = crate::comm::InProcessGroup::new(1).into_communicators().remove(0);
+        let ctx = SyncContext { world_size: 1, ..SyncContext::default() };
+        let error = Averaging::new().finish(&mut [1.0], &ctx, &mut comm).unwrap_err();
+        assert_eq!(error, RuleError::NotBegun { rule: "averaging" });
     }
 }

@@ -1,33 +1,75 @@
 //! Elastic averaging (EASGD): workers are pulled towards an anchor that moves towards them.
+//!
+//! Zhang, Choromanska & LeCun, "Deep learning with Elastic Averaging SGD", NeurIPS 2015
+//! (arXiv 1412.6651), synchronous form; as a Cooperative SGD matrix in Wang & Joshi,
+//! "Cooperative SGD", JMLR 22(213), 2021. At a merge, with `x_i` the pre-merge models and `z`
+//! the anchor:
+//!
+//! `x_i ← x_i − α (x_i − z)`, `z ← z + α Σ_i (x_i − z)`.
+//!
+//! On the `m` workers plus the anchor this is `W_α = [[(1−α) I, α 1], [α 1ᵀ, 1 − mα]]`, whose
+//! eigenvalues are 1, `1 − α` and `1 − (m+1)α`: the rule is stable for `0 < α < 2/(m+1)` and
+//! `ζ` is smallest at `α = 2/(m+2)`.
+//!
+//! There is no parameter server: every worker keeps its own copy of the anchor and updates it
+//! from one sum all-reduce of `x_i − z`, so all copies stay identical. The anchor starts as the
+//! initial model (identical on every worker after the initial broadcast); `x̄ − z = S/m` gives
+//! the consensus distance with no extra exchange.
 
-use super::{MergeOutcome, MergeRule, RuleError, RuleState, distance_to_mean};
+use serde::{Deserialize, Serialize};
+
+use super::kernels::distance_to_mean;
+use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
+use crate::comm::{Communicator, PendingSum};
 use crate::mixing::MixingMatrix;
-use crate::transport::{ReduceOp, Transport, TransportError};
+use crate::spec::{RuleConfig, SpecError};
+use crate::state::StateRecord;
 
-/// Elastic averaging SGD with moving rate α (Zhang, Choromanska & LeCun 2015), synchronous form.
-///
-/// At a merge, with `x_i` the pre-merge models and `z` the anchor:
-/// `x_i ← x_i − α (x_i − z)` and `z ← z + α Σ_i (x_i − z)`. As a Cooperative SGD matrix on the
-/// `m` workers plus the anchor this is `W_α = [[(1−α) I, α 1], [α 1ᵀ, 1 − mα]]`, whose
-/// eigenvalues are 1, `1 − α` and `1 − (m+1)α`: the rule is stable for `0 < α < 2/(m+1)` and
-/// `ζ` is smallest at `α = 2/(m+2)`.
-///
-/// There is no parameter server: every worker keeps its own copy of the anchor and updates it
-/// from one sum all-reduce of `x_i − z`, so all copies stay identical. The anchor starts as the
-/// initial model (all workers must start from the same model).
-#[derive(Debug, Clone)]
-pub struct ElasticAveraging {
+/// `--rule elastic`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ElasticConfig {
+    /// Elastic moving rate α, in (0, 2/(m+1)) (default 2/(m+2), which minimizes ζ).
+    #[arg(long, value_parser = crate::spec::positive_f64)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+}
+
+impl RuleConfig for ElasticConfig {
+    const NAME: &'static str = "elastic";
+
+    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+        let rule = match self.alpha {
+            Some(alpha) => Elastic::new(alpha),
+            None => Elastic::optimal(world_size),
+        };
+        rule.validate(world_size).map_err(|error| SpecError::new("alpha", self.alpha.map_or_else(|| "default".into(), |a| a.to_string()), error))?;
+        Ok(Box::new(rule))
+    }
+
+    fn describe(&self) -> String {
+        match self.alpha {
+            Some(alpha) => format!("elastic averaging, alpha = {alpha}"),
+            None => "elastic averaging".into(),
+        }
+    }
+}
+
+/// Elastic averaging with moving rate α; see the [module documentation](self).
+#[derive(Debug)]
+pub struct Elastic {
     alpha: f64,
     anchor: Option<Vec<f32>>,
     diff: Vec<f32>,
     sum: Vec<f32>,
+    pending: Option<PendingSum>,
 }
 
-impl ElasticAveraging {
+impl Elastic {
     /// Elastic averaging with moving rate `alpha`; checked against the number of workers when
-    /// the optimizer wrapper is built (see [`MergeRule::validate`]).
+    /// the synchronizer is built (see [`MergeRule::validate`]).
     pub fn new(alpha: f64) -> Self {
-        Self { alpha, anchor: None, diff: Vec::new(), sum: Vec::new() }
+        Self { alpha, anchor: None, diff: Vec::new(), sum: Vec::new(), pending: None }
     }
 
     /// Elastic averaging with `α = 2/(m+2)`, the value minimizing `ζ(W_α)` for `m` workers.
@@ -51,7 +93,7 @@ impl ElasticAveraging {
     }
 }
 
-impl MergeRule for ElasticAveraging {
+impl MergeRule for Elastic {
     fn name(&self) -> &'static str {
         "elastic"
     }
@@ -65,28 +107,51 @@ impl MergeRule for ElasticAveraging {
         }
     }
 
-    fn start(&mut self, initial: &[f32]) {
+    fn start(&mut self, initial: &[f32], _ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
         if self.anchor.is_none() {
             self.anchor = Some(initial.to_vec());
         }
+        Ok(())
     }
 
-    fn merge(&mut self, params: &mut [f32], transport: &mut dyn Transport) -> Result<MergeOutcome, TransportError> {
+    fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
         let n = params.len();
-        if self.anchor.as_ref().is_none_or(|a| a.len() != n) {
-            // No usable anchor (the rule was used without `start`): begin from the mean model.
-            let mut mean = vec![0.0; n];
-            transport.all_reduce(params, &mut mean, ReduceOp::Mean)?;
-            self.anchor = Some(mean);
-        }
-        let anchor = self.anchor.as_mut().expect("anchor set above");
+        let anchor = match &self.anchor {
+            Some(anchor) if anchor.len() == n => anchor,
+            Some(anchor) => {
+                let reason = format!("the anchor has {} values but the model has {n}", anchor.len());
+                return Err(RuleError::BadState { rule: "elastic", reason });
+            }
+            None => {
+                // Used without `start` (workers that began from different models): the anchor
+                // starts at their mean.
+                let mut mean = params.to_vec();
+                comm.all_reduce_sum(&mut mean)?;
+                let m = ctx.world_size as f32;
+                mean.iter_mut().for_each(|v| *v /= m);
+                self.anchor.insert(mean)
+            }
+        };
         self.diff.clear();
-        self.diff.extend(params.iter().zip(anchor.iter()).map(|(x, z)| x - z));
-        self.sum.resize(n, 0.0);
-        transport.all_reduce(&self.diff, &mut self.sum, ReduceOp::Sum)?;
+        self.diff.extend(params.iter().zip(anchor).map(|(x, z)| x - z));
+        let mut send = std::mem::take(&mut self.sum);
+        send.clear();
+        send.extend_from_slice(&self.diff);
+        self.pending = Some(comm.start_all_reduce_sum(send)?);
+        Ok(())
+    }
 
+    fn finish(
+        &mut self,
+        params: &mut [f32],
+        ctx: &SyncContext,
+        _comm: &mut dyn Communicator,
+    ) -> Result<MergeOutcome, RuleError> {
+        let pending = self.pending.take().ok_or(RuleError::NotBegun { rule: "elastic" })?;
+        self.sum = pending.wait()?;
+        let anchor = self.anchor.as_mut().expect("set by begin");
         // x̄ − z = S/m, so x_i − x̄ = d_i − S/m: the consensus distance needs no extra exchange.
-        let local = distance_to_mean(&self.diff, &self.sum, transport.world_size());
+        let local = distance_to_mean(&self.diff, &self.sum, ctx.world_size);
         let alpha = self.alpha as f32;
         for (((x, z), d), s) in params.iter_mut().zip(anchor.iter_mut()).zip(&self.diff).zip(&self.sum) {
             *x -= alpha * d;
@@ -95,7 +160,11 @@ impl MergeRule for ElasticAveraging {
         Ok(MergeOutcome { local_squared_distance: Some(local) })
     }
 
-    fn mixing_matrix(&self, world_size: usize) -> MixingMatrix {
+    fn measures_consensus(&self) -> bool {
+        true
+    }
+
+    fn mixing_matrix(&self, world_size: usize) -> Option<MixingMatrix> {
         let m = world_size;
         let order = m + 1;
         let mut w = vec![0.0; order * order];
@@ -105,15 +174,59 @@ impl MergeRule for ElasticAveraging {
             w[m * order + i] = self.alpha;
         }
         w[m * order + m] = 1.0 - m as f64 * self.alpha;
-        MixingMatrix::from_entries_unchecked(order, w)
+        Some(MixingMatrix::from_entries_unchecked(order, w))
     }
 
-    fn export_state(&self) -> RuleState {
-        RuleState { anchor: self.anchor.clone() }
+    fn record(&self) -> StateRecord {
+        match &self.anchor {
+            Some(anchor) => StateRecord::new().with_buffer("anchor", anchor.clone()),
+            None => StateRecord::new(),
+        }
     }
 
-    fn import_state(&mut self, state: RuleState) -> Result<(), RuleError> {
-        self.anchor = state.anchor;
+    fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
+        self.anchor = record.take_buffer("anchor");
+        if !record.is_empty() {
+            let reason = format!("unexpected entries {:?} (elastic keeps only `anchor`)", record.keys());
+            return Err(RuleError::BadState { rule: "elastic", reason });
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{check_rule_against_matrix, run_one_merge};
+
+    #[test]
+    fn one_merge_is_the_augmented_matrix_with_the_anchor() {
+        check_rule_against_matrix(4, 23, || Box::new(Elastic::new(0.25)));
+        check_rule_against_matrix(3, 9, || Box::new(Elastic::optimal(3)));
+    }
+
+    #[test]
+    fn alpha_is_checked_against_the_number_of_workers() {
+        assert!(Elastic::new(0.39).validate(4).is_ok());
+        assert!(matches!(Elastic::new(0.4).validate(4), Err(RuleError::ElasticAlphaOutOfRange { workers: 4, .. })));
+        assert!(Elastic::new(0.5).validate(2).is_ok(), "2/(m+1) = 2/3 for two workers");
+        assert!(Elastic::new(f64::NAN).validate(2).is_err());
+        let error = ElasticConfig { alpha: Some(0.5) }.build(4).err().unwrap();
+        assert_eq!((error.option, error.value.as_str()), ("alpha", "0.5"));
+    }
+
+    #[test]
+    fn a_restored_anchor_of_the_wrong_length_is_an_error() {
+        let runs = run_one_merge(2, 6, |_| {
+            let mut rule = Elastic::new(0.3);
+            rule.load_record(StateRecord::new().with_buffer("anchor", vec![0.0; 5])).unwrap();
+            Box::new(rule)
+        });
+        for run in runs {
+            assert!(matches!(run.error, Some(RuleError::BadState { rule: "elastic", .. })), "{:?}", run.error);
+        }
+        let mut rule = Elastic::new(0.3);
+        let foreign = StateRecord::new().with_buffer("anchor", vec![1.0]).with_scalar("momentum", 1.0);
+        assert!(matches!(rule.load_record(foreign), Err(RuleError::BadState { .. })));
     }
 }

@@ -1,0 +1,217 @@
+//! Byte accounting: a [`Communicator`] decorator that counts what each collective moves.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde::{Deserialize, Serialize};
+
+use super::{CommError, Communicator, PendingSum};
+
+/// Bytes this worker has sent and received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// Bytes sent by this worker.
+    pub bytes_sent: u64,
+    /// Bytes received by this worker.
+    pub bytes_received: u64,
+}
+
+impl Traffic {
+    /// Counts `bytes` sent and as many received (the collectives metered here are symmetric).
+    pub fn record(&mut self, bytes: u64) {
+        self.bytes_sent += bytes;
+        self.bytes_received += bytes;
+    }
+
+    /// Ring all-reduce traffic for a payload of `bytes` on `world` workers, each way:
+    /// `2 (m − 1) / m` times the payload (reduce-scatter, then all-gather).
+    pub fn ring_all_reduce(bytes: u64, world: usize) -> u64 {
+        if world <= 1 { 0 } else { 2 * (world as u64 - 1) * bytes / world as u64 }
+    }
+
+    /// Broadcast traffic for a payload of `bytes` on `world` workers, each way: `(m − 1) / m`
+    /// times the payload (scatter from the root, then a ring all-gather).
+    pub fn broadcast(bytes: u64, world: usize) -> u64 {
+        if world <= 1 { 0 } else { (world as u64 - 1) * bytes / world as u64 }
+    }
+
+    /// The traffic since `earlier` (counters only grow).
+    pub fn since(self, earlier: Traffic) -> Traffic {
+        Traffic {
+            bytes_sent: self.bytes_sent - earlier.bytes_sent,
+            bytes_received: self.bytes_received - earlier.bytes_received,
+        }
+    }
+
+    /// Adds `other` to these counters.
+    pub fn add(&mut self, other: Traffic) {
+        self.bytes_sent += other.bytes_sent;
+        self.bytes_received += other.bytes_received;
+    }
+}
+
+/// The kinds of collective a [`Metered`] communicator counts separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CollectiveKind {
+    /// Sum all-reduces of `f32` buffers (blocking and non-blocking).
+    AllReduce,
+    /// Sums of a few `f64` values.
+    Scalars,
+    /// Broadcasts.
+    Broadcast,
+    /// All-gathers of byte payloads.
+    AllGather,
+    /// Neighbour exchanges.
+    Exchange,
+}
+
+impl CollectiveKind {
+    /// Every kind, in a fixed order.
+    pub const ALL: [CollectiveKind; 5] =
+        [Self::AllReduce, Self::Scalars, Self::Broadcast, Self::AllGather, Self::Exchange];
+}
+
+/// Traffic and call counts per [`CollectiveKind`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficByKind {
+    traffic: [Traffic; 5],
+    calls: [u64; 5],
+}
+
+impl TrafficByKind {
+    fn index(kind: CollectiveKind) -> usize {
+        CollectiveKind::ALL.iter().position(|&k| k == kind).expect("every kind is listed")
+    }
+
+    /// Traffic of one kind.
+    pub fn of(&self, kind: CollectiveKind) -> Traffic {
+        self.traffic[Self::index(kind)]
+    }
+
+    /// Number of calls of one kind.
+    pub fn calls(&self, kind: CollectiveKind) -> u64 {
+        self.calls[Self::index(kind)]
+    }
+
+    /// All kinds together.
+    pub fn total(&self) -> Traffic {
+        let mut total = Traffic::default();
+        self.traffic.iter().for_each(|t| total.add(*t));
+        total
+    }
+
+    fn record(&mut self, kind: CollectiveKind, sent: u64, received: u64) {
+        let k = Self::index(kind);
+        self.traffic[k].bytes_sent += sent;
+        self.traffic[k].bytes_received += received;
+        self.calls[k] += 1;
+    }
+}
+
+/// Counts the bytes of every collective that goes through it, from the payloads themselves:
+///
+/// | collective | sent = received, per worker |
+/// |---|---|
+/// | all-reduce of `n` `f32` | ring all-reduce: `2 (m − 1) / m · 4n` |
+/// | sum of `n` `f64` | ring all-reduce: `2 (m − 1) / m · 8n` |
+/// | broadcast of `n` `f32` | scatter + all-gather: `(m − 1) / m · 4n` |
+/// | all-gather of byte payloads `p_j` | every other worker's payload once: `Σ_{j ≠ i} │p_j│` received, as many sent (ring) |
+/// | exchange of `n` `f32` with `d` peers | `4n · d` |
+/// | barrier, split | 0 |
+///
+/// The counts do not depend on the algorithm the underlying library picks, so they are equal
+/// across communicators and match what a real network carries for the usual algorithms.
+/// Groups made by [`Communicator::split`] count into the same ledger.
+#[derive(Debug)]
+pub struct Metered<C> {
+    inner: C,
+    ledger: Arc<Mutex<TrafficByKind>>,
+}
+
+impl<C: Communicator> Metered<C> {
+    /// Counts the traffic of `inner`.
+    pub fn new(inner: C) -> Self {
+        Self { inner, ledger: Arc::default() }
+    }
+
+    /// Counters so far.
+    pub fn traffic(&self) -> TrafficByKind {
+        *self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The communicator underneath (its calls are not counted).
+    pub fn inner_mut(&mut self) -> &mut C {
+        &mut self.inner
+    }
+
+    /// Gives the communicator underneath back.
+    pub fn into_inner(self) -> C {
+        self.inner
+    }
+
+    fn record(&self, kind: CollectiveKind, sent: u64, received: u64) {
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner).record(kind, sent, received);
+    }
+}
+
+impl<C: Communicator> Communicator for Metered<C> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+
+    fn all_reduce_sum(&mut self, values: &mut [f32]) -> Result<(), CommError> {
+        self.inner.all_reduce_sum(values)?;
+        let bytes = Traffic::ring_all_reduce(4 * values.len() as u64, self.world_size());
+        self.record(CollectiveKind::AllReduce, bytes, bytes);
+        Ok(())
+    }
+
+    fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
+        let bytes = Traffic::ring_all_reduce(4 * values.len() as u64, self.world_size());
+        let pending = self.inner.start_all_reduce_sum(values)?;
+        self.record(CollectiveKind::AllReduce, bytes, bytes);
+        Ok(pending)
+    }
+
+    fn all_reduce_f64(&mut self, values: &mut [f64]) -> Result<(), CommError> {
+        self.inner.all_reduce_f64(values)?;
+        let bytes = Traffic::ring_all_reduce(8 * values.len() as u64, self.world_size());
+        self.record(CollectiveKind::Scalars, bytes, bytes);
+        Ok(())
+    }
+
+    fn broadcast(&mut self, values: &mut [f32], root: usize) -> Result<(), CommError> {
+        self.inner.broadcast(values, root)?;
+        let bytes = Traffic::broadcast(4 * values.len() as u64, self.world_size());
+        self.record(CollectiveKind::Broadcast, bytes, bytes);
+        Ok(())
+    }
+
+    fn all_gather_bytes(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
+        let all = self.inner.all_gather_bytes(payload)?;
+        let others: u64 = all.iter().enumerate().filter(|(j, _)| *j != self.rank()).map(|(_, p)| p.len() as u64).sum();
+        self.record(CollectiveKind::AllGather, others, others);
+        Ok(all)
+    }
+
+    fn exchange(&mut self, send: &[f32], peers: &[usize], received: &mut Vec<Vec<f32>>) -> Result<(), CommError> {
+        self.inner.exchange(send, peers, received)?;
+        let sent = 4 * send.len() as u64 * peers.len() as u64;
+        let got = received.iter().map(|r| 4 * r.len() as u64).sum();
+        self.record(CollectiveKind::Exchange, sent, got);
+        Ok(())
+    }
+
+    fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
+        let inner = self.inner.split(color)?;
+        Ok(Box::new(Metered { inner, ledger: Arc::clone(&self.ledger) }))
+    }
+
+    fn barrier(&mut self) -> Result<(), CommError> {
+        self.inner.barrier()
+    }
+}

@@ -1,0 +1,538 @@
+//! The registries of rules and schedules: configurations that can be written to a file, given
+//! on the command line and built once the number of workers is known.
+//!
+//! Each rule and schedule owns its configuration: one struct with serde and clap derives,
+//! living in the rule's or schedule's own file and implementing [`RuleConfig`] or
+//! [`ScheduleConfig`]. The registries below list them, one line each, and generate from that
+//! list the tagged [`RuleSpec`] / [`ScheduleSpec`] enums, their name enums for `--rule` and
+//! `--schedule`, and [`RuleFlags`] / [`ScheduleFlags`], the command-line flags of every entry.
+//! Settings are optional (`None` is the documented default), so a file and flags can be
+//! layered: flags override the file, which overrides the defaults. Nothing is validated until
+//! [`RuleSpec::build`] / [`ScheduleSpec::build`] learn the real number of workers.
+
+use serde::de::{DeserializeOwned, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::rules::{AveragingConfig, ElasticConfig, GossipConfig, MergeRule, SynchronousConfig};
+use crate::schedule::{FixedConfig, SyncSchedule};
+
+/// A setting that cannot run, named as in a configuration file and on the command line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid value '{value}' for '--{option}': {reason}")]
+pub struct SpecError {
+    /// The setting's name (the flag without `--`, the key in a file).
+    pub option: &'static str,
+    /// The value given.
+    pub value: String,
+    /// Why it cannot run.
+    pub reason: String,
+}
+
+impl SpecError {
+    /// `option = value` cannot run because of `reason`.
+    pub fn new(option: &'static str, value: impl Into<String>, reason: impl ToString) -> Self {
+        Self { option, value: value.into(), reason: reason.to_string() }
+    }
+}
+
+/// A merge rule's configuration (see the [module documentation](self)).
+pub trait RuleConfig:
+    Clone + Default + std::fmt::Debug + PartialEq + Serialize + DeserializeOwned + clap::Args + Send + Sync + 'static
+{
+    /// The name used by `--rule` and in files.
+    const NAME: &'static str;
+
+    /// The rule for `world_size` workers, after checking every setting against it.
+    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError>;
+
+    /// A short human description for logs (`"elastic averaging, alpha = 0.25"`).
+    fn describe(&self) -> String;
+
+    /// A short tag for folder names.
+    fn run_tag(&self) -> String {
+        Self::NAME.to_string()
+    }
+
+    /// A period the rule imposes on any schedule (synchronous SGD: 1).
+    fn forced_period(&self) -> Option<u64> {
+        None
+    }
+
+    /// The configuration with every default that does not depend on the number of workers
+    /// written out (for resolved configuration files).
+    fn resolved(&self) -> Self {
+        self.clone()
+    }
+}
+
+/// A synchronization schedule's configuration (see the [module documentation](self)).
+pub trait ScheduleConfig:
+    Clone + Default + std::fmt::Debug + PartialEq + Serialize + DeserializeOwned + clap::Args + Send + Sync + 'static
+{
+    /// The name used by `--schedule` and in files.
+    const NAME: &'static str;
+
+    /// The schedule, after checking every setting.
+    fn build(&self) -> Result<Box<dyn SyncSchedule>, SpecError>;
+
+    /// A short human description for logs (`"tau = 8"`).
+    fn describe(&self) -> String;
+
+    /// A short tag for folder names (`"tau8"`).
+    fn run_tag(&self) -> String;
+
+    /// The configuration with every default written out.
+    fn resolved(&self) -> Self {
+        self.clone()
+    }
+}
+
+/// Generates a registry: the tagged spec enum, the name enum and the flags struct.
+macro_rules! registry {
+    (
+        $(#[$spec_meta:meta])* spec $Spec:ident;
+        $(#[$name_meta:meta])* names $Name:ident;
+        $(#[$flags_meta:meta])* flags $Flags:ident, flag $flag:literal, key $key:ident, what $what:literal;
+        trait $Trait:ident;
+        default $Default:ident;
+        dyn $Dyn:ident;
+        $( $(#[$variant_meta:meta])* $Variant:ident($field:ident: $Config:ty), )+
+    ) => {
+        $(#[$spec_meta])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "kind", rename_all = "kebab-case")]
+        pub enum $Spec {
+            $( $(#[$variant_meta])* $Variant($Config), )+
+        }
+
+        $(#[$name_meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+        #[serde(rename_all = "kebab-case")]
+        pub enum $Name {
+            $( $(#[$variant_meta])* $Variant, )+
+        }
+
+        impl Default for $Spec {
+            fn default() -> Self {
+                Self::$Default(Default::default())
+            }
+        }
+
+        impl $Name {
+            /// The name as written in files and on the command line.
+            pub fn as_str(self) -> &'static str {
+                match self { $( Self::$Variant => <$Config as $Trait>::NAME, )+ }
+            }
+        }
+
+        impl $Spec {
+            /// The entry's settings, as a trait object.
+            pub fn config(&self) -> &dyn $Dyn {
+                match self { $( Self::$Variant(c) => c, )+ }
+            }
+
+            /// Which entry this is.
+            pub fn name(&self) -> $Name {
+                match self { $( Self::$Variant(_) => $Name::$Variant, )+ }
+            }
+
+            /// The entry `name` with its default settings.
+            pub fn default_of(name: $Name) -> Self {
+                match name { $( $Name::$Variant => Self::$Variant(Default::default()), )+ }
+            }
+
+            /// A short human description for logs.
+            pub fn describe(&self) -> String {
+                self.config().describe()
+            }
+
+            /// A short tag for folder names.
+            pub fn run_tag(&self) -> String {
+                self.config().run_tag()
+            }
+
+            /// The settings with every default that can be written out written out.
+            pub fn resolved(&self) -> Self {
+                match self { $( Self::$Variant(c) => Self::$Variant(c.resolved()), )+ }
+            }
+
+            /// The settings as flat `key = value` pairs, the name under `
+            #[doc = $flag]
+            /// ` (the form of `coop train`'s configuration file).
+            pub fn to_flat(&self) -> Map<String, Value> {
+                let mut map = match self { $( Self::$Variant(c) => to_map(c), )+ };
+                map.insert($flag.into(), Value::String(self.name().as_str().into()));
+                map
+            }
+
+            /// Takes this registry's keys out of a flat table: the name under `
+            #[doc = $flag]
+            /// ` (default: the registry's default) and the settings of that entry. A setting
+            /// of another entry is an error naming both.
+            pub fn take_from_flat(table: &mut Map<String, Value>) -> Result<Self, SpecError> {
+                let name = match table.remove($flag) {
+                    None => Self::default().name(),
+                    Some(value) => serde_json::from_value::<$Name>(value.clone()).map_err(|e| {
+                        SpecError::new($flag, value.as_str().map_or_else(|| value.to_string(), str::to_string), e)
+                    })?,
+                };
+                let mut mine = Map::new();
+                $(
+                    for key in field_names::<$Config>() {
+                        if let Some(value) = table.remove(*key) {
+                            if name == $Name::$Variant {
+                                mine.insert(key.to_string(), value);
+                            } else if !field_names_of(name).contains(key) {
+                                return Err(SpecError::new(key, value.to_string(), format!(
+                                    "'{key}' is a setting of the {} {}, but this run uses {}",
+                                    <$Config as $Trait>::NAME, $what, name.as_str()
+                                )));
+                            } else {
+                                mine.insert(key.to_string(), value);
+                            }
+                        }
+                    }
+                )+
+                let spec = match name {
+                    $( $Name::$Variant => Self::$Variant(from_map(mine, $flag)?), )+
+                };
+                return Ok(spec);
+
+                fn field_names_of(name: $Name) -> &'static [&'static str] {
+                    match name { $( $Name::$Variant => field_names::<$Config>(), )+ }
+                }
+            }
+        }
+
+        $(#[$flags_meta])*
+        #[derive(Debug, Clone, Default, clap::Args)]
+        pub struct $Flags {
+            #[doc = concat!("The ", $what, " (default: ", stringify!($Default), ").")]
+            #[arg(long = $flag, value_enum)]
+            pub $key: Option<$Name>,
+            $(
+                #[command(flatten)]
+                #[allow(missing_docs)]
+                pub $field: $Config,
+            )+
+        }
+
+        impl $Flags {
+            /// Applies the flags that were given to `spec`: a new name starts from that entry's
+            /// defaults, then the entry's own flags override. A flag of another entry is an error.
+            pub fn apply(&self, spec: &mut $Spec) -> Result<(), SpecError> {
+                if let Some(name) = self.$key {
+                    if spec.name() != name {
+                        *spec = $Spec::default_of(name);
+                    }
+                }
+                $(
+                    match spec {
+                        $Spec::$Variant(config) => *config = overlay(config, &self.$field),
+                        #[allow(unreachable_patterns)]
+                        _ => {
+                            if let Some((key, value)) = to_map(&self.$field).into_iter().next() {
+                                return Err(SpecError::new(
+                                    field_names::<$Config>().iter().find(|k| **k == key).copied().unwrap_or("?"),
+                                    value.to_string(),
+                                    format!("--{key} is a setting of the {} {}, but this run uses {}",
+                                        <$Config as $Trait>::NAME, $what, spec.name().as_str()),
+                                ));
+                            }
+                        }
+                    }
+                )+
+                Ok(())
+            }
+        }
+    };
+}
+
+registry! {
+    /// Which merge rule a run uses, with its settings (`kind` names it in JSON).
+    spec RuleSpec;
+    /// A merge rule by name.
+    names RuleName;
+    /// `--rule NAME` and every rule's own flags.
+    flags RuleFlags, flag "rule", key rule, what "rule";
+    trait RuleConfig;
+    default Average;
+    dyn BuildRule;
+    /// Synchronous SGD: averaging after every step (τ is forced to 1).
+    Sync(sync: SynchronousConfig),
+    /// Periodic averaging (local SGD).
+    Average(average: AveragingConfig),
+    /// Elastic averaging (EASGD).
+    Elastic(elastic: ElasticConfig),
+    /// Gossip over a topology.
+    Gossip(gossip: GossipConfig),
+}
+
+registry! {
+    /// When a run merges, with the schedule's settings (`kind` names it in JSON).
+    spec ScheduleSpec;
+    /// A synchronization schedule by name.
+    names ScheduleName;
+    /// `--schedule NAME` and every schedule's own flags.
+    flags ScheduleFlags, flag "schedule", key schedule, what "schedule";
+    trait ScheduleConfig;
+    default Fixed;
+    dyn BuildSchedule;
+    /// A fixed period τ, optionally after synchronous warm-up steps.
+    Fixed(fixed: FixedConfig),
+}
+
+/// The object-safe part of [`RuleConfig`], implemented for every rule configuration.
+pub trait BuildRule {
+    /// See [`RuleConfig::build`].
+    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError>;
+    /// See [`RuleConfig::describe`].
+    fn describe(&self) -> String;
+    /// See [`RuleConfig::run_tag`].
+    fn run_tag(&self) -> String;
+    /// See [`RuleConfig::forced_period`].
+    fn forced_period(&self) -> Option<u64>;
+}
+
+impl<T: RuleConfig> BuildRule for T {
+    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+        RuleConfig::build(self, world_size)
+    }
+    fn describe(&self) -> String {
+        RuleConfig::describe(self)
+    }
+    fn run_tag(&self) -> String {
+        RuleConfig::run_tag(self)
+    }
+    fn forced_period(&self) -> Option<u64> {
+        RuleConfig::forced_period(self)
+    }
+}
+
+/// The object-safe part of [`ScheduleConfig`], implemented for every schedule configuration.
+pub trait BuildSchedule {
+    /// See [`ScheduleConfig::build`].
+    fn build(&self) -> Result<Box<dyn SyncSchedule>, SpecError>;
+    /// See [`ScheduleConfig::describe`].
+    fn describe(&self) -> String;
+    /// See [`ScheduleConfig::run_tag`].
+    fn run_tag(&self) -> String;
+}
+
+impl<T: ScheduleConfig> BuildSchedule for T {
+    fn build(&self) -> Result<Box<dyn SyncSchedule>, SpecError> {
+        ScheduleConfig::build(self)
+    }
+    fn describe(&self) -> String {
+        ScheduleConfig::describe(self)
+    }
+    fn run_tag(&self) -> String {
+        ScheduleConfig::run_tag(self)
+    }
+}
+
+impl RuleSpec {
+    /// The rule for `world_size` workers, after checking every setting against it.
+    pub fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+        self.config().build(world_size)
+    }
+
+    /// A period the rule imposes on any schedule (synchronous SGD: 1).
+    pub fn forced_period(&self) -> Option<u64> {
+        self.config().forced_period()
+    }
+}
+
+impl ScheduleSpec {
+    /// The schedule, after checking every setting.
+    pub fn build(&self) -> Result<Box<dyn SyncSchedule>, SpecError> {
+        self.config().build()
+    }
+}
+
+/// The rule and schedule of a run, built together (a rule may impose its period).
+pub fn build_pair(
+    rule: &RuleSpec,
+    schedule: &ScheduleSpec,
+    world_size: usize,
+) -> Result<(Box<dyn MergeRule>, Box<dyn SyncSchedule>), SpecError> {
+    let built_rule = rule.build(world_size)?;
+    let built_schedule = match rule.forced_period() {
+        Some(period) => Box::new(crate::schedule::PeriodicSchedule::every(period).map_err(|e| SpecError::new("tau", period.to_string(), e))?),
+        None => schedule.build()?,
+    };
+    Ok((built_rule, built_schedule))
+}
+
+/// `top`'s settings over `base`'s: every setting `top` has (not `None`) replaces `base`'s.
+pub fn overlay<T: Serialize + DeserializeOwned>(base: &T, top: &T) -> T {
+    let mut merged = to_map(base);
+    merged.extend(to_map(top));
+    serde_json::from_value(Value::Object(merged)).expect("a merge of two valid settings is valid")
+}
+
+/// A settings struct as a map without its unset (`None`) entries.
+fn to_map<T: Serialize>(value: &T) -> Map<String, Value> {
+    match serde_json::to_value(value).expect("settings serialize") {
+        Value::Object(map) => map.into_iter().filter(|(_, v)| !v.is_null()).collect(),
+        _ => Map::new(),
+    }
+}
+
+fn from_map<T: DeserializeOwned>(map: Map<String, Value>, option: &'static str) -> Result<T, SpecError> {
+    serde_json::from_value(Value::Object(map.clone()))
+        .map_err(|e| SpecError::new(option, Value::Object(map).to_string(), e))
+}
+
+/// The field names of a settings struct, as serde reads them (kebab-case).
+pub fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
+    struct Capture {
+        fields: Option<&'static [&'static str]>,
+    }
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("field names captured")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl serde::de::Error for Stop {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Stop
+        }
+    }
+    impl<'de> serde::Deserializer<'de> for &mut Capture {
+        type Error = Stop;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            self.fields = Some(fields);
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
+            unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut capture = Capture { fields: None };
+    let _ = T::deserialize(&mut capture);
+    capture.fields.unwrap_or(&[])
+}
+
+/// Parses a kebab-case name of any serde enum (for flags whose type is a library enum).
+pub fn serde_name<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    serde_json::from_value(Value::String(text.to_string())).map_err(|e| e.to_string())
+}
+
+/// The kebab-case name serde gives a unit variant.
+pub fn serde_name_of<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(Value::String(name)) => name,
+        other => format!("{other:?}"),
+    }
+}
+
+/// Parses a whole number of at least 1.
+pub fn at_least_one(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(v) if v >= 1 => Ok(v),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(_) => Err(format!("'{text}' is not a whole number")),
+    }
+}
+
+/// Parses a finite number greater than 0.
+pub fn positive_f64(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("'{text}' is not a positive number")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::TopologySpec;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        rule: RuleFlags,
+        #[command(flatten)]
+        schedule: ScheduleFlags,
+    }
+
+    fn flat(text: &str) -> Map<String, Value> {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn field_names_are_read_from_serde() {
+        assert_eq!(field_names::<ElasticConfig>(), &["alpha"]);
+        assert_eq!(field_names::<GossipConfig>(), &["topology", "weights"]);
+        assert_eq!(field_names::<FixedConfig>(), &["tau", "warmup-steps"]);
+        assert!(field_names::<AveragingConfig>().is_empty());
+    }
+
+    #[test]
+    fn flat_tables_round_trip_and_name_foreign_settings() {
+        let mut table = flat(r#"{"rule": "gossip", "topology": "torus", "lr": 0.1}"#);
+        let spec = RuleSpec::take_from_flat(&mut table).unwrap();
+        assert_eq!(spec, RuleSpec::Gossip(GossipConfig { topology: Some(TopologySpec::Torus), weights: None }));
+        assert_eq!(table, flat(r#"{"lr": 0.1}"#), "other keys stay");
+        let mut back = spec.resolved().to_flat();
+        assert_eq!(back.remove("weights"), Some(Value::String("metropolis-hastings".into())));
+        assert_eq!(RuleSpec::take_from_flat(&mut spec.to_flat()).unwrap(), spec);
+
+        let error = RuleSpec::take_from_flat(&mut flat(r#"{"rule": "gossip", "alpha": 0.3}"#)).unwrap_err();
+        assert_eq!(error.option, "alpha");
+        assert!(error.reason.contains("setting of the elastic rule, but this run uses gossip"), "{error}");
+        let error = RuleSpec::take_from_flat(&mut flat(r#"{"rule": "hexagon"}"#)).unwrap_err();
+        assert_eq!((error.option, error.value.as_str()), ("rule", "hexagon"));
+        assert_eq!(RuleSpec::take_from_flat(&mut Map::new()).unwrap(), RuleSpec::Average(AveragingConfig {}));
+    }
+
+    #[test]
+    fn flags_override_and_foreign_flags_are_errors() {
+        let mut spec = RuleSpec::Elastic(ElasticConfig { alpha: Some(0.1) });
+        let cli = Cli::parse_from(["coop", "--alpha", "0.2"]);
+        cli.rule.apply(&mut spec).unwrap();
+        assert_eq!(spec, RuleSpec::Elastic(ElasticConfig { alpha: Some(0.2) }));
+
+        let cli = Cli::parse_from(["coop", "--rule", "gossip", "--topology", "exponential"]);
+        cli.rule.apply(&mut spec).unwrap();
+        assert_eq!(spec.describe(), "gossip on a exponential");
+
+        let cli = Cli::parse_from(["coop", "--rule", "average", "--alpha", "0.2"]);
+        let error = cli.rule.apply(&mut spec).unwrap_err();
+        assert!(error.to_string().contains("--alpha is a setting of the elastic rule, but this run uses average"), "{error}");
+
+        let mut schedule = ScheduleSpec::default();
+        let cli = Cli::parse_from(["coop", "--tau", "3", "--warmup-steps", "5"]);
+        cli.schedule.apply(&mut schedule).unwrap();
+        assert_eq!(schedule.run_tag(), "tau3");
+        assert!(Cli::try_parse_from(["coop", "--tau", "0"]).unwrap_err().to_string().contains("must be at least 1"));
+    }
+
+    #[test]
+    fn building_checks_settings_against_the_real_number_of_workers() {
+        let elastic = RuleSpec::Elastic(ElasticConfig { alpha: Some(0.5) });
+        assert!(elastic.build(2).is_ok(), "α = 0.5 < 2/3 for two workers");
+        let error = elastic.build(4).err().unwrap();
+        assert_eq!(error.to_string(), "invalid value '0.5' for '--alpha': elastic averaging needs 0 < α < 2/(m+1) = 0.400000 for m = 4 workers (stability of the (m+1)x(m+1) mixing matrix), got α = 0.5");
+        let (_, mut schedule) = build_pair(&RuleSpec::Sync(SynchronousConfig {}), &ScheduleSpec::default(), 3).unwrap();
+        assert_eq!(schedule.period(10), 1);
+        let zero = ScheduleSpec::Fixed(FixedConfig { tau: Some(0), warmup_steps: None });
+        assert_eq!(zero.build().err().unwrap().option, "tau");
+        let _ = &mut schedule;
+    }
+}

@@ -1,0 +1,486 @@
+//! The synchronizer: the merge engine every front end drives after each local step.
+//!
+//! A [`Synchronizer`] owns the merge rule, the schedule, this worker's communicator (wrapped in
+//! a [`Metered`] ledger), the parameter layout, the flat buffer and the counters. The training
+//! loop calls [`Synchronizer::before_step`] and [`Synchronizer::after_step`] around each local
+//! optimizer step; on the steps the schedule selects, `after_step` merges and returns a
+//! [`SyncReport`]. [`LocalSgd`](crate::LocalSgd) is a Burn optimizer plus a synchronizer; the
+//! learner and the burn-train strategy drive a synchronizer directly.
+//!
+//! One merge, in order:
+//! 1. flatten the module (BatchNorm statistics flushed first) and count non-finite values;
+//! 2. measure the consensus distance first when asked and the rule does not measure it itself
+//!    (one all-reduce of the model; its bytes are counted apart);
+//! 3. the rule's [`begin`](crate::MergeRule::begin) and [`finish`](crate::MergeRule::finish);
+//! 4. one small statistics collective, when there is something to reduce (the rule's distance,
+//!    the loss a schedule asked for): every worker learns which workers held NaN or infinite
+//!    values, so all stop with the same error. Without it, a worker whose own values are not
+//!    finite stops before sending them, and the others see it as lost at their next collective;
+//! 5. write the merged values back into the module and tell the schedule what was measured.
+
+use burn::module::Module;
+use serde::{Deserialize, Serialize};
+
+use crate::comm::{Communicator, Metered, Traffic, TrafficByKind};
+use crate::error::CoopError;
+use crate::params::{BufferPolicy, ParamLayout};
+use crate::rules::kernels::{count_non_finite, distance_to_mean};
+use crate::rules::{HookEffect, MergeRule, SyncContext};
+use crate::schedule::{ScheduleSignal, SyncFeedback, SyncSchedule};
+use crate::state::{StateFile, StateRecord};
+
+/// What the training loop knows about the local step it just took.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct StepSignal {
+    /// The learning rate of the step.
+    pub lr: Option<f64>,
+    /// This worker's training loss on the step's batch.
+    pub loss: Option<f64>,
+}
+
+impl StepSignal {
+    /// A step with a learning rate and a loss.
+    pub fn new(lr: f64, loss: f64) -> Self {
+        Self { lr: Some(lr), loss: Some(loss) }
+    }
+}
+
+/// What one synchronization did.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SyncReport {
+    /// The local step (1-based) the merge followed.
+    pub step: u64,
+    /// How many merges have run, this one included.
+    pub syncs: u64,
+    /// Consensus distance before the merge, `(1/m) Σ_i ‖x_i − x̄‖²`, when measured.
+    pub consensus_distance: Option<f64>,
+    /// Bytes this worker sent for the merge (the rule's exchange and the statistics).
+    pub bytes_sent: u64,
+    /// Bytes this worker received for the merge.
+    pub bytes_received: u64,
+    /// Bytes this worker sent only to measure the consensus distance.
+    pub consensus_bytes_sent: u64,
+    /// Mean training loss over workers since the previous merge, when the schedule asked for it.
+    pub mean_loss: Option<f64>,
+}
+
+/// Counters of a synchronizer.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct CoopStats {
+    /// Local steps taken.
+    pub steps: u64,
+    /// Merges done.
+    pub syncs: u64,
+    /// Bytes this worker sent and received for merges (the initial broadcast included;
+    /// collectives the training loop runs itself through [`Synchronizer::comm`] are not).
+    pub traffic: Traffic,
+    /// Bytes spent only on measuring the consensus distance.
+    pub consensus_traffic: Traffic,
+    /// Consensus distance measured at the last merge.
+    pub last_consensus_distance: Option<f64>,
+}
+
+/// The synchronizer's small counters, saved as JSON in checkpoints (the rule's and schedule's
+/// buffers go to a binary [`StateFile`]).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SyncState {
+    /// Counters.
+    pub stats: CoopStats,
+    /// Local steps since the last merge.
+    pub steps_since_sync: u64,
+    /// Sum of this worker's losses since the last merge.
+    pub loss_sum: f64,
+    /// Number of losses in `loss_sum`.
+    pub loss_count: u64,
+    /// Whether the initial broadcast and the rule's start have run.
+    pub started: bool,
+}
+
+/// The merge engine; see the [module documentation](self).
+pub struct Synchronizer {
+    rule: Box<dyn MergeRule>,
+    schedule: Box<dyn SyncSchedule>,
+    comm: Metered<Box<dyn Communicator>>,
+    buffer_policy: BufferPolicy,
+    initial_broadcast: bool,
+    consensus_every: u64,
+    seed: u64,
+    layout: Option<ParamLayout>,
+    flat: Vec<f32>,
+    state: SyncState,
+    lr: Option<f64>,
+    last_report: Option<SyncReport>,
+}
+
+impl std::fmt::Debug for Synchronizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Synchronizer")
+            .field("rule", &self.rule.name())
+            .field("schedule", &self.schedule.name())
+            .field("rank", &self.comm.rank())
+            .field("world_size", &self.comm.world_size())
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Synchronizer {
+    /// A synchronizer for this worker. Fails when the rule cannot run with the communicator's
+    /// number of workers (an elastic α out of range, a gossip matrix of the wrong order).
+    pub fn new(
+        rule: impl MergeRule + 'static,
+        schedule: impl SyncSchedule + 'static,
+        comm: impl Communicator + 'static,
+    ) -> Result<Self, CoopError> {
+        rule.validate(comm.world_size())?;
+        Ok(Self {
+            rule: Box::new(rule),
+            schedule: Box::new(schedule),
+            comm: Metered::new(Box::new(comm)),
+            buffer_policy: BufferPolicy::default(),
+            initial_broadcast: true,
+            consensus_every: 0,
+            seed: 0,
+            layout: None,
+            flat: Vec::new(),
+            state: SyncState::default(),
+            lr: None,
+            last_report: None,
+        })
+    }
+
+    /// Chooses whether buffers (BatchNorm running statistics) are merged or kept local. Must be
+    /// set before the first step.
+    pub fn with_buffer_policy(self, policy: BufferPolicy) -> Self {
+        Self { buffer_policy: policy, layout: None, ..self }
+    }
+
+    /// Whether workers adopt worker 0's parameters before the first step (default: yes, so that
+    /// all start from the same model, as Cooperative SGD assumes).
+    pub fn with_initial_broadcast(self, broadcast: bool) -> Self {
+        Self { initial_broadcast: broadcast, ..self }
+    }
+
+    /// Measure the consensus distance at every `k`-th merge for rules that do not measure it
+    /// by themselves (gossip); 0 (the default) never does. Its bytes are counted apart.
+    pub fn with_consensus_every(self, k: u64) -> Self {
+        Self { consensus_every: k, ..self }
+    }
+
+    /// The seed shared by every worker, handed to the rule in its [`SyncContext`].
+    pub fn with_seed(self, seed: u64) -> Self {
+        Self { seed, ..self }
+    }
+
+    fn context(&self) -> SyncContext {
+        SyncContext {
+            step: self.state.stats.steps,
+            round: self.state.stats.syncs,
+            steps_since_sync: self.state.steps_since_sync,
+            lr: self.lr,
+            rank: self.comm.rank(),
+            world_size: self.comm.world_size(),
+            seed: self.seed,
+        }
+    }
+
+    fn ensure_layout<M: Module>(&mut self, module: &M) {
+        if self.layout.is_none() {
+            self.layout = Some(ParamLayout::of(module, self.buffer_policy));
+        }
+    }
+
+    /// Before the first step: every worker adopts worker 0's parameters (unless turned off with
+    /// [`Synchronizer::with_initial_broadcast`]) and the rule sees the initial model. Does
+    /// nothing once started.
+    pub fn start<M: Module>(&mut self, module: M) -> Result<M, CoopError> {
+        if self.state.started {
+            return Ok(module);
+        }
+        self.ensure_layout(&module);
+        let layout = self.layout.take().expect("layout recorded above");
+        let started = self.broadcast_start(&layout, module);
+        self.layout = Some(layout);
+        let module = started?;
+        let ctx = self.context();
+        self.rule.start(&self.flat, &ctx, &mut self.comm)?;
+        self.state.started = true;
+        Ok(module)
+    }
+
+    fn broadcast_start<M: Module>(&mut self, layout: &ParamLayout, module: M) -> Result<M, CoopError> {
+        layout.flatten_into(&module, &mut self.flat)?;
+        if !self.initial_broadcast || self.comm.world_size() == 1 {
+            return Ok(module);
+        }
+        let before = self.comm.traffic().total();
+        self.comm.broadcast(&mut self.flat, 0)?;
+        self.state.stats.traffic.add(self.comm.traffic().total().since(before));
+        Ok(layout.unflatten(module, &self.flat)?)
+    }
+
+    /// Call before each local step: starts the synchronizer on the first call and runs the
+    /// rule's before-step hook, if it has one.
+    pub fn before_step<M: Module>(&mut self, module: M) -> Result<M, CoopError> {
+        let module = self.start(module)?;
+        if !self.rule.uses_local_steps() {
+            return Ok(module);
+        }
+        self.run_hook(module, |rule, flat, ctx| rule.before_local_step(flat, ctx))
+    }
+
+    fn run_hook<M: Module>(
+        &mut self,
+        module: M,
+        hook: impl FnOnce(&mut dyn MergeRule, &mut [f32], &SyncContext) -> Result<HookEffect, crate::rules::RuleError>,
+    ) -> Result<M, CoopError> {
+        self.ensure_layout(&module);
+        let layout = self.layout.take().expect("layout recorded above");
+        let result = (|| {
+            layout.flatten_into(&module, &mut self.flat)?;
+            let ctx = self.context();
+            match hook(self.rule.as_mut(), &mut self.flat, &ctx)? {
+                HookEffect::Unchanged => Ok(module),
+                HookEffect::Changed => Ok(layout.unflatten(module, &self.flat)?),
+            }
+        })();
+        self.layout = Some(layout);
+        result
+    }
+
+    /// Call after each local step: counts it, runs the rule's after-step hook, and merges when
+    /// the schedule says so. Returns the (possibly merged) module and, on a merge, its report.
+    pub fn after_step<M: Module>(&mut self, module: M, signal: StepSignal) -> Result<(M, Option<SyncReport>), CoopError> {
+        let module = self.start(module)?;
+        self.count_step(signal);
+        let module = if self.rule.uses_local_steps() {
+            self.run_hook(module, |rule, flat, ctx| rule.after_local_step(flat, ctx))?
+        } else {
+            module
+        };
+        if self.merge_due() {
+            let (module, report) = self.sync_now(module)?;
+            Ok((module, Some(report)))
+        } else {
+            Ok((module, None))
+        }
+    }
+
+    /// [`Synchronizer::after_step`] for loops that hold their model elsewhere (burn-train's
+    /// learner): `module` is called only when the synchronizer needs the model (a merge, a
+    /// local-step hook, the start). Returns `None` when the model was not touched.
+    pub fn after_step_with<M: Module>(
+        &mut self,
+        signal: StepSignal,
+        module: impl FnOnce() -> M,
+    ) -> Result<Option<(M, Option<SyncReport>)>, CoopError> {
+        if !self.state.started || self.rule.uses_local_steps() {
+            return self.after_step(module(), signal).map(Some);
+        }
+        self.count_step(signal);
+        if self.merge_due() {
+            let (module, report) = self.sync_now(module())?;
+            Ok(Some((module, Some(report))))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn count_step(&mut self, signal: StepSignal) {
+        self.state.stats.steps += 1;
+        self.state.steps_since_sync += 1;
+        self.lr = signal.lr.or(self.lr);
+        if let Some(loss) = signal.loss {
+            self.state.loss_sum += loss;
+            self.state.loss_count += 1;
+        }
+    }
+
+    fn merge_due(&mut self) -> bool {
+        let signal = ScheduleSignal {
+            step: self.state.stats.steps,
+            lr: self.lr,
+            steps_since_sync: self.state.steps_since_sync,
+        };
+        self.schedule.is_sync_step(&signal)
+    }
+
+    /// Merges now, whatever the schedule (e.g. before evaluating or saving the final model).
+    /// Every worker must call it at the same point.
+    pub fn sync_now<M: Module>(&mut self, module: M) -> Result<(M, SyncReport), CoopError> {
+        let module = self.start(module)?;
+        self.ensure_layout(&module);
+        let layout = self.layout.take().expect("layout recorded above");
+        let merged = self.merge_with(&layout, module);
+        self.layout = Some(layout);
+        merged
+    }
+
+    fn merge_with<M: Module>(&mut self, layout: &ParamLayout, module: M) -> Result<(M, SyncReport), CoopError> {
+        layout.flatten_into(&module, &mut self.flat)?;
+        let ctx = self.context();
+        let (rank, world) = (ctx.rank, ctx.world_size);
+        let non_finite = count_non_finite(&self.flat);
+        let measure = !self.rule.measures_consensus()
+            && self.consensus_every > 0
+            && (self.state.stats.syncs + 1).is_multiple_of(self.consensus_every);
+        let wants_loss = self.schedule.wants_loss();
+        let reduce = self.rule.measures_consensus() || measure || wants_loss;
+        if !reduce && non_finite > 0 {
+            return Err(self.non_finite(rank, non_finite));
+        }
+
+        let start = self.comm.traffic();
+        let mut local_distance = None;
+        if measure {
+            let mut sum = self.flat.clone();
+            self.comm.all_reduce_sum(&mut sum)?;
+            local_distance = Some(distance_to_mean(&self.flat, &sum, world));
+        }
+        let before_rule = self.comm.traffic();
+        let outcome = self.rule.merge(&mut self.flat, &ctx, &mut self.comm)?;
+        let after_rule = self.comm.traffic();
+        local_distance = outcome.local_squared_distance.or(local_distance);
+
+        let (mut consensus_distance, mut mean_loss) = (None, None);
+        if reduce {
+            let mut values = vec![0.0; world + 2];
+            values[rank] = non_finite as f64;
+            values[world] = local_distance.unwrap_or(0.0);
+            values[world + 1] = self.state.loss_sum / self.state.loss_count.max(1) as f64;
+            let used = if wants_loss { world + 2 } else { world + 1 };
+            self.comm.all_reduce_f64(&mut values[..used])?;
+            if let Some(bad_rank) = values[..world].iter().position(|&count| count > 0.0) {
+                return Err(CoopError::NonFiniteParameters {
+                    rank: bad_rank,
+                    step: self.state.stats.steps,
+                    count: values[bad_rank] as usize,
+                    total: self.flat.len(),
+                });
+            }
+            consensus_distance = local_distance.map(|_| values[world] / world as f64);
+            mean_loss = wants_loss.then(|| values[world + 1] / world as f64);
+        }
+        let end = self.comm.traffic();
+
+        // The statistics collective belongs to the merge when the rule measures for free or the
+        // schedule asked for the loss; otherwise it exists only for the measurement.
+        let (merge_traffic, consensus_traffic) = if measure && !wants_loss {
+            let mut measuring = before_rule.total().since(start.total());
+            measuring.add(end.total().since(after_rule.total()));
+            (after_rule.total().since(before_rule.total()), measuring)
+        } else {
+            (end.total().since(before_rule.total()), before_rule.total().since(start.total()))
+        };
+        let module = layout.unflatten(module, &self.flat)?;
+        let stats = &mut self.state.stats;
+        stats.syncs += 1;
+        stats.traffic.add(merge_traffic);
+        stats.consensus_traffic.add(consensus_traffic);
+        if consensus_distance.is_some() {
+            stats.last_consensus_distance = consensus_distance;
+        }
+        let report = SyncReport {
+            step: stats.steps,
+            syncs: stats.syncs,
+            consensus_distance,
+            bytes_sent: merge_traffic.bytes_sent,
+            bytes_received: merge_traffic.bytes_received,
+            consensus_bytes_sent: consensus_traffic.bytes_sent,
+            mean_loss,
+        };
+        self.schedule.after_sync(&SyncFeedback {
+            step: report.step,
+            syncs: report.syncs,
+            lr: self.lr,
+            mean_loss,
+            consensus_distance,
+        });
+        self.state.steps_since_sync = 0;
+        self.state.loss_sum = 0.0;
+        self.state.loss_count = 0;
+        self.last_report = Some(report);
+        Ok((module, report))
+    }
+
+    fn non_finite(&self, rank: usize, count: usize) -> CoopError {
+        CoopError::NonFiniteParameters { rank, step: self.state.stats.steps, count, total: self.flat.len() }
+    }
+
+    /// Counters: steps, merges, traffic, last consensus distance.
+    pub fn stats(&self) -> CoopStats {
+        self.state.stats
+    }
+
+    /// What the last merge did, if one has run since this synchronizer was built or restored.
+    pub fn last_sync(&self) -> Option<&SyncReport> {
+        self.last_report.as_ref()
+    }
+
+    /// Every byte the synchronizer's collectives moved, by kind of collective.
+    pub fn traffic_by_kind(&self) -> TrafficByKind {
+        self.comm.traffic()
+    }
+
+    /// This worker's rank.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Number of workers.
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// The merge rule's name.
+    pub fn rule_name(&self) -> &'static str {
+        self.rule.name()
+    }
+
+    /// The merge rule.
+    pub fn rule(&self) -> &dyn MergeRule {
+        self.rule.as_ref()
+    }
+
+    /// The period between merges in force now.
+    pub fn period(&self) -> u64 {
+        self.schedule.period(self.state.stats.steps)
+    }
+
+    /// The communicator, for collectives of the training loop's own (averaging a metric,
+    /// checkpoint barriers). Its traffic is not counted as merge traffic.
+    pub fn comm(&mut self) -> &mut dyn Communicator {
+        self.comm.inner_mut().as_mut()
+    }
+
+    /// Gives the communicator back (e.g. to build another synchronizer).
+    pub fn into_comm(self) -> Box<dyn Communicator> {
+        self.comm.into_inner()
+    }
+
+    /// The small counters to checkpoint (as JSON).
+    pub fn state(&self) -> SyncState {
+        self.state.clone()
+    }
+
+    /// The rule's and the schedule's records (model-sized buffers) to checkpoint (binary).
+    pub fn records(&self) -> StateFile {
+        let mut file = StateFile::default();
+        file.records.insert("rule".into(), self.rule.record());
+        file.records.insert("schedule".into(), self.schedule.record());
+        file
+    }
+
+    /// Restores what [`Synchronizer::state`] and [`Synchronizer::records`] saved (with the same
+    /// rule and schedule).
+    pub fn load(&mut self, state: SyncState, mut records: StateFile) -> Result<(), CoopError> {
+        let mut take = |name: &str| records.records.remove(name).unwrap_or_else(StateRecord::new);
+        let (rule, schedule) = (take("rule"), take("schedule"));
+        self.rule.load_record(rule)?;
+        self.schedule.load_record(schedule)?;
+        self.state = state;
+        self.last_report = None;
+        Ok(())
+    }
+}
+

@@ -1,0 +1,302 @@
+//! A test kit for rule authors (and this crate's own tests).
+//!
+//! - [`RecordingComm`]: a communicator decorator that logs every call (kind, values, peers)
+//!   and meters its bytes, so a test can assert "one all-reduce of the model per merge".
+//! - [`run_one_merge`]: runs one merge of a rule for `m` workers on deterministic buffers and
+//!   returns each worker's merged buffer, outcome, calls and bytes.
+//! - [`check_rule_against_matrix`]: compares one merge with `X · W` for rules that have a mixing
+//!   matrix (anchors included), so a new rule ships with a two-line exactness test.
+//! - [`Tiny`], [`tiny_for`], [`fixed_grads`] and [`test_value`]: a small model with a BatchNorm
+//!   and deterministic parameters and gradients, shared by the workspace's tests.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use burn::module::Module;
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::comm::{CommError, Communicator, InProcessGroup, Metered, PendingSum, TrafficByKind};
+use crate::launch::run_group;
+use crate::params::{BufferPolicy, ParamLayout, TensorRole};
+use crate::rules::{MergeOutcome, MergeRule, RuleError, SyncContext};
+
+/// A deterministic value for position `k` of vector number `which` of worker `rank`.
+pub fn test_value(rank: usize, k: usize, which: u64) -> f32 {
+    let x = (k as f64 + 1.0) * 0.37 + rank as f64 * 1.91 + which as f64 * 0.53;
+    (x.sin() * 0.8 + 0.1 * (x * 3.1).cos()) as f32
+}
+
+/// Calls of each kind a [`RecordingComm`] saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallLog {
+    /// Sum all-reduces of `f32` (blocking and started).
+    pub all_reduce: u64,
+    /// Values in those all-reduces.
+    pub all_reduce_values: u64,
+    /// Sums of `f64` values.
+    pub scalars: u64,
+    /// Broadcasts.
+    pub broadcast: u64,
+    /// All-gathers of bytes.
+    pub all_gather: u64,
+    /// Neighbour exchanges.
+    pub exchange: u64,
+    /// Peers named in those exchanges.
+    pub exchange_peers: u64,
+    /// Splits.
+    pub split: u64,
+    /// Barriers.
+    pub barrier: u64,
+}
+
+impl CallLog {
+    /// Every call, all kinds together.
+    pub fn total(&self) -> u64 {
+        self.all_reduce + self.scalars + self.broadcast + self.all_gather + self.exchange + self.split + self.barrier
+    }
+}
+
+/// A communicator that logs its calls and meters its bytes (see the [module documentation](self)).
+#[derive(Debug)]
+pub struct RecordingComm<C> {
+    inner: Metered<C>,
+    log: Arc<Mutex<CallLog>>,
+}
+
+impl<C: Communicator> RecordingComm<C> {
+    /// Records the calls made through `inner`.
+    pub fn new(inner: C) -> Self {
+        Self { inner: Metered::new(inner), log: Arc::default() }
+    }
+
+    /// Calls so far.
+    pub fn calls(&self) -> CallLog {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Bytes so far, by kind.
+    pub fn traffic(&self) -> TrafficByKind {
+        self.inner.traffic()
+    }
+
+    fn note(&self, update: impl FnOnce(&mut CallLog)) {
+        update(&mut self.log.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+}
+
+impl<C: Communicator> Communicator for RecordingComm<C> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&mut self, values: &mut [f32]) -> Result<(), CommError> {
+        self.note(|l| {
+            l.all_reduce += 1;
+            l.all_reduce_values += values.len() as u64;
+        });
+        self.inner.all_reduce_sum(values)
+    }
+    fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
+        self.note(|l| {
+            l.all_reduce += 1;
+            l.all_reduce_values += values.len() as u64;
+        });
+        self.inner.start_all_reduce_sum(values)
+    }
+    fn all_reduce_f64(&mut self, values: &mut [f64]) -> Result<(), CommError> {
+        self.note(|l| l.scalars += 1);
+        self.inner.all_reduce_f64(values)
+    }
+    fn broadcast(&mut self, values: &mut [f32], root: usize) -> Result<(), CommError> {
+        self.note(|l| l.broadcast += 1);
+        self.inner.broadcast(values, root)
+    }
+    fn all_gather_bytes(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
+        self.note(|l| l.all_gather += 1);
+        self.inner.all_gather_bytes(payload)
+    }
+    fn exchange(&mut self, send: &[f32], peers: &[usize], received: &mut Vec<Vec<f32>>) -> Result<(), CommError> {
+        self.note(|l| {
+            l.exchange += 1;
+            l.exchange_peers += peers.len() as u64;
+        });
+        self.inner.exchange(send, peers, received)
+    }
+    fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
+        self.note(|l| l.split += 1);
+        let inner = self.inner.split(color)?;
+        Ok(Box::new(RecordingComm { inner: Metered::new(inner), log: Arc::clone(&self.log) }))
+    }
+    fn barrier(&mut self) -> Result<(), CommError> {
+        self.note(|l| l.barrier += 1);
+        self.inner.barrier()
+    }
+}
+
+/// One worker's view of [`run_one_merge`].
+#[derive(Debug, Clone)]
+pub struct MergeRun {
+    /// The worker's rank.
+    pub rank: usize,
+    /// Its buffer before the merge.
+    pub before: Vec<f32>,
+    /// Its buffer after the merge (unchanged when the merge failed).
+    pub params: Vec<f32>,
+    /// What the merge returned (default when it failed).
+    pub outcome: MergeOutcome,
+    /// The error, when the merge failed.
+    pub error: Option<RuleError>,
+    /// The calls the merge made (those of `start` excluded).
+    pub calls: CallLog,
+    /// The bytes the merge moved (those of `start` excluded).
+    pub traffic: TrafficByKind,
+}
+
+/// The common initial model of [`run_one_merge`] (what `start` sees, e.g. the anchor).
+pub fn initial_buffer(m: usize, n: usize) -> Vec<f32> {
+    (0..n).map(|k| test_value(m + 11, k, 3)).collect()
+}
+
+/// Worker `rank`'s buffer before the merge in [`run_one_merge`].
+pub fn worker_buffer(rank: usize, n: usize) -> Vec<f32> {
+    (0..n).map(|k| test_value(rank, k, 1)).collect()
+}
+
+/// Runs `start` with [`initial_buffer`] and then one merge of [`worker_buffer`] for `m` workers
+/// on threads, each with the rule `make(rank)` and a [`RecordingComm`].
+pub fn run_one_merge(m: usize, n: usize, make: impl Fn(usize) -> Box<dyn MergeRule> + Sync) -> Vec<MergeRun> {
+    let comms = InProcessGroup::new(m).with_timeout(Duration::from_secs(60)).into_communicators();
+    let runs = run_group(comms, |rank, comm| -> Result<MergeRun, RuleError> {
+        let mut rule = make(rank);
+        let ctx = SyncContext { step: 1, round: 0, steps_since_sync: 1, lr: Some(0.1), rank, world_size: m, seed: 7 };
+        let mut comm = RecordingComm::new(comm);
+        rule.start(&initial_buffer(m, n), &ctx, &mut comm)?;
+        let mut comm = RecordingComm::new(comm.inner.into_inner());
+        let before = worker_buffer(rank, n);
+        let mut params = before.clone();
+        let (outcome, error) = match rule.merge(&mut params, &ctx, &mut comm) {
+            Ok(outcome) => (outcome, None),
+            Err(error) => (MergeOutcome::default(), Some(error)),
+        };
+        Ok(MergeRun { rank, before, params, outcome, error, calls: comm.calls(), traffic: comm.traffic() })
+    });
+    match runs {
+        Ok(runs) => runs,
+        Err(failure) => panic!("a worker failed outside the merge: {:?}", failure.primary()),
+    }
+}
+
+/// Asserts that one merge of the rule equals `X · W` for its mixing matrix: worker `i` ends
+/// with `Σ_j X[:, j] W[j, i]`, the columns of `X` being the workers' buffers followed by the
+/// rule's `v` anchors, which start at [`initial_buffer`]. Also checks that every worker's
+/// squared distance to the mean, when reported, is right.
+pub fn check_rule_against_matrix(m: usize, n: usize, make: impl Fn() -> Box<dyn MergeRule> + Sync) {
+    let w = make().mixing_matrix(m).expect("the rule has a mixing matrix");
+    let order = w.order();
+    assert!(order >= m, "a mixing matrix for {m} workers has at least {m} rows, got {order}");
+    let runs = run_one_merge(m, n, |_| make());
+    let anchor = initial_buffer(m, n);
+    let column = |j: usize| if j < m { &runs[j].before } else { &anchor };
+    let mean: Vec<f64> = (0..n).map(|k| runs.iter().map(|r| f64::from(r.before[k])).sum::<f64>() / m as f64).collect();
+    for run in &runs {
+        assert!(run.error.is_none(), "worker {}: {:?}", run.rank, run.error);
+        for k in 0..n {
+            let expected: f64 = (0..order).map(|j| f64::from(column(j)[k]) * w.get(j, run.rank)).sum();
+            let got = f64::from(run.params[k]);
+            assert!(
+                (got - expected).abs() <= 1e-5 * (1.0 + expected.abs()),
+                "worker {} value {k}: merged {got}, X·W gives {expected}",
+                run.rank
+            );
+        }
+        if let Some(distance) = run.outcome.local_squared_distance {
+            let exact: f64 = run.before.iter().zip(&mean).map(|(&x, &u)| (f64::from(x) - u).powi(2)).sum();
+            assert!((distance - exact).abs() <= 1e-5 * (1.0 + exact), "worker {}: distance {distance}, exact {exact}", run.rank);
+        }
+    }
+}
+
+/// Linear(3→4) → BatchNorm(4) → Linear(4→2): weights, biases, BatchNorm affine and buffers.
+#[derive(Module, Debug)]
+pub struct Tiny {
+    /// First layer.
+    pub fc1: Linear,
+    /// Normalization with running statistics (buffers).
+    pub bn: BatchNorm,
+    /// Output layer.
+    pub fc2: Linear,
+}
+
+impl Tiny {
+    /// A freshly initialized model on `device`.
+    pub fn new(device: &Device) -> Self {
+        Self {
+            fc1: LinearConfig::new(3, 4).init(device),
+            bn: BatchNormConfig::new(4).init(device),
+            fc2: LinearConfig::new(4, 2).init(device),
+        }
+    }
+
+    /// The forward pass.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let h = self.fc1.forward(x);
+        let h: Tensor<3> = self.bn.forward(h.unsqueeze_dim(2));
+        self.fc2.forward(h.squeeze_dim(2))
+    }
+}
+
+/// A fresh [`Tiny`] on `device` (with its own BatchNorm state) whose every float tensor holds
+/// deterministic values for `seed`. Running variances stay positive.
+pub fn tiny_for(seed: usize, device: &Device) -> Tiny {
+    let model = Tiny::new(device);
+    let layout = ParamLayout::of(&model, BufferPolicy::Merge);
+    let mut flat: Vec<f32> = (0..layout.len()).map(|k| test_value(seed, k, 0)).collect();
+    for slot in layout.slots() {
+        if let (TensorRole::Buffer, Some(offset)) = (slot.role, slot.offset) {
+            flat[offset..offset + slot.len()].iter_mut().for_each(|v| *v = v.abs() + 0.5);
+        }
+    }
+    layout.unflatten(model, &flat).expect("the layout was made from this model")
+}
+
+/// Fixed gradients for every trainable tensor of `module` (1-D or 2-D), depending on rank and
+/// step, created on `device` (a plain device, without autodiff).
+pub fn fixed_grads<M: Module>(module: &M, rank: usize, step: u64, device: &Device) -> GradientsParams {
+    let layout = ParamLayout::of(module, BufferPolicy::Merge);
+    let mut grads = GradientsParams::new();
+    for slot in layout.slots().iter().filter(|s| s.role == TensorRole::Parameter) {
+        let offset = slot.offset.expect("parameters are always in the layout");
+        let values: Vec<f32> = (0..slot.len()).map(|k| test_value(rank, offset + k, 100 + step)).collect();
+        let data = TensorData::new(values, slot.shape.clone());
+        match slot.shape.len() {
+            1 => grads.register::<1>(slot.id, Tensor::from_data(data, device)),
+            2 => grads.register::<2>(slot.id, Tensor::from_data(data, device)),
+            rank => panic!("unexpected tensor rank {rank}"),
+        }
+    }
+    grads
+}
+
+/// The flat buffer of every float tensor (buffers included) of `module`.
+pub fn flat<M: Module>(module: &M) -> Vec<f32> {
+    ParamLayout::of(module, BufferPolicy::Merge).flatten(module).expect("the layout was made from this module")
+}
+
+/// A hash (FNV-1a over the bit patterns) of all a module's float tensors, parameters and
+/// buffers, in visiting order. It does not depend on autodiff, so a trained model and its
+/// `valid()` copy have the same fingerprint; equal fingerprints mean bit-identical models.
+pub fn parameter_fingerprint<M: Module>(module: &M) -> Result<u64, crate::params::LayoutError> {
+    let flat = ParamLayout::of(module, BufferPolicy::Merge).flatten(module)?;
+    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+    for value in flat {
+        for byte in value.to_bits().to_le_bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    Ok(hash)
+}
