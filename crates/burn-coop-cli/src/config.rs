@@ -2,28 +2,15 @@
 
 use std::path::{Path, PathBuf};
 
-use burn_coop::learner::{LrSchedule, LrShape, OptimizerSpec, RuleSpec, TopologySpec};
-use burn_coop::{BufferPolicy, InnerStatePolicy, LearnerConfig, WeightRule};
+use burn_coop::learner::{LrSchedule, LrShape, OptimizerSpec};
+use burn_coop::spec::{RuleFlags, ScheduleFlags, SpecError, at_least_one, positive_f64, serde_name};
+use burn_coop::{BufferPolicy, InnerStatePolicy, LearnerConfig, RuleSpec, ScheduleSpec};
 use burn_coop_vision::task::ModelKind;
 use clap::{Args, ValueEnum};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use crate::device::DeviceName;
-
-/// Merge rule by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum RuleName {
-    /// Synchronous SGD (averaging after every step).
-    Sync,
-    /// Periodic averaging (local SGD).
-    Average,
-    /// Elastic averaging (EASGD).
-    Elastic,
-    /// Gossip over a topology.
-    Gossip,
-}
 
 /// Inner optimizer by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -69,24 +56,26 @@ pub enum TransportName {
     Mpi,
 }
 
-/// A complete `coop train` configuration (the form written to and read from TOML files).
+/// A complete `coop train` configuration.
+///
+/// In a TOML file every setting is a top-level key: the rule is `rule = "NAME"` beside the
+/// rule's own settings (`alpha`, `topology`, …) and the schedule is `schedule = "NAME"` beside
+/// its own (`tau`, `warmup-steps`); which keys exist is decided by the registries in
+/// [`burn_coop::spec`], so a new rule needs no change here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TrainConfig {
     /// Model.
     pub model: ModelKind,
-    /// Merge rule.
-    pub rule: RuleName,
-    /// Gossip topology.
-    pub topology: TopologySpec,
-    /// Gossip edge weights.
-    pub weights: WeightRule,
-    /// Local steps between merges.
-    pub tau: u64,
-    /// Elastic moving rate (default 2/(m+2)).
-    pub alpha: Option<f64>,
-    /// Synchronous steps before local steps begin (post-local SGD).
-    pub warmup_steps: u64,
+    /// Merge rule and its settings (flat keys in files, see above).
+    #[serde(skip)]
+    pub rule: RuleSpec,
+    /// Schedule and its settings (flat keys in files, see above).
+    #[serde(skip)]
+    pub schedule: ScheduleSpec,
+    /// Measure the consensus distance every N merges for rules that do not measure it by
+    /// themselves (gossip); 0: never.
+    pub consensus_every: u64,
     /// Workers (model replicas).
     pub workers: usize,
     /// Devices; replica r runs on `devices[r % len]`.
@@ -151,12 +140,9 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             model: ModelKind::Resnet20,
-            rule: RuleName::Average,
-            topology: TopologySpec::Ring,
-            weights: WeightRule::MetropolisHastings,
-            tau: 8,
-            alpha: None,
-            warmup_steps: 0,
+            rule: RuleSpec::default(),
+            schedule: ScheduleSpec::default(),
+            consensus_every: 0,
             workers: 4,
             devices: vec![DeviceName::default_for_build()],
             epochs: 5,
@@ -190,26 +176,6 @@ impl Default for TrainConfig {
     }
 }
 
-/// Parses a kebab-case name of any serde enum (for flags whose type lives in a library crate).
-pub fn serde_name<T: DeserializeOwned>(text: &str) -> Result<T, String> {
-    serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|e| e.to_string())
-}
-
-fn at_least_one(text: &str) -> Result<u64, String> {
-    match text.parse::<u64>() {
-        Ok(v) if v >= 1 => Ok(v),
-        Ok(_) => Err("must be at least 1".into()),
-        Err(_) => Err(format!("'{text}' is not a whole number")),
-    }
-}
-
-fn positive_f64(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("'{text}' is not a positive number")),
-    }
-}
-
 fn non_negative_f64(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
@@ -229,24 +195,16 @@ pub struct TrainArgs {
     /// Model: resnet20, resnet32, resnet44, resnet56, resnet110, resnet18.
     #[arg(long, value_parser = serde_name::<ModelKind>)]
     pub model: Option<ModelKind>,
-    /// Merge rule.
-    #[arg(long, value_enum)]
-    pub rule: Option<RuleName>,
-    /// Gossip topology: ring, torus, exponential, complete.
-    #[arg(long, value_parser = serde_name::<TopologySpec>)]
-    pub topology: Option<TopologySpec>,
-    /// Gossip weights: metropolis-hastings, best-constant.
-    #[arg(long, value_parser = serde_name::<WeightRule>)]
-    pub weights: Option<WeightRule>,
-    /// Local steps between merges (τ ≥ 1).
-    #[arg(long, value_parser = at_least_one)]
-    pub tau: Option<u64>,
-    /// Elastic moving rate α, in (0, 2/(m+1)).
-    #[arg(long, value_parser = positive_f64)]
-    pub alpha: Option<f64>,
-    /// Synchronous steps before local steps begin.
+    /// `--rule NAME` and the rules' own flags.
+    #[command(flatten)]
+    pub rule: RuleFlags,
+    /// `--schedule NAME` and the schedules' own flags.
+    #[command(flatten)]
+    pub schedule: ScheduleFlags,
+    /// Measure the consensus distance every N merges for rules that do not measure it by
+    /// themselves (gossip; 0: never).
     #[arg(long)]
-    pub warmup_steps: Option<u64>,
+    pub consensus_every: Option<u64>,
     /// Number of workers.
     #[arg(long, value_parser = at_least_one)]
     pub workers: Option<u64>,
@@ -337,17 +295,17 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// Applies every flag that was given to `config`.
-    pub fn apply(&self, config: &mut TrainConfig) {
+    /// Applies every flag that was given to `config`. A flag of a rule or schedule the run does
+    /// not use is an error naming it.
+    pub fn apply(&self, config: &mut TrainConfig) -> Result<(), SpecError> {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { config.$field = v.into(); } )* };
         }
-        set!(model, rule, topology, weights, tau, warmup_steps, devices, optimizer, lr, lr_schedule);
+        set!(model, consensus_every, devices, optimizer, lr, lr_schedule);
         set!(lr_warmup_epochs, min_lr, milestones, gamma, momentum, nesterov, weight_decay, partition, beta);
         set!(augment, buffers, inner_state, seed, checkpoint_every, eval_workers, download, verify, transport);
-        if let Some(v) = self.alpha {
-            config.alpha = Some(v);
-        }
+        self.rule.apply(&mut config.rule)?;
+        self.schedule.apply(&mut config.schedule)?;
         if let Some(v) = self.workers {
             config.workers = v as usize;
         }
@@ -369,6 +327,7 @@ impl TrainArgs {
         if let Some(v) = &self.data {
             config.data = Some(v.clone());
         }
+        Ok(())
     }
 }
 
@@ -383,6 +342,12 @@ pub struct InvalidValue {
     pub reason: String,
 }
 
+impl From<SpecError> for InvalidValue {
+    fn from(error: SpecError) -> Self {
+        Self { option: error.option, value: error.value, reason: error.reason }
+    }
+}
+
 impl std::fmt::Display for InvalidValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "invalid value '{}' for '--{}': {}", self.value, self.option, self.reason)
@@ -393,23 +358,42 @@ impl TrainConfig {
     /// Reads a TOML file (missing keys keep their defaults; unknown keys are errors).
     pub fn from_toml_file(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("invalid configuration file {}: {e}", path.display()))
+        Self::from_toml_str(&text).map_err(|e| format!("invalid configuration file {}: {e}", path.display()))
     }
 
-    /// The configuration as TOML.
+    /// Reads the TOML form: the rule's and the schedule's keys go to their registries, the rest
+    /// to the fields of this struct.
+    pub fn from_toml_str(text: &str) -> Result<Self, String> {
+        let mut table = match toml::from_str::<Value>(text).map_err(|e| e.to_string())? {
+            Value::Object(table) => table,
+            _ => return Err("the configuration must be a table of keys".into()),
+        };
+        let rule = RuleSpec::take_from_flat(&mut table).map_err(|e| e.to_string())?;
+        let schedule = ScheduleSpec::take_from_flat(&mut table).map_err(|e| e.to_string())?;
+        let mut config: Self = serde_json::from_value(Value::Object(table)).map_err(|e| e.to_string())?;
+        config.rule = rule;
+        config.schedule = schedule;
+        Ok(config)
+    }
+
+    /// The configuration as TOML, with the rule's and schedule's defaults written out.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("the configuration serializes")
+        let Value::Object(mut table) = serde_json::to_value(self).expect("the configuration serializes") else {
+            unreachable!("a struct serializes to a map")
+        };
+        table.extend(self.rule.resolved().to_flat());
+        table.extend(self.schedule.resolved().to_flat());
+        let table: Map<String, Value> = table.into_iter().filter(|(_, v)| !v.is_null()).collect();
+        toml::to_string_pretty(&table).expect("the configuration serializes")
     }
 
     /// Checks values that flags alone cannot (they may come from a file) and that depend on each
-    /// other, such as elastic α against the number of workers.
+    /// other. The rule and schedule are checked by [`TrainConfig::validate_for`] once the number
+    /// of workers is known.
     pub fn validate(&self) -> Result<(), InvalidValue> {
         let invalid = |option, value: String, reason: &str| Err(InvalidValue { option, value, reason: reason.into() });
         if self.workers == 0 {
             return invalid("workers", "0".into(), "at least one worker is needed");
-        }
-        if self.tau == 0 {
-            return invalid("tau", "0".into(), "the period τ must be at least 1 (τ = 1 is synchronous)");
         }
         if self.epochs == 0 {
             return invalid("epochs", "0".into(), "at least one epoch is needed");
@@ -429,34 +413,30 @@ impl TrainConfig {
         if self.devices.is_empty() {
             return invalid("devices", String::new(), "at least one device is needed");
         }
-        if let Err(error) = self.rule_spec().build(self.workers) {
-            let (option, value) = match self.rule {
-                RuleName::Elastic => ("alpha", self.alpha.map_or_else(|| "default".into(), |a| a.to_string())),
-                _ => ("topology", format!("{:?}", self.topology).to_lowercase()),
-            };
-            return invalid(option, value, &error.to_string());
-        }
         Ok(())
     }
 
-    /// The rule as the learner describes it.
-    pub fn rule_spec(&self) -> RuleSpec {
-        match self.rule {
-            RuleName::Sync => RuleSpec::Sync,
-            RuleName::Average => RuleSpec::Average,
-            RuleName::Elastic => RuleSpec::Elastic { alpha: self.alpha },
-            RuleName::Gossip => RuleSpec::Gossip { topology: self.topology, weights: self.weights },
+    /// Checks the rule and schedule against the real number of workers (`--workers` for
+    /// threads, the number of ranks under MPI), by building them.
+    pub fn validate_for(&self, workers: usize) -> Result<(), InvalidValue> {
+        burn_coop::spec::build_pair(&self.rule, &self.schedule, workers)?;
+        Ok(())
+    }
+
+    /// How the run merges, for logs (`"elastic averaging, tau = 4"`).
+    pub fn describe_rule(&self) -> String {
+        match self.rule.forced_period() {
+            Some(_) => self.rule.describe(),
+            None => format!("{}, {}", self.rule.describe(), self.schedule.describe()),
         }
     }
 
     /// The output folder, explicit or derived from the run's main choices.
     pub fn output_folder(&self) -> PathBuf {
         self.output.clone().unwrap_or_else(|| {
-            let rule = match self.rule {
-                RuleName::Sync => "sync".to_string(),
-                RuleName::Average => format!("average-tau{}", self.tau),
-                RuleName::Elastic => format!("elastic-tau{}", self.tau),
-                RuleName::Gossip => format!("gossip-{}-tau{}", serde_name_of(&self.topology), self.tau),
+            let rule = match self.rule.forced_period() {
+                Some(_) => self.rule.run_tag(),
+                None => format!("{}-{}", self.rule.run_tag(), self.schedule.run_tag()),
             };
             PathBuf::from("runs").join(format!("{}-{rule}-m{}", serde_name_of(&self.model), self.workers))
         })
@@ -478,9 +458,9 @@ impl TrainConfig {
         };
         LearnerConfig {
             workers: self.workers,
-            rule: self.rule_spec(),
-            tau: self.tau,
-            warmup_steps: self.warmup_steps,
+            rule: self.rule.clone(),
+            schedule: self.schedule.clone(),
+            consensus_every: self.consensus_every,
             epochs: self.epochs,
             optimizer,
             lr: LrSchedule { lr: self.lr, shape, warmup_epochs: self.lr_warmup_epochs, min_lr: self.min_lr },
@@ -497,10 +477,4 @@ impl TrainConfig {
     }
 }
 
-/// The kebab-case name serde gives a unit variant.
-pub fn serde_name_of<T: Serialize>(value: &T) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(name)) => name,
-        other => format!("{other:?}"),
-    }
-}
+pub use burn_coop::spec::serde_name_of;

@@ -1,11 +1,11 @@
 //! `coop topology`: a graph's mixing matrix and how fast it mixes.
 
 use burn_coop::WeightRule;
-use burn_coop::learner::TopologySpec;
+use burn_coop::TopologySpec;
 use clap::Args;
 use serde::Serialize;
 
-use crate::config::serde_name;
+use burn_coop::spec::serde_name;
 
 /// Arguments of `coop topology`.
 #[derive(Debug, Args)]

@@ -20,11 +20,19 @@ pub fn resolve(args: &TrainArgs) -> TrainConfig {
             .unwrap_or_else(|message| crate::Cli::command().error(ErrorKind::InvalidValue, message).exit()),
         None => TrainConfig::default(),
     };
-    args.apply(&mut config);
+    if let Err(invalid) = args.apply(&mut config) {
+        crate::Cli::command().error(ErrorKind::ValueValidation, invalid.to_string()).exit();
+    }
     if let Some(dir) = &args.resume {
         config.output = Some(dir.clone());
     }
-    if let Err(invalid) = config.validate() {
+    // Under MPI the number of workers is the number of ranks: the rule and schedule are checked
+    // once it is known (in `run_mpi`).
+    let checked = config.validate().and_then(|()| match config.transport {
+        TransportName::Threads => config.validate_for(config.workers),
+        TransportName::Mpi => Ok(()),
+    });
+    if let Err(invalid) = checked {
         crate::Cli::command().error(ErrorKind::ValueValidation, invalid.to_string()).exit();
     }
     config
@@ -35,7 +43,7 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
     let config = resolve(args);
     let resume = args.resume.is_some();
     let output = config.output_folder();
-    let has_checkpoints = output.join("checkpoints").join("LATEST").exists();
+    let has_checkpoints = burn_coop::learner::latest_checkpoint(&output).is_ok_and(|latest| latest.is_some());
     if has_checkpoints && !resume {
         return Err(format!(
             "{} already holds a run with checkpoints: continue it with --resume {0} or choose another --output",
@@ -56,7 +64,7 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         "training {} with {} workers ({}) on {} for {} epochs; output in {}",
         crate::config::serde_name_of(&config.model),
         config.workers,
-        describe_rule(&config),
+        config.describe_rule(),
         config.devices.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
         config.epochs,
         output.display()
@@ -77,10 +85,12 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
 fn run_mpi(mut config: TrainConfig, resume: bool) -> Result<(), String> {
     use burn_coop::learner::run_worker;
 
-    let transport = burn_coop_mpi::MpiTransport::world().map_err(|e| e.to_string())?;
-    let (rank, world) = (transport.rank(), transport.world_size());
+    use burn_coop::Communicator;
+
+    let comm = burn_coop_mpi::MpiComm::world().map_err(|e| e.to_string())?;
+    let (rank, world) = (comm.rank(), comm.world_size());
     config.workers = world;
-    config.validate().map_err(|invalid| invalid.to_string())?;
+    config.validate().and_then(|()| config.validate_for(world)).map_err(|invalid| invalid.to_string())?;
     let output = config.output_folder();
     let task = build_task(&config)?;
     if rank == 0 {
@@ -90,13 +100,13 @@ fn run_mpi(mut config: TrainConfig, resume: bool) -> Result<(), String> {
         eprintln!(
             "training {} with {world} MPI ranks ({}) for {} epochs; output in {}",
             crate::config::serde_name_of(&config.model),
-            describe_rule(&config),
+            config.describe_rule(),
             config.epochs,
             output.display()
         );
     }
     let device = config.devices[rank % config.devices.len()].open();
-    let report = run_worker(&task, &config.learner_config(), &device, transport, resume)
+    let report = run_worker(&task, &config.learner_config(), &device, comm, resume)
         .map_err(|e| format!("rank {rank}: {e}"))?;
     if rank == 0 {
         print_summary(&TrainingSummary { workers: vec![report], output });
@@ -107,17 +117,6 @@ fn run_mpi(mut config: TrainConfig, resume: bool) -> Result<(), String> {
 #[cfg(not(feature = "mpi"))]
 fn run_mpi(_config: TrainConfig, _resume: bool) -> Result<(), String> {
     Err("this binary was built without MPI support: rebuild burn-coop-cli with --features mpi".into())
-}
-
-fn describe_rule(config: &TrainConfig) -> String {
-    match config.rule {
-        crate::config::RuleName::Sync => "synchronous SGD".into(),
-        crate::config::RuleName::Average => format!("periodic averaging, tau = {}", config.tau),
-        crate::config::RuleName::Elastic => format!("elastic averaging, tau = {}", config.tau),
-        crate::config::RuleName::Gossip => {
-            format!("gossip on a {}, tau = {}", crate::config::serde_name_of(&config.topology), config.tau)
-        }
-    }
 }
 
 /// Loads CIFAR-10 (verified), splits it and builds the task.

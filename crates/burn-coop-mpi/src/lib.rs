@@ -1,17 +1,17 @@
 //! # burn-coop-mpi
 //!
-//! An MPI [`Transport`] for [`burn_coop`]: run local SGD, elastic averaging or gossip with one
-//! worker per MPI rank, on one machine or across a cluster.
+//! An MPI [`Communicator`] for [`burn_coop`]: run local SGD, elastic averaging, gossip or any
+//! other rule with one worker per MPI rank, on one machine or across a cluster.
 //!
 //! ```no_run
 //! use burn::optim::SgdConfig;
-//! use burn_coop::{LocalSgd, PeriodicAveraging, PeriodicSchedule};
-//! use burn_coop_mpi::MpiTransport;
+//! use burn_coop::{Averaging, Communicator, LocalSgd, PeriodicSchedule};
+//! use burn_coop_mpi::MpiComm;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let transport = MpiTransport::world()?;
-//! println!("rank {} of {}", transport.rank(), transport.world_size());
-//! let optim = LocalSgd::new(SgdConfig::new().init(), PeriodicAveraging::new(), PeriodicSchedule::every(8)?, transport)?;
+//! let comm = MpiComm::world()?;
+//! println!("rank {} of {}", comm.rank(), comm.world_size());
+//! let optim = LocalSgd::new(SgdConfig::new().init(), Averaging::new(), PeriodicSchedule::every(8)?, comm)?;
 //! # drop(optim);
 //! # Ok(())
 //! # }
@@ -21,31 +21,34 @@
 //!
 //! ## Mapping onto MPI
 //!
-//! | [`Transport`] call | MPI |
+//! | [`Communicator`] call | MPI |
 //! |---|---|
-//! | [`Transport::all_reduce`] | `MPI_Allreduce(MPI_SUM)` on `f32`, then `/ m` for [`ReduceOp::Mean`] |
-//! | [`Transport::all_reduce_f64`] | up to 16 values: carried by the length exchange and summed in rank order; more: `MPI_Allreduce(MPI_SUM)` on `f64` |
-//! | [`Transport::mix`] | one `MPI_Irecv` and one `MPI_Isend` of the whole buffer per neighbour, then `MPI_Waitall` |
-//! | [`Transport::barrier`] | `MPI_Barrier` |
+//! | [`Communicator::all_reduce_sum`] | `MPI_Allreduce(MPI_SUM)` on `f32` |
+//! | [`Communicator::start_all_reduce_sum`] | `MPI_Iallreduce(MPI_SUM)` on `f32`; `MPI_Test` / `MPI_Wait` in the pending handle |
+//! | [`Communicator::all_reduce_f64`] | up to 16 values: carried by the agreement and summed in rank order; more: `MPI_Allreduce(MPI_SUM)` on `f64` |
+//! | [`Communicator::broadcast`] | `MPI_Bcast` |
+//! | [`Communicator::all_gather_bytes`] | lengths from the agreement, then `MPI_Allgatherv` |
+//! | [`Communicator::exchange`] | one `MPI_Irecv` and one `MPI_Isend` of the whole buffer per peer, then `MPI_Waitall` |
+//! | [`Communicator::split`] | `MPI_Comm_split` (key: the rank here) |
+//! | [`Communicator::barrier`] | `MPI_Barrier` |
 //!
-//! The transport works on its own duplicate of the communicator it was given, with
-//! `MPI_ERRORS_RETURN` set, so MPI failures come back as [`TransportError::Backend`] and its
+//! The communicator works on its own duplicate of the communicator it was given, with
+//! `MPI_ERRORS_RETURN` set, so MPI failures come back as [`CommError::Backend`] and its
 //! messages never mix with the application's own MPI traffic. Before each collective the ranks
-//! exchange their buffer lengths (one small `MPI_Allgather`), so mismatched buffers and invalid
-//! neighbours are reported as [`TransportError::LengthMismatch`] and
-//! [`TransportError::BadNeighbor`] on every rank instead of corrupting memory or hanging; turn
-//! it off with [`MpiTransport::with_length_checks`].
-//!
-//! Traffic is counted exactly as [`burn_coop::Traffic`] documents (ring all-reduce volume for
-//! all-reduces, buffer × neighbours for mixing), so the counters equal those of the in-process
-//! transport whatever algorithm MPI picks internally. The length exchange is not counted.
+//! exchange a small record (one `MPI_Allgather`): the operation, the buffer length, a bad peer,
+//! the peers as a bit set (worlds of up to 1024 ranks) and small payloads, so calls that
+//! diverge, mismatched buffers and invalid or one-sided neighbours are reported as
+//! [`CommError::OperationMismatch`], [`CommError::LengthMismatch`] and
+//! [`CommError::BadNeighbor`] on every rank instead of corrupting memory or hanging; turn it
+//! off with [`MpiComm::with_length_checks`]. Bytes are counted by
+//! [`burn_coop::comm::Metered`], not here; the agreement is not counted.
 //!
 //! ## When a rank dies
 //!
 //! MPI has no elastic membership. When a process exits abnormally (a crash, `kill -9`, an
 //! abort), the launcher ends the whole job: OpenMPI's `mpirun` prints which rank died and exits
-//! with a non-zero status within a few seconds. Restart from a checkpoint
-//! ([`burn_coop::LocalSgd::state`]) to continue.
+//! with a non-zero status within a few seconds, pending non-blocking collectives included.
+//! Restart from a checkpoint to continue.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "tools")]
@@ -53,61 +56,90 @@ pub mod testing;
 
 use std::ffi::{c_int, c_void};
 use std::fmt;
+use std::sync::Arc;
 
-use burn_coop::{ReduceOp, Traffic, Transport, TransportError};
+use burn_coop::comm::{CommError, Communicator, PendingOp, PendingSum};
 use mpi::ffi;
 use mpi::raw::AsRaw;
 use mpi::topology::SimpleCommunicator;
 use mpi::{Threading, environment::Universe};
 
-/// The `mpi` crate this transport is built on, for applications that need MPI calls of their own.
+/// The `mpi` crate this communicator is built on, for applications that need MPI calls of their own.
 pub use mpi;
 
-/// Tag of the neighbour exchange messages on the transport's private communicator.
-const MIX_TAG: c_int = 0x6d78;
+/// Tag of the neighbour exchange messages on the communicator's private MPI communicator.
+const EXCHANGE_TAG: c_int = 0x6d78;
 
-/// `f64` values that travel inside the length agreement itself: an [`Transport::all_reduce_f64`]
-/// of at most this many values (merge statistics, metrics) costs one small collective, not two.
+/// Words of small payload that travel inside the agreement itself: an
+/// [`Communicator::all_reduce_f64`] of at most this many values (merge statistics, metrics)
+/// costs one small collective, not two; exchanges carry their peers as a bit set.
 const PIGGYBACK: usize = 16;
-/// Words each rank contributes to the agreement: length, bad neighbour + 1, piggybacked values.
-const RECORD: usize = 2 + PIGGYBACK;
+/// Words each rank contributes to the agreement: operation, length, bad peer + 1, payload.
+const RECORD: usize = 3 + PIGGYBACK;
+/// Peer sets fit in the payload words for worlds up to this size.
+const PEER_BITS: usize = 64 * PIGGYBACK;
 
-/// A [`Transport`] whose workers are the ranks of an MPI communicator.
-///
-/// Build it with [`MpiTransport::world`] (initializes MPI, one worker per rank of
-/// `MPI_COMM_WORLD`) or [`MpiTransport::from_communicator`] (MPI already initialized by the
-/// application). Dropping the handle made by `world` finalizes MPI.
-pub struct MpiTransport {
+/// Operations, as numbered in the agreement.
+const OPERATIONS: [&str; 6] = ["all_reduce_sum", "all_reduce_f64", "broadcast", "all_gather_bytes", "exchange", "split"];
+
+fn operation_code(name: &str) -> u64 {
+    OPERATIONS.iter().position(|&o| o == name).expect("a known operation") as u64 + 1
+}
+
+/// Owns the private MPI communicator (and, for [`MpiComm::world`], MPI itself). Pending
+/// operations keep it alive until they complete.
+struct Handle {
     comm: ffi::MPI_Comm,
-    rank: usize,
-    world_size: usize,
-    check_lengths: bool,
-    traffic: Traffic,
-    neighbor_buffers: Vec<Vec<f32>>,
-    sizes: Vec<[u64; RECORD]>,
     universe: Option<Universe>,
 }
 
-// SAFETY: the handle owns its communicator (a duplicate no one else uses) and every MPI call
-// takes `&mut self`, so calls through one handle are serialized. `world` only succeeds when
-// the MPI library grants at least `MPI_THREAD_SERIALIZED`, which allows calls from any thread
-// as long as they are not concurrent; `from_communicator` states the same requirement.
-unsafe impl Send for MpiTransport {}
+// SAFETY: the handle owns its communicator (a duplicate or a split no one else uses); MPI calls
+// on it are serialized by `&mut` access to the `MpiComm` or by the single pending operation that
+// owns a request on it. `world` only succeeds when the MPI library grants at least
+// `MPI_THREAD_SERIALIZED`, which allows calls from any thread as long as they are not concurrent.
+unsafe impl Send for Handle {}
+unsafe impl Sync for Handle {}
 
-impl fmt::Debug for MpiTransport {
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: `comm` was created by MPI_Comm_dup or MPI_Comm_split and is freed once, before
+        // MPI_Finalize (run by `universe` when it drops after this).
+        unsafe {
+            if !mpi::environment::is_finalized() {
+                ffi::MPI_Comm_free(&mut self.comm);
+            }
+        }
+        drop(self.universe.take());
+    }
+}
+
+/// A [`Communicator`] whose workers are the ranks of an MPI communicator.
+///
+/// Build it with [`MpiComm::world`] (initializes MPI, one worker per rank of `MPI_COMM_WORLD`)
+/// or [`MpiComm::from_communicator`] (MPI already initialized by the application). Dropping
+/// the handle made by `world` (and every group split from it) finalizes MPI.
+pub struct MpiComm {
+    handle: Arc<Handle>,
+    rank: usize,
+    world_size: usize,
+    check_lengths: bool,
+    records: Vec<[u64; RECORD]>,
+    scratch: Vec<f32>,
+}
+
+impl fmt::Debug for MpiComm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MpiTransport")
+        f.debug_struct("MpiComm")
             .field("rank", &self.rank)
             .field("world_size", &self.world_size)
             .field("check_lengths", &self.check_lengths)
-            .field("traffic", &self.traffic)
-            .field("owns_mpi", &self.universe.is_some())
+            .field("owns_mpi", &self.handle.universe.is_some())
             .finish_non_exhaustive()
     }
 }
 
-/// Turns an MPI return code into a [`TransportError::Backend`] naming the operation.
-fn check(code: c_int, what: &str) -> Result<(), TransportError> {
+/// Turns an MPI return code into a [`CommError::Backend`] naming the operation.
+fn check(code: c_int, what: &str) -> Result<(), CommError> {
     if code == ffi::MPI_SUCCESS as c_int {
         return Ok(());
     }
@@ -120,99 +152,94 @@ fn check(code: c_int, what: &str) -> Result<(), TransportError> {
     } else {
         format!("MPI error code {code}")
     };
-    Err(TransportError::Backend(format!("{what} failed: {message}")))
+    Err(CommError::Backend(format!("{what} failed: {message}")))
 }
 
-fn count(len: usize, what: &str) -> Result<c_int, TransportError> {
+fn count(len: usize, what: &str) -> Result<c_int, CommError> {
     c_int::try_from(len).map_err(|_| {
-        TransportError::Backend(format!("{what}: a buffer of {len} values is larger than one MPI message can carry"))
+        CommError::Backend(format!("{what}: a buffer of {len} values is larger than one MPI message can carry"))
     })
 }
 
-impl MpiTransport {
-    /// Initializes MPI and returns the transport over every rank of `MPI_COMM_WORLD`.
+/// What a rank tells the others before a collective.
+struct Agreement<'a> {
+    operation: &'static str,
+    len: usize,
+    bad_peer: Option<usize>,
+    words: &'a [u64],
+}
+
+impl MpiComm {
+    /// Initializes MPI and returns the communicator over every rank of `MPI_COMM_WORLD`.
     ///
     /// MPI can be initialized once per process: this fails when it already was (by an earlier
-    /// call or by the application; use [`MpiTransport::from_communicator`] then), and when the
-    /// MPI library does not support `MPI_THREAD_SERIALIZED`. The returned handle finalizes MPI
-    /// when dropped.
-    pub fn world() -> Result<Self, TransportError> {
+    /// call or by the application; use [`MpiComm::from_communicator`] then), and when the MPI
+    /// library does not support `MPI_THREAD_SERIALIZED`. MPI is finalized when the returned
+    /// handle, every group split from it and every pending operation are dropped.
+    pub fn world() -> Result<Self, CommError> {
         let Some((universe, threading)) = mpi::initialize_with_threading(Threading::Serialized) else {
-            return Err(TransportError::Backend(
-                "MPI is already initialized in this process; build the transport with \
-                 MpiTransport::from_communicator instead of MpiTransport::world"
+            return Err(CommError::Backend(
+                "MPI is already initialized in this process; build the communicator with \
+                 MpiComm::from_communicator instead of MpiComm::world"
                     .into(),
             ));
         };
         if threading < Threading::Serialized {
-            return Err(TransportError::Backend(format!(
-                "the MPI library grants thread support {threading:?}, but the transport needs at least Serialized"
+            return Err(CommError::Backend(format!(
+                "the MPI library grants thread support {threading:?}, but the communicator needs at least Serialized"
             )));
         }
         let world = universe.world();
-        let mut transport = Self::from_raw(world.as_raw())?;
-        transport.universe = Some(universe);
-        Ok(transport)
+        let mut comm: ffi::MPI_Comm = unsafe { ffi::RSMPI_COMM_NULL };
+        // SAFETY: `world` is a valid communicator and MPI is initialized.
+        check(unsafe { ffi::MPI_Comm_dup(world.as_raw(), &mut comm) }, "MPI_Comm_dup")?;
+        Self::wrap(Handle { comm, universe: Some(universe) })
     }
 
-    /// A transport over the ranks of `comm`, with MPI initialized by the application (which
-    /// also finalizes it, after dropping this handle). The communicator is duplicated, so the
-    /// transport's messages never match the application's.
+    /// A communicator over the ranks of `comm`, with MPI initialized by the application (which
+    /// also finalizes it, after dropping this handle). The MPI communicator is duplicated, so
+    /// these messages never match the application's.
     ///
     /// MPI must have been initialized with at least `MPI_THREAD_SERIALIZED` if the handle is
     /// moved to another thread.
-    pub fn from_communicator(comm: &SimpleCommunicator) -> Result<Self, TransportError> {
-        Self::from_raw(comm.as_raw())
+    pub fn from_communicator(comm: &SimpleCommunicator) -> Result<Self, CommError> {
+        let mut dup: ffi::MPI_Comm = unsafe { ffi::RSMPI_COMM_NULL };
+        // SAFETY: `comm` is a valid communicator and MPI is initialized.
+        check(unsafe { ffi::MPI_Comm_dup(comm.as_raw(), &mut dup) }, "MPI_Comm_dup")?;
+        Self::wrap(Handle { comm: dup, universe: None })
     }
 
-    fn from_raw(parent: ffi::MPI_Comm) -> Result<Self, TransportError> {
-        let mut comm: ffi::MPI_Comm = unsafe { ffi::RSMPI_COMM_NULL };
-        // SAFETY: `parent` is a valid communicator and MPI is initialized.
-        check(unsafe { ffi::MPI_Comm_dup(parent, &mut comm) }, "MPI_Comm_dup")?;
-        let mut transport = Self {
-            comm,
-            rank: 0,
-            world_size: 1,
-            check_lengths: true,
-            traffic: Traffic::default(),
-            neighbor_buffers: Vec::new(),
-            sizes: Vec::new(),
-            universe: None,
-        };
+    fn wrap(handle: Handle) -> Result<Self, CommError> {
+        let comm = handle.comm;
+        let handle = Arc::new(handle);
+        let (mut rank, mut size): (c_int, c_int) = (0, 0);
         // SAFETY: `comm` is the valid communicator just created.
         unsafe {
             check(ffi::MPI_Comm_set_errhandler(comm, ffi::RSMPI_ERRORS_RETURN), "MPI_Comm_set_errhandler")?;
-            let (mut rank, mut size): (c_int, c_int) = (0, 0);
             check(ffi::MPI_Comm_rank(comm, &mut rank), "MPI_Comm_rank")?;
             check(ffi::MPI_Comm_size(comm, &mut size), "MPI_Comm_size")?;
-            transport.rank = rank as usize;
-            transport.world_size = size as usize;
         }
-        transport.sizes = vec![[0; RECORD]; transport.world_size];
-        Ok(transport)
+        Ok(Self {
+            handle,
+            rank: rank as usize,
+            world_size: size as usize,
+            check_lengths: true,
+            records: vec![[0; RECORD]; size as usize],
+            scratch: Vec::new(),
+        })
     }
 
-    /// Whether to exchange buffer lengths before every collective (default: on). Without the
-    /// check, ranks that pass buffers of different lengths or asymmetric neighbour lists get
-    /// MPI errors, truncated data or a hang.
+    /// Whether to agree on the operation and buffer lengths before every collective (default:
+    /// on). Without the check, ranks that pass buffers of different lengths or asymmetric
+    /// neighbour lists get MPI errors, truncated data or a hang.
     pub fn with_length_checks(mut self, check: bool) -> Self {
         self.check_lengths = check;
         self
     }
 
-    /// This rank, in `0..world_size()`.
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
-    /// Number of ranks.
-    pub fn world_size(&self) -> usize {
-        self.world_size
-    }
-
     /// Whether this handle initialized MPI (and finalizes it when dropped).
     pub fn owns_mpi(&self) -> bool {
-        self.universe.is_some()
+        self.handle.universe.is_some()
     }
 
     /// The name of the processor (host) this rank runs on.
@@ -225,86 +252,110 @@ impl MpiTransport {
         mpi::environment::library_version().map(|v| v.trim_end_matches('\0').trim().to_string()).unwrap_or_default()
     }
 
-    /// The raw MPI communicator used by the transport (a private duplicate), for calls of the
-    /// application's own through [`mpi::ffi`].
+    /// The raw MPI communicator used here (a private duplicate), for calls of the application's
+    /// own through [`mpi::ffi`].
     pub fn as_raw(&self) -> ffi::MPI_Comm {
-        self.comm
+        self.handle.comm
     }
 
-    /// Exchanges `(len, bad neighbour + 1, payload)` with every rank and turns any disagreement
-    /// into the same error on every rank. Every rank's `payload` (at most [`PIGGYBACK`] values)
-    /// is left in `self.sizes`.
-    fn agree(
-        &mut self,
-        len: usize,
-        bad_neighbor: Option<usize>,
-        peers: Option<&[(usize, f32)]>,
-        payload: &[f64],
-    ) -> Result<(), TransportError> {
+    /// Exchanges each rank's [`Agreement`] and turns any disagreement into the same error on
+    /// every rank. Every rank's words are left in `self.records`. `peers`: check only these
+    /// ranks' lengths (and that they name this rank back).
+    fn agree(&mut self, mine: Agreement<'_>, peers: Option<&[usize]>) -> Result<(), CommError> {
         if !self.check_lengths {
-            return match bad_neighbor {
-                Some(neighbor) => {
-                    Err(TransportError::BadNeighbor { rank: self.rank, neighbor, world_size: self.world_size })
-                }
+            return match mine.bad_peer {
+                Some(neighbor) => Err(CommError::BadNeighbor { rank: self.rank, neighbor, world_size: self.world_size }),
                 None => Ok(()),
             };
         }
-        let mut mine = [0u64; RECORD];
-        mine[0] = len as u64;
-        mine[1] = bad_neighbor.map_or(0, |n| n as u64 + 1);
-        mine[2..2 + payload.len()].iter_mut().zip(payload).for_each(|(word, v)| *word = v.to_bits());
-        // SAFETY: `mine` holds RECORD u64 and `sizes` RECORD u64 per rank of `comm`.
+        let mut record = [0u64; RECORD];
+        record[0] = operation_code(mine.operation);
+        record[1] = mine.len as u64;
+        record[2] = mine.bad_peer.map_or(0, |n| n as u64 + 1);
+        record[3..3 + mine.words.len()].copy_from_slice(mine.words);
+        // SAFETY: `record` holds RECORD u64 and `records` RECORD u64 per rank of the communicator.
         check(
             unsafe {
                 ffi::MPI_Allgather(
-                    mine.as_ptr().cast::<c_void>(),
+                    record.as_ptr().cast::<c_void>(),
                     RECORD as c_int,
                     ffi::RSMPI_UINT64_T,
-                    self.sizes.as_mut_ptr().cast::<c_void>(),
+                    self.records.as_mut_ptr().cast::<c_void>(),
                     RECORD as c_int,
                     ffi::RSMPI_UINT64_T,
-                    self.comm,
+                    self.handle.comm,
                 )
             },
-            "MPI_Allgather (buffer lengths)",
+            "MPI_Allgather (agreement)",
         )?;
-        if let Some((rank, entry)) = self.sizes.iter().enumerate().find(|(_, e)| e[1] != 0) {
-            return Err(TransportError::BadNeighbor {
-                rank,
-                neighbor: (entry[1] - 1) as usize,
-                world_size: self.world_size,
-            });
+        if let Some((other_rank, other)) = self.records.iter().enumerate().find(|(_, r)| r[0] != record[0]) {
+            let other_operation = OPERATIONS.get((other[0] as usize).wrapping_sub(1)).copied().unwrap_or("an unknown operation");
+            return Err(CommError::OperationMismatch { rank: self.rank, operation: mine.operation, other_rank, other_operation });
+        }
+        if let Some((rank, entry)) = self.records.iter().enumerate().find(|(_, e)| e[2] != 0) {
+            return Err(CommError::BadNeighbor { rank, neighbor: (entry[2] - 1) as usize, world_size: self.world_size });
         }
         let mismatch = match peers {
-            None => self.sizes.iter().position(|e| e[0] != len as u64),
-            Some(peers) => peers.iter().map(|&(j, _)| j).find(|&j| self.sizes[j][0] != len as u64),
+            None => self.records.iter().position(|e| e[1] != mine.len as u64),
+            Some(peers) => peers.iter().copied().find(|&j| self.records[j][1] != mine.len as u64),
         };
-        match mismatch {
-            None => Ok(()),
-            Some(other_rank) => Err(TransportError::LengthMismatch {
-                rank: self.rank,
-                len,
-                other_rank,
-                other_len: self.sizes[other_rank][0] as usize,
-            }),
+        if let Some(other_rank) = mismatch {
+            let other_len = self.records[other_rank][1] as usize;
+            return Err(CommError::LengthMismatch { rank: self.rank, len: mine.len, other_rank, other_len });
         }
-    }
-}
-
-impl Drop for MpiTransport {
-    fn drop(&mut self) {
-        // SAFETY: `comm` was created by MPI_Comm_dup and is freed once, before MPI_Finalize
-        // (run by `universe` when it drops after this).
-        unsafe {
-            if !mpi::environment::is_finalized() {
-                ffi::MPI_Comm_free(&mut self.comm);
+        if let Some(peers) = peers.filter(|_| self.world_size <= PEER_BITS) {
+            let names_me = |j: usize| self.records[j][3 + self.rank / 64] & (1 << (self.rank % 64)) != 0;
+            if let Some(neighbor) = peers.iter().copied().find(|&j| !names_me(j)) {
+                return Err(CommError::BadNeighbor { rank: self.rank, neighbor, world_size: self.world_size });
             }
         }
-        drop(self.universe.take());
+        Ok(())
     }
 }
 
-impl Transport for MpiTransport {
+/// An `MPI_Iallreduce` in flight. It owns both buffers and a reference to the communicator, so
+/// neither can go away before MPI is done with them; dropping it unwaited waits first.
+struct PendingMpi {
+    /// Keeps the communicator (and MPI) alive while the request is in flight.
+    _handle: Arc<Handle>,
+    request: ffi::MPI_Request,
+    send: Vec<f32>,
+    recv: Vec<f32>,
+}
+
+// SAFETY: the request and buffers are owned by this value alone; see `Handle`.
+unsafe impl Send for PendingMpi {}
+
+impl PendingMpi {
+    fn complete(&mut self) -> Result<(), CommError> {
+        // SAFETY: `request` is a valid or null request; a null one completes at once.
+        check(unsafe { ffi::MPI_Wait(&mut self.request, ffi::RSMPI_STATUS_IGNORE) }, "MPI_Wait (all-reduce)")
+    }
+}
+
+impl PendingOp for PendingMpi {
+    fn is_ready(&mut self) -> Result<bool, CommError> {
+        let mut flag: c_int = 0;
+        // SAFETY: as in `complete`.
+        check(unsafe { ffi::MPI_Test(&mut self.request, &mut flag, ffi::RSMPI_STATUS_IGNORE) }, "MPI_Test (all-reduce)")?;
+        Ok(flag != 0)
+    }
+
+    fn wait(mut self: Box<Self>) -> Result<Vec<f32>, CommError> {
+        self.complete()?;
+        Ok(std::mem::take(&mut self.recv))
+    }
+}
+
+impl Drop for PendingMpi {
+    fn drop(&mut self) {
+        if self.request != unsafe { ffi::RSMPI_REQUEST_NULL } && !mpi::environment::is_finalized() {
+            let _ = self.complete();
+        }
+    }
+}
+
+impl Communicator for MpiComm {
     fn rank(&self) -> usize {
         self.rank
     }
@@ -313,52 +364,70 @@ impl Transport for MpiTransport {
         self.world_size
     }
 
-    fn all_reduce(&mut self, send: &[f32], recv: &mut [f32], op: ReduceOp) -> Result<(), TransportError> {
-        assert_eq!(send.len(), recv.len(), "all_reduce needs send and recv of the same length");
-        let n = count(send.len(), "all_reduce")?;
-        self.agree(send.len(), None, None, &[])?;
-        // SAFETY: both buffers hold `n` f32 and do not overlap (one is shared, one exclusive).
+    fn all_reduce_sum(&mut self, values: &mut [f32]) -> Result<(), CommError> {
+        let n = count(values.len(), "all_reduce_sum")?;
+        self.agree(Agreement { operation: "all_reduce_sum", len: values.len(), bad_peer: None, words: &[] }, None)?;
+        self.scratch.clear();
+        self.scratch.extend_from_slice(values);
+        // SAFETY: both buffers hold `n` f32 and are distinct allocations.
         check(
             unsafe {
                 ffi::MPI_Allreduce(
-                    send.as_ptr().cast::<c_void>(),
-                    recv.as_mut_ptr().cast::<c_void>(),
+                    self.scratch.as_ptr().cast::<c_void>(),
+                    values.as_mut_ptr().cast::<c_void>(),
                     n,
                     ffi::RSMPI_FLOAT,
                     ffi::RSMPI_SUM,
-                    self.comm,
+                    self.handle.comm,
                 )
             },
             "MPI_Allreduce (f32 sum)",
-        )?;
-        if op == ReduceOp::Mean {
-            if self.world_size.is_power_of_two() {
-                // Scaling by an exact power of two rounds exactly as dividing does, and is faster.
-                let inv_m = 1.0 / self.world_size as f32;
-                recv.iter_mut().for_each(|r| *r *= inv_m);
-            } else {
-                let m = self.world_size as f32;
-                recv.iter_mut().for_each(|r| *r /= m);
-            }
-        }
-        self.traffic.record(Traffic::ring_all_reduce(4 * send.len() as u64, self.world_size));
-        Ok(())
+        )
     }
 
-    fn all_reduce_f64(&mut self, values: &mut [f64]) -> Result<(), TransportError> {
+    fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
+        let len = values.len();
+        let n = count(len, "start_all_reduce_sum")?;
+        // Blocking and non-blocking sums agree under one name: MPI matches them in call order.
+        self.agree(Agreement { operation: "all_reduce_sum", len, bad_peer: None, words: &[] }, None)?;
+        let mut pending = PendingMpi {
+            _handle: Arc::clone(&self.handle),
+            request: unsafe { ffi::RSMPI_REQUEST_NULL },
+            send: values,
+            recv: vec![0.0; len],
+        };
+        // SAFETY: both buffers hold `n` f32, are owned by `pending` (heap allocations that do not
+        // move when it does) and stay alive until the request completes (in `wait` or `drop`).
+        check(
+            unsafe {
+                ffi::MPI_Iallreduce(
+                    pending.send.as_ptr().cast::<c_void>(),
+                    pending.recv.as_mut_ptr().cast::<c_void>(),
+                    n,
+                    ffi::RSMPI_FLOAT,
+                    ffi::RSMPI_SUM,
+                    self.handle.comm,
+                    &mut pending.request,
+                )
+            },
+            "MPI_Iallreduce (f32 sum)",
+        )?;
+        Ok(PendingSum::new(Box::new(pending), len))
+    }
+
+    fn all_reduce_f64(&mut self, values: &mut [f64]) -> Result<(), CommError> {
         let n = count(values.len(), "all_reduce_f64")?;
-        let traffic = Traffic::ring_all_reduce(8 * values.len() as u64, self.world_size);
         if self.check_lengths && values.len() <= PIGGYBACK {
             // The values ride in the agreement; every rank sums them in rank order, so all get
-            // bit-identical sums (the same as the in-process transport's).
-            self.agree(values.len(), None, None, values)?;
+            // bit-identical sums (the same as the in-process communicator's).
+            let words: Vec<u64> = values.iter().map(|v| v.to_bits()).collect();
+            self.agree(Agreement { operation: "all_reduce_f64", len: values.len(), bad_peer: None, words: &words }, None)?;
             for (k, value) in values.iter_mut().enumerate() {
-                *value = self.sizes.iter().map(|record| f64::from_bits(record[2 + k])).sum();
+                *value = self.records.iter().map(|record| f64::from_bits(record[3 + k])).sum();
             }
-            self.traffic.record(traffic);
             return Ok(());
         }
-        self.agree(values.len(), None, None, &[])?;
+        self.agree(Agreement { operation: "all_reduce_f64", len: values.len(), bad_peer: None, words: &[] }, None)?;
         let send = values.to_vec();
         // SAFETY: both buffers hold `n` f64 and are distinct allocations.
         check(
@@ -369,36 +438,110 @@ impl Transport for MpiTransport {
                     n,
                     ffi::RSMPI_DOUBLE,
                     ffi::RSMPI_SUM,
-                    self.comm,
+                    self.handle.comm,
                 )
             },
             "MPI_Allreduce (f64 sum)",
-        )?;
-        self.traffic.record(traffic);
-        Ok(())
+        )
     }
 
-    fn mix(
-        &mut self,
-        send: &[f32],
-        recv: &mut [f32],
-        self_weight: f32,
-        neighbors: &[(usize, f32)],
-    ) -> Result<(), TransportError> {
-        assert_eq!(send.len(), recv.len(), "mix needs send and recv of the same length");
-        let n = count(send.len(), "mix")?;
-        let bad = neighbors.iter().map(|&(j, _)| j).find(|&j| j >= self.world_size || j == self.rank);
-        self.agree(send.len(), bad, Some(neighbors), &[])?;
-
-        if self.neighbor_buffers.len() < neighbors.len() {
-            self.neighbor_buffers.resize_with(neighbors.len(), Vec::new);
+    fn broadcast(&mut self, values: &mut [f32], root: usize) -> Result<(), CommError> {
+        let n = count(values.len(), "broadcast")?;
+        if root >= self.world_size {
+            return Err(CommError::BadRoot { rank: self.rank, root, world_size: self.world_size });
         }
-        let buffers = &mut self.neighbor_buffers[..neighbors.len()];
-        buffers.iter_mut().for_each(|b| b.resize(send.len(), 0.0));
+        self.agree(Agreement { operation: "broadcast", len: values.len(), bad_peer: None, words: &[root as u64] }, None)?;
+        if self.check_lengths && self.records.iter().any(|r| r[3] != root as u64) {
+            return Err(CommError::BadRoot { rank: self.rank, root, world_size: self.world_size });
+        }
+        // SAFETY: `values` holds `n` f32 on every rank (checked above).
+        check(
+            unsafe {
+                ffi::MPI_Bcast(values.as_mut_ptr().cast::<c_void>(), n, ffi::RSMPI_FLOAT, root as c_int, self.handle.comm)
+            },
+            "MPI_Bcast",
+        )
+    }
+
+    fn all_gather_bytes(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
+        count(payload.len(), "all_gather_bytes")?;
+        // Every rank's length rides in the payload words, so the lengths may differ.
+        let mine = [payload.len() as u64];
+        self.agree(Agreement { operation: "all_gather_bytes", len: 0, bad_peer: None, words: &mine }, None)?;
+        let lengths: Vec<usize> = if self.check_lengths {
+            self.records.iter().map(|r| r[3] as usize).collect()
+        } else {
+            let mut all = vec![0u64; self.world_size];
+            // SAFETY: one u64 per rank.
+            check(
+                unsafe {
+                    ffi::MPI_Allgather(
+                        mine.as_ptr().cast::<c_void>(),
+                        1,
+                        ffi::RSMPI_UINT64_T,
+                        all.as_mut_ptr().cast::<c_void>(),
+                        1,
+                        ffi::RSMPI_UINT64_T,
+                        self.handle.comm,
+                    )
+                },
+                "MPI_Allgather (payload lengths)",
+            )?;
+            all.into_iter().map(|l| l as usize).collect()
+        };
+        let counts = lengths.iter().map(|&l| count(l, "all_gather_bytes")).collect::<Result<Vec<c_int>, _>>()?;
+        let mut displacements = Vec::with_capacity(counts.len());
+        let mut total: usize = 0;
+        for &l in &lengths {
+            displacements.push(count(total, "all_gather_bytes")?);
+            total += l;
+        }
+        let mut gathered = vec![0u8; total];
+        // SAFETY: `payload` holds counts[rank] bytes; `gathered` holds the sum of all counts at the
+        // displacements computed above.
+        check(
+            unsafe {
+                ffi::MPI_Allgatherv(
+                    payload.as_ptr().cast::<c_void>(),
+                    counts[self.rank],
+                    ffi::RSMPI_UINT8_T,
+                    gathered.as_mut_ptr().cast::<c_void>(),
+                    counts.as_ptr(),
+                    displacements.as_ptr(),
+                    ffi::RSMPI_UINT8_T,
+                    self.handle.comm,
+                )
+            },
+            "MPI_Allgatherv (byte payloads)",
+        )?;
+        let mut start = 0;
+        Ok(lengths
+            .iter()
+            .map(|&l| {
+                let part = gathered[start..start + l].to_vec();
+                start += l;
+                part
+            })
+            .collect())
+    }
+
+    fn exchange(&mut self, send: &[f32], peers: &[usize], received: &mut Vec<Vec<f32>>) -> Result<(), CommError> {
+        let n = count(send.len(), "exchange")?;
+        let bad = peers.iter().copied().find(|&j| j >= self.world_size || j == self.rank);
+        let mut words = [0u64; PIGGYBACK];
+        if self.world_size <= PEER_BITS {
+            for &j in peers.iter().filter(|&&j| j < self.world_size) {
+                words[j / 64] |= 1 << (j % 64);
+            }
+        }
+        self.agree(Agreement { operation: "exchange", len: send.len(), bad_peer: bad, words: &words }, Some(peers))?;
+
+        received.resize_with(peers.len(), Vec::new);
+        received.iter_mut().for_each(|b| b.resize(send.len(), 0.0));
         let null = unsafe { ffi::RSMPI_REQUEST_NULL };
-        let mut requests = vec![null; 2 * neighbors.len()];
+        let mut requests = vec![null; 2 * peers.len()];
         let mut posted = Ok(());
-        for (k, (&(j, _), buffer)) in neighbors.iter().zip(buffers.iter_mut()).enumerate() {
+        for (k, (&j, buffer)) in peers.iter().zip(received.iter_mut()).enumerate() {
             // SAFETY: every buffer outlives the requests, which are all completed by the
             // MPI_Waitall below before the buffers are read or `send` is released.
             posted = unsafe {
@@ -408,8 +551,8 @@ impl Transport for MpiTransport {
                         n,
                         ffi::RSMPI_FLOAT,
                         j as c_int,
-                        MIX_TAG,
-                        self.comm,
+                        EXCHANGE_TAG,
+                        self.handle.comm,
                         &mut requests[2 * k],
                     ),
                     "MPI_Irecv (neighbour buffer)",
@@ -421,8 +564,8 @@ impl Transport for MpiTransport {
                             n,
                             ffi::RSMPI_FLOAT,
                             j as c_int,
-                            MIX_TAG,
-                            self.comm,
+                            EXCHANGE_TAG,
+                            self.handle.comm,
                             &mut requests[2 * k + 1],
                         ),
                         "MPI_Isend (neighbour buffer)",
@@ -439,22 +582,22 @@ impl Transport for MpiTransport {
             "MPI_Waitall (neighbour exchange)",
         );
         posted?;
-        waited?;
-
-        recv.iter_mut().zip(send).for_each(|(r, s)| *r = self_weight * s);
-        for (&(_, weight), buffer) in neighbors.iter().zip(buffers.iter()) {
-            recv.iter_mut().zip(buffer).for_each(|(r, v)| *r += weight * v);
-        }
-        self.traffic.record(4 * send.len() as u64 * neighbors.len() as u64);
-        Ok(())
+        waited
     }
 
-    fn barrier(&mut self) -> Result<(), TransportError> {
-        // SAFETY: `comm` is valid while the handle lives.
-        check(unsafe { ffi::MPI_Barrier(self.comm) }, "MPI_Barrier")
+    fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
+        let color = c_int::try_from(color).map_err(|_| CommError::Backend(format!("split: colour {color} is too large for MPI")))?;
+        self.agree(Agreement { operation: "split", len: 0, bad_peer: None, words: &[] }, None)?;
+        let mut sub: ffi::MPI_Comm = unsafe { ffi::RSMPI_COMM_NULL };
+        // SAFETY: the communicator is valid; every rank calls MPI_Comm_split at this point.
+        check(unsafe { ffi::MPI_Comm_split(self.handle.comm, color, self.rank as c_int, &mut sub) }, "MPI_Comm_split")?;
+        let mut group = Self::wrap(Handle { comm: sub, universe: None })?;
+        group.check_lengths = self.check_lengths;
+        Ok(Box::new(group))
     }
 
-    fn traffic(&self) -> Traffic {
-        self.traffic
+    fn barrier(&mut self) -> Result<(), CommError> {
+        // SAFETY: the communicator is valid while the handle lives.
+        check(unsafe { ffi::MPI_Barrier(self.handle.comm) }, "MPI_Barrier")
     }
 }

@@ -9,17 +9,14 @@
 use std::path::Path;
 use std::process::Command;
 
-use burn::module::Module;
-use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
+use burn::optim::SgdConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{GradientsParams, SgdConfig};
-use burn::tensor::{Device, Tensor, TensorData};
-use burn_coop::params::TensorRole;
-use burn_coop::{
-    BufferPolicy, CoopError, ElasticAveraging, Gossip, LocalSgd, ParamLayout, PeriodicAveraging, PeriodicSchedule,
-    Topology, Traffic, Transport,
-};
+use burn::tensor::Device;
+use burn_coop::comm::Traffic;
+use burn_coop::{Averaging, Communicator, CoopError, Elastic, Gossip, LocalSgd, PeriodicSchedule, Topology};
 use serde::{Deserialize, Serialize};
+
+pub use burn_coop::testing::{Tiny, flat, test_value as value};
 
 /// Local steps per run.
 pub const STEPS: u64 = 6;
@@ -28,81 +25,19 @@ pub const TAU: u64 = 2;
 /// Learning rate.
 pub const LR: f64 = 0.05;
 
-/// Linear(3→4) → BatchNorm(4) → Linear(4→2): weights, biases, BatchNorm affine and buffers.
-#[derive(Module, Debug)]
-pub struct Tiny {
-    /// First layer.
-    pub fc1: Linear,
-    /// Normalization with running statistics (buffers).
-    pub bn: BatchNorm,
-    /// Output layer.
-    pub fc2: Linear,
-}
-
-impl Tiny {
-    /// A freshly initialized model on `device`.
-    pub fn new(device: &Device) -> Self {
-        Self {
-            fc1: LinearConfig::new(3, 4).init(device),
-            bn: BatchNormConfig::new(4).init(device),
-            fc2: LinearConfig::new(4, 2).init(device),
-        }
-    }
-
-    /// The forward pass.
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let h = self.fc1.forward(x);
-        let h: Tensor<3> = self.bn.forward(h.unsqueeze_dim(2));
-        self.fc2.forward(h.squeeze_dim(2))
-    }
-}
-
 /// The device the runs use: Flex with autodiff.
 pub fn device() -> Device {
     Device::flex().autodiff()
 }
 
-/// A deterministic value for position `k` of rank `rank`'s vector number `which`.
-pub fn value(rank: usize, k: usize, which: u64) -> f32 {
-    let x = (k as f64 + 1.0) * 0.37 + rank as f64 * 1.91 + which as f64 * 0.53;
-    (x.sin() * 0.8 + 0.1 * (x * 3.1).cos()) as f32
-}
-
-/// A fresh model (with its own BatchNorm state) whose every float tensor holds deterministic
-/// values for `seed`. Running variances stay positive.
+/// A fresh [`Tiny`] whose every float tensor holds deterministic values for `seed`.
 pub fn tiny_for(seed: usize) -> Tiny {
-    let model = Tiny::new(&device());
-    let layout = ParamLayout::of(&model, BufferPolicy::Merge);
-    let mut flat: Vec<f32> = (0..layout.len()).map(|k| value(seed, k, 0)).collect();
-    for slot in layout.slots() {
-        if let (TensorRole::Buffer, Some(offset)) = (slot.role, slot.offset) {
-            flat[offset..offset + slot.len()].iter_mut().for_each(|v| *v = v.abs() + 0.5);
-        }
-    }
-    layout.unflatten(model, &flat).expect("the layout was made from this model")
+    burn_coop::testing::tiny_for(seed, &device())
 }
 
 /// Fixed gradients for every trainable tensor of `module`, depending on rank and step.
-pub fn fixed_grads<M: Module>(module: &M, rank: usize, step: u64) -> GradientsParams {
-    let layout = ParamLayout::of(module, BufferPolicy::Merge);
-    let mut grads = GradientsParams::new();
-    let plain = Device::flex();
-    for slot in layout.slots().iter().filter(|s| s.role == TensorRole::Parameter) {
-        let offset = slot.offset.expect("parameters are always in the layout");
-        let values: Vec<f32> = (0..slot.len()).map(|k| value(rank, offset + k, 100 + step)).collect();
-        let data = TensorData::new(values, slot.shape.clone());
-        match slot.shape.len() {
-            1 => grads.register::<1>(slot.id, Tensor::from_data(data, &plain)),
-            2 => grads.register::<2>(slot.id, Tensor::from_data(data, &plain)),
-            rank => panic!("unexpected tensor rank {rank}"),
-        }
-    }
-    grads
-}
-
-/// The flat buffer of every float tensor (buffers included) of `module`.
-pub fn flat<M: Module>(module: &M) -> Vec<f32> {
-    ParamLayout::of(module, BufferPolicy::Merge).flatten(module).expect("the layout was made from this module")
+pub fn fixed_grads<M: burn::module::Module>(module: &M, rank: usize, step: u64) -> burn::optim::GradientsParams {
+    burn_coop::testing::fixed_grads(module, rank, step, &Device::flex())
 }
 
 /// One deterministic training run.
@@ -141,11 +76,10 @@ impl Scenario {
         Self::ALL.into_iter().find(|s| s.name() == name)
     }
 
-    /// Runs the scenario on this worker and gives the transport back for the next run.
-    pub fn run<T: Transport + 'static>(self, transport: T) -> Result<(Outcome, Box<dyn Transport>), CoopError> {
-        let rank = transport.rank();
-        let m = transport.world_size();
-        let before = transport.traffic();
+    /// Runs the scenario on this worker and gives the communicator back for the next run.
+    pub fn run<C: Communicator + 'static>(self, comm: C) -> Result<(Outcome, Box<dyn Communicator>), CoopError> {
+        let rank = comm.rank();
+        let m = comm.world_size();
         let model = match self {
             Scenario::ElasticCommonStart => tiny_for(0),
             _ => tiny_for(rank),
@@ -153,13 +87,14 @@ impl Scenario {
         let inner = SgdConfig::new().with_momentum(Some(MomentumConfig::new())).init();
         let schedule = PeriodicSchedule::every(TAU)?;
         let mut optim = match self {
-            Scenario::Averaging => LocalSgd::new(inner, PeriodicAveraging::new(), schedule, transport)?,
+            Scenario::Averaging => LocalSgd::new(inner, Averaging::new(), schedule, comm)?,
             Scenario::Elastic => {
                 let anchor: Vec<f32> = (0..flat(&model).len()).map(|k| value(9, k, 7)).collect();
-                LocalSgd::new(inner, ElasticAveraging::optimal(m).with_anchor(anchor), schedule, transport)?
+                LocalSgd::new(inner, Elastic::optimal(m).with_anchor(anchor), schedule, comm)?
             }
-            Scenario::ElasticCommonStart => LocalSgd::new(inner, ElasticAveraging::optimal(m), schedule, transport)?,
-            Scenario::GossipRing => LocalSgd::new(inner, Gossip::on(&Topology::ring(m)?)?, schedule, transport)?,
+            Scenario::ElasticCommonStart => LocalSgd::new(inner, Elastic::optimal(m), schedule, comm)?,
+            Scenario::GossipRing => LocalSgd::new(inner, Gossip::on(&Topology::ring(m)?)?, schedule, comm)?
+                .with_consensus_every(1),
         };
         let mut model = model;
         for step in 0..STEPS {
@@ -167,23 +102,21 @@ impl Scenario {
             model = optim.step(LR, model, grads)?;
         }
         let stats = optim.stats();
-        let state = optim.state();
-        let transport = optim.into_transport();
-        let after = transport.traffic();
+        let mut state = optim.state();
+        let traffic = optim.synchronizer().traffic_by_kind().total();
+        let comm = optim.into_comm();
+        let anchor = state.records.records.get_mut("rule").and_then(|r| r.take_buffer("anchor"));
         let outcome = Outcome {
             scenario: self,
             rank,
             world_size: m,
             params: flat(&model).iter().map(|v| v.to_bits()).collect(),
-            anchor: state.rule.anchor.map(|a| a.iter().map(|v| v.to_bits()).collect()),
+            anchor: anchor.map(|a| a.iter().map(|v| v.to_bits()).collect()),
             syncs: stats.syncs,
-            traffic: Traffic {
-                bytes_sent: after.bytes_sent - before.bytes_sent,
-                bytes_received: after.bytes_received - before.bytes_received,
-            },
+            traffic,
             consensus_distance: stats.last_consensus_distance,
         };
-        Ok((outcome, transport))
+        Ok((outcome, comm))
     }
 }
 
@@ -203,7 +136,7 @@ pub struct Outcome {
     pub anchor: Option<Vec<u32>>,
     /// Merges done.
     pub syncs: u64,
-    /// Traffic counted during the run.
+    /// Traffic counted during the run (every collective of the synchronizer).
     pub traffic: Traffic,
     /// Consensus distance measured at the last merge.
     pub consensus_distance: Option<f64>,

@@ -126,6 +126,12 @@ impl LocalSgd {
         Self { sync: self.sync.with_initial_broadcast(broadcast), ..self }
     }
 
+    /// Measure the consensus distance at every `k`-th merge for rules that do not measure it by
+    /// themselves (gossip); 0 (the default) never does. Its bytes are counted apart.
+    pub fn with_consensus_every(self, k: u64) -> Self {
+        Self { sync: self.sync.with_consensus_every(k), ..self }
+    }
+
     /// Chooses what happens to the inner optimizer's state at a merge.
     pub fn with_inner_state(self, policy: InnerStatePolicy) -> Self {
         Self { inner_state: policy, ..self }

@@ -318,6 +318,26 @@ impl Synchronizer {
 
     fn merge_with<M: Module>(&mut self, layout: &ParamLayout, module: M) -> Result<(M, SyncReport), CoopError> {
         layout.flatten_into(&module, &mut self.flat)?;
+        let report = self.merge_flat_buffer()?;
+        Ok((layout.unflatten(module, &self.flat)?, report))
+    }
+
+    /// Merges a flat buffer now, whatever the schedule: the merge engine without a module
+    /// (benchmarks, callers that keep their parameters flat). Every worker must call it at the
+    /// same point with a buffer of the same length.
+    pub fn merge_flat(&mut self, params: &mut Vec<f32>) -> Result<SyncReport, CoopError> {
+        if !self.state.started {
+            let ctx = self.context();
+            self.rule.start(params, &ctx, &mut self.comm)?;
+            self.state.started = true;
+        }
+        std::mem::swap(&mut self.flat, params);
+        let report = self.merge_flat_buffer();
+        std::mem::swap(&mut self.flat, params);
+        report
+    }
+
+    fn merge_flat_buffer(&mut self) -> Result<SyncReport, CoopError> {
         let ctx = self.context();
         let (rank, world) = (ctx.rank, ctx.world_size);
         let non_finite = count_non_finite(&self.flat);
@@ -372,7 +392,6 @@ impl Synchronizer {
         } else {
             (end.total().since(before_rule.total()), before_rule.total().since(start.total()))
         };
-        let module = layout.unflatten(module, &self.flat)?;
         let stats = &mut self.state.stats;
         stats.syncs += 1;
         stats.traffic.add(merge_traffic);
@@ -400,7 +419,7 @@ impl Synchronizer {
         self.state.loss_sum = 0.0;
         self.state.loss_count = 0;
         self.last_report = Some(report);
-        Ok((module, report))
+        Ok(report)
     }
 
     fn non_finite(&self, rank: usize, count: usize) -> CoopError {

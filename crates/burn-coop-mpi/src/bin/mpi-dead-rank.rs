@@ -7,25 +7,24 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use burn_coop::{ReduceOp, Transport};
-use burn_coop_mpi::MpiTransport;
+use burn_coop::Communicator;
+use burn_coop_mpi::MpiComm;
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let victim: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
     let how = args.next().unwrap_or_else(|| "abort".into());
-    let mut transport = match MpiTransport::world() {
+    let mut comm = match MpiComm::world() {
         Ok(t) => t,
         Err(error) => {
             eprintln!("mpi-dead-rank: {error}");
             return ExitCode::FAILURE;
         }
     };
-    let rank = transport.rank();
-    let send = vec![rank as f32; 4096];
-    let mut recv = vec![0.0; send.len()];
+    let rank = comm.rank();
+    let mut values = vec![rank as f32; 4096];
     for round in 0..200 {
-        if let Err(error) = transport.all_reduce(&send, &mut recv, ReduceOp::Sum) {
+        if let Err(error) = comm.all_reduce_sum(&mut values) {
             eprintln!("rank {rank}: collective {round} failed: {error}");
             return ExitCode::FAILURE;
         }

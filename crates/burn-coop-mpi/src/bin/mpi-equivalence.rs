@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use burn_coop::Transport;
-use burn_coop_mpi::MpiTransport;
+use burn_coop::Communicator;
+use burn_coop_mpi::MpiComm;
 use burn_coop_mpi::testing::Scenario;
 
 fn main() -> ExitCode {
@@ -39,15 +39,15 @@ fn main() -> ExitCode {
 }
 
 fn run(dir: &std::path::Path, scenarios: &[Scenario]) -> Result<(), Box<dyn std::error::Error>> {
-    let transport = MpiTransport::world()?;
-    let (rank, m, host) = (transport.rank(), transport.world_size(), transport.processor_name());
-    let mut transport: Box<dyn Transport> = Box::new(transport);
+    let comm = MpiComm::world()?;
+    let (rank, m, host) = (comm.rank(), comm.world_size(), comm.processor_name());
+    let mut comm: Box<dyn Communicator> = Box::new(comm);
     for &scenario in scenarios {
-        let (outcome, back) = scenario.run(transport)?;
-        transport = back;
+        let (outcome, back) = scenario.run(comm)?;
+        comm = back;
         outcome.save(dir)?;
         println!("rank {rank}/{m} on host {host}: {} done ({} merges)", scenario.name(), outcome.syncs);
     }
-    transport.barrier()?;
+    comm.barrier()?;
     Ok(())
 }

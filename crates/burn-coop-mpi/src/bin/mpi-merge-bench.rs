@@ -1,31 +1,28 @@
-//! Times each merge rule over [`MpiTransport`] against the raw MPI operation moving the same
-//! bytes, interleaved in one run. A merge is what `LocalSgd` runs on its flat buffer: the rule,
-//! then one small collective of the merge statistics (a non-finite count per rank and the
-//! squared distance that gives the consensus distance).
+//! Times each merge rule over [`MpiComm`] against the raw MPI operation moving the same bytes,
+//! interleaved in one run. A merge is what the synchronizer runs on its flat buffer
+//! ([`Synchronizer::merge_flat`]): the rule, then, for rules that measure the consensus
+//! distance, one small collective of the merge statistics (a non-finite count per rank and the
+//! squared distance).
 //!
 //! Usage: `mpirun -np 4 mpi-merge-bench [floats (default 272474, ResNet-20)] [repetitions (default 200)]`.
 //! Rank 0 prints, per operation, the median / 10th / 90th percentile over repetitions of the
 //! slowest rank's time, and the ratio of medians to the raw all-reduce.
 
-use std::cell::RefCell;
 use std::ffi::{c_int, c_void};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use burn_coop::{ElasticAveraging, Gossip, MergeRule, PeriodicAveraging, Topology, Transport, TransportError};
-use burn_coop_mpi::MpiTransport;
+use burn_coop::{Averaging, Communicator, CoopError, Elastic, Gossip, MergeRule, PeriodicSchedule, Synchronizer, Topology};
+use burn_coop_mpi::MpiComm;
 use burn_coop_mpi::mpi::ffi;
 use burn_coop_mpi::mpi::topology::SimpleCommunicator;
 
-type Op<'a> = Box<dyn FnMut(&mut Vec<f32>) -> Result<(), TransportError> + 'a>;
+type Op<'a> = Box<dyn FnMut(&mut Vec<f32>) -> Result<(), CoopError> + 'a>;
 
-/// The rule's merge followed by the statistics collective, as `LocalSgd` runs them.
-fn merge(rule: &mut dyn MergeRule, buf: &mut [f32], transport: &mut MpiTransport) -> Result<(), TransportError> {
-    let outcome = rule.merge(buf, transport)?;
-    let m = transport.world_size();
-    let mut statistics = vec![0.0; m + 1];
-    statistics[m] = outcome.local_squared_distance.unwrap_or(0.0);
-    transport.all_reduce_f64(&mut statistics)
+/// A synchronizer for `rule` on a fresh duplicate of `MPI_COMM_WORLD`.
+fn synchronizer(rule: impl MergeRule + 'static, checked: bool) -> Result<Synchronizer, Box<dyn std::error::Error>> {
+    let comm = MpiComm::from_communicator(&SimpleCommunicator::world())?.with_length_checks(checked);
+    Ok(Synchronizer::new(rule, PeriodicSchedule::every(1)?, comm)?)
 }
 
 fn main() -> ExitCode {
@@ -73,30 +70,23 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let n: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(272_474);
     let reps: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(200);
 
-    let checked = MpiTransport::world()?;
-    let unchecked = MpiTransport::from_communicator(&SimpleCommunicator::world())?.with_length_checks(false);
+    let mut checked = MpiComm::world()?;
     let (rank, m) = (checked.rank(), checked.world_size());
     let comm = checked.as_raw();
-    let _ = &unchecked;
 
     let initial: Vec<f32> = (0..n).map(|k| ((k * 7 + rank * 13) % 101) as f32 * 0.01).collect();
     let mut scratch = vec![0.0f32; n];
-    let mut scratch2 = vec![0.0f32; n];
 
-    let mut averaging = PeriodicAveraging::new();
-    let mut averaging_unchecked = PeriodicAveraging::new();
-    let mut elastic = ElasticAveraging::optimal(m);
-    elastic.start(&initial);
+    let mut averaging = synchronizer(Averaging::new(), true)?;
+    let mut averaging_unchecked = synchronizer(Averaging::new(), false)?;
+    let mut elastic = synchronizer(Elastic::optimal(m), true)?;
+    let mut all_reduce = MpiComm::from_communicator(&SimpleCommunicator::world())?;
     let ring = if m >= 3 { Some(Topology::ring(m)?) } else { None };
-    let mut gossip = ring.as_ref().map(Gossip::on).transpose()?;
-    let mut gossip_plain = gossip.clone().map(|g| g.measure_consensus(false));
-
-    let checked = RefCell::new(checked);
-    let unchecked = RefCell::new(unchecked);
-    let with_checked =
-        |f: &mut dyn FnMut(&mut MpiTransport) -> Result<(), TransportError>| f(&mut checked.borrow_mut());
-    let with_unchecked =
-        |f: &mut dyn FnMut(&mut MpiTransport) -> Result<(), TransportError>| f(&mut unchecked.borrow_mut());
+    let mut gossip = ring.as_ref().map(|r| Gossip::on(r).map_err(Box::from).and_then(|g| synchronizer(g, true))).transpose()?;
+    let mut gossip_consensus = ring
+        .as_ref()
+        .map(|r| Gossip::on(r).map_err(Box::from).and_then(|g| synchronizer(g, true)).map(|s| s.with_consensus_every(1)))
+        .transpose()?;
     let mut left = vec![0.0f32; n];
     let mut right = vec![0.0f32; n];
 
@@ -108,18 +98,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(())
             }),
         ),
-        ("averaging merge", Box::new(|buf| with_checked(&mut |t| merge(&mut averaging, buf, t)))),
-        (
-            "averaging merge, no length check",
-            Box::new(|buf| with_unchecked(&mut |t| merge(&mut averaging_unchecked, buf, t))),
-        ),
-        (
-            "transport all_reduce (mean)",
-            Box::new(|buf| with_checked(&mut |t| t.all_reduce(buf, &mut scratch2, burn_coop::ReduceOp::Mean))),
-        ),
-        ("elastic merge", Box::new(|buf| with_checked(&mut |t| merge(&mut elastic, buf, t)))),
+        ("averaging merge", Box::new(|buf| averaging.merge_flat(buf).map(drop))),
+        ("averaging merge, no length check", Box::new(|buf| averaging_unchecked.merge_flat(buf).map(drop))),
+        ("communicator all_reduce_sum", Box::new(|buf| Ok(all_reduce.all_reduce_sum(buf)?))),
+        ("elastic merge", Box::new(|buf| elastic.merge_flat(buf).map(drop))),
     ];
-    if let (Some(g), Some(gp)) = (gossip.as_mut(), gossip_plain.as_mut()) {
+    if let (Some(g), Some(gc)) = (gossip.as_mut(), gossip_consensus.as_mut()) {
         ops.push((
             "raw ring Isend/Irecv (2 neighbours)",
             Box::new(|buf| {
@@ -127,8 +111,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(())
             }),
         ));
-        ops.push(("gossip ring merge, no consensus", Box::new(|buf| with_checked(&mut |t| merge(gp, buf, t)))));
-        ops.push(("gossip ring merge (+ consensus)", Box::new(|buf| with_checked(&mut |t| merge(g, buf, t)))));
+        ops.push(("gossip ring merge, no consensus", Box::new(|buf| g.merge_flat(buf).map(drop))));
+        ops.push(("gossip ring merge (+ consensus)", Box::new(|buf| gc.merge_flat(buf).map(drop))));
     }
 
     let warmup = 10.min(reps);
@@ -137,7 +121,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     for rep in 0..warmup + reps {
         for (k, (_, op)) in ops.iter_mut().enumerate() {
             buf.copy_from_slice(&initial);
-            with_checked(&mut |t| t.barrier())?;
+            checked.barrier()?;
             let start = Instant::now();
             op(&mut buf)?;
             let elapsed = start.elapsed().as_secs_f64();
@@ -169,7 +153,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "raw MPI_Allreduce (f32 sum)",
             "averaging merge",
             "averaging merge, no length check",
-            "transport all_reduce (mean)",
+            "communicator all_reduce_sum",
             "elastic merge",
             "raw ring Isend/Irecv (2 neighbours)",
             "gossip ring merge, no consensus",
@@ -180,7 +164,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "np={m}, {n} f32 ({:.2} MB) per rank, {reps} repetitions after {warmup} warm-up, times in µs (slowest rank)",
             n as f64 * 4.0 / 1e6
         );
-        println!("{}", MpiTransport::library_version().lines().next().unwrap_or(""));
+        println!("{}", MpiComm::library_version().lines().next().unwrap_or(""));
         println!("| operation | median | p10 | p90 | ratio to raw all-reduce (medians) |");
         println!("|---|---:|---:|---:|---:|");
         let mut medians = Vec::new();
@@ -200,7 +184,6 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             println!("gossip ring merge, no consensus / raw ring exchange: {:.2}", medians[6] / medians[5]);
         }
     }
-    drop(unchecked);
-    checked.borrow_mut().barrier()?;
+    checked.barrier()?;
     Ok(())
 }

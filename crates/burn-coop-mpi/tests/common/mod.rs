@@ -10,12 +10,9 @@ const TOLERANCE: f32 = 1e-6;
 
 /// Every scenario's outcomes on `m` in-process worker threads.
 pub fn in_process(scenario: Scenario, m: usize) -> Vec<Outcome> {
-    let threads: Vec<_> = InProcessGroup::new(m)
-        .into_transports()
-        .into_iter()
-        .map(|transport| std::thread::spawn(move || scenario.run(transport).expect("in-process run failed").0))
-        .collect();
-    threads.into_iter().map(|t| t.join().expect("worker thread panicked")).collect()
+    let comms = InProcessGroup::new(m).into_communicators();
+    burn_coop::launch::run_group(comms, |_, comm| scenario.run(comm).map(|(outcome, _)| outcome))
+        .unwrap_or_else(|failure| panic!("in-process run failed: {:?}", failure.primary()))
 }
 
 fn assert_close(actual: &[f32], expected: &[f32], what: &str) {
