@@ -6,7 +6,7 @@
 //! first; forward and backward run outside the clock. A whole training step is also compared.
 
 use burn::module::Module;
-use burn_coop::{InProcessGroup, LocalSgd, PeriodicAveraging, PeriodicSchedule};
+use burn_coop::{Averaging, InProcessGroup, LocalSgd, PeriodicSchedule};
 
 use crate::setup::{fmt_seconds, gradients, median, random_batch, reference_device, resnet, seconds, sgd};
 use crate::{BenchError, Goal, Options, Row};
@@ -20,8 +20,8 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     // An independent replica (clones would share BatchNorm state) with the same weights.
     let mut coop_model = resnet(scale.depth(), &device)?.load_record(bare_model.clone().into_record());
     let mut bare = sgd();
-    let transport = InProcessGroup::new(1).into_transports().remove(0);
-    let mut coop = LocalSgd::new(sgd(), PeriodicAveraging::new(), PeriodicSchedule::every(u64::MAX)?, transport)?;
+    let comm = InProcessGroup::new(1).into_communicators().remove(0);
+    let mut coop = LocalSgd::new(sgd(), Averaging::new(), PeriodicSchedule::every(u64::MAX)?, comm)?;
 
     let (mut bare_step, mut coop_step, mut bare_total, mut coop_total) = (vec![], vec![], vec![], vec![]);
     for rep in 0..reps + 2 {

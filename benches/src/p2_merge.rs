@@ -1,10 +1,17 @@
 //! P2: one merge of 4 replicas against the memory traffic it cannot avoid.
 //!
 //! Four threads each hold a ResNet and a [`LocalSgd`] on an in-process group; after one training
-//! step (which starts the rule), every worker calls [`LocalSgd::merge`] on its model, many times.
-//! A merge's time is the slowest worker's, from leaving a barrier to having its merged model
-//! back: flattening the module (weights and BatchNorm buffers), the non-finite check, the rule's
-//! exchange and arithmetic, the consensus distance and writing the result back into the module.
+//! step (which starts the rule), every worker merges its model through the optimizer's
+//! [`Synchronizer`] with [`Synchronizer::sync_now`], many times. A merge's time is the slowest
+//! worker's, from leaving a barrier to having its merged model back: flattening the module
+//! (weights and BatchNorm buffers), the non-finite check, the rule's exchange and arithmetic,
+//! the statistics collective (consensus distance and non-finite flags, for the rules that measure
+//! the distance as they merge: averaging and elastic; gossip has none without
+//! `with_consensus_every`) and writing the result back into the module.
+//!
+//! The parts are then timed one by one on the same synchronizer: module → flat buffer with the
+//! layout the synchronizer uses, [`Synchronizer::merge_flat`] on that buffer (everything the
+//! merge does without a module), and flat buffer → module.
 //!
 //! The reference is the traffic the rule's arithmetic needs at the least — every model (and
 //! anchor) read once and written once — divided by the bandwidth of `memcpy` over a buffer the
@@ -14,7 +21,7 @@
 use std::time::Instant;
 
 use burn_coop::{
-    BufferPolicy, ElasticAveraging, Gossip, LocalSgd, MergeRule, ParamLayout, PeriodicAveraging, PeriodicSchedule,
+    Averaging, BufferPolicy, Elastic, Gossip, LocalSgd, MergeRule, ParamLayout, PeriodicSchedule, Synchronizer,
     Topology, launch,
 };
 
@@ -31,8 +38,8 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let reps = scale.pick(200, 5);
     let n = flat_len(&resnet(scale.depth(), &reference_device())?);
     let rules: [(&str, fn() -> Result<Box<dyn MergeRule>, BenchError>, usize); 3] = [
-        ("averaging", || Ok(Box::new(PeriodicAveraging::new())), WORKERS),
-        ("elastic", || Ok(Box::new(ElasticAveraging::optimal(WORKERS))), WORKERS + 1),
+        ("averaging", || Ok(Box::new(Averaging::new())), WORKERS),
+        ("elastic", || Ok(Box::new(Elastic::optimal(WORKERS))), WORKERS + 1),
         ("gossip (ring)", || Ok(Box::new(Gossip::on(&Topology::ring(WORKERS)?)?)), WORKERS),
     ];
     let mut rows = Vec::new();
@@ -76,11 +83,12 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
 /// Medians over merges of the slowest worker's time, for the whole merge and its parts.
 #[derive(Debug, Clone, Copy)]
 struct MergeTimes {
-    /// [`LocalSgd::merge`]: everything below plus the non-finite count and bookkeeping.
+    /// [`Synchronizer::sync_now`]: everything below.
     whole: f64,
     /// Copying the module's tensors into the flat buffer (BatchNorm statistics flushed first).
     flatten: f64,
-    /// The rule's exchange and arithmetic on the flat buffer, and the statistics collective.
+    /// [`Synchronizer::merge_flat`]: the non-finite check, the rule's exchange and arithmetic on
+    /// the flat buffer, the statistics collective and the bookkeeping.
     exchange: f64,
     /// Writing the flat buffer back into the module's tensors.
     unflatten: f64,
@@ -96,49 +104,50 @@ fn merge_times(
     let per_worker = launch(WORKERS, |worker| -> Result<Vec<[f64; 4]>, BenchError> {
         let device = reference_device().autodiff();
         let mut model = resnet(scale.depth(), &device)?;
-        let mut optim = LocalSgd::new(sgd(), rule()?, PeriodicSchedule::every(u64::MAX)?, worker.transport())?;
+        let mut optim = LocalSgd::new(sgd(), rule()?, PeriodicSchedule::every(u64::MAX)?, worker.comm())?;
         // The first step broadcasts worker 0's model and starts the rule (the elastic anchor).
         let (images, targets) = random_batch(scale.pick(8, 2), &device);
         let (_, grads) = gradients(&model, images, targets);
         model = optim.step(0.05, model, grads)?;
-        let layout = ParamLayout::of(&model, BufferPolicy::Merge);
+        let sync: &mut Synchronizer = optim.synchronizer();
+        // The synchronizer's own layout: the default buffer policy merges BatchNorm buffers.
+        let layout = ParamLayout::of(&model, BufferPolicy::default());
         let mut flat = layout.flatten(&model)?;
-        let mut bare_rule = rule()?;
-        bare_rule.start(&flat);
         let mut times = vec![[0.0; 4]; reps];
         // Whole merges back to back, as training runs them.
         for rep in 0..reps + 3 {
-            optim.transport_mut().barrier()?;
+            sync.comm().barrier()?;
             let start = Instant::now();
-            model = optim.merge(model)?;
+            model = sync.sync_now(model)?.0;
             if rep >= 3 {
                 times[rep - 3][0] = start.elapsed().as_secs_f64();
             }
         }
-        // Then the parts, each between barriers.
+        // Then the parts, each between barriers, on the same synchronizer.
         for rep in 0..reps + 3 {
             let mut sample = [0.0; 4];
 
-            optim.transport_mut().barrier()?;
+            sync.comm().barrier()?;
             let start = Instant::now();
             layout.flatten_into(&model, &mut flat)?;
             sample[1] = start.elapsed().as_secs_f64();
 
-            optim.transport_mut().barrier()?;
+            sync.comm().barrier()?;
             let start = Instant::now();
-            let outcome = bare_rule.merge(&mut flat, optim.transport_mut())?;
-            let mut statistics = vec![0.0; WORKERS + 1];
-            statistics[WORKERS] = outcome.local_squared_distance.unwrap_or(0.0);
-            optim.transport_mut().all_reduce_f64(&mut statistics)?;
+            sync.merge_flat(&mut flat)?;
             sample[2] = start.elapsed().as_secs_f64();
 
-            optim.transport_mut().barrier()?;
+            sync.comm().barrier()?;
             let start = Instant::now();
             model = layout.unflatten(model, &flat)?;
             sample[3] = start.elapsed().as_secs_f64();
             if rep >= 3 {
                 times[rep - 3][1..].copy_from_slice(&sample[1..]);
             }
+        }
+        let expected = 2 * (reps as u64 + 3);
+        if sync.stats().syncs != expected {
+            return Err(format!("P2 ran {} merges, expected {expected}", sync.stats().syncs).into());
         }
         Ok(times)
     })?;

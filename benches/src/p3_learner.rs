@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::optim::GradientsParams;
-use burn_coop::learner::{CoopTask, LrSchedule, LrShape, RuleSpec};
-use burn_coop::{Learner, LearnerConfig};
+use burn_coop::learner::{CoopTask, LrSchedule, LrShape};
+use burn_coop::rules::AveragingConfig;
+use burn_coop::schedule::FixedConfig;
+use burn_coop::{Learner, LearnerConfig, RuleSpec, ScheduleSpec};
 use burn_coop_vision::Partition;
 use burn_coop_vision::task::{CifarTask, ModelKind};
 
@@ -56,8 +58,8 @@ fn learner_images_per_second(task: CifarTask, batch: usize, steps: u64) -> Resul
     let output = tempfile::tempdir()?;
     let config = LearnerConfig {
         workers: WORKERS,
-        rule: RuleSpec::Average,
-        tau: TAU,
+        rule: RuleSpec::Average(AveragingConfig {}),
+        schedule: ScheduleSpec::Fixed(FixedConfig { tau: Some(TAU), warmup_steps: None }),
         epochs: 1,
         lr: LrSchedule { lr: 0.05, shape: LrShape::Constant, warmup_epochs: 0.0, min_lr: 0.0 },
         output: output.path().to_path_buf(),

@@ -9,7 +9,7 @@
 //! rule's state). A second row compares the memory still held after training (weights,
 //! optimizer state and our buffers, no activations).
 
-use burn_coop::{LocalSgd, PeriodicAveraging, PeriodicSchedule, launch};
+use burn_coop::{Averaging, LocalSgd, PeriodicSchedule, launch};
 
 use crate::alloc;
 use crate::setup::{fmt_mib, gradients, random_batch, reference_device, resnet, sgd, train_step};
@@ -44,17 +44,16 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let held = launch(WORKERS, |worker| -> Result<usize, BenchError> {
         let device = reference_device().autodiff();
         let mut model = resnet(depth, &device)?;
-        let mut optim =
-            LocalSgd::new(sgd(), PeriodicAveraging::new(), PeriodicSchedule::every(TAU)?, worker.transport())?;
+        let mut optim = LocalSgd::new(sgd(), Averaging::new(), PeriodicSchedule::every(TAU)?, worker.comm())?;
         for _ in 0..steps {
             let (images, targets) = random_batch(batch, &device);
             let (_, grads) = gradients(&model, images, targets);
             model = optim.step(0.05, model, grads)?;
         }
         // Every worker is done training before anyone measures, then all measure together.
-        optim.transport_mut().barrier()?;
+        optim.comm().barrier()?;
         let held = alloc::current();
-        optim.transport_mut().barrier()?;
+        optim.comm().barrier()?;
         Ok(held)
     })?;
     let peak_ours = alloc::peak().saturating_sub(base);

@@ -138,3 +138,31 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_from_its_last_checkpoint() {
     let (a, b) = (metrics_without_wall_time(&straight), metrics_without_wall_time(&run));
     assert_eq!(a.last(), b.last(), "the resumed run ends exactly like an uninterrupted one");
 }
+
+#[test]
+fn settings_are_checked_against_the_number_of_ranks() {
+    if !mpirun_available() {
+        eprintln!("skipped: mpirun is not installed (apt-get install openmpi-bin libopenmpi-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = generated_cifar(dir.path(), 32);
+    // α = 0.5 is out of range for the default 4 workers (2/(m+1) = 0.4) but fine for 2 ranks
+    // (2/3): validation must wait for the number of ranks.
+    let run = |np: &str, output: &str| {
+        let args = ["train", "--rule", "elastic", "--alpha", "0.5", "--tau", "2", "--batch-size", "8"];
+        mpirun(np)
+            .args(args)
+            .args(["--max-steps", "4", "--verify", "false", "--transport", "mpi", "--data", data.to_str().unwrap()])
+            .args(["--output", dir.path().join(output).to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let two = run("2", "two");
+    assert!(two.status.success(), "{}", String::from_utf8_lossy(&two.stderr));
+    assert_eq!(std::fs::read_to_string(dir.path().join("two/syncs.csv")).unwrap().lines().count(), 3);
+    let four = run("4", "four");
+    assert!(!four.status.success());
+    let stderr = String::from_utf8_lossy(&four.stderr);
+    assert!(stderr.contains("invalid value '0.5' for '--alpha'") && stderr.contains("m = 4 workers"), "{stderr}");
+}

@@ -19,7 +19,7 @@ use crate::schedule::{FixedConfig, SyncSchedule};
 
 /// A setting that cannot run, named as in a configuration file and on the command line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid value '{value}' for '--{option}': {reason}")]
+#[error("invalid value '{value}' for '{option}': {reason}")]
 pub struct SpecError {
     /// The setting's name (the flag without `--`, the key in a file).
     pub option: &'static str,
@@ -528,11 +528,30 @@ mod tests {
         let elastic = RuleSpec::Elastic(ElasticConfig { alpha: Some(0.5) });
         assert!(elastic.build(2).is_ok(), "α = 0.5 < 2/3 for two workers");
         let error = elastic.build(4).err().unwrap();
-        assert_eq!(error.to_string(), "invalid value '0.5' for '--alpha': elastic averaging needs 0 < α < 2/(m+1) = 0.400000 for m = 4 workers (stability of the (m+1)x(m+1) mixing matrix), got α = 0.5");
+        assert_eq!(error.to_string(), "invalid value '0.5' for 'alpha': elastic averaging needs 0 < α < 2/(m+1) = 0.400000 for m = 4 workers (stability of the (m+1)x(m+1) mixing matrix), got α = 0.5");
         let (_, mut schedule) = build_pair(&RuleSpec::Sync(SynchronousConfig {}), &ScheduleSpec::default(), 3).unwrap();
         assert_eq!(schedule.period(10), 1);
         let zero = ScheduleSpec::Fixed(FixedConfig { tau: Some(0), warmup_steps: None });
         assert_eq!(zero.build().err().unwrap().option, "tau");
         let _ = &mut schedule;
+    }
+
+    #[test]
+    fn rules_build_with_their_schedules() {
+        use crate::schedule::ScheduleSignal;
+        use crate::topology::WeightRule;
+        let at = |step| ScheduleSignal { step, ..ScheduleSignal::default() };
+        let torus = |weights| RuleSpec::Gossip(GossipConfig { topology: Some(TopologySpec::Torus), weights: Some(weights) });
+        assert_eq!(torus(WeightRule::MetropolisHastings).build(6).unwrap().name(), "gossip");
+        assert!(RuleSpec::Elastic(ElasticConfig { alpha: Some(0.9) }).build(4).is_err());
+        let error = torus(WeightRule::BestConstant).build(7).err().unwrap();
+        assert!(error.reason.contains("7 workers cannot form a 2-D torus"), "{error}");
+        let tau8 = ScheduleSpec::Fixed(FixedConfig { tau: Some(8), warmup_steps: None });
+        let (_, mut sync) = build_pair(&RuleSpec::Sync(SynchronousConfig {}), &tau8, 4).unwrap();
+        assert!(sync.is_sync_step(&at(1)) && sync.is_sync_step(&at(2)));
+        let (_, mut local) = build_pair(&RuleSpec::default(), &tau8, 4).unwrap();
+        assert!(!local.is_sync_step(&at(1)) && local.is_sync_step(&at(8)));
+        let tau0 = ScheduleSpec::Fixed(FixedConfig { tau: Some(0), warmup_steps: None });
+        assert!(build_pair(&RuleSpec::default(), &tau0, 4).is_err());
     }
 }

@@ -12,9 +12,10 @@ use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Tensor, TensorData};
 use burn_coop::params::TensorRole;
 use burn_coop::rules::consensus_distance;
+use burn_coop::state::StateFile;
 use burn_coop::{
-    BufferPolicy, CoopError, ElasticAveraging, Gossip, InProcessGroup, LocalSgd, MergeRule, ParamLayout,
-    PeriodicAveraging, PeriodicSchedule, Topology, Transport, TransportError,
+    Averaging, BufferPolicy, CommError, Communicator, CoopError, Elastic, Gossip, InProcessGroup, LocalSgd,
+    LocalSgdState, MergeRule, ParamLayout, PeriodicSchedule, SyncContext, Topology,
 };
 use common::{fixed_grads, flat, run_workers, tiny_for, value};
 
@@ -27,18 +28,26 @@ fn sgd_momentum() -> ModuleOptimizer {
 
 /// Runs `rule` once on deterministic buffers of `m` workers; returns (before, after, measured
 /// consensus distance, consensus distance after the merge).
-fn merge_buffers<R: MergeRule + Clone + Sync + 'static>(
-    m: usize,
-    rule: R,
-) -> Vec<(Vec<f32>, Vec<f32>, Option<f64>, f64)> {
-    run_workers(m, move |rank, mut transport| {
-        let mut rule = rule.clone();
+fn merge_buffers<R: MergeRule>(m: usize, rule: impl Fn() -> R + Sync) -> Vec<(Vec<f32>, Vec<f32>, Option<f64>, f64)> {
+    run_workers(m, |rank, mut comm| {
+        let mut rule = rule();
+        let ctx = SyncContext { rank, world_size: m, ..SyncContext::default() };
         let before: Vec<f32> = (0..257).map(|k| value(rank, k, 3)).collect();
         let mut after = before.clone();
-        rule.start(&(0..257).map(|k| value(0, k, 3)).collect::<Vec<_>>());
-        let outcome = rule.merge(&mut after, &mut transport).unwrap();
-        let measured = outcome.consensus_distance(&mut transport).unwrap();
-        let post = consensus_distance(&after, &mut transport).unwrap();
+        rule.start(&(0..257).map(|k| value(0, k, 3)).collect::<Vec<_>>(), &ctx, &mut comm).unwrap();
+        // Rules that do not measure the distance themselves (gossip) have it measured before
+        // the merge, as the synchronizer does when asked.
+        let beforehand = (!rule.measures_consensus()).then(|| consensus_distance(&before, &mut comm).unwrap());
+        let outcome = rule.merge(&mut after, &ctx, &mut comm).unwrap();
+        let measured = outcome
+            .local_squared_distance
+            .map(|local| {
+                let mut total = [local];
+                comm.all_reduce_f64(&mut total).unwrap();
+                total[0] / m as f64
+            })
+            .or(beforehand);
+        let post = consensus_distance(&after, &mut comm).unwrap();
         (before, after, measured, post)
     })
 }
@@ -56,7 +65,7 @@ fn independent_consensus(buffers: &[Vec<f32>]) -> f64 {
 
 #[test]
 fn averaging_preserves_the_mean_and_reaches_consensus() {
-    let results = merge_buffers(4, PeriodicAveraging::new());
+    let results = merge_buffers(4, Averaging::new);
     let before: Vec<_> = results.iter().map(|r| r.0.clone()).collect();
     let after: Vec<_> = results.iter().map(|r| r.1.clone()).collect();
     common::assert_close(&after[0], &worker_mean(&before), 1e-6, "average");
@@ -72,7 +81,7 @@ fn averaging_preserves_the_mean_and_reaches_consensus() {
 #[test]
 fn gossip_preserves_the_mean_and_shrinks_the_distance() {
     for topology in [Topology::ring(6).unwrap(), Topology::exponential(6).unwrap(), Topology::torus(2, 3).unwrap()] {
-        let results = merge_buffers(6, Gossip::on(&topology).unwrap());
+        let results = merge_buffers(6, || Gossip::on(&topology).unwrap());
         let before: Vec<_> = results.iter().map(|r| r.0.clone()).collect();
         let after: Vec<_> = results.iter().map(|r| r.1.clone()).collect();
         let (mean_before, mean_after) = (worker_mean(&before), worker_mean(&after));
@@ -91,7 +100,7 @@ fn gossip_preserves_the_mean_and_shrinks_the_distance() {
 #[test]
 fn elastic_preserves_the_mean_of_workers_and_anchor() {
     let m = 4;
-    let results = merge_buffers(m, ElasticAveraging::new(0.2));
+    let results = merge_buffers(m, || Elastic::new(0.2));
     let anchor: Vec<f64> = (0..257).map(|k| f64::from(value(0, k, 3))).collect();
     let before: Vec<_> = results.iter().map(|r| r.0.clone()).collect();
     let after: Vec<_> = results.iter().map(|r| r.1.clone()).collect();
@@ -109,10 +118,10 @@ fn one_worker_is_bit_identical_to_the_bare_optimizer() {
     for (name, optimizer) in [("sgd", sgd_momentum()), ("adam", AdamConfig::new().init())] {
         let mut bare = optimizer.clone();
         let mut bare_model = tiny_for(0);
-        let mut transports = InProcessGroup::new(1).into_transports();
+        let mut transports = InProcessGroup::new(1).into_communicators();
         let mut wrapped = LocalSgd::new(
             optimizer,
-            PeriodicAveraging::new(),
+            Averaging::new(),
             PeriodicSchedule::every(3).unwrap(),
             transports.remove(0),
         )
@@ -132,8 +141,8 @@ fn one_worker_is_bit_identical_to_the_bare_optimizer() {
 fn tau_one_averaging_equals_synchronous_sgd_on_averaged_gradients() {
     let m = 4;
     let steps = 5;
-    let models = run_workers(m, move |rank, transport| {
-        let mut optim = LocalSgd::synchronous(sgd_momentum(), transport);
+    let models = run_workers(m, move |rank, comm| {
+        let mut optim = LocalSgd::synchronous(sgd_momentum(), comm);
         let mut model = tiny_for(0);
         for step in 0..steps {
             model = {
@@ -172,9 +181,9 @@ fn tau_one_averaging_equals_synchronous_sgd_on_averaged_gradients() {
 
 #[test]
 fn sync_counts_follow_the_schedule() {
-    let counts = run_workers(2, |rank, transport| {
+    let counts = run_workers(2, |rank, comm| {
         let mut optim =
-            LocalSgd::new(sgd_momentum(), PeriodicAveraging::new(), PeriodicSchedule::every(4).unwrap(), transport)
+            LocalSgd::new(sgd_momentum(), Averaging::new(), PeriodicSchedule::every(4).unwrap(), comm)
                 .unwrap();
         let mut model = tiny_for(rank);
         let mut synced_at = Vec::new();
@@ -192,9 +201,9 @@ fn sync_counts_follow_the_schedule() {
     });
     assert_eq!(counts, vec![(2, vec![4, 8]), (2, vec![4, 8])]);
 
-    let warm = run_workers(2, |rank, transport| {
+    let warm = run_workers(2, |rank, comm| {
         let schedule = PeriodicSchedule::every(4).unwrap().with_warmup(3);
-        let mut optim = LocalSgd::new(sgd_momentum(), PeriodicAveraging::new(), schedule, transport).unwrap();
+        let mut optim = LocalSgd::new(sgd_momentum(), Averaging::new(), schedule, comm).unwrap();
         let mut model = tiny_for(rank);
         for step in 0..11 {
             model = {
@@ -212,9 +221,9 @@ fn sync_counts_follow_the_schedule() {
 #[test]
 fn traffic_counts_ring_all_reduce_bytes() {
     let m = 4;
-    let reports = run_workers(m, move |rank, transport| {
+    let reports = run_workers(m, move |rank, comm| {
         let mut optim =
-            LocalSgd::new(sgd_momentum(), PeriodicAveraging::new(), PeriodicSchedule::every(2).unwrap(), transport)
+            LocalSgd::new(sgd_momentum(), Averaging::new(), PeriodicSchedule::every(2).unwrap(), comm)
                 .unwrap();
         let mut model = tiny_for(rank);
         for step in 0..4 {
@@ -230,8 +239,9 @@ fn traffic_counts_ring_all_reduce_bytes() {
         // Per merge: the model (d f32), then the statistics: a non-finite count per worker and
         // the squared distance (m + 1 f64).
         let per_merge = 2 * 3 * (4 * d) / 4 + 2 * 3 * ((m as u64 + 1) * 8) / 4;
-        // Before the first step, worker 0's model is broadcast (one all-reduce of the model).
-        let broadcast = 2 * 3 * (4 * d) / 4;
+        // Before the first step, worker 0's model is broadcast (scatter + all-gather: (m − 1)/m
+        // of the model each way).
+        let broadcast = 3 * (4 * d) / 4;
         assert_eq!(stats.syncs, 2);
         assert_eq!(stats.traffic.bytes_sent, broadcast + 2 * per_merge);
         assert_eq!(stats.traffic.bytes_received, broadcast + 2 * per_merge);
@@ -246,13 +256,13 @@ fn running_means(model: &common::Tiny) -> Vec<f32> {
 #[test]
 fn buffers_are_merged_or_kept_local_by_policy() {
     for policy in [BufferPolicy::Merge, BufferPolicy::KeepLocal] {
-        let results = run_workers(2, move |rank, transport| {
+        let results = run_workers(2, move |rank, comm| {
             let model = tiny_for(rank);
             let before = running_means(&model);
             let ids_before: Vec<_> =
                 ParamLayout::of(&model, BufferPolicy::Merge).slots().iter().map(|s| s.id).collect();
             let mut optim =
-                LocalSgd::new(sgd_momentum(), PeriodicAveraging::new(), PeriodicSchedule::every(1).unwrap(), transport)
+                LocalSgd::new(sgd_momentum(), Averaging::new(), PeriodicSchedule::every(1).unwrap(), comm)
                     .unwrap()
                     .with_buffer_policy(policy)
                     .with_initial_broadcast(false);
@@ -283,27 +293,32 @@ fn buffers_are_merged_or_kept_local_by_policy() {
 #[test]
 fn restored_state_continues_exactly() {
     let run = |interrupt: bool| {
-        run_workers(2, move |rank, transport| {
-            let rule = ElasticAveraging::new(0.25);
+        run_workers(2, move |rank, comm| {
+            let rule = Elastic::new(0.25);
             let schedule = PeriodicSchedule::every(2).unwrap();
-            let mut optim = LocalSgd::new(sgd_momentum(), rule, schedule, transport).unwrap();
+            let mut optim = LocalSgd::new(sgd_momentum(), rule, schedule, comm).unwrap();
             let mut model = tiny_for(0);
             for step in 0..6 {
                 if interrupt && step == 3 {
                     // Save everything as bytes, then rebuild model and optimizer from them.
-                    let state = serde_json::to_vec(&optim.state()).unwrap();
+                    let saved = optim.state();
+                    let counters = serde_json::to_vec(&saved.sync).unwrap();
+                    let records = saved.records.to_bytes();
                     let optim_bytes = optim.to_record().into_bytes().unwrap();
                     let model_bytes = model.into_record().into_bytes().unwrap();
                     let record = burn::store::ModuleRecord::from_bytes(model_bytes).unwrap();
                     model = common::Tiny::new(&common::device()).load_record(record);
-                    let state = serde_json::from_slice(&state).unwrap();
+                    let state = LocalSgdState {
+                        sync: serde_json::from_slice(&counters).unwrap(),
+                        records: StateFile::from_bytes(&records).unwrap(),
+                    };
                     let record = burn::optim::OptimizerRecord::from_bytes(optim_bytes).unwrap();
-                    let transport = std::mem::replace(&mut optim, placeholder()).into_transport();
+                    let comm = std::mem::replace(&mut optim, placeholder()).into_comm();
                     optim = LocalSgd::new(
                         sgd_momentum(),
-                        ElasticAveraging::new(0.25),
+                        Elastic::new(0.25),
                         PeriodicSchedule::every(2).unwrap(),
-                        transport,
+                        comm,
                     )
                     .unwrap();
                     optim.load_state(state).unwrap();
@@ -327,25 +342,25 @@ fn restored_state_continues_exactly() {
 }
 
 fn placeholder() -> LocalSgd {
-    let transport = InProcessGroup::new(1).into_transports().remove(0);
-    LocalSgd::synchronous(SgdConfig::new().init(), transport)
+    let comm = InProcessGroup::new(1).into_communicators().remove(0);
+    LocalSgd::synchronous(SgdConfig::new().init(), comm)
 }
 
 #[test]
 fn a_panicking_worker_makes_the_others_fail_fast() {
     let (tx, rx) = mpsc::channel();
     let handles: Vec<_> = InProcessGroup::new(4)
-        .into_transports()
+        .into_communicators()
         .into_iter()
         .enumerate()
-        .map(|(rank, transport)| {
+        .map(|(rank, comm)| {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 let mut optim = LocalSgd::new(
                     sgd_momentum(),
-                    PeriodicAveraging::new(),
+                    Averaging::new(),
                     PeriodicSchedule::every(2).unwrap(),
-                    transport,
+                    comm,
                 )
                 .unwrap();
                 let mut model = tiny_for(rank);
@@ -359,7 +374,7 @@ fn a_panicking_worker_makes_the_others_fail_fast() {
                             tx.send((
                                 rank,
                                 error.to_string(),
-                                matches!(error, CoopError::Transport(TransportError::PeerLost { rank: 2 })),
+                                matches!(error, CoopError::Comm(CommError::PeerLost { rank: 2 })),
                             ))
                             .unwrap();
                             return;
@@ -386,12 +401,12 @@ fn a_panicking_worker_makes_the_others_fail_fast() {
 
 #[test]
 fn non_finite_parameters_stop_every_worker_with_the_culprit_named() {
-    let results = run_workers(3, |rank, transport| {
+    let results = run_workers(3, |rank, comm| {
         let mut optim = LocalSgd::new(
             SgdConfig::new().init(),
-            PeriodicAveraging::new(),
+            Averaging::new(),
             PeriodicSchedule::every(2).unwrap(),
-            transport,
+            comm,
         )
         .unwrap();
         let mut model = tiny_for(rank);
@@ -415,19 +430,18 @@ fn non_finite_parameters_stop_every_worker_with_the_culprit_named() {
 
 #[test]
 fn a_timeout_names_the_missing_worker() {
-    let mut transports = InProcessGroup::new(2).with_timeout(Duration::from_millis(200)).into_transports();
-    let _silent = transports.pop().unwrap();
-    let mut first = transports.pop().unwrap();
+    let mut comms = InProcessGroup::new(2).with_timeout(Duration::from_millis(200)).into_communicators();
+    let _silent = comms.pop().unwrap();
+    let mut first = comms.pop().unwrap();
     let error = first.barrier().unwrap_err();
-    assert!(matches!(&error, TransportError::Timeout { waiting_for, .. } if waiting_for == &vec![1]), "{error}");
+    assert!(matches!(&error, CommError::Timeout { waiting_for, .. } if waiting_for == &vec![1]), "{error}");
 }
 
 #[test]
 fn mismatched_buffers_are_reported() {
-    let results = run_workers(2, |rank, mut transport| {
-        let send = vec![1.0; 3 + rank];
-        let mut recv = vec![0.0; 3 + rank];
-        transport.all_reduce(&send, &mut recv, burn_coop::ReduceOp::Sum).unwrap_err().to_string()
+    let results = run_workers(2, |rank, mut comm| {
+        let mut values = vec![1.0; 3 + rank];
+        comm.all_reduce_sum(&mut values).unwrap_err().to_string()
     });
     assert_eq!(results[0], "worker 0 passed a buffer of 3 values but worker 1 passed 4");
     assert_eq!(results[1], "worker 1 passed a buffer of 4 values but worker 0 passed 3");
@@ -435,12 +449,12 @@ fn mismatched_buffers_are_reported() {
 
 #[test]
 fn workers_start_from_worker_zeros_model() {
-    let starts = run_workers(3, |rank, transport| {
+    let starts = run_workers(3, |rank, comm| {
         let mut optim = LocalSgd::new(
             SgdConfig::new().init(),
-            PeriodicAveraging::new(),
+            Averaging::new(),
             PeriodicSchedule::every(5).unwrap(),
-            transport,
+            comm,
         )
         .unwrap();
         let model = tiny_for(rank);

@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn_coop::learner::checkpoint::Checkpoints;
-use burn_coop::learner::{Evaluation, LrSchedule, LrShape, RuleSpec, TopologySpec};
-use burn_coop::{CoopError, CoopTask, Learner, LearnerConfig, LearnerError, WeightRule};
+use burn_coop::learner::{Evaluation, LrSchedule, LrShape, latest_checkpoint};
+use burn_coop::rules::{AveragingConfig, ElasticConfig, GossipConfig, SynchronousConfig};
+use burn_coop::schedule::FixedConfig;
+use burn_coop::{RuleSpec, ScheduleSpec, TopologySpec};
+use burn_coop::{CoopTask, Learner, LearnerConfig, LearnerError, WeightRule};
 use common::{Tiny, value};
 
 /// Two-class points in 3-D: the label is the sign of `x0 + x1 − x2`.
@@ -87,7 +89,7 @@ fn config(name: &str, rule: RuleSpec) -> LearnerConfig {
     LearnerConfig {
         workers: 2,
         rule,
-        tau: 2,
+        schedule: ScheduleSpec::Fixed(FixedConfig { tau: Some(2), warmup_steps: None }),
         epochs: 2,
         lr: LrSchedule { lr: 0.1, shape: LrShape::Cosine, warmup_epochs: 0.5, min_lr: 0.0 },
         output: output(name),
@@ -111,10 +113,16 @@ fn lines(path: &Path) -> Vec<String> {
 #[test]
 fn every_rule_trains_and_writes_metrics() {
     let rules = [
-        ("sync", RuleSpec::Sync),
-        ("average", RuleSpec::Average),
-        ("elastic", RuleSpec::Elastic { alpha: None }),
-        ("gossip", RuleSpec::Gossip { topology: TopologySpec::Ring, weights: WeightRule::MetropolisHastings }),
+        ("sync", RuleSpec::Sync(SynchronousConfig {})),
+        ("average", RuleSpec::Average(AveragingConfig {})),
+        ("elastic", RuleSpec::Elastic(ElasticConfig { alpha: None })),
+        (
+            "gossip",
+            RuleSpec::Gossip(GossipConfig {
+                topology: Some(TopologySpec::Ring),
+                weights: Some(WeightRule::MetropolisHastings),
+            }),
+        ),
     ];
     for (name, rule) in rules {
         let config = config(name, rule);
@@ -152,22 +160,22 @@ fn every_rule_trains_and_writes_metrics() {
 
 #[test]
 fn an_interrupted_run_resumes_bit_identically() {
-    let mut straight = config("straight", RuleSpec::Elastic { alpha: Some(0.3) });
+    let mut straight = config("straight", RuleSpec::Elastic(ElasticConfig { alpha: Some(0.3) }));
     straight.checkpoint_every = 1;
     straight.keep_checkpoints = 100;
     let reference = run(Synthetic::new(), &straight).unwrap();
 
-    let mut interrupted = config("interrupted", RuleSpec::Elastic { alpha: Some(0.3) });
+    let mut interrupted = config("interrupted", RuleSpec::Elastic(ElasticConfig { alpha: Some(0.3) }));
     interrupted.checkpoint_every = 1;
     interrupted.max_steps = Some(8);
     let first = run(Synthetic::new(), &interrupted).unwrap();
     assert_eq!(first.workers[0].steps, 8);
-    let latest = Checkpoints::in_output(&interrupted.output).latest().unwrap().unwrap();
+    let latest = latest_checkpoint(&interrupted.output).unwrap().unwrap();
     assert!(latest.ends_with("step-00000008"), "{}", latest.display());
 
     let saved = |dir: &Path, rank: usize| {
-        let files = Checkpoints::read_worker(dir, rank, 2).unwrap();
-        let record = burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(files.model)).unwrap();
+        let model = std::fs::read(dir.join(format!("worker-{rank}.model.bpk"))).unwrap();
+        let record = burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(model)).unwrap();
         common::flat(&burn::module::Module::load_record(Tiny::new(&common::device()), record))
     };
     for rank in 0..2 {
@@ -192,7 +200,7 @@ fn an_interrupted_run_resumes_bit_identically() {
 
 #[test]
 fn a_panicking_worker_stops_the_run_with_its_message() {
-    let config = config("panic", RuleSpec::Average);
+    let config = config("panic", RuleSpec::Average(AveragingConfig {}));
     let task = Synthetic { panic_at: Some((1, 3)), ..Synthetic::new() };
     let error = run(task, &config).unwrap_err();
     assert!(
@@ -204,7 +212,7 @@ fn a_panicking_worker_stops_the_run_with_its_message() {
 
 #[test]
 fn a_nan_loss_names_worker_and_step_and_keeps_the_last_checkpoint() {
-    let mut config = config("nan", RuleSpec::Average);
+    let mut config = config("nan", RuleSpec::Average(AveragingConfig {}));
     config.checkpoint_every = 1;
     let task = Synthetic { nan_at: Some((1, 6)), ..Synthetic::new() };
     let error = run(task, &config).unwrap_err();
@@ -213,12 +221,12 @@ fn a_nan_loss_names_worker_and_step_and_keeps_the_last_checkpoint() {
         error.to_string(),
         "worker 1 has a non-finite training loss (NaN) at step 7; the last good checkpoint is kept"
     );
-    let checkpoints = Checkpoints::in_output(&config.output);
-    let latest = checkpoints.latest().unwrap().unwrap();
+    let latest = latest_checkpoint(&config.output).unwrap().unwrap();
     assert!(latest.ends_with("step-00000006"), "{}", latest.display());
     for rank in 0..2 {
-        let files = Checkpoints::read_worker(&latest, rank, 2).unwrap();
-        assert_eq!(files.state.step, 6);
+        let state = std::fs::read(latest.join(format!("worker-{rank}.state.json"))).unwrap();
+        let state: serde_json::Value = serde_json::from_slice(&state).unwrap();
+        assert_eq!(state["step"], 6);
     }
     // The run can resume from it.
     let resumed = Learner::new(Synthetic::new(), config.clone(), vec![Device::flex()]).resume().run().unwrap();
@@ -228,18 +236,18 @@ fn a_nan_loss_names_worker_and_step_and_keeps_the_last_checkpoint() {
 
 #[test]
 fn bad_configurations_are_reported() {
-    let mut bad = config("bad", RuleSpec::Elastic { alpha: Some(0.9) });
+    let mut bad = config("bad", RuleSpec::Elastic(ElasticConfig { alpha: Some(0.9) }));
     let error = run(Synthetic::new(), &bad).unwrap_err();
-    assert!(matches!(error, LearnerError::Coop(CoopError::Rule(_))), "{error}");
-    bad.rule = RuleSpec::Average;
-    bad.tau = 0;
+    assert!(matches!(&error, LearnerError::Spec(spec) if spec.option == "alpha"), "{error}");
+    bad.rule = RuleSpec::Average(AveragingConfig {});
+    bad.schedule = ScheduleSpec::Fixed(FixedConfig { tau: Some(0), warmup_steps: None });
     let error = run(Synthetic::new(), &bad).unwrap_err();
     assert_eq!(
         error.to_string(),
-        "the synchronization period τ must be at least 1, got 0 (τ = 1 is fully synchronous)"
+        "invalid value '0' for 'tau': the synchronization period τ must be at least 1, got 0 (τ = 1 is fully synchronous)"
     );
     let missing =
-        Learner::new(Synthetic::new(), config("missing", RuleSpec::Average), vec![Device::flex()]).resume().run();
+        Learner::new(Synthetic::new(), config("missing", RuleSpec::Average(AveragingConfig {})), vec![Device::flex()]).resume().run();
     assert!(matches!(missing, Err(LearnerError::Checkpoint(_))));
     let _ = std::fs::remove_dir_all(&bad.output);
     let _ = std::fs::remove_dir_all(output("missing"));

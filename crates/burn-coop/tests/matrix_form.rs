@@ -3,9 +3,8 @@
 mod common;
 
 use burn::optim::SgdConfig;
-use burn_coop::{
-    ElasticAveraging, Gossip, LocalSgd, MergeRule, MixingMatrix, PeriodicAveraging, PeriodicSchedule, Topology,
-};
+use burn_coop::state::StateRecord;
+use burn_coop::{Averaging, Elastic, Gossip, LocalSgd, MergeRule, MixingMatrix, PeriodicSchedule, Topology};
 use common::{assert_close, fixed_grads, flat, run_workers, tiny_for};
 
 const M: usize = 4;
@@ -39,17 +38,16 @@ fn times(columns: &[Vec<f64>], w: &[Vec<f64>]) -> Vec<Vec<f64>> {
 
 /// Runs one local step with τ = 1 on every worker and returns their merged flat models and
 /// the rule state of worker 0.
-fn one_merge<R: MergeRule + Clone + Sync + 'static>(rule: R) -> (Vec<Vec<f32>>, burn_coop::rules::RuleState) {
-    let results = run_workers(M, move |rank, transport| {
+fn one_merge<R: MergeRule + 'static>(rule: impl Fn() -> R + Sync) -> (Vec<Vec<f32>>, StateRecord) {
+    let results = run_workers(M, |rank, comm| {
         let model = tiny_for(rank);
-        let mut optim =
-            LocalSgd::new(SgdConfig::new().init(), rule.clone(), PeriodicSchedule::every(1).unwrap(), transport)
-                .unwrap()
-                .with_initial_broadcast(false);
+        let mut optim = LocalSgd::new(SgdConfig::new().init(), rule(), PeriodicSchedule::every(1).unwrap(), comm)
+            .unwrap()
+            .with_initial_broadcast(false);
         let grads = fixed_grads(&model, rank, 0);
         let model = optim.step(LR, model, grads).unwrap();
         assert_eq!(optim.stats().syncs, 1);
-        (flat(&model), optim.state().rule)
+        (flat(&model), optim.state().records.records["rule"].clone())
     });
     let state = results[0].1.clone();
     (results.into_iter().map(|r| r.0).collect(), state)
@@ -70,7 +68,7 @@ fn graph_matrix(edges: &[(usize, usize)], weight: f64) -> Vec<Vec<f64>> {
 #[test]
 fn averaging_equals_x_times_j() {
     let expected = times(&pre_merge_columns(), &vec![vec![0.25; M]; M]);
-    let (merged, _) = one_merge(PeriodicAveraging::new());
+    let (merged, _) = one_merge(Averaging::new);
     for rank in 0..M {
         assert_close(&merged[rank], &expected[rank], 1e-6, &format!("averaging worker {rank}"));
     }
@@ -80,7 +78,7 @@ fn averaging_equals_x_times_j() {
 fn gossip_on_ring_equals_x_times_w() {
     let w = graph_matrix(&[(0, 1), (1, 2), (2, 3), (3, 0)], 1.0 / 3.0);
     let expected = times(&pre_merge_columns(), &w);
-    let (merged, _) = one_merge(Gossip::on(&Topology::ring(M).unwrap()).unwrap());
+    let (merged, _) = one_merge(|| Gossip::on(&Topology::ring(M).unwrap()).unwrap());
     for rank in 0..M {
         assert_close(&merged[rank], &expected[rank], 1e-6, &format!("ring gossip worker {rank}"));
     }
@@ -91,7 +89,7 @@ fn gossip_on_torus_equals_x_times_w() {
     // A 2 x 2 torus links (0,0)-(0,1), (0,0)-(1,0), (0,1)-(1,1), (1,0)-(1,1).
     let w = graph_matrix(&[(0, 1), (0, 2), (1, 3), (2, 3)], 1.0 / 3.0);
     let expected = times(&pre_merge_columns(), &w);
-    let (merged, _) = one_merge(Gossip::on(&Topology::torus(2, 2).unwrap()).unwrap());
+    let (merged, _) = one_merge(|| Gossip::on(&Topology::torus(2, 2).unwrap()).unwrap());
     for rank in 0..M {
         assert_close(&merged[rank], &expected[rank], 1e-6, &format!("torus gossip worker {rank}"));
     }
@@ -102,7 +100,7 @@ fn gossip_with_user_matrix_equals_x_times_w() {
     let rows =
         vec![vec![0.5, 0.2, 0.0, 0.3], vec![0.2, 0.6, 0.2, 0.0], vec![0.0, 0.2, 0.7, 0.1], vec![0.3, 0.0, 0.1, 0.6]];
     let expected = times(&pre_merge_columns(), &rows);
-    let (merged, _) = one_merge(Gossip::new(MixingMatrix::new(rows).unwrap()));
+    let (merged, _) = one_merge(|| Gossip::new(MixingMatrix::new(rows.clone()).unwrap()));
     for rank in 0..M {
         assert_close(&merged[rank], &expected[rank], 1e-6, &format!("custom gossip worker {rank}"));
     }
@@ -125,18 +123,18 @@ fn elastic_equals_x_times_w_alpha_with_anchor_column() {
     columns.push(anchor.iter().map(|&v| f64::from(v)).collect());
     let expected = times(&columns, &w);
 
-    let (merged, state) = one_merge(ElasticAveraging::new(alpha).with_anchor(anchor));
+    let (merged, mut state) = one_merge(|| Elastic::new(alpha).with_anchor(anchor.clone()));
     for rank in 0..M {
         assert_close(&merged[rank], &expected[rank], 1e-6, &format!("elastic worker {rank}"));
     }
-    assert_close(&state.anchor.unwrap(), &expected[M], 1e-6, "elastic anchor");
+    assert_close(&state.take_buffer("anchor").unwrap(), &expected[M], 1e-6, "elastic anchor");
 }
 
 #[test]
 fn rules_report_their_mixing_matrices() {
-    let j = PeriodicAveraging::new().mixing_matrix(M);
+    let j = Averaging::new().mixing_matrix(M).unwrap();
     assert!(j.entries().iter().all(|&v| (v - 0.25).abs() < 1e-15));
-    let elastic = ElasticAveraging::new(0.3).mixing_matrix(M);
+    let elastic = Elastic::new(0.3).mixing_matrix(M).unwrap();
     assert_eq!(elastic.order(), M + 1);
     assert!((elastic.get(M, M) - (1.0 - 4.0 * 0.3)).abs() < 1e-12);
     // Eigenvalues of W_α: 1, 1 − α (m − 1 times), 1 − (m + 1) α.

@@ -20,9 +20,10 @@ use burn::train::{
     ClassificationOutput, InferenceStep, Learner, LearningResult, SupervisedTraining, TrainOutput, TrainStep,
     TrainingStrategy,
 };
-use burn_coop::WeightRule;
-use burn_coop::learner::{RuleSpec, TopologySpec};
-use burn_coop::train_strategy::{LocalSgdStrategy, parameter_fingerprint};
+use burn_coop::rules::{AveragingConfig, ElasticConfig, GossipConfig};
+use burn_coop::testing::parameter_fingerprint;
+use burn_coop::train_strategy::LocalSgdStrategy;
+use burn_coop::{RuleSpec, TopologySpec, WeightRule};
 
 #[derive(Debug, Clone, Copy)]
 struct Point {
@@ -117,7 +118,7 @@ impl TrainStep for Faulty {
     type Output = ClassificationOutput;
 
     fn step(&self, batch: Batch) -> TrainOutput<ClassificationOutput> {
-        if std::thread::current().name() == Some("local-sgd-worker-1") {
+        if std::thread::current().name() == Some("coop-worker-1") {
             let steps = FAULTY_STEPS_ON_WORKER_1.fetch_add(1, Ordering::SeqCst);
             assert!(steps < 4, "worker 1 broke down");
         }
@@ -181,7 +182,7 @@ fn two_workers_average_every_three_steps_and_end_with_one_model() {
     let train_items = points(256, 1);
     let (loss_before, _) = evaluate(&model, &train_items);
 
-    let strategy = Arc::new(LocalSgdStrategy::new(2, vec![Device::flex()]).rule(RuleSpec::Average).tau(3));
+    let strategy = Arc::new(LocalSgdStrategy::new(2, vec![Device::flex()]).rule(RuleSpec::Average(AveragingConfig {})).tau(3));
     let result = train("average", model, &strategy, train_items.clone(), 3);
     assert!(result.error.is_none(), "{:?}", result.error);
 
@@ -209,7 +210,7 @@ fn gradient_accumulation_and_unequal_slices_keep_the_workers_in_lockstep() {
     // 3 workers over 200 points: slices of 66, 66 and 68 points, 5 batches of 16 each; with
     // an accumulation of 2 that is 3 optimizer steps per epoch (the last on a partial window).
     let train_items = points(200, 2);
-    let strategy = Arc::new(LocalSgdStrategy::new(3, vec![Device::flex()]).rule(RuleSpec::Average).tau(2));
+    let strategy = Arc::new(LocalSgdStrategy::new(3, vec![Device::flex()]).rule(RuleSpec::Average(AveragingConfig {})).tau(2));
     let dir = scratch_dir("accumulation");
     let result = SupervisedTraining::new(&dir, loader(train_items.clone(), 16), loader(points(64, 98), 32))
         .num_epochs(2)
@@ -236,14 +237,14 @@ fn gradient_accumulation_and_unequal_slices_keep_the_workers_in_lockstep() {
 fn elastic_and_gossip_train_and_return_the_average_model() {
     let train_items = points(240, 3);
     let rules = [
-        RuleSpec::Elastic { alpha: None },
-        RuleSpec::Gossip { topology: TopologySpec::Ring, weights: WeightRule::MetropolisHastings },
+        RuleSpec::Elastic(ElasticConfig { alpha: None }),
+        RuleSpec::Gossip(GossipConfig { topology: Some(TopologySpec::Ring), weights: Some(WeightRule::MetropolisHastings) }),
     ];
     for rule in rules {
         let device = Device::flex().autodiff();
         let model = Classifier::new(&device);
         let (loss_before, _) = evaluate(&model, &train_items);
-        let strategy = Arc::new(LocalSgdStrategy::new(3, vec![Device::flex()]).rule(rule).tau(2));
+        let strategy = Arc::new(LocalSgdStrategy::new(3, vec![Device::flex()]).rule(rule.clone()).tau(2));
         let result = train("rules", model, &strategy, train_items.clone(), 3);
         assert!(result.error.is_none(), "{rule:?}: {:?}", result.error);
 

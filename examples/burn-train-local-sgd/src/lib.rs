@@ -19,8 +19,8 @@ use burn::train::metric::{AccuracyMetric, LossMetric};
 use burn::train::{
     ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep, TrainingStrategy,
 };
-use burn_coop::LocalSgdStrategy;
-use burn_coop::learner::RuleSpec;
+use burn_coop::rules::AveragingConfig;
+use burn_coop::{LocalSgdStrategy, RuleSpec};
 use burn_coop::train_strategy::LocalSgdRun;
 
 /// Number of classes of the synthetic problem.
@@ -180,7 +180,7 @@ pub fn train(options: &Options) -> Result<Outcome, String> {
     let valid_loader =
         DataLoaderBuilder::new(SampleBatcher).batch_size(256).build(InMemDataset::new(synthetic(1024, 2)));
     let strategy =
-        Arc::new(LocalSgdStrategy::new(options.workers, vec![device.clone()]).rule(RuleSpec::Average).tau(options.tau));
+        Arc::new(LocalSgdStrategy::new(options.workers, vec![device.clone()]).rule(RuleSpec::Average(AveragingConfig {})).tau(options.tau));
 
     let training = SupervisedTraining::new(&options.artifacts, train_loader, valid_loader)
         .metrics((AccuracyMetric::new(), LossMetric::new()))

@@ -8,8 +8,10 @@
 use std::sync::Arc;
 
 use burn::tensor::Device;
-use burn_coop::learner::{LrSchedule, LrShape, RuleSpec};
-use burn_coop::{Learner, LearnerConfig};
+use burn_coop::learner::{LrSchedule, LrShape};
+use burn_coop::rules::AveragingConfig;
+use burn_coop::schedule::FixedConfig;
+use burn_coop::{Learner, LearnerConfig, RuleSpec, ScheduleSpec};
 use burn_coop_vision::task::{CifarTask, ModelKind};
 use burn_coop_vision::{Cifar10, LocateOptions, Partition, Verify, locate};
 
@@ -42,8 +44,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Local SGD: average every 8 steps; SGD with Nesterov momentum, warm-up then cosine decay.
     let config = LearnerConfig {
         workers,
-        rule: RuleSpec::Average,
-        tau: 8,
+        rule: RuleSpec::Average(AveragingConfig {}),
+        schedule: ScheduleSpec::Fixed(FixedConfig { tau: Some(8), warmup_steps: None }),
         epochs,
         lr: LrSchedule { lr: 0.2, shape: LrShape::Cosine, warmup_epochs: 1.0, min_lr: 0.0 },
         output: "runs/cifar10-resnet-example".into(),

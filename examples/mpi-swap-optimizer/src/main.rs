@@ -13,8 +13,8 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
-use burn_coop::{BufferPolicy, LocalSgd, ParamLayout, PeriodicAveraging, PeriodicSchedule};
-use burn_coop_mpi::MpiTransport;
+use burn_coop::{Averaging, BufferPolicy, Communicator, LocalSgd, ParamLayout, PeriodicSchedule};
+use burn_coop_mpi::MpiComm;
 
 const INPUTS: usize = 4;
 const SAMPLES: usize = 1024;
@@ -101,13 +101,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     // Same seed on every rank: every worker starts from the same model.
     device.seed(42);
 
-    let transport = MpiTransport::world()?;
-    let (rank, world) = (transport.rank(), transport.world_size());
+    let comm = MpiComm::world()?;
+    let (rank, world) = (comm.rank(), comm.world_size());
     let data = Shard::generate(1 + rank as u64);
 
     let mut model = Mlp::new(&device);
-    let mut optim =
-        LocalSgd::new(SgdConfig::new().init(), PeriodicAveraging::new(), PeriodicSchedule::every(8)?, transport)?;
+    let mut optim = LocalSgd::new(SgdConfig::new().init(), Averaging::new(), PeriodicSchedule::every(8)?, comm)?;
 
     let initial_loss = data.loss(&model, &device);
     for step in 0..STEPS {
@@ -132,10 +131,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     let params = ParamLayout::of(&model, BufferPolicy::Merge).flatten(&model)?;
     let mut fingerprints = vec![0.0; world];
     fingerprints[rank] = fingerprint(&params);
-    optim.transport_mut().all_reduce_f64(&mut fingerprints)?;
+    optim.comm().all_reduce_f64(&mut fingerprints)?;
     let agree = fingerprints.iter().all(|&f| f == fingerprints[0]);
     let mut losses = [f64::from(final_loss)];
-    optim.transport_mut().all_reduce_f64(&mut losses)?;
+    optim.comm().all_reduce_f64(&mut losses)?;
     if rank == 0 {
         let verdict = if agree { "agree bit for bit" } else { "DISAGREE" };
         println!(
@@ -144,7 +143,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             losses[0] / world as f64
         );
     }
-    optim.transport_mut().barrier()?;
+    optim.comm().barrier()?;
     if !agree {
         return Err("ranks ended with different parameters".into());
     }

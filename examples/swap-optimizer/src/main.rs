@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
-use burn_coop::{CoopError, LocalSgd, PeriodicAveraging, PeriodicSchedule, Worker, launch};
+use burn_coop::{Averaging, CoopError, LocalSgd, PeriodicSchedule, Worker, launch};
 
 const STEPS: usize = 200;
 
@@ -47,7 +47,7 @@ fn train(worker: Worker, steps: usize) -> Result<f32, CoopError> {
     let rank = worker.rank();
     let mut model = Mlp::new(&device);
     #[rustfmt::skip]
-    let mut optim = LocalSgd::new(AdamConfig::new().init(), PeriodicAveraging::new(), PeriodicSchedule::every(8)?, worker.transport())?;
+    let mut optim = LocalSgd::new(AdamConfig::new().init(), Averaging::new(), PeriodicSchedule::every(8)?, worker.comm())?;
     for step in 0..steps {
         let (x, y) = batch(rank, step, &device);
         let loss = (model.forward(x) - y).powi_scalar(2).mean();
