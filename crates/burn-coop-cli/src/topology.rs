@@ -1,7 +1,7 @@
 //! `coop topology`: a graph's mixing matrix and how fast it mixes.
 
-use burn_coop::WeightRule;
 use burn_coop::TopologySpec;
+use burn_coop::WeightRule;
 use clap::Args;
 use serde::Serialize;
 

@@ -106,8 +106,8 @@ fn run_mpi(mut config: TrainConfig, resume: bool) -> Result<(), String> {
         );
     }
     let device = config.devices[rank % config.devices.len()].open();
-    let report = run_worker(&task, &config.learner_config(), &device, comm, resume)
-        .map_err(|e| format!("rank {rank}: {e}"))?;
+    let report =
+        run_worker(&task, &config.learner_config(), &device, comm, resume).map_err(|e| format!("rank {rank}: {e}"))?;
     if rank == 0 {
         print_summary(&TrainingSummary { workers: vec![report], output });
     }

@@ -80,7 +80,8 @@ const RECORD: usize = 3 + PIGGYBACK;
 const PEER_BITS: usize = 64 * PIGGYBACK;
 
 /// Operations, as numbered in the agreement.
-const OPERATIONS: [&str; 6] = ["all_reduce_sum", "all_reduce_f64", "broadcast", "all_gather_bytes", "exchange", "split"];
+const OPERATIONS: [&str; 6] =
+    ["all_reduce_sum", "all_reduce_f64", "broadcast", "all_gather_bytes", "exchange", "split"];
 
 fn operation_code(name: &str) -> u64 {
     OPERATIONS.iter().position(|&o| o == name).expect("a known operation") as u64 + 1
@@ -264,7 +265,9 @@ impl MpiComm {
     fn agree(&mut self, mine: Agreement<'_>, peers: Option<&[usize]>) -> Result<(), CommError> {
         if !self.check_lengths {
             return match mine.bad_peer {
-                Some(neighbor) => Err(CommError::BadNeighbor { rank: self.rank, neighbor, world_size: self.world_size }),
+                Some(neighbor) => {
+                    Err(CommError::BadNeighbor { rank: self.rank, neighbor, world_size: self.world_size })
+                }
                 None => Ok(()),
             };
         }
@@ -289,11 +292,21 @@ impl MpiComm {
             "MPI_Allgather (agreement)",
         )?;
         if let Some((other_rank, other)) = self.records.iter().enumerate().find(|(_, r)| r[0] != record[0]) {
-            let other_operation = OPERATIONS.get((other[0] as usize).wrapping_sub(1)).copied().unwrap_or("an unknown operation");
-            return Err(CommError::OperationMismatch { rank: self.rank, operation: mine.operation, other_rank, other_operation });
+            let other_operation =
+                OPERATIONS.get((other[0] as usize).wrapping_sub(1)).copied().unwrap_or("an unknown operation");
+            return Err(CommError::OperationMismatch {
+                rank: self.rank,
+                operation: mine.operation,
+                other_rank,
+                other_operation,
+            });
         }
         if let Some((rank, entry)) = self.records.iter().enumerate().find(|(_, e)| e[2] != 0) {
-            return Err(CommError::BadNeighbor { rank, neighbor: (entry[2] - 1) as usize, world_size: self.world_size });
+            return Err(CommError::BadNeighbor {
+                rank,
+                neighbor: (entry[2] - 1) as usize,
+                world_size: self.world_size,
+            });
         }
         let mismatch = match peers {
             None => self.records.iter().position(|e| e[1] != mine.len as u64),
@@ -337,7 +350,10 @@ impl PendingOp for PendingMpi {
     fn is_ready(&mut self) -> Result<bool, CommError> {
         let mut flag: c_int = 0;
         // SAFETY: as in `complete`.
-        check(unsafe { ffi::MPI_Test(&mut self.request, &mut flag, ffi::RSMPI_STATUS_IGNORE) }, "MPI_Test (all-reduce)")?;
+        check(
+            unsafe { ffi::MPI_Test(&mut self.request, &mut flag, ffi::RSMPI_STATUS_IGNORE) },
+            "MPI_Test (all-reduce)",
+        )?;
         Ok(flag != 0)
     }
 
@@ -421,7 +437,10 @@ impl Communicator for MpiComm {
             // The values ride in the agreement; every rank sums them in rank order, so all get
             // bit-identical sums (the same as the in-process communicator's).
             let words: Vec<u64> = values.iter().map(|v| v.to_bits()).collect();
-            self.agree(Agreement { operation: "all_reduce_f64", len: values.len(), bad_peer: None, words: &words }, None)?;
+            self.agree(
+                Agreement { operation: "all_reduce_f64", len: values.len(), bad_peer: None, words: &words },
+                None,
+            )?;
             for (k, value) in values.iter_mut().enumerate() {
                 *value = self.records.iter().map(|record| f64::from_bits(record[3 + k])).sum();
             }
@@ -450,14 +469,23 @@ impl Communicator for MpiComm {
         if root >= self.world_size {
             return Err(CommError::BadRoot { rank: self.rank, root, world_size: self.world_size });
         }
-        self.agree(Agreement { operation: "broadcast", len: values.len(), bad_peer: None, words: &[root as u64] }, None)?;
+        self.agree(
+            Agreement { operation: "broadcast", len: values.len(), bad_peer: None, words: &[root as u64] },
+            None,
+        )?;
         if self.check_lengths && self.records.iter().any(|r| r[3] != root as u64) {
             return Err(CommError::BadRoot { rank: self.rank, root, world_size: self.world_size });
         }
         // SAFETY: `values` holds `n` f32 on every rank (checked above).
         check(
             unsafe {
-                ffi::MPI_Bcast(values.as_mut_ptr().cast::<c_void>(), n, ffi::RSMPI_FLOAT, root as c_int, self.handle.comm)
+                ffi::MPI_Bcast(
+                    values.as_mut_ptr().cast::<c_void>(),
+                    n,
+                    ffi::RSMPI_FLOAT,
+                    root as c_int,
+                    self.handle.comm,
+                )
             },
             "MPI_Bcast",
         )
@@ -586,7 +614,8 @@ impl Communicator for MpiComm {
     }
 
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
-        let color = c_int::try_from(color).map_err(|_| CommError::Backend(format!("split: colour {color} is too large for MPI")))?;
+        let color = c_int::try_from(color)
+            .map_err(|_| CommError::Backend(format!("split: colour {color} is too large for MPI")))?;
         self.agree(Agreement { operation: "split", len: 0, bad_peer: None, words: &[] }, None)?;
         let mut sub: ffi::MPI_Comm = unsafe { ffi::RSMPI_COMM_NULL };
         // SAFETY: the communicator is valid; every rank calls MPI_Comm_split at this point.

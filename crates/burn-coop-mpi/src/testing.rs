@@ -93,8 +93,9 @@ impl Scenario {
                 LocalSgd::new(inner, Elastic::optimal(m).with_anchor(anchor), schedule, comm)?
             }
             Scenario::ElasticCommonStart => LocalSgd::new(inner, Elastic::optimal(m), schedule, comm)?,
-            Scenario::GossipRing => LocalSgd::new(inner, Gossip::on(&Topology::ring(m)?)?, schedule, comm)?
-                .with_consensus_every(1),
+            Scenario::GossipRing => {
+                LocalSgd::new(inner, Gossip::on(&Topology::ring(m)?)?, schedule, comm)?.with_consensus_every(1)
+            }
         };
         let mut model = model;
         for step in 0..STEPS {

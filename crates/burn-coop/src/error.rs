@@ -1,8 +1,8 @@
 //! The crate's top-level error type.
 
+use crate::comm::CommError;
 use crate::mixing::MixingError;
 use crate::params::LayoutError;
-use crate::comm::CommError;
 use crate::rules::RuleError;
 use crate::schedule::ScheduleError;
 use crate::spec::SpecError;

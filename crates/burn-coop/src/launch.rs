@@ -269,10 +269,7 @@ mod tests {
         assert_eq!(failure.primary().rank, 2, "{failure:?}");
         assert_eq!(failure.all().len(), 3);
         assert_eq!(failure.causes().count(), 1);
-        assert!(matches!(
-            failure.all()[1].failure,
-            Failure::Error(CoopError::Comm(CommError::PeerLost { rank: 2 }))
-        ));
+        assert!(matches!(failure.all()[1].failure, Failure::Error(CoopError::Comm(CommError::PeerLost { rank: 2 }))));
     }
 
     #[test]
@@ -285,7 +282,10 @@ mod tests {
             comm.barrier()
         })
         .unwrap_err();
-        assert_eq!(failure.primary(), &WorkerFailure { rank: 1, failure: Failure::Panicked("worker one gives up".into()) });
+        assert_eq!(
+            failure.primary(),
+            &WorkerFailure { rank: 1, failure: Failure::Panicked("worker one gives up".into()) }
+        );
         let panicked = launch(2, |worker| if worker.rank() == 0 { panic!("rank zero") } else { 7 }).unwrap_err();
         assert_eq!(panicked, WorkerPanicked { rank: 0, message: "rank zero".into() });
     }

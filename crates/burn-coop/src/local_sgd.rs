@@ -83,7 +83,10 @@ pub struct LocalSgd {
 
 impl std::fmt::Debug for LocalSgd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalSgd").field("sync", &self.sync).field("inner_state", &self.inner_state).finish_non_exhaustive()
+        f.debug_struct("LocalSgd")
+            .field("sync", &self.sync)
+            .field("inner_state", &self.inner_state)
+            .finish_non_exhaustive()
     }
 }
 

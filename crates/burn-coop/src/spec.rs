@@ -3,19 +3,23 @@
 //!
 //! Each rule and schedule owns its configuration: one struct with serde and clap derives,
 //! living in the rule's or schedule's own file and implementing [`RuleConfig`] or
-//! [`ScheduleConfig`]. The registries below list them, one line each, and generate from that
-//! list the tagged [`RuleSpec`] / [`ScheduleSpec`] enums, their name enums for `--rule` and
-//! `--schedule`, and [`RuleFlags`] / [`ScheduleFlags`], the command-line flags of every entry.
+//! [`ScheduleConfig`]. The registries (in `rules/mod.rs` and `schedule/mod.rs`, next to the
+//! `mod` lines) list them, one line each, and generate from that list the tagged [`RuleSpec`] /
+//! [`ScheduleSpec`] enums, their name enums for `--rule` and `--schedule`, and [`RuleFlags`] /
+//! [`ScheduleFlags`], the command-line flags of every entry.
 //! Settings are optional (`None` is the documented default), so a file and flags can be
 //! layered: flags override the file, which overrides the defaults. Nothing is validated until
 //! [`RuleSpec::build`] / [`ScheduleSpec::build`] learn the real number of workers.
 
+use serde::Serialize;
 use serde::de::{DeserializeOwned, Visitor};
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::rules::{AveragingConfig, ElasticConfig, GossipConfig, MergeRule, SynchronousConfig};
-use crate::schedule::{FixedConfig, SyncSchedule};
+pub use crate::rules::{RuleFlags, RuleName, RuleSpec};
+pub use crate::schedule::{ScheduleFlags, ScheduleName, ScheduleSpec};
+
+use crate::rules::MergeRule;
+use crate::schedule::SyncSchedule;
 
 /// A setting that cannot run, named as in a configuration file and on the command line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -100,14 +104,14 @@ macro_rules! registry {
         $( $(#[$variant_meta:meta])* $Variant:ident($field:ident: $Config:ty), )+
     ) => {
         $(#[$spec_meta])*
-        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
         #[serde(tag = "kind", rename_all = "kebab-case")]
         pub enum $Spec {
             $( $(#[$variant_meta])* $Variant($Config), )+
         }
 
         $(#[$name_meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
         #[serde(rename_all = "kebab-case")]
         pub enum $Name {
             $( $(#[$variant_meta])* $Variant, )+
@@ -122,13 +126,13 @@ macro_rules! registry {
         impl $Name {
             /// The name as written in files and on the command line.
             pub fn as_str(self) -> &'static str {
-                match self { $( Self::$Variant => <$Config as $Trait>::NAME, )+ }
+                match self { $( Self::$Variant => <$Config as $crate::spec::$Trait>::NAME, )+ }
             }
         }
 
         impl $Spec {
             /// The entry's settings, as a trait object.
-            pub fn config(&self) -> &dyn $Dyn {
+            pub fn config(&self) -> &dyn $crate::spec::$Dyn {
                 match self { $( Self::$Variant(c) => c, )+ }
             }
 
@@ -154,15 +158,15 @@ macro_rules! registry {
 
             /// The settings with every default that can be written out written out.
             pub fn resolved(&self) -> Self {
-                match self { $( Self::$Variant(c) => Self::$Variant(c.resolved()), )+ }
+                match self { $( Self::$Variant(c) => Self::$Variant($crate::spec::$Trait::resolved(c)), )+ }
             }
 
             /// The settings as flat `key = value` pairs, the name under `
             #[doc = $flag]
             /// ` (the form of `coop train`'s configuration file).
-            pub fn to_flat(&self) -> Map<String, Value> {
-                let mut map = match self { $( Self::$Variant(c) => to_map(c), )+ };
-                map.insert($flag.into(), Value::String(self.name().as_str().into()));
+            pub fn to_flat(&self) -> serde_json::Map<String, serde_json::Value> {
+                let mut map = match self { $( Self::$Variant(c) => $crate::spec::to_map(c), )+ };
+                map.insert($flag.into(), serde_json::Value::String(self.name().as_str().into()));
                 map
             }
 
@@ -170,23 +174,23 @@ macro_rules! registry {
             #[doc = $flag]
             /// ` (default: the registry's default) and the settings of that entry. A setting
             /// of another entry is an error naming both.
-            pub fn take_from_flat(table: &mut Map<String, Value>) -> Result<Self, SpecError> {
+            pub fn take_from_flat(table: &mut serde_json::Map<String, serde_json::Value>) -> Result<Self, $crate::spec::SpecError> {
                 let name = match table.remove($flag) {
                     None => Self::default().name(),
                     Some(value) => serde_json::from_value::<$Name>(value.clone()).map_err(|e| {
-                        SpecError::new($flag, value.as_str().map_or_else(|| value.to_string(), str::to_string), e)
+                        $crate::spec::SpecError::new($flag, value.as_str().map_or_else(|| value.to_string(), str::to_string), e)
                     })?,
                 };
-                let mut mine = Map::new();
+                let mut mine = serde_json::Map::new();
                 $(
-                    for key in field_names::<$Config>() {
+                    for key in $crate::spec::field_names::<$Config>() {
                         if let Some(value) = table.remove(*key) {
                             if name == $Name::$Variant {
                                 mine.insert(key.to_string(), value);
                             } else if !field_names_of(name).contains(key) {
-                                return Err(SpecError::new(key, value.to_string(), format!(
+                                return Err($crate::spec::SpecError::new(key, value.to_string(), format!(
                                     "'{key}' is a setting of the {} {}, but this run uses {}",
-                                    <$Config as $Trait>::NAME, $what, name.as_str()
+                                    <$Config as $crate::spec::$Trait>::NAME, $what, name.as_str()
                                 )));
                             } else {
                                 mine.insert(key.to_string(), value);
@@ -195,12 +199,12 @@ macro_rules! registry {
                     }
                 )+
                 let spec = match name {
-                    $( $Name::$Variant => Self::$Variant(from_map(mine, $flag)?), )+
+                    $( $Name::$Variant => Self::$Variant($crate::spec::from_map(mine, $flag)?), )+
                 };
                 return Ok(spec);
 
                 fn field_names_of(name: $Name) -> &'static [&'static str] {
-                    match name { $( $Name::$Variant => field_names::<$Config>(), )+ }
+                    match name { $( $Name::$Variant => $crate::spec::field_names::<$Config>(), )+ }
                 }
             }
         }
@@ -221,7 +225,7 @@ macro_rules! registry {
         impl $Flags {
             /// Applies the flags that were given to `spec`: a new name starts from that entry's
             /// defaults, then the entry's own flags override. A flag of another entry is an error.
-            pub fn apply(&self, spec: &mut $Spec) -> Result<(), SpecError> {
+            pub fn apply(&self, spec: &mut $Spec) -> Result<(), $crate::spec::SpecError> {
                 if let Some(name) = self.$key {
                     if spec.name() != name {
                         *spec = $Spec::default_of(name);
@@ -229,15 +233,15 @@ macro_rules! registry {
                 }
                 $(
                     match spec {
-                        $Spec::$Variant(config) => *config = overlay(config, &self.$field),
+                        $Spec::$Variant(config) => *config = $crate::spec::overlay(config, &self.$field),
                         #[allow(unreachable_patterns)]
                         _ => {
-                            if let Some((key, value)) = to_map(&self.$field).into_iter().next() {
-                                return Err(SpecError::new(
-                                    field_names::<$Config>().iter().find(|k| **k == key).copied().unwrap_or("?"),
+                            if let Some((key, value)) = $crate::spec::to_map(&self.$field).into_iter().next() {
+                                return Err($crate::spec::SpecError::new(
+                                    $crate::spec::field_names::<$Config>().iter().find(|k| **k == key).copied().unwrap_or("?"),
                                     value.to_string(),
                                     format!("--{key} is a setting of the {} {}, but this run uses {}",
-                                        <$Config as $Trait>::NAME, $what, spec.name().as_str()),
+                                        <$Config as $crate::spec::$Trait>::NAME, $what, spec.name().as_str()),
                                 ));
                             }
                         }
@@ -248,40 +252,7 @@ macro_rules! registry {
         }
     };
 }
-
-registry! {
-    /// Which merge rule a run uses, with its settings (`kind` names it in JSON).
-    spec RuleSpec;
-    /// A merge rule by name.
-    names RuleName;
-    /// `--rule NAME` and every rule's own flags.
-    flags RuleFlags, flag "rule", key rule, what "rule";
-    trait RuleConfig;
-    default Average;
-    dyn BuildRule;
-    /// Synchronous SGD: averaging after every step (τ is forced to 1).
-    Sync(sync: SynchronousConfig),
-    /// Periodic averaging (local SGD).
-    Average(average: AveragingConfig),
-    /// Elastic averaging (EASGD).
-    Elastic(elastic: ElasticConfig),
-    /// Gossip over a topology.
-    Gossip(gossip: GossipConfig),
-}
-
-registry! {
-    /// When a run merges, with the schedule's settings (`kind` names it in JSON).
-    spec ScheduleSpec;
-    /// A synchronization schedule by name.
-    names ScheduleName;
-    /// `--schedule NAME` and every schedule's own flags.
-    flags ScheduleFlags, flag "schedule", key schedule, what "schedule";
-    trait ScheduleConfig;
-    default Fixed;
-    dyn BuildSchedule;
-    /// A fixed period τ, optionally after synchronous warm-up steps.
-    Fixed(fixed: FixedConfig),
-}
+pub(crate) use registry;
 
 /// The object-safe part of [`RuleConfig`], implemented for every rule configuration.
 pub trait BuildRule {
@@ -359,7 +330,10 @@ pub fn build_pair(
 ) -> Result<(Box<dyn MergeRule>, Box<dyn SyncSchedule>), SpecError> {
     let built_rule = rule.build(world_size)?;
     let built_schedule = match rule.forced_period() {
-        Some(period) => Box::new(crate::schedule::PeriodicSchedule::every(period).map_err(|e| SpecError::new("tau", period.to_string(), e))?),
+        Some(period) => Box::new(
+            crate::schedule::PeriodicSchedule::every(period)
+                .map_err(|e| SpecError::new("tau", period.to_string(), e))?,
+        ),
         None => schedule.build()?,
     };
     Ok((built_rule, built_schedule))
@@ -373,14 +347,14 @@ pub fn overlay<T: Serialize + DeserializeOwned>(base: &T, top: &T) -> T {
 }
 
 /// A settings struct as a map without its unset (`None`) entries.
-fn to_map<T: Serialize>(value: &T) -> Map<String, Value> {
+pub(crate) fn to_map<T: Serialize>(value: &T) -> Map<String, Value> {
     match serde_json::to_value(value).expect("settings serialize") {
         Value::Object(map) => map.into_iter().filter(|(_, v)| !v.is_null()).collect(),
         _ => Map::new(),
     }
 }
 
-fn from_map<T: DeserializeOwned>(map: Map<String, Value>, option: &'static str) -> Result<T, SpecError> {
+pub(crate) fn from_map<T: DeserializeOwned>(map: Map<String, Value>, option: &'static str) -> Result<T, SpecError> {
     serde_json::from_value(Value::Object(map.clone()))
         .map_err(|e| SpecError::new(option, Value::Object(map).to_string(), e))
 }
@@ -460,6 +434,8 @@ pub fn positive_f64(text: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::{AveragingConfig, ElasticConfig, GossipConfig, SynchronousConfig};
+    use crate::schedule::FixedConfig;
     use crate::topology::TopologySpec;
     use clap::Parser;
 
@@ -514,7 +490,10 @@ mod tests {
 
         let cli = Cli::parse_from(["coop", "--rule", "average", "--alpha", "0.2"]);
         let error = cli.rule.apply(&mut spec).unwrap_err();
-        assert!(error.to_string().contains("--alpha is a setting of the elastic rule, but this run uses average"), "{error}");
+        assert!(
+            error.to_string().contains("--alpha is a setting of the elastic rule, but this run uses average"),
+            "{error}"
+        );
 
         let mut schedule = ScheduleSpec::default();
         let cli = Cli::parse_from(["coop", "--tau", "3", "--warmup-steps", "5"]);
@@ -528,7 +507,10 @@ mod tests {
         let elastic = RuleSpec::Elastic(ElasticConfig { alpha: Some(0.5) });
         assert!(elastic.build(2).is_ok(), "α = 0.5 < 2/3 for two workers");
         let error = elastic.build(4).err().unwrap();
-        assert_eq!(error.to_string(), "invalid value '0.5' for 'alpha': elastic averaging needs 0 < α < 2/(m+1) = 0.400000 for m = 4 workers (stability of the (m+1)x(m+1) mixing matrix), got α = 0.5");
+        assert_eq!(
+            error.to_string(),
+            "invalid value '0.5' for 'alpha': elastic averaging needs 0 < α < 2/(m+1) = 0.400000 for m = 4 workers (stability of the (m+1)x(m+1) mixing matrix), got α = 0.5"
+        );
         let (_, mut schedule) = build_pair(&RuleSpec::Sync(SynchronousConfig {}), &ScheduleSpec::default(), 3).unwrap();
         assert_eq!(schedule.period(10), 1);
         let zero = ScheduleSpec::Fixed(FixedConfig { tau: Some(0), warmup_steps: None });
@@ -541,7 +523,8 @@ mod tests {
         use crate::schedule::ScheduleSignal;
         use crate::topology::WeightRule;
         let at = |step| ScheduleSignal { step, ..ScheduleSignal::default() };
-        let torus = |weights| RuleSpec::Gossip(GossipConfig { topology: Some(TopologySpec::Torus), weights: Some(weights) });
+        let torus =
+            |weights| RuleSpec::Gossip(GossipConfig { topology: Some(TopologySpec::Torus), weights: Some(weights) });
         assert_eq!(torus(WeightRule::MetropolisHastings).build(6).unwrap().name(), "gossip");
         assert!(RuleSpec::Elastic(ElasticConfig { alpha: Some(0.9) }).build(4).is_err());
         let error = torus(WeightRule::BestConstant).build(7).err().unwrap();

@@ -128,7 +128,12 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 impl StateFile {
     /// Encodes the file.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let size = 24 + self.records.values().map(|r| r.value_bytes() + 64 * (r.buffers.len() + r.scalars.len() + 1)).sum::<usize>();
+        let size = 24
+            + self
+                .records
+                .values()
+                .map(|r| r.value_bytes() + 64 * (r.buffers.len() + r.scalars.len() + 1))
+                .sum::<usize>();
         let mut out = Vec::with_capacity(size);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());

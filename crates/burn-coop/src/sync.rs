@@ -250,7 +250,11 @@ impl Synchronizer {
 
     /// Call after each local step: counts it, runs the rule's after-step hook, and merges when
     /// the schedule says so. Returns the (possibly merged) module and, on a merge, its report.
-    pub fn after_step<M: Module>(&mut self, module: M, signal: StepSignal) -> Result<(M, Option<SyncReport>), CoopError> {
+    pub fn after_step<M: Module>(
+        &mut self,
+        module: M,
+        signal: StepSignal,
+    ) -> Result<(M, Option<SyncReport>), CoopError> {
         let module = self.start(module)?;
         self.count_step(signal);
         let module = if self.rule.uses_local_steps() {
@@ -297,11 +301,8 @@ impl Synchronizer {
     }
 
     fn merge_due(&mut self) -> bool {
-        let signal = ScheduleSignal {
-            step: self.state.stats.steps,
-            lr: self.lr,
-            steps_since_sync: self.state.steps_since_sync,
-        };
+        let signal =
+            ScheduleSignal { step: self.state.stats.steps, lr: self.lr, steps_since_sync: self.state.steps_since_sync };
         self.schedule.is_sync_step(&signal)
     }
 
@@ -503,3 +504,193 @@ impl Synchronizer {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Device;
+
+    use super::*;
+    use crate::comm::{CollectiveKind, InProcessGroup};
+    use crate::launch::{Failure, run_group};
+    use crate::rules::{Averaging, Gossip, RuleError};
+    use crate::schedule::PeriodicSchedule;
+    use crate::testing::{Tiny, tiny_for, worker_buffer};
+    use crate::topology::Topology;
+
+    /// Halves τ after every merge whose mean loss over workers is below `threshold`.
+    struct HalveBelow {
+        tau: u64,
+        threshold: f64,
+        last_merge: u64,
+    }
+
+    impl SyncSchedule for HalveBelow {
+        fn name(&self) -> &'static str {
+            "halve-below"
+        }
+        fn is_sync_step(&mut self, signal: &ScheduleSignal) -> bool {
+            signal.step - self.last_merge >= self.tau
+        }
+        fn after_sync(&mut self, feedback: &SyncFeedback) {
+            self.last_merge = feedback.step;
+            if feedback.mean_loss.expect("asked for") < self.threshold {
+                self.tau = (self.tau / 2).max(1);
+            }
+        }
+        fn wants_loss(&self) -> bool {
+            true
+        }
+        fn period(&self, _step: u64) -> u64 {
+            self.tau
+        }
+    }
+
+    fn group<R: Send>(
+        m: usize,
+        work: impl Fn(usize, crate::comm::InProcessComm) -> Result<R, CoopError> + Sync,
+    ) -> Vec<R> {
+        run_group(InProcessGroup::new(m).into_communicators(), work).unwrap_or_else(|f| panic!("{:?}", f.primary()))
+    }
+
+    #[test]
+    fn a_loss_driven_schedule_decides_the_same_on_every_worker() {
+        // Worker r's loss at step s is 3 − s/4 + r; only the mean crosses the threshold.
+        let loss = |rank: usize, step: u64| 3.0 - step as f64 / 4.0 + rank as f64;
+        let runs = group(3, |rank, comm| {
+            let schedule = HalveBelow { tau: 4, threshold: 2.0, last_merge: 0 };
+            let mut sync = Synchronizer::new(Averaging::new(), schedule, comm)?.with_initial_broadcast(false);
+            let mut model: Tiny = tiny_for(rank, &Device::flex());
+            let mut merges = Vec::new();
+            for step in 1..=16 {
+                let (next, report) = sync.after_step(model, StepSignal::new(0.1, loss(rank, step)))?;
+                model = next;
+                if let Some(report) = report {
+                    merges.push((report.step, report.mean_loss.unwrap()));
+                }
+            }
+            Ok(merges)
+        });
+        assert!(runs.windows(2).all(|w| w[0] == w[1]), "{runs:?}");
+        // Mean losses 3.375 (steps 1–4), 2.375 (5–8), then 1.375 (9–12) < 2: τ halves to 2, and
+        // after 0.625 (13–14) to 1.
+        let steps: Vec<u64> = runs[0].iter().map(|m| m.0).collect();
+        let expected_mean = |from: u64, to: u64| {
+            (from..=to).flat_map(|s| (0..3).map(move |r| loss(r, s))).sum::<f64>() / (3 * (to - from + 1)) as f64
+        };
+        let mut previous = 0;
+        for &(step, mean) in &runs[0] {
+            assert!((mean - expected_mean(previous + 1, step)).abs() < 1e-12, "merge at {step}: {mean}");
+            previous = step;
+        }
+        assert_eq!(steps, vec![4, 8, 12, 14, 15, 16]);
+    }
+
+    #[test]
+    fn gossip_consensus_is_measured_when_asked_and_counted_apart() {
+        let n = 50;
+        let runs = group(4, |rank, comm| {
+            let gossip = Gossip::on(&Topology::ring(4).unwrap()).unwrap();
+            let mut sync =
+                Synchronizer::new(gossip, PeriodicSchedule::every(1).unwrap(), comm)?.with_consensus_every(2);
+            let mut params = worker_buffer(rank, n);
+            (0..4).map(|_| sync.merge_flat(&mut params)).collect::<Result<Vec<_>, _>>()
+        });
+        for reports in &runs {
+            for (k, report) in reports.iter().enumerate() {
+                assert_eq!(report.bytes_sent, 2 * 4 * n as u64, "merge {k}: the exchange alone");
+                if k % 2 == 1 {
+                    assert!(report.consensus_distance.unwrap() > 0.0);
+                    // One all-reduce of the model and one of the statistics (m + 1 values).
+                    assert_eq!(report.consensus_bytes_sent, (2 * 3 * 4 * n as u64) / 4 + (2 * 3 * 8 * 5) / 4);
+                } else {
+                    assert_eq!((report.consensus_distance, report.consensus_bytes_sent), (None, 0));
+                }
+            }
+        }
+        assert!(runs.windows(2).all(|w| w[0][1].consensus_distance == w[1][1].consensus_distance));
+    }
+
+    #[test]
+    fn a_worker_with_nan_stops_before_sending_and_is_named_first() {
+        let failure = run_group(InProcessGroup::new(4).into_communicators(), |rank, comm| -> Result<(), CoopError> {
+            let gossip = Gossip::on(&Topology::ring(4).unwrap()).unwrap();
+            let mut sync = Synchronizer::new(gossip, PeriodicSchedule::every(1).unwrap(), comm)?;
+            let mut params = worker_buffer(rank, 8);
+            if rank == 2 {
+                params[3] = f32::NAN;
+            }
+            sync.merge_flat(&mut params)?;
+            sync.merge_flat(&mut params).map(drop)
+        })
+        .unwrap_err();
+        assert!(matches!(
+            failure.primary().failure,
+            Failure::Error(CoopError::NonFiniteParameters { rank: 2, count: 1, total: 8, .. })
+        ));
+        for other in &failure.all()[1..] {
+            assert!(matches!(
+                other.failure,
+                Failure::Error(CoopError::Comm(crate::comm::CommError::PeerLost { rank: 2 }))
+            ));
+        }
+    }
+
+    /// Adds `1` to every parameter after each local step (a stand-in for a pull towards an anchor).
+    #[derive(Default)]
+    struct Drift {
+        averaging: Averaging,
+        hooks: u64,
+    }
+
+    impl MergeRule for Drift {
+        fn name(&self) -> &'static str {
+            "drift"
+        }
+        fn validate(&self, _: usize) -> Result<(), RuleError> {
+            Ok(())
+        }
+        fn begin(&mut self, p: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+            self.averaging.begin(p, ctx, comm)
+        }
+        fn finish(
+            &mut self,
+            p: &mut [f32],
+            ctx: &SyncContext,
+            comm: &mut dyn Communicator,
+        ) -> Result<crate::rules::MergeOutcome, RuleError> {
+            self.averaging.finish(p, ctx, comm)
+        }
+        fn uses_local_steps(&self) -> bool {
+            true
+        }
+        fn after_local_step(&mut self, params: &mut [f32], ctx: &SyncContext) -> Result<HookEffect, RuleError> {
+            self.hooks += 1;
+            assert_eq!(ctx.steps_since_sync, ctx.step - 3 * ctx.round);
+            params.iter_mut().for_each(|v| *v += 1.0);
+            Ok(HookEffect::Changed)
+        }
+    }
+
+    #[test]
+    fn local_step_hooks_change_the_model_and_the_state_survives() {
+        let runs = group(2, |rank, comm| {
+            let mut sync = Synchronizer::new(Drift::default(), PeriodicSchedule::every(3).unwrap(), comm)?;
+            let mut model: Tiny = tiny_for(rank, &Device::flex());
+            let start = crate::testing::flat(&model);
+            for _ in 0..2 {
+                model = sync.after_step(model, StepSignal::default())?.0;
+            }
+            let moved = crate::testing::flat(&model);
+            let traffic = sync.traffic_by_kind();
+            Ok((start, moved, traffic.calls(CollectiveKind::Broadcast), sync.state()))
+        });
+        let zero_start = &runs[0].0;
+        for (_, moved, broadcasts, state) in &runs {
+            assert!(
+                moved.iter().zip(zero_start).all(|(m, s)| (m - (s + 2.0)).abs() < 1e-5),
+                "two hooks from worker 0's start"
+            );
+            assert_eq!(*broadcasts, 1);
+            assert_eq!((state.stats.steps, state.stats.syncs, state.steps_since_sync), (2, 0, 2));
+        }
+    }
+}

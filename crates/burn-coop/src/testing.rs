@@ -215,7 +215,11 @@ pub fn check_rule_against_matrix(m: usize, n: usize, make: impl Fn() -> Box<dyn 
         }
         if let Some(distance) = run.outcome.local_squared_distance {
             let exact: f64 = run.before.iter().zip(&mean).map(|(&x, &u)| (f64::from(x) - u).powi(2)).sum();
-            assert!((distance - exact).abs() <= 1e-5 * (1.0 + exact), "worker {}: distance {distance}, exact {exact}", run.rank);
+            assert!(
+                (distance - exact).abs() <= 1e-5 * (1.0 + exact),
+                "worker {}: distance {distance}, exact {exact}",
+                run.rank
+            );
         }
     }
 }

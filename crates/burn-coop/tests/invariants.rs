@@ -119,13 +119,9 @@ fn one_worker_is_bit_identical_to_the_bare_optimizer() {
         let mut bare = optimizer.clone();
         let mut bare_model = tiny_for(0);
         let mut transports = InProcessGroup::new(1).into_communicators();
-        let mut wrapped = LocalSgd::new(
-            optimizer,
-            Averaging::new(),
-            PeriodicSchedule::every(3).unwrap(),
-            transports.remove(0),
-        )
-        .unwrap();
+        let mut wrapped =
+            LocalSgd::new(optimizer, Averaging::new(), PeriodicSchedule::every(3).unwrap(), transports.remove(0))
+                .unwrap();
         let mut wrapped_model = tiny_for(0);
         for step in 0..10 {
             bare_model = bare.step(0.1, bare_model, fixed_grads(&tiny_for(0), 0, step));
@@ -183,8 +179,7 @@ fn tau_one_averaging_equals_synchronous_sgd_on_averaged_gradients() {
 fn sync_counts_follow_the_schedule() {
     let counts = run_workers(2, |rank, comm| {
         let mut optim =
-            LocalSgd::new(sgd_momentum(), Averaging::new(), PeriodicSchedule::every(4).unwrap(), comm)
-                .unwrap();
+            LocalSgd::new(sgd_momentum(), Averaging::new(), PeriodicSchedule::every(4).unwrap(), comm).unwrap();
         let mut model = tiny_for(rank);
         let mut synced_at = Vec::new();
         for step in 0..8 {
@@ -223,8 +218,7 @@ fn traffic_counts_ring_all_reduce_bytes() {
     let m = 4;
     let reports = run_workers(m, move |rank, comm| {
         let mut optim =
-            LocalSgd::new(sgd_momentum(), Averaging::new(), PeriodicSchedule::every(2).unwrap(), comm)
-                .unwrap();
+            LocalSgd::new(sgd_momentum(), Averaging::new(), PeriodicSchedule::every(2).unwrap(), comm).unwrap();
         let mut model = tiny_for(rank);
         for step in 0..4 {
             model = {
@@ -261,11 +255,10 @@ fn buffers_are_merged_or_kept_local_by_policy() {
             let before = running_means(&model);
             let ids_before: Vec<_> =
                 ParamLayout::of(&model, BufferPolicy::Merge).slots().iter().map(|s| s.id).collect();
-            let mut optim =
-                LocalSgd::new(sgd_momentum(), Averaging::new(), PeriodicSchedule::every(1).unwrap(), comm)
-                    .unwrap()
-                    .with_buffer_policy(policy)
-                    .with_initial_broadcast(false);
+            let mut optim = LocalSgd::new(sgd_momentum(), Averaging::new(), PeriodicSchedule::every(1).unwrap(), comm)
+                .unwrap()
+                .with_buffer_policy(policy)
+                .with_initial_broadcast(false);
             let model = optim.step(0.01, model, fixed_grads(&tiny_for(rank), rank, 0)).unwrap();
             let ids_after: Vec<_> = ParamLayout::of(&model, BufferPolicy::Merge).slots().iter().map(|s| s.id).collect();
             assert_eq!(ids_before, ids_after, "ParamIds survive the merge");
@@ -314,13 +307,9 @@ fn restored_state_continues_exactly() {
                     };
                     let record = burn::optim::OptimizerRecord::from_bytes(optim_bytes).unwrap();
                     let comm = std::mem::replace(&mut optim, placeholder()).into_comm();
-                    optim = LocalSgd::new(
-                        sgd_momentum(),
-                        Elastic::new(0.25),
-                        PeriodicSchedule::every(2).unwrap(),
-                        comm,
-                    )
-                    .unwrap();
+                    optim =
+                        LocalSgd::new(sgd_momentum(), Elastic::new(0.25), PeriodicSchedule::every(2).unwrap(), comm)
+                            .unwrap();
                     optim.load_state(state).unwrap();
                     optim.load_record(record);
                 }
@@ -356,13 +345,8 @@ fn a_panicking_worker_makes_the_others_fail_fast() {
         .map(|(rank, comm)| {
             let tx = tx.clone();
             std::thread::spawn(move || {
-                let mut optim = LocalSgd::new(
-                    sgd_momentum(),
-                    Averaging::new(),
-                    PeriodicSchedule::every(2).unwrap(),
-                    comm,
-                )
-                .unwrap();
+                let mut optim =
+                    LocalSgd::new(sgd_momentum(), Averaging::new(), PeriodicSchedule::every(2).unwrap(), comm).unwrap();
                 let mut model = tiny_for(rank);
                 for step in 0..4 {
                     if rank == 2 && step == 1 {
@@ -402,13 +386,9 @@ fn a_panicking_worker_makes_the_others_fail_fast() {
 #[test]
 fn non_finite_parameters_stop_every_worker_with_the_culprit_named() {
     let results = run_workers(3, |rank, comm| {
-        let mut optim = LocalSgd::new(
-            SgdConfig::new().init(),
-            Averaging::new(),
-            PeriodicSchedule::every(2).unwrap(),
-            comm,
-        )
-        .unwrap();
+        let mut optim =
+            LocalSgd::new(SgdConfig::new().init(), Averaging::new(), PeriodicSchedule::every(2).unwrap(), comm)
+                .unwrap();
         let mut model = tiny_for(rank);
         for step in 0..2 {
             let mut grads = fixed_grads(&model, rank, step);
@@ -450,13 +430,9 @@ fn mismatched_buffers_are_reported() {
 #[test]
 fn workers_start_from_worker_zeros_model() {
     let starts = run_workers(3, |rank, comm| {
-        let mut optim = LocalSgd::new(
-            SgdConfig::new().init(),
-            Averaging::new(),
-            PeriodicSchedule::every(5).unwrap(),
-            comm,
-        )
-        .unwrap();
+        let mut optim =
+            LocalSgd::new(SgdConfig::new().init(), Averaging::new(), PeriodicSchedule::every(5).unwrap(), comm)
+                .unwrap();
         let model = tiny_for(rank);
         let grads = GradientsParams::new();
         flat(&optim.step(0.1, model, grads).unwrap())

@@ -10,8 +10,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_coop::learner::{Evaluation, LrSchedule, LrShape, latest_checkpoint};
 use burn_coop::rules::{AveragingConfig, ElasticConfig, GossipConfig, SynchronousConfig};
 use burn_coop::schedule::FixedConfig;
-use burn_coop::{RuleSpec, ScheduleSpec, TopologySpec};
 use burn_coop::{CoopTask, Learner, LearnerConfig, LearnerError, WeightRule};
+use burn_coop::{RuleSpec, ScheduleSpec, TopologySpec};
 use common::{Tiny, value};
 
 /// Two-class points in 3-D: the label is the sign of `x0 + x1 − x2`.
@@ -181,6 +181,13 @@ fn an_interrupted_run_resumes_bit_identically() {
     for rank in 0..2 {
         let at_eight = straight.output.join("checkpoints/step-00000008");
         assert_eq!(saved(&at_eight, rank), saved(&latest, rank), "worker {rank} differs at the interruption");
+        // The anchor is stored in binary: 4 bytes per value plus a small header, not JSON text.
+        let records = std::fs::read(latest.join(format!("worker-{rank}.coop.bin"))).unwrap();
+        let file = burn_coop::state::StateFile::from_bytes(&records).unwrap();
+        assert_eq!(file.records["rule"].buffers["anchor"].len(), 42);
+        assert!(records.len() <= 4 * 42 + 128, "{} bytes", records.len());
+        let counters = std::fs::metadata(latest.join(format!("worker-{rank}.state.json"))).unwrap().len();
+        assert!(counters < 2048, "the JSON holds small counters only: {counters} bytes");
     }
     interrupted.max_steps = None;
     let resumed = Learner::new(Synthetic::new(), interrupted.clone(), vec![Device::flex()]).resume().run().unwrap();
@@ -247,7 +254,9 @@ fn bad_configurations_are_reported() {
         "invalid value '0' for 'tau': the synchronization period τ must be at least 1, got 0 (τ = 1 is fully synchronous)"
     );
     let missing =
-        Learner::new(Synthetic::new(), config("missing", RuleSpec::Average(AveragingConfig {})), vec![Device::flex()]).resume().run();
+        Learner::new(Synthetic::new(), config("missing", RuleSpec::Average(AveragingConfig {})), vec![Device::flex()])
+            .resume()
+            .run();
     assert!(matches!(missing, Err(LearnerError::Checkpoint(_))));
     let _ = std::fs::remove_dir_all(&bad.output);
     let _ = std::fs::remove_dir_all(output("missing"));

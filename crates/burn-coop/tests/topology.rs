@@ -4,8 +4,8 @@ use std::f64::consts::PI;
 
 use burn::optim::SgdConfig;
 use burn_coop::{
-    CoopError, Elastic, Gossip, InProcessGroup, LocalSgd, MixingError, MixingMatrix, Averaging,
-    PeriodicSchedule, RuleError, ScheduleError, Topology, TopologyError, TopologyKind, WeightRule,
+    Averaging, CoopError, Elastic, Gossip, InProcessGroup, LocalSgd, MixingError, MixingMatrix, PeriodicSchedule,
+    RuleError, ScheduleError, Topology, TopologyError, TopologyKind, WeightRule,
 };
 
 fn close(a: f64, b: f64) -> bool {
@@ -167,8 +167,7 @@ fn rule_and_schedule_errors_surface_when_the_optimizer_is_built() {
     let every = || PeriodicSchedule::every(2).unwrap();
     // α must lie in (0, 2/(m+1)) = (0, 0.4) for 4 workers.
     for alpha in [0.0, -0.1, 0.4, 0.5, f64::NAN] {
-        let error =
-            LocalSgd::new(SgdConfig::new().init(), Elastic::new(alpha), every(), transport()).unwrap_err();
+        let error = LocalSgd::new(SgdConfig::new().init(), Elastic::new(alpha), every(), transport()).unwrap_err();
         assert!(
             matches!(error, CoopError::Rule(RuleError::ElasticAlphaOutOfRange { workers: 4, upper, .. }) if (upper - 0.4).abs() < 1e-12),
             "α = {alpha}: {error}"

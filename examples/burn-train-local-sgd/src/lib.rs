@@ -20,8 +20,8 @@ use burn::train::{
     ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep, TrainingStrategy,
 };
 use burn_coop::rules::AveragingConfig;
-use burn_coop::{LocalSgdStrategy, RuleSpec};
 use burn_coop::train_strategy::LocalSgdRun;
+use burn_coop::{LocalSgdStrategy, RuleSpec};
 
 /// Number of classes of the synthetic problem.
 pub const CLASSES: usize = 4;
@@ -179,8 +179,11 @@ pub fn train(options: &Options) -> Result<Outcome, String> {
         .build(InMemDataset::new(synthetic(options.train_points, 1)));
     let valid_loader =
         DataLoaderBuilder::new(SampleBatcher).batch_size(256).build(InMemDataset::new(synthetic(1024, 2)));
-    let strategy =
-        Arc::new(LocalSgdStrategy::new(options.workers, vec![device.clone()]).rule(RuleSpec::Average(AveragingConfig {})).tau(options.tau));
+    let strategy = Arc::new(
+        LocalSgdStrategy::new(options.workers, vec![device.clone()])
+            .rule(RuleSpec::Average(AveragingConfig {}))
+            .tau(options.tau),
+    );
 
     let training = SupervisedTraining::new(&options.artifacts, train_loader, valid_loader)
         .metrics((AccuracyMetric::new(), LossMetric::new()))

@@ -12,7 +12,9 @@ use std::ffi::{c_int, c_void};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use burn_coop::{Averaging, Communicator, CoopError, Elastic, Gossip, MergeRule, PeriodicSchedule, Synchronizer, Topology};
+use burn_coop::{
+    Averaging, Communicator, CoopError, Elastic, Gossip, MergeRule, PeriodicSchedule, Synchronizer, Topology,
+};
 use burn_coop_mpi::MpiComm;
 use burn_coop_mpi::mpi::ffi;
 use burn_coop_mpi::mpi::topology::SimpleCommunicator;
@@ -82,10 +84,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut elastic = synchronizer(Elastic::optimal(m), true)?;
     let mut all_reduce = MpiComm::from_communicator(&SimpleCommunicator::world())?;
     let ring = if m >= 3 { Some(Topology::ring(m)?) } else { None };
-    let mut gossip = ring.as_ref().map(|r| Gossip::on(r).map_err(Box::from).and_then(|g| synchronizer(g, true))).transpose()?;
+    let mut gossip =
+        ring.as_ref().map(|r| Gossip::on(r).map_err(Box::from).and_then(|g| synchronizer(g, true))).transpose()?;
     let mut gossip_consensus = ring
         .as_ref()
-        .map(|r| Gossip::on(r).map_err(Box::from).and_then(|g| synchronizer(g, true)).map(|s| s.with_consensus_every(1)))
+        .map(|r| {
+            Gossip::on(r).map_err(Box::from).and_then(|g| synchronizer(g, true)).map(|s| s.with_consensus_every(1))
+        })
         .transpose()?;
     let mut left = vec![0.0f32; n];
     let mut right = vec![0.0f32; n];

@@ -176,7 +176,11 @@ impl Shared {
 
     /// Waits until every worker has deposited into `round`, then returns all deposits (and the
     /// round's sub-groups map for `split`).
-    fn collect(&self, round: u64, read: impl FnOnce(&mut Round) -> Result<(), CommError>) -> Result<Vec<Arc<Payload>>, CommError> {
+    fn collect(
+        &self,
+        round: u64,
+        read: impl FnOnce(&mut Round) -> Result<(), CommError>,
+    ) -> Result<Vec<Arc<Payload>>, CommError> {
         let deadline = self.timeout.map(|t| Instant::now() + t);
         let mut state = self.lock();
         loop {
@@ -257,7 +261,6 @@ impl InProcessComm {
         copy.extend_from_slice(values);
         copy
     }
-
 }
 
 /// `out ← Σ_j deposits[j]` in rank order, after checking every length.
@@ -344,7 +347,12 @@ impl Communicator for InProcessComm {
             for (other_rank, deposit) in deposits.iter().enumerate() {
                 let Payload::F64(other) = &**deposit else { unreachable!("rounds hold one kind of payload") };
                 if other.len() != values.len() {
-                    return Err(CommError::LengthMismatch { rank, len: values.len(), other_rank, other_len: other.len() });
+                    return Err(CommError::LengthMismatch {
+                        rank,
+                        len: values.len(),
+                        other_rank,
+                        other_len: other.len(),
+                    });
                 }
             }
             for (k, value) in values.iter_mut().enumerate() {
@@ -406,7 +414,12 @@ impl Communicator for InProcessComm {
                     return Err(CommError::BadNeighbor { rank, neighbor: j, world_size });
                 }
                 if values.len() != send.len() {
-                    return Err(CommError::LengthMismatch { rank, len: send.len(), other_rank: j, other_len: values.len() });
+                    return Err(CommError::LengthMismatch {
+                        rank,
+                        len: send.len(),
+                        other_rank: j,
+                        other_len: values.len(),
+                    });
                 }
                 out.clear();
                 out.extend_from_slice(values);

@@ -65,7 +65,9 @@ pub enum CommError {
         other_operation: &'static str,
     },
     /// A peer rank outside `0..world_size`, equal to the caller, or not listing the caller back.
-    #[error("worker {rank} named an invalid neighbour {neighbor} (world size {world_size}; neighbours must be other ranks that name this worker back)")]
+    #[error(
+        "worker {rank} named an invalid neighbour {neighbor} (world size {world_size}; neighbours must be other ranks that name this worker back)"
+    )]
     BadNeighbor {
         /// This worker.
         rank: usize,
@@ -75,7 +77,9 @@ pub enum CommError {
         world_size: usize,
     },
     /// Workers named different roots for the same broadcast, or a root outside the group.
-    #[error("worker {rank} broadcast from root {root} but the group has {world_size} workers or another worker named another root")]
+    #[error(
+        "worker {rank} broadcast from root {root} but the group has {world_size} workers or another worker named another root"
+    )]
     BadRoot {
         /// This worker.
         rank: usize,

@@ -26,8 +26,11 @@ pub struct SyncMetrics {
     pub worker_train_loss: Vec<f64>,
     /// Consensus distance before the merge.
     pub consensus_distance: Option<f64>,
-    /// Bytes each worker has sent so far.
+    /// Bytes each worker has sent so far for merges.
     pub bytes_sent_per_worker: Vec<u64>,
+    /// Bytes each worker has sent so far only to measure the consensus distance (gossip with
+    /// `consensus_every`), apart from the rule's own bytes.
+    pub consensus_bytes_sent_per_worker: Vec<u64>,
     /// Seconds since the run started.
     pub wall_seconds: f64,
 }
@@ -57,8 +60,11 @@ pub struct EpochMetrics {
     pub worker_test_accuracy: Option<Vec<f64>>,
     /// Consensus distance at the last merge.
     pub consensus_distance: Option<f64>,
-    /// Bytes each worker has sent so far.
+    /// Bytes each worker has sent so far for merges.
     pub bytes_sent_per_worker: Vec<u64>,
+    /// Bytes each worker has sent so far only to measure the consensus distance (gossip with
+    /// `consensus_every`), apart from the rule's own bytes.
+    pub consensus_bytes_sent_per_worker: Vec<u64>,
     /// Seconds since the run started.
     pub wall_seconds: f64,
 }
@@ -114,11 +120,11 @@ impl MetricsWriter {
             jsonl: open(&folder.join("metrics.jsonl"), "")?,
             syncs: open(
                 &folder.join("syncs.csv"),
-                "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,consensus_distance,bytes_sent_per_worker,wall_seconds",
+                "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,consensus_distance,bytes_sent_per_worker,consensus_bytes_sent_per_worker,wall_seconds",
             )?,
             epochs: open(
                 &folder.join("epochs.csv"),
-                "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,test_loss,test_accuracy,worker_test_accuracy,consensus_distance,bytes_sent_per_worker,wall_seconds",
+                "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,test_loss,test_accuracy,worker_test_accuracy,consensus_distance,bytes_sent_per_worker,consensus_bytes_sent_per_worker,wall_seconds",
             )?,
             bar,
         })
@@ -138,7 +144,7 @@ impl MetricsWriter {
         writeln!(self.jsonl)?;
         writeln!(
             self.syncs,
-            "{},{},{},{},{},{},{},{},{},{:.3}",
+            "{},{},{},{},{},{},{},{},{},{},{:.3}",
             m.epoch,
             m.step,
             m.syncs,
@@ -148,6 +154,7 @@ impl MetricsWriter {
             joined(&m.worker_train_loss),
             optional(m.consensus_distance),
             joined(&m.bytes_sent_per_worker),
+            joined(&m.consensus_bytes_sent_per_worker),
             m.wall_seconds
         )?;
         self.jsonl.flush()?;
@@ -160,7 +167,7 @@ impl MetricsWriter {
         writeln!(self.jsonl)?;
         writeln!(
             self.epochs,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{:.3}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3}",
             m.epoch,
             m.step,
             m.syncs,
@@ -173,6 +180,7 @@ impl MetricsWriter {
             m.worker_test_accuracy.as_deref().map_or_else(String::new, joined),
             optional(m.consensus_distance),
             joined(&m.bytes_sent_per_worker),
+            joined(&m.consensus_bytes_sent_per_worker),
             m.wall_seconds
         )?;
         self.jsonl.flush()?;

@@ -145,16 +145,15 @@ impl<T: CoopTask> Learner<T> {
 
         let comms = InProcessGroup::new(config.workers).into_communicators();
         let (task, devices, resume) = (&self.task, &self.devices, self.resume);
-        let reports = run_group(comms, |rank, comm| {
-            run_worker(task, &config, &devices[rank % devices.len()], comm, resume)
-        })
-        .map_err(|failure| {
-            let primary = failure.into_primary();
-            match primary.failure {
-                Failure::Error(error) => error,
-                Failure::Panicked(message) => LearnerError::WorkerPanicked { worker: primary.rank, message },
-            }
-        })?;
+        let reports =
+            run_group(comms, |rank, comm| run_worker(task, &config, &devices[rank % devices.len()], comm, resume))
+                .map_err(|failure| {
+                    let primary = failure.into_primary();
+                    match primary.failure {
+                        Failure::Error(error) => error,
+                        Failure::Panicked(message) => LearnerError::WorkerPanicked { worker: primary.rank, message },
+                    }
+                })?;
         Ok(TrainingSummary { workers: reports, output: config.output })
     }
 }

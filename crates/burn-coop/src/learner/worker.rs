@@ -148,7 +148,7 @@ pub fn run_worker<T: CoopTask>(
         }
 
         if let Some(report) = merged_now {
-            let (losses, bytes) = gather(&mut sync, since_sync / since_sync_n.max(1) as f64)?;
+            let (losses, bytes, consensus_bytes) = gather(&mut sync, since_sync / since_sync_n.max(1) as f64)?;
             since_sync = 0.0;
             since_sync_n = 0;
             if let Some(w) = writer.as_mut() {
@@ -162,6 +162,7 @@ pub fn run_worker<T: CoopTask>(
                     worker_train_loss: losses,
                     consensus_distance: report.consensus_distance,
                     bytes_sent_per_worker: bytes,
+                    consensus_bytes_sent_per_worker: consensus_bytes,
                     wall_seconds: wall(elapsed_before),
                 };
                 w.sync(&metrics).map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
@@ -170,7 +171,7 @@ pub fn run_worker<T: CoopTask>(
 
         let epoch_ends = step.is_multiple_of(steps_per_epoch);
         if epoch_ends {
-            let (losses, bytes) = gather(&mut sync, epoch_sum / epoch_n.max(1) as f64)?;
+            let (losses, bytes, consensus_bytes) = gather(&mut sync, epoch_sum / epoch_n.max(1) as f64)?;
             epoch_sum = 0.0;
             epoch_n = 0;
             let (average, evaluation) = evaluate_average(task, &model, sync.comm(), &device)?;
@@ -197,6 +198,7 @@ pub fn run_worker<T: CoopTask>(
                 worker_test_accuracy: worker_accuracy,
                 consensus_distance: stats.last_consensus_distance,
                 bytes_sent_per_worker: bytes,
+                consensus_bytes_sent_per_worker: consensus_bytes,
                 wall_seconds: wall(elapsed_before),
             };
             if let Some(w) = writer.as_mut() {
@@ -243,16 +245,19 @@ pub fn run_worker<T: CoopTask>(
     })
 }
 
-/// Gathers one value per worker and every worker's bytes sent.
-fn gather(sync: &mut Synchronizer, value: f64) -> Result<(Vec<f64>, Vec<u64>), LearnerError> {
+/// Gathers one value per worker, every worker's merge bytes sent and consensus bytes sent.
+fn gather(sync: &mut Synchronizer, value: f64) -> Result<(Vec<f64>, Vec<u64>, Vec<u64>), LearnerError> {
     let (rank, workers) = (sync.rank(), sync.world_size());
-    let mut values = vec![0.0; 2 * workers];
+    let stats = sync.stats();
+    let mut values = vec![0.0; 3 * workers];
     values[rank] = value;
-    values[workers + rank] = sync.stats().traffic.bytes_sent as f64;
+    values[workers + rank] = stats.traffic.bytes_sent as f64;
+    values[2 * workers + rank] = stats.consensus_traffic.bytes_sent as f64;
     sync.comm().all_reduce_f64(&mut values).map_err(CoopError::from)?;
-    let bytes = values[workers..].iter().map(|&b| b as u64).collect();
+    let bytes = values[workers..2 * workers].iter().map(|&b| b as u64).collect();
+    let consensus = values[2 * workers..].iter().map(|&b| b as u64).collect();
     values.truncate(workers);
-    Ok((values, bytes))
+    Ok((values, bytes, consensus))
 }
 
 /// Evaluates the workers' average model x̄ (weights and buffers averaged), each worker on its

@@ -43,7 +43,9 @@ impl RuleConfig for ElasticConfig {
             Some(alpha) => Elastic::new(alpha),
             None => Elastic::optimal(world_size),
         };
-        rule.validate(world_size).map_err(|error| SpecError::new("alpha", self.alpha.map_or_else(|| "default".into(), |a| a.to_string()), error))?;
+        rule.validate(world_size).map_err(|error| {
+            SpecError::new("alpha", self.alpha.map_or_else(|| "default".into(), |a| a.to_string()), error)
+        })?;
         Ok(Box::new(rule))
     }
 

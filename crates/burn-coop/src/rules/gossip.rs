@@ -41,7 +41,11 @@ impl RuleConfig for GossipConfig {
     fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
         let topology = self.topology.unwrap_or_default();
         let invalid = |error: TopologyError| SpecError::new("topology", crate::spec::serde_name_of(&topology), error);
-        let matrix = topology.build(world_size).map_err(invalid)?.mixing_matrix(self.weights.unwrap_or_default()).map_err(invalid)?;
+        let matrix = topology
+            .build(world_size)
+            .map_err(invalid)?
+            .mixing_matrix(self.weights.unwrap_or_default())
+            .map_err(invalid)?;
         Ok(Box::new(Gossip::new(matrix)))
     }
 
@@ -155,10 +159,7 @@ mod tests {
 
     #[test]
     fn a_matrix_for_other_workers_is_rejected() {
-        assert_eq!(
-            ring(4).validate(5),
-            Err(RuleError::WorldSizeMismatch { rule: "gossip", expected: 4, found: 5 })
-        );
+        assert_eq!(ring(4).validate(5), Err(RuleError::WorldSizeMismatch { rule: "gossip", expected: 4, found: 5 }));
         let error = GossipConfig { topology: Some(TopologySpec::Torus), weights: None }.build(7).err().unwrap();
         assert_eq!(error.option, "topology");
         assert!(error.reason.contains("7 workers cannot form a 2-D torus"), "{}", error.reason);

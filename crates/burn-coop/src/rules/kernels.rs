@@ -147,6 +147,9 @@ mod tests {
         let mut passes: Vec<f32> = x0.iter().map(|x| (1.0f32 / 3.0) * x).collect();
         passes.iter_mut().zip(&a).for_each(|(r, v)| *r += (1.0f32 / 3.0) * v);
         passes.iter_mut().zip(&b).for_each(|(r, v)| *r += (1.0f32 / 3.0) * v);
-        assert_eq!(fused.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), passes.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            fused.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            passes.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 }

@@ -14,9 +14,10 @@
 //! once. Rules that act on every local step (a pull towards an anchor, an error-feedback
 //! residual) implement the local-step hooks. A rule's state is a [`StateRecord`].
 //!
-//! Adding a rule: a file here with its config, its update written in the module doc with the
-//! paper's reference, and its tests (see [`crate::testing`]); one line in the registry
-//! ([`crate::spec`]).
+//! Adding a rule: a file here with its config (implementing [`RuleConfig`](crate::spec::RuleConfig)),
+//! its update written in the module doc with the paper's reference, and its tests (see
+//! [`crate::testing`]); here, a `mod` line, a `pub use` line, one registry line and a row in the
+//! table above; a row in the README's rule table.
 
 mod averaging;
 mod elastic;
@@ -26,6 +27,27 @@ pub(crate) mod kernels;
 pub use averaging::{Averaging, AveragingConfig, SynchronousConfig};
 pub use elastic::{Elastic, ElasticConfig};
 pub use gossip::{Gossip, GossipConfig};
+
+// The registry: one line per rule (its `--rule` name comes from its config's `NAME`).
+crate::spec::registry! {
+    /// Which merge rule a run uses, with its settings (`kind` names it in JSON).
+    spec RuleSpec;
+    /// A merge rule by name.
+    names RuleName;
+    /// `--rule NAME` and every rule's own flags.
+    flags RuleFlags, flag "rule", key rule, what "rule";
+    trait RuleConfig;
+    default Average;
+    dyn BuildRule;
+    /// Synchronous SGD: averaging after every step (τ is forced to 1).
+    Sync(sync: SynchronousConfig),
+    /// Periodic averaging (local SGD).
+    Average(average: AveragingConfig),
+    /// Elastic averaging (EASGD).
+    Elastic(elastic: ElasticConfig),
+    /// Gossip over a topology.
+    Gossip(gossip: GossipConfig),
+}
 
 use serde::{Deserialize, Serialize};
 

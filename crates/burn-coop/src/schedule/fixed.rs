@@ -42,7 +42,8 @@ impl ScheduleConfig for FixedConfig {
     const NAME: &'static str = "fixed";
 
     fn build(&self) -> Result<Box<dyn SyncSchedule>, SpecError> {
-        let schedule = PeriodicSchedule::every(self.tau()).map_err(|e| SpecError::new("tau", self.tau().to_string(), e))?;
+        let schedule =
+            PeriodicSchedule::every(self.tau()).map_err(|e| SpecError::new("tau", self.tau().to_string(), e))?;
         Ok(Box::new(schedule.with_warmup(self.warmup_steps())))
     }
 

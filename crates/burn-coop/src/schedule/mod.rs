@@ -17,6 +17,21 @@ mod fixed;
 
 pub use fixed::{FixedConfig, PeriodicSchedule};
 
+// The registry: one line per schedule (its `--schedule` name comes from its config's `NAME`).
+crate::spec::registry! {
+    /// When a run merges, with the schedule's settings (`kind` names it in JSON).
+    spec ScheduleSpec;
+    /// A synchronization schedule by name.
+    names ScheduleName;
+    /// `--schedule NAME` and every schedule's own flags.
+    flags ScheduleFlags, flag "schedule", key schedule, what "schedule";
+    trait ScheduleConfig;
+    default Fixed;
+    dyn BuildSchedule;
+    /// A fixed period τ, optionally after synchronous warm-up steps.
+    Fixed(fixed: FixedConfig),
+}
+
 use serde::{Deserialize, Serialize};
 
 use crate::state::StateRecord;

@@ -100,4 +100,3 @@ impl<M: LearnerModel> Leader<M> {
         }
     }
 }
-

@@ -59,8 +59,8 @@ use burn::module::Module;
 use burn::tensor::Device;
 use burn::train::train::WorkerFailure;
 use burn::train::{
-    Learner as TrainLearner, LearnerModel, SupervisedLearningStrategy, SupervisedTrainingEventProcessor,
-    TrainLoader, TrainingComponents, TrainingError, ValidLoader,
+    Learner as TrainLearner, LearnerModel, SupervisedLearningStrategy, SupervisedTrainingEventProcessor, TrainLoader,
+    TrainingComponents, TrainingError, ValidLoader,
 };
 
 use self::leader::Leader;

@@ -153,7 +153,10 @@ impl<M: LearnerModel> Worker<M> {
 }
 
 /// Workers 1..m: training only.
-pub(super) fn run_follower<M: LearnerModel>(mut worker: Worker<M>, epochs: RangeInclusive<usize>) -> Result<WorkerRun, CoopError> {
+pub(super) fn run_follower<M: LearnerModel>(
+    mut worker: Worker<M>,
+    epochs: RangeInclusive<usize>,
+) -> Result<WorkerRun, CoopError> {
     for _ in epochs {
         let stop = worker.interrupter.should_stop();
         if worker.agree([stop, false])?[0] {
@@ -168,4 +171,3 @@ pub(super) fn run_follower<M: LearnerModel>(mut worker: Worker<M>, epochs: Range
     }
     Ok(worker.finish().1)
 }
-
