@@ -126,6 +126,7 @@ pub struct MpiComm {
     check_lengths: bool,
     records: Vec<[u64; RECORD]>,
     scratch: Vec<f32>,
+    neighbor_buffers: Vec<Vec<f32>>,
 }
 
 impl fmt::Debug for MpiComm {
@@ -227,6 +228,7 @@ impl MpiComm {
             check_lengths: true,
             records: vec![[0; RECORD]; size as usize],
             scratch: Vec::new(),
+            neighbor_buffers: Vec::new(),
         })
     }
 
@@ -553,7 +555,12 @@ impl Communicator for MpiComm {
             .collect())
     }
 
-    fn exchange(&mut self, send: &[f32], peers: &[usize], received: &mut Vec<Vec<f32>>) -> Result<(), CommError> {
+    fn exchange(
+        &mut self,
+        send: &[f32],
+        peers: &[usize],
+        receive: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), CommError> {
         let n = count(send.len(), "exchange")?;
         let bad = peers.iter().copied().find(|&j| j >= self.world_size || j == self.rank);
         let mut words = [0u64; PIGGYBACK];
@@ -564,8 +571,9 @@ impl Communicator for MpiComm {
         }
         self.agree(Agreement { operation: "exchange", len: send.len(), bad_peer: bad, words: &words }, Some(peers))?;
 
-        received.resize_with(peers.len(), Vec::new);
-        received.iter_mut().for_each(|b| b.resize(send.len(), 0.0));
+        let mut received = std::mem::take(&mut self.neighbor_buffers);
+        received.resize_with(peers.len().max(received.len()), Vec::new);
+        received.iter_mut().take(peers.len()).for_each(|b| b.resize(send.len(), 0.0));
         let null = unsafe { ffi::RSMPI_REQUEST_NULL };
         let mut requests = vec![null; 2 * peers.len()];
         let mut posted = Ok(());
@@ -609,8 +617,14 @@ impl Communicator for MpiComm {
             unsafe { ffi::MPI_Waitall(requests.len() as c_int, requests.as_mut_ptr(), ffi::RSMPI_STATUSES_IGNORE) },
             "MPI_Waitall (neighbour exchange)",
         );
-        posted?;
-        waited
+        let result = posted.and(waited);
+        if result.is_ok() {
+            for (k, buffer) in received.iter().take(peers.len()).enumerate() {
+                receive(k, buffer);
+            }
+        }
+        self.neighbor_buffers = received;
+        result
     }
 
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {

@@ -119,12 +119,17 @@ impl<C: Communicator> Communicator for RecordingComm<C> {
         self.note(|l| l.all_gather += 1);
         self.inner.all_gather_bytes(payload)
     }
-    fn exchange(&mut self, send: &[f32], peers: &[usize], received: &mut Vec<Vec<f32>>) -> Result<(), CommError> {
+    fn exchange(
+        &mut self,
+        send: &[f32],
+        peers: &[usize],
+        receive: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), CommError> {
         self.note(|l| {
             l.exchange += 1;
             l.exchange_peers += peers.len() as u64;
         });
-        self.inner.exchange(send, peers, received)
+        self.inner.exchange(send, peers, receive)
     }
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
         self.note(|l| l.split += 1);

@@ -261,3 +261,28 @@ fn bad_configurations_are_reported() {
     let _ = std::fs::remove_dir_all(&bad.output);
     let _ = std::fs::remove_dir_all(output("missing"));
 }
+
+#[test]
+fn a_corrupt_or_foreign_state_file_is_named() {
+    let mut config = config("corrupt", RuleSpec::Elastic(ElasticConfig { alpha: Some(0.3) }));
+    config.checkpoint_every = 1;
+    config.max_steps = Some(4);
+    run(Synthetic::new(), &config).unwrap();
+    config.max_steps = None;
+    let latest = latest_checkpoint(&config.output).unwrap().unwrap();
+    let path = latest.join("worker-1.coop.bin");
+    let good = std::fs::read(&path).unwrap();
+
+    std::fs::write(&path, &good[..good.len() - 9]).unwrap();
+    let error = Learner::new(Synthetic::new(), config.clone(), vec![Device::flex()]).resume().run().unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("worker-1.coop.bin") && message.contains("truncated"), "{message}");
+
+    let mut foreign = burn_coop::state::StateFile::from_bytes(&good).unwrap();
+    foreign.records.get_mut("rule").unwrap().scalars.insert("momentum".into(), 0.9);
+    std::fs::write(&path, foreign.to_bytes()).unwrap();
+    let error = Learner::new(Synthetic::new(), config.clone(), vec![Device::flex()]).resume().run().unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("worker-1.coop.bin") && message.contains("momentum"), "{message}");
+    std::fs::remove_dir_all(&config.output).unwrap();
+}

@@ -263,6 +263,7 @@ fn elastic_and_gossip_train_and_return_the_average_model() {
         assert_eq!(run.workers.len(), 3);
         for worker in &run.workers {
             assert_eq!(worker.optimizer_steps, 15, "{rule:?}");
+            assert_eq!(worker.coop.steps, 15, "{rule:?}: the synchronizer counts the steps it drives");
             assert_eq!(worker.coop.syncs, 7, "{rule:?}");
         }
     }

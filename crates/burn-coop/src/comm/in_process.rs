@@ -293,7 +293,7 @@ struct PendingInProcess {
     shared: Arc<Shared>,
     rank: usize,
     round: u64,
-    values: Vec<f32>,
+    len: usize,
 }
 
 impl PendingOp for PendingInProcess {
@@ -309,11 +309,13 @@ impl PendingOp for PendingInProcess {
         Ok(entry.arrived == self.shared.world)
     }
 
-    fn wait(mut self: Box<Self>) -> Result<Vec<f32>, CommError> {
+    fn wait(self: Box<Self>) -> Result<Vec<f32>, CommError> {
         let deposits = self.shared.collect(self.round, |_| Ok(()))?;
-        let result = sum_in_rank_order(self.rank, &mut self.values, &deposits);
+        let mut sum = self.shared.spare(self.rank);
+        sum.resize(self.len, 0.0);
+        let result = sum_in_rank_order(self.rank, &mut sum, &deposits);
         self.shared.release(self.round, deposits);
-        result.map(|()| std::mem::take(&mut self.values))
+        result.map(|()| sum)
     }
 }
 
@@ -334,10 +336,11 @@ impl Communicator for InProcessComm {
 
     fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
         let len = values.len();
-        let payload = Payload::F32(self.copy_of(&values));
-        // Blocking and non-blocking sums share the operation name: MPI lets them match, too.
-        let round = self.begin("all_reduce_sum", payload)?;
-        let pending = PendingInProcess { shared: Arc::clone(&self.shared), rank: self.rank, round, values };
+        // The caller's buffer is deposited as it is (no copy); the sum is written into a spare
+        // buffer of this worker's when it is collected. Blocking and non-blocking sums share the
+        // operation name: MPI lets them match, too.
+        let round = self.begin("all_reduce_sum", Payload::F32(values))?;
+        let pending = PendingInProcess { shared: Arc::clone(&self.shared), rank: self.rank, round, len };
         Ok(PendingSum::new(Box::new(pending), len))
     }
 
@@ -400,15 +403,19 @@ impl Communicator for InProcessComm {
         })
     }
 
-    fn exchange(&mut self, send: &[f32], peers: &[usize], received: &mut Vec<Vec<f32>>) -> Result<(), CommError> {
+    fn exchange(
+        &mut self,
+        send: &[f32],
+        peers: &[usize],
+        receive: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), CommError> {
         let (rank, world_size) = (self.rank, self.shared.world);
         if let Some(&neighbor) = peers.iter().find(|&&j| j >= world_size || j == rank) {
             return Err(CommError::BadNeighbor { rank, neighbor, world_size });
         }
         let payload = Payload::Exchange { values: self.copy_of(send), peers: peers.to_vec() };
-        received.resize_with(peers.len(), Vec::new);
-        let result = self.collective("exchange", payload, |deposits| {
-            for (&j, out) in peers.iter().zip(received.iter_mut()) {
+        self.collective("exchange", payload, |deposits| {
+            for &j in peers {
                 let Payload::Exchange { values, peers: theirs } = &*deposits[j] else { unreachable!() };
                 if !theirs.contains(&rank) {
                     return Err(CommError::BadNeighbor { rank, neighbor: j, world_size });
@@ -421,12 +428,13 @@ impl Communicator for InProcessComm {
                         other_len: values.len(),
                     });
                 }
-                out.clear();
-                out.extend_from_slice(values);
+            }
+            for (k, &j) in peers.iter().enumerate() {
+                let Payload::Exchange { values, .. } = &*deposits[j] else { unreachable!() };
+                receive(k, values);
             }
             Ok(())
-        });
-        result
+        })
     }
 
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
@@ -510,7 +518,7 @@ mod tests {
             let gathered = comm.all_gather_bytes(&vec![rank as u8; rank]).unwrap();
             let peers = [(rank + 1) % 4, (rank + 3) % 4];
             let mut received = Vec::new();
-            comm.exchange(&[rank as f32 * 10.0], &peers, &mut received).unwrap();
+            super::super::exchange_into(&mut comm, &[rank as f32 * 10.0], &peers, &mut received).unwrap();
             let mut sub = comm.split(rank % 2).unwrap();
             let mut local = [rank as f64];
             sub.all_reduce_f64(&mut local).unwrap();
@@ -541,11 +549,11 @@ mod tests {
     fn one_sided_neighbours_are_rejected() {
         let results = run(3, |mut comm| {
             let peers: &[usize] = if comm.rank() == 0 { &[1] } else { &[] };
-            comm.exchange(&[1.0], peers, &mut Vec::new())
+            comm.exchange(&[1.0], peers, &mut |_, _| {})
         });
         assert!(matches!(results[0], Err(CommError::BadNeighbor { rank: 0, neighbor: 1, .. })));
         assert!(matches!(
-            InProcessGroup::new(2).into_communicators().remove(0).exchange(&[1.0], &[0], &mut Vec::new()),
+            InProcessGroup::new(2).into_communicators().remove(0).exchange(&[1.0], &[0], &mut |_, _| {}),
             Err(CommError::BadNeighbor { neighbor: 0, .. })
         ));
     }

@@ -198,10 +198,18 @@ impl<C: Communicator> Communicator for Metered<C> {
         Ok(all)
     }
 
-    fn exchange(&mut self, send: &[f32], peers: &[usize], received: &mut Vec<Vec<f32>>) -> Result<(), CommError> {
-        self.inner.exchange(send, peers, received)?;
+    fn exchange(
+        &mut self,
+        send: &[f32],
+        peers: &[usize],
+        receive: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), CommError> {
+        let mut got = 0;
+        self.inner.exchange(send, peers, &mut |k, values| {
+            got += 4 * values.len() as u64;
+            receive(k, values)
+        })?;
         let sent = 4 * send.len() as u64 * peers.len() as u64;
-        let got = received.iter().map(|r| 4 * r.len() as u64).sum();
         self.record(CollectiveKind::Exchange, sent, got);
         Ok(())
     }

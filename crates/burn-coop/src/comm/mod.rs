@@ -193,11 +193,17 @@ pub trait Communicator: Send {
     /// Every worker's byte payload (of any length), in rank order, this worker's included.
     fn all_gather_bytes(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, CommError>;
 
-    /// Sends `send` to every rank in `peers` and receives each peer's `send` into `received`
-    /// (resized to `peers.len()` buffers, in the order of `peers`). The relation must be
-    /// symmetric: `j` lists this worker whenever this worker lists `j`. Every worker calls it,
+    /// Sends `send` to every rank in `peers` and hands each peer's `send` to `receive(k, values)`,
+    /// `k` the peer's index in `peers`, in that order, once every length has been checked (the
+    /// caller reads the values where they arrived, without a copy of its own). The relation must
+    /// be symmetric: `j` lists this worker whenever this worker lists `j`. Every worker calls it,
     /// also those with no peers this time.
-    fn exchange(&mut self, send: &[f32], peers: &[usize], received: &mut Vec<Vec<f32>>) -> Result<(), CommError>;
+    fn exchange(
+        &mut self,
+        send: &[f32],
+        peers: &[usize],
+        receive: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), CommError>;
 
     /// Splits the group: workers passing the same `color` form a new group, ranked in the order
     /// of their ranks here. Every worker calls it.
@@ -205,6 +211,21 @@ pub trait Communicator: Send {
 
     /// Blocks until every worker has called `barrier`.
     fn barrier(&mut self) -> Result<(), CommError>;
+}
+
+/// Every peer's buffer from [`Communicator::exchange`], copied into `received` (one buffer per
+/// peer, in the order of `peers`): for callers that keep them.
+pub fn exchange_into(
+    comm: &mut dyn Communicator,
+    send: &[f32],
+    peers: &[usize],
+    received: &mut Vec<Vec<f32>>,
+) -> Result<(), CommError> {
+    received.resize_with(peers.len(), Vec::new);
+    comm.exchange(send, peers, &mut |k, values| {
+        received[k].clear();
+        received[k].extend_from_slice(values);
+    })
 }
 
 impl<C: Communicator + ?Sized> Communicator for Box<C> {
@@ -229,41 +250,13 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     fn all_gather_bytes(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
         (**self).all_gather_bytes(payload)
     }
-    fn exchange(&mut self, send: &[f32], peers: &[usize], received: &mut Vec<Vec<f32>>) -> Result<(), CommError> {
-        (**self).exchange(send, peers, received)
-    }
-    fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
-        (**self).split(color)
-    }
-    fn barrier(&mut self) -> Result<(), CommError> {
-        (**self).barrier()
-    }
-}
-
-impl<C: Communicator + ?Sized> Communicator for &mut C {
-    fn rank(&self) -> usize {
-        (**self).rank()
-    }
-    fn world_size(&self) -> usize {
-        (**self).world_size()
-    }
-    fn all_reduce_sum(&mut self, values: &mut [f32]) -> Result<(), CommError> {
-        (**self).all_reduce_sum(values)
-    }
-    fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
-        (**self).start_all_reduce_sum(values)
-    }
-    fn all_reduce_f64(&mut self, values: &mut [f64]) -> Result<(), CommError> {
-        (**self).all_reduce_f64(values)
-    }
-    fn broadcast(&mut self, values: &mut [f32], root: usize) -> Result<(), CommError> {
-        (**self).broadcast(values, root)
-    }
-    fn all_gather_bytes(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
-        (**self).all_gather_bytes(payload)
-    }
-    fn exchange(&mut self, send: &[f32], peers: &[usize], received: &mut Vec<Vec<f32>>) -> Result<(), CommError> {
-        (**self).exchange(send, peers, received)
+    fn exchange(
+        &mut self,
+        send: &[f32],
+        peers: &[usize],
+        receive: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), CommError> {
+        (**self).exchange(send, peers, receive)
     }
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
         (**self).split(color)

@@ -89,7 +89,10 @@ pub fn run_worker<T: CoopTask>(
         let record = OptimizerRecord::from_bytes(Bytes::from_bytes_vec(files.optimizer))
             .map_err(|e| LearnerError::Record(format!("{}: {e:?}", dir.display())))?;
         optim = optim.load_record(record);
-        sync.load(files.state.sync, files.records)?;
+        sync.load(files.state.sync, files.records).map_err(|error| CheckpointError::Corrupt {
+            path: dir.join(format!("worker-{rank}.coop.bin")),
+            cause: error.to_string(),
+        })?;
         step = files.state.step;
         elapsed_before = files.state.elapsed_seconds;
     }

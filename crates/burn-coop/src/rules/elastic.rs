@@ -18,7 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::kernels::distance_to_mean;
+use super::kernels::distance_of_difference_to_mean;
 use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
 use crate::comm::{Communicator, PendingSum};
 use crate::mixing::MixingMatrix;
@@ -62,7 +62,6 @@ impl RuleConfig for ElasticConfig {
 pub struct Elastic {
     alpha: f64,
     anchor: Option<Vec<f32>>,
-    diff: Vec<f32>,
     sum: Vec<f32>,
     pending: Option<PendingSum>,
 }
@@ -71,7 +70,7 @@ impl Elastic {
     /// Elastic averaging with moving rate `alpha`; checked against the number of workers when
     /// the synchronizer is built (see [`MergeRule::validate`]).
     pub fn new(alpha: f64) -> Self {
-        Self { alpha, anchor: None, diff: Vec::new(), sum: Vec::new(), pending: None }
+        Self { alpha, anchor: None, sum: Vec::new(), pending: None }
     }
 
     /// Elastic averaging with `α = 2/(m+2)`, the value minimizing `ζ(W_α)` for `m` workers.
@@ -134,11 +133,9 @@ impl MergeRule for Elastic {
                 self.anchor.insert(mean)
             }
         };
-        self.diff.clear();
-        self.diff.extend(params.iter().zip(anchor).map(|(x, z)| x - z));
         let mut send = std::mem::take(&mut self.sum);
         send.clear();
-        send.extend_from_slice(&self.diff);
+        send.extend(params.iter().zip(anchor).map(|(x, z)| x - z));
         self.pending = Some(comm.start_all_reduce_sum(send)?);
         Ok(())
     }
@@ -153,9 +150,12 @@ impl MergeRule for Elastic {
         self.sum = pending.wait()?;
         let anchor = self.anchor.as_mut().expect("set by begin");
         // x̄ − z = S/m, so x_i − x̄ = d_i − S/m: the consensus distance needs no extra exchange.
-        let local = distance_to_mean(&self.diff, &self.sum, ctx.world_size);
+        // `d_i = x_i − z` is computed again here rather than kept from `begin`: the merge is
+        // synchronous, so `params` are the ones `begin` saw.
+        let local = distance_of_difference_to_mean(params, anchor, &self.sum, ctx.world_size);
         let alpha = self.alpha as f32;
-        for (((x, z), d), s) in params.iter_mut().zip(anchor.iter_mut()).zip(&self.diff).zip(&self.sum) {
+        for ((x, z), s) in params.iter_mut().zip(anchor.iter_mut()).zip(&self.sum) {
+            let d = *x - *z;
             *x -= alpha * d;
             *z += alpha * s;
         }

@@ -5,8 +5,8 @@
 //! Algorithms?", NeurIPS 2017); with τ > 1, decentralized periodic averaging (Wang & Joshi,
 //! "Cooperative SGD", JMLR 2021). Each worker sends its model only to its neighbours, so a
 //! merge moves `degree × model size` per worker; gossip keeps the workers' mean model
-//! unchanged. The weighted sum is taken in the order of the matrix's neighbour list, so every
-//! communicator gives the same bits.
+//! unchanged. The weighted sum is built term by term in the order of the matrix's neighbour
+//! list, as each neighbour's model arrives, so every communicator gives the same bits.
 //!
 //! Gossip does not measure the consensus distance by itself (that would need an all-reduce of
 //! the whole model, the traffic gossip exists to avoid); the synchronizer measures it when asked
@@ -14,7 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::kernels::weighted_sum_in_place;
+use super::kernels::{add_scaled, scaled};
 use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
 use crate::comm::Communicator;
 use crate::mixing::MixingMatrix;
@@ -67,14 +67,14 @@ impl RuleConfig for GossipConfig {
 pub struct Gossip {
     matrix: MixingMatrix,
     peers: Vec<usize>,
-    received: Vec<Vec<f32>>,
+    mixed: Vec<f32>,
     begun: bool,
 }
 
 impl Gossip {
     /// Gossip with a validated mixing matrix.
     pub fn new(matrix: MixingMatrix) -> Self {
-        Self { matrix, peers: Vec::new(), received: Vec::new(), begun: false }
+        Self { matrix, peers: Vec::new(), mixed: Vec::new(), begun: false }
     }
 
     /// Gossip on a topology with its Metropolis–Hastings weights.
@@ -102,9 +102,14 @@ impl MergeRule for Gossip {
     }
 
     fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        let neighbors = self.matrix.neighbors(ctx.rank);
         self.peers.clear();
-        self.peers.extend(self.matrix.neighbors(ctx.rank).into_iter().map(|(j, _)| j));
-        comm.exchange(params, &self.peers, &mut self.received)?;
+        self.peers.extend(neighbors.iter().map(|&(j, _)| j));
+        // `W_ii x_i`, then `+ W_ij x_j` for each neighbour as its model arrives, in the order
+        // of the matrix's neighbour list.
+        scaled(&mut self.mixed, self.matrix.self_weight(ctx.rank) as f32, params);
+        let mixed = &mut self.mixed;
+        comm.exchange(params, &self.peers, &mut |k, values| add_scaled(mixed, neighbors[k].1 as f32, values))?;
         self.begun = true;
         Ok(())
     }
@@ -112,16 +117,13 @@ impl MergeRule for Gossip {
     fn finish(
         &mut self,
         params: &mut [f32],
-        ctx: &SyncContext,
+        _ctx: &SyncContext,
         _comm: &mut dyn Communicator,
     ) -> Result<MergeOutcome, RuleError> {
         if !std::mem::take(&mut self.begun) {
             return Err(RuleError::NotBegun { rule: "gossip" });
         }
-        let weights = self.matrix.neighbors(ctx.rank);
-        let others: Vec<(f32, &[f32])> =
-            weights.iter().zip(&self.received).map(|(&(_, w), values)| (w as f32, values.as_slice())).collect();
-        weighted_sum_in_place(params, self.matrix.self_weight(ctx.rank) as f32, &others);
+        params.copy_from_slice(&self.mixed);
         Ok(MergeOutcome { local_squared_distance: None })
     }
 

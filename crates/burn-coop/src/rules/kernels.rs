@@ -84,16 +84,45 @@ pub fn divide(x: &mut [f32], m: usize) {
     x.iter_mut().for_each(|v| *v /= m);
 }
 
-/// `x ← w_self · x + Σ_j w_j · y_j`, accumulated left to right in the order of `others`, so
-/// the result is the same whichever transport delivered the `y_j`.
-pub fn weighted_sum_in_place(x: &mut [f32], self_weight: f32, others: &[(f32, &[f32])]) {
-    for (k, v) in x.iter_mut().enumerate() {
-        let mut acc = self_weight * *v;
-        for &(w, y) in others {
-            acc += w * y[k];
-        }
-        *v = acc;
+/// `out ← w · x`.
+pub fn scaled(out: &mut Vec<f32>, w: f32, x: &[f32]) {
+    out.clear();
+    out.extend(x.iter().map(|v| w * v));
+}
+
+/// `out ← out + w · y`. A weighted sum built from [`scaled`] and one call per term rounds the
+/// same whichever communicator delivered the terms, as long as they come in the same order.
+pub fn add_scaled(out: &mut [f32], w: f32, y: &[f32]) {
+    out.iter_mut().zip(y).for_each(|(o, v)| *o += w * v);
+}
+
+/// `Σ_k (x_k − z_k − s_k/m)²`: this worker's squared distance to the mean when the workers
+/// summed `x − z` into `s` (elastic averaging), summed exactly as [`distance_to_mean`] sums
+/// `d = x − z` against `s`, without storing `d`.
+pub fn distance_of_difference_to_mean(x: &[f32], z: &[f32], s: &[f32], m: usize) -> f64 {
+    match MeanOf::workers(m) {
+        MeanOf::Scale(inv) => lane_sum3(x, z, s, |x, z, s| ((x - z) - s * inv) * ((x - z) - s * inv)),
+        MeanOf::Divide(m) => lane_sum3(x, z, s, |x, z, s| ((x - z) - s / m) * ((x - z) - s / m)),
     }
+}
+
+/// [`lane_sum`] over three buffers: the same blocks, lanes and order of additions.
+#[inline(always)]
+fn lane_sum3(x: &[f32], z: &[f32], s: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f64 {
+    let mut total = 0.0;
+    for ((xb, zb), sb) in x.chunks(BLOCK).zip(z.chunks(BLOCK)).zip(s.chunks(BLOCK)) {
+        let mut acc = [0.0f32; LANES];
+        let (xs, zs, ss) = (xb.chunks_exact(LANES), zb.chunks_exact(LANES), sb.chunks_exact(LANES));
+        let tail: f32 =
+            xs.remainder().iter().zip(zs.remainder()).zip(ss.remainder()).map(|((&x, &z), &s)| f(x, z, s)).sum();
+        for ((xl, zl), sl) in xs.zip(zs).zip(ss) {
+            for l in 0..LANES {
+                acc[l] += f(xl[l], zl[l], sl[l]);
+            }
+        }
+        total += f64::from(tail) + acc.iter().map(|&a| f64::from(a)).sum::<f64>();
+    }
+    total
 }
 
 /// NaN and infinite values in `values` (counted in lanes so the loop vectorizes).
@@ -138,18 +167,25 @@ mod tests {
     }
 
     #[test]
-    fn weighted_sum_rounds_as_separate_passes() {
-        let x0: Vec<f32> = (0..100).map(|k| (k as f32 * 0.7).sin()).collect();
+    fn the_difference_kernel_sums_exactly_as_the_stored_difference() {
+        let x: Vec<f32> = (0..5003).map(|k| (k as f32 * 0.37).sin()).collect();
+        let z: Vec<f32> = (0..5003).map(|k| (k as f32 * 0.91).cos() * 0.3).collect();
+        let s: Vec<f32> = (0..5003).map(|k| 3.0 * (k as f32 * 0.11).cos()).collect();
+        let d: Vec<f32> = x.iter().zip(&z).map(|(x, z)| x - z).collect();
+        for m in [3, 4] {
+            assert_eq!(distance_of_difference_to_mean(&x, &z, &s, m).to_bits(), distance_to_mean(&d, &s, m).to_bits());
+        }
+    }
+
+    #[test]
+    fn scaled_sums_round_term_by_term() {
+        let x: Vec<f32> = (0..100).map(|k| (k as f32 * 0.7).sin()).collect();
         let a: Vec<f32> = (0..100).map(|k| (k as f32 * 0.3).cos()).collect();
-        let b: Vec<f32> = (0..100).map(|k| (k as f32 * 0.9).sin() * 1e3).collect();
-        let mut fused = x0.clone();
-        weighted_sum_in_place(&mut fused, 1.0 / 3.0, &[(1.0 / 3.0, &a), (1.0 / 3.0, &b)]);
-        let mut passes: Vec<f32> = x0.iter().map(|x| (1.0f32 / 3.0) * x).collect();
-        passes.iter_mut().zip(&a).for_each(|(r, v)| *r += (1.0f32 / 3.0) * v);
-        passes.iter_mut().zip(&b).for_each(|(r, v)| *r += (1.0f32 / 3.0) * v);
-        assert_eq!(
-            fused.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            passes.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-        );
+        let mut out = Vec::new();
+        scaled(&mut out, 1.0 / 3.0, &x);
+        add_scaled(&mut out, 0.25, &a);
+        for k in 0..100 {
+            assert_eq!(out[k].to_bits(), ((1.0f32 / 3.0) * x[k] + 0.25 * a[k]).to_bits());
+        }
     }
 }
