@@ -21,6 +21,7 @@ pub fn resolve(args: &TrainArgs) -> TrainConfig {
         None => TrainConfig::default(),
     };
     if let Err(invalid) = args.apply(&mut config) {
+        let invalid = crate::config::InvalidValue::from(invalid);
         crate::Cli::command().error(ErrorKind::ValueValidation, invalid.to_string()).exit();
     }
     if let Some(dir) = &args.resume {

@@ -118,3 +118,26 @@ fn a_short_run_merges_file_and_flags_writes_metrics_and_resumes() {
     let epochs = std::fs::read_to_string(run.join("epochs.csv")).unwrap();
     assert!(epochs.lines().last().unwrap().starts_with("1,20,10,"), "{epochs}");
 }
+
+#[test]
+fn a_setting_of_another_rule_is_named() {
+    let output = coop(&["train", "--rule", "gossip", "--alpha", "0.3"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(
+            "invalid value '0.3' for '--alpha': --alpha is a setting of the elastic rule, but this run uses gossip"
+        ),
+        "{}",
+        stderr(&output)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mixed.toml");
+    std::fs::write(&file, "rule = \"average\"\ntopology = \"torus\"\n").unwrap();
+    let output = coop(&["train", "--config", file.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("'topology' is a setting of the gossip rule, but this run uses average"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -33,7 +33,7 @@ pub mod schedule;
 pub mod spec;
 mod spectrum;
 pub mod state;
-mod sync;
+pub mod sync;
 pub mod testing;
 pub mod topology;
 #[cfg(feature = "burn-train")]

@@ -243,7 +243,7 @@ mod tests {
             .with_buffer("anchor", vec![1.5, -0.0, f32::MIN_POSITIVE, 3.25e-7])
             .with_buffer("momentum", vec![])
             .with_scalar("round", 17.0);
-        let schedule = StateRecord::new().with_scalar("tau", 4.0).with_scalar("loss0", 2.302585092994046);
+        let schedule = StateRecord::new().with_scalar("tau", 4.0).with_scalar("loss0", 2.125);
         StateFile { records: [("rule".to_string(), rule), ("schedule".to_string(), schedule)].into() }
     }
 

@@ -27,7 +27,7 @@ use crate::params::{BufferPolicy, ParamLayout};
 use crate::rules::kernels::{count_non_finite, distance_to_mean};
 use crate::rules::{HookEffect, MergeRule, SyncContext};
 use crate::schedule::{ScheduleSignal, SyncFeedback, SyncSchedule};
-use crate::state::{StateFile, StateRecord};
+use crate::state::StateFile;
 
 /// What the training loop knows about the local step it just took.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -96,7 +96,7 @@ pub struct SyncState {
     pub started: bool,
 }
 
-/// The merge engine; see the [module documentation](self).
+/// The merge engine; see the [module documentation](crate::sync).
 pub struct Synchronizer {
     rule: Box<dyn MergeRule>,
     schedule: Box<dyn SyncSchedule>,
@@ -494,7 +494,7 @@ impl Synchronizer {
     /// Restores what [`Synchronizer::state`] and [`Synchronizer::records`] saved (with the same
     /// rule and schedule).
     pub fn load(&mut self, state: SyncState, mut records: StateFile) -> Result<(), CoopError> {
-        let mut take = |name: &str| records.records.remove(name).unwrap_or_else(StateRecord::new);
+        let mut take = |name: &str| records.records.remove(name).unwrap_or_default();
         let (rule, schedule) = (take("rule"), take("schedule"));
         self.rule.load_record(rule)?;
         self.schedule.load_record(schedule)?;

@@ -372,7 +372,7 @@ impl Communicator for InProcessComm {
         }
         let mine = (rank == root).then(|| self.copy_of(values));
         let payload = Payload::Broadcast { values: mine, root, len: values.len() };
-        let result = self.collective("broadcast", payload, |deposits| {
+        self.collective("broadcast", payload, |deposits| {
             for (other_rank, deposit) in deposits.iter().enumerate() {
                 let Payload::Broadcast { root: other_root, len, .. } = &**deposit else { unreachable!() };
                 if *other_root != root {
@@ -387,8 +387,7 @@ impl Communicator for InProcessComm {
                 values.copy_from_slice(source);
             }
             Ok(())
-        });
-        result
+        })
     }
 
     fn all_gather_bytes(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {

@@ -4,7 +4,7 @@
 //! may share a device), runs [`run_worker`] on one thread per replica with an in-process
 //! transport, and returns a [`TrainingSummary`]. The same [`run_worker`] runs one-per-process
 //! under MPI. Metrics go to the output folder as `metrics.jsonl`, `syncs.csv` and `epochs.csv`
-//! beside the resolved `learner.json`; checkpoints go to `checkpoints/` (see [`checkpoint`]).
+//! beside the resolved `learner.json`; checkpoints go to `checkpoints/` (see [`latest_checkpoint`]).
 
 mod checkpoint;
 mod config;

@@ -57,7 +57,7 @@ impl RuleConfig for SynchronousConfig {
 }
 
 /// Every worker replaces its model by the average of all models (`W = J`); see the
-/// [module documentation](self).
+/// [module documentation](crate::rules::averaging).
 #[derive(Debug, Default)]
 pub struct Averaging {
     sum: Vec<f32>,

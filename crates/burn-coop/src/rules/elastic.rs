@@ -57,7 +57,7 @@ impl RuleConfig for ElasticConfig {
     }
 }
 
-/// Elastic averaging with moving rate α; see the [module documentation](self).
+/// Elastic averaging with moving rate α; see the [module documentation](crate::rules::elastic).
 #[derive(Debug)]
 pub struct Elastic {
     alpha: f64,

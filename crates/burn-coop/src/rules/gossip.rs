@@ -62,7 +62,7 @@ impl RuleConfig for GossipConfig {
     }
 }
 
-/// Gossip averaging with a mixing matrix; see the [module documentation](self).
+/// Gossip averaging with a mixing matrix; see the [module documentation](crate::rules::gossip).
 #[derive(Debug, Clone)]
 pub struct Gossip {
     matrix: MixingMatrix,

@@ -19,9 +19,9 @@
 //! [`crate::testing`]); here, a `mod` line, a `pub use` line, one registry line and a row in the
 //! table above; a row in the README's rule table.
 
-mod averaging;
-mod elastic;
-mod gossip;
+pub mod averaging;
+pub mod elastic;
+pub mod gossip;
 pub(crate) mod kernels;
 
 pub use averaging::{Averaging, AveragingConfig, SynchronousConfig};

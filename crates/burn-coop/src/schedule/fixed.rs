@@ -64,7 +64,7 @@ impl ScheduleConfig for FixedConfig {
 }
 
 /// Merge every `τ` steps, optionally after a warm-up of `K` steps that merge every step; see
-/// the [module documentation](self).
+/// the [module documentation](crate::schedule::fixed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeriodicSchedule {
     period: u64,

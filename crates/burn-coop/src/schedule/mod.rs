@@ -13,7 +13,7 @@
 //! |---|---|---|---|
 //! | [`PeriodicSchedule`] (`fixed`) | τ, after `K` synchronous warm-up steps | `fixed.rs` | post-local SGD: Lin et al., ICLR 2020 |
 
-mod fixed;
+pub mod fixed;
 
 pub use fixed::{FixedConfig, PeriodicSchedule};
 

@@ -106,7 +106,7 @@ pub struct WorkerRun {
     pub batches: u64,
     /// Steps, merges, traffic and consensus distance of this worker's [`Synchronizer`].
     pub coop: CoopStats,
-    /// [`parameter_fingerprint`] of the worker's final model. Equal fingerprints mean that the
+    /// [`parameter_fingerprint`](crate::testing::parameter_fingerprint) of the worker's final model. Equal fingerprints mean that the
     /// workers ended with bit-identical models.
     pub parameter_fingerprint: u64,
 }
