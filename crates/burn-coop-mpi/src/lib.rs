@@ -23,7 +23,7 @@
 //!
 //! | [`Communicator`] call | MPI |
 //! |---|---|
-//! | [`Communicator::all_reduce_sum`] | `MPI_Allreduce(MPI_SUM)` on `f32` |
+//! | [`Communicator::all_reduce_sum`], [`Communicator::all_reduce_sum_into`] | `MPI_Allreduce(MPI_SUM)` on `f32` |
 //! | [`Communicator::start_all_reduce_sum`] | `MPI_Iallreduce(MPI_SUM)` on `f32`; `MPI_Test` / `MPI_Wait` in the pending handle |
 //! | [`Communicator::all_reduce_f64`] | up to 16 values: carried by the agreement and summed in rank order; more: `MPI_Allreduce(MPI_SUM)` on `f64` |
 //! | [`Communicator::broadcast`] | `MPI_Bcast` |
@@ -92,6 +92,27 @@ fn operation_code(name: &str) -> u64 {
 struct Handle {
     comm: ffi::MPI_Comm,
     universe: Option<Universe>,
+    /// Buffers of finished non-blocking sums, reused as the next ones' receive buffers.
+    spare: std::sync::Mutex<Vec<Vec<f32>>>,
+}
+
+impl Handle {
+    fn new(comm: ffi::MPI_Comm, universe: Option<Universe>) -> Self {
+        Self { comm, universe, spare: std::sync::Mutex::default() }
+    }
+
+    fn spare(&self, len: usize) -> Vec<f32> {
+        let mut buffer = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop().unwrap_or_default();
+        buffer.resize(len, 0.0);
+        buffer
+    }
+
+    fn give_back(&self, buffer: Vec<f32>) {
+        let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if spare.len() < 4 {
+            spare.push(buffer);
+        }
+    }
 }
 
 // SAFETY: the handle owns its communicator (a duplicate or a split no one else uses); MPI calls
@@ -195,7 +216,7 @@ impl MpiComm {
         let mut comm: ffi::MPI_Comm = unsafe { ffi::RSMPI_COMM_NULL };
         // SAFETY: `world` is a valid communicator and MPI is initialized.
         check(unsafe { ffi::MPI_Comm_dup(world.as_raw(), &mut comm) }, "MPI_Comm_dup")?;
-        Self::wrap(Handle { comm, universe: Some(universe) })
+        Self::wrap(Handle::new(comm, Some(universe)))
     }
 
     /// A communicator over the ranks of `comm`, with MPI initialized by the application (which
@@ -208,7 +229,7 @@ impl MpiComm {
         let mut dup: ffi::MPI_Comm = unsafe { ffi::RSMPI_COMM_NULL };
         // SAFETY: `comm` is a valid communicator and MPI is initialized.
         check(unsafe { ffi::MPI_Comm_dup(comm.as_raw(), &mut dup) }, "MPI_Comm_dup")?;
-        Self::wrap(Handle { comm: dup, universe: None })
+        Self::wrap(Handle::new(dup, None))
     }
 
     fn wrap(handle: Handle) -> Result<Self, CommError> {
@@ -331,8 +352,9 @@ impl MpiComm {
 /// An `MPI_Iallreduce` in flight. It owns both buffers and a reference to the communicator, so
 /// neither can go away before MPI is done with them; dropping it unwaited waits first.
 struct PendingMpi {
-    /// Keeps the communicator (and MPI) alive while the request is in flight.
-    _handle: Arc<Handle>,
+    /// Keeps the communicator (and MPI) alive while the request is in flight; takes the send
+    /// buffer back for reuse.
+    handle: Arc<Handle>,
     request: ffi::MPI_Request,
     send: Vec<f32>,
     recv: Vec<f32>,
@@ -361,6 +383,7 @@ impl PendingOp for PendingMpi {
 
     fn wait(mut self: Box<Self>) -> Result<Vec<f32>, CommError> {
         self.complete()?;
+        self.handle.give_back(std::mem::take(&mut self.send));
         Ok(std::mem::take(&mut self.recv))
     }
 }
@@ -403,16 +426,42 @@ impl Communicator for MpiComm {
         )
     }
 
+    fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
+        if send.len() != recv.len() {
+            return Err(CommError::Backend(format!(
+                "all_reduce_sum_into needs buffers of one length, got {} and {}",
+                send.len(),
+                recv.len()
+            )));
+        }
+        let n = count(send.len(), "all_reduce_sum_into")?;
+        self.agree(Agreement { operation: "all_reduce_sum", len: send.len(), bad_peer: None, words: &[] }, None)?;
+        // SAFETY: both buffers hold `n` f32 and do not overlap (one is shared, one exclusive).
+        check(
+            unsafe {
+                ffi::MPI_Allreduce(
+                    send.as_ptr().cast::<c_void>(),
+                    recv.as_mut_ptr().cast::<c_void>(),
+                    n,
+                    ffi::RSMPI_FLOAT,
+                    ffi::RSMPI_SUM,
+                    self.handle.comm,
+                )
+            },
+            "MPI_Allreduce (f32 sum)",
+        )
+    }
+
     fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
         let len = values.len();
         let n = count(len, "start_all_reduce_sum")?;
         // Blocking and non-blocking sums agree under one name: MPI matches them in call order.
         self.agree(Agreement { operation: "all_reduce_sum", len, bad_peer: None, words: &[] }, None)?;
         let mut pending = PendingMpi {
-            _handle: Arc::clone(&self.handle),
+            handle: Arc::clone(&self.handle),
             request: unsafe { ffi::RSMPI_REQUEST_NULL },
             send: values,
-            recv: vec![0.0; len],
+            recv: self.handle.spare(len),
         };
         // SAFETY: both buffers hold `n` f32, are owned by `pending` (heap allocations that do not
         // move when it does) and stay alive until the request completes (in `wait` or `drop`).
@@ -634,7 +683,7 @@ impl Communicator for MpiComm {
         let mut sub: ffi::MPI_Comm = unsafe { ffi::RSMPI_COMM_NULL };
         // SAFETY: the communicator is valid; every rank calls MPI_Comm_split at this point.
         check(unsafe { ffi::MPI_Comm_split(self.handle.comm, color, self.rank as c_int, &mut sub) }, "MPI_Comm_split")?;
-        let mut group = Self::wrap(Handle { comm: sub, universe: None })?;
+        let mut group = Self::wrap(Handle::new(sub, None))?;
         group.check_lengths = self.check_lengths;
         Ok(Box::new(group))
     }

@@ -100,6 +100,13 @@ impl<C: Communicator> Communicator for RecordingComm<C> {
         });
         self.inner.all_reduce_sum(values)
     }
+    fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
+        self.note(|l| {
+            l.all_reduce += 1;
+            l.all_reduce_values += send.len() as u64;
+        });
+        self.inner.all_reduce_sum_into(send, recv)
+    }
     fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
         self.note(|l| {
             l.all_reduce += 1;
@@ -139,6 +146,50 @@ impl<C: Communicator> Communicator for RecordingComm<C> {
     fn barrier(&mut self) -> Result<(), CommError> {
         self.note(|l| l.barrier += 1);
         self.inner.barrier()
+    }
+}
+
+/// A rule that merges only through its two phases, `begin` then `finish` (the provided
+/// [`MergeRule::merge`] is not overridden), to check that a rule's own blocking `merge` gives
+/// the same bits as its phases.
+pub struct TwoPhase<R>(pub R);
+
+impl<R: MergeRule> MergeRule for TwoPhase<R> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn validate(&self, world_size: usize) -> Result<(), RuleError> {
+        self.0.validate(world_size)
+    }
+    fn start(&mut self, initial: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        self.0.start(initial, ctx, comm)
+    }
+    fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        self.0.begin(params, ctx, comm)
+    }
+    fn finish(
+        &mut self,
+        params: &mut [f32],
+        ctx: &SyncContext,
+        comm: &mut dyn Communicator,
+    ) -> Result<MergeOutcome, RuleError> {
+        self.0.finish(params, ctx, comm)
+    }
+    fn record(&self) -> crate::state::StateRecord {
+        self.0.record()
+    }
+}
+
+/// Asserts that `make()`'s blocking [`MergeRule::merge`] and its two phases give the same bits
+/// on every worker.
+pub fn check_phases_match_merge<R: MergeRule + 'static>(m: usize, n: usize, make: impl Fn() -> R + Sync) {
+    let blocking = run_one_merge(m, n, |_| Box::new(make()));
+    let phased = run_one_merge(m, n, |_| Box::new(TwoPhase(make())));
+    for (a, b) in blocking.iter().zip(&phased) {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.params), bits(&b.params), "worker {}: merge and begin + finish differ", a.rank);
+        assert_eq!(a.outcome, b.outcome, "worker {}", a.rank);
+        assert!(a.error.is_none() && b.error.is_none());
     }
 }
 

@@ -334,6 +334,19 @@ impl Communicator for InProcessComm {
         self.collective("all_reduce_sum", payload, |deposits| sum_in_rank_order(rank, values, deposits))
     }
 
+    fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
+        if send.len() != recv.len() {
+            return Err(CommError::Backend(format!(
+                "all_reduce_sum_into needs buffers of one length, got {} and {}",
+                send.len(),
+                recv.len()
+            )));
+        }
+        let payload = Payload::F32(self.copy_of(send));
+        let rank = self.rank;
+        self.collective("all_reduce_sum", payload, |deposits| sum_in_rank_order(rank, recv, deposits))
+    }
+
     fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
         let len = values.len();
         // The caller's buffer is deposited as it is (no copy); the sum is written into a spare

@@ -170,6 +170,13 @@ impl<C: Communicator> Communicator for Metered<C> {
         Ok(())
     }
 
+    fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
+        self.inner.all_reduce_sum_into(send, recv)?;
+        let bytes = Traffic::ring_all_reduce(4 * send.len() as u64, self.world_size());
+        self.record(CollectiveKind::AllReduce, bytes, bytes);
+        Ok(())
+    }
+
     fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
         let bytes = Traffic::ring_all_reduce(4 * values.len() as u64, self.world_size());
         let pending = self.inner.start_all_reduce_sum(values)?;

@@ -7,7 +7,7 @@
 //!
 //! | operation | blocking | non-blocking | what travels |
 //! |---|---|---|---|
-//! | sum all-reduce of `f32` | [`Communicator::all_reduce_sum`] | [`Communicator::start_all_reduce_sum`] → [`PendingSum::wait`] | the buffer |
+//! | sum all-reduce of `f32` | [`Communicator::all_reduce_sum`], [`Communicator::all_reduce_sum_into`] | [`Communicator::start_all_reduce_sum`] → [`PendingSum::wait`] | the buffer |
 //! | sum of a few `f64` | [`Communicator::all_reduce_f64`] | | statistics, flags, losses |
 //! | broadcast of `f32` | [`Communicator::broadcast`] | | a root's buffer |
 //! | all-gather of bytes | [`Communicator::all_gather_bytes`] | | variable-size payloads (compressed messages) |
@@ -180,6 +180,13 @@ pub trait Communicator: Send {
         Ok(())
     }
 
+    /// Element-wise sum over workers of `send` into `recv` (same length). Every worker gets
+    /// bit-identical values. Saves the caller a copy when it must keep `send`.
+    fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
+        recv.copy_from_slice(send);
+        self.all_reduce_sum(recv)
+    }
+
     /// Starts an element-wise sum over workers of `values` and returns at once; the buffer comes
     /// back, holding the sum, from [`PendingSum::wait`].
     fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError>;
@@ -237,6 +244,9 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn all_reduce_sum(&mut self, values: &mut [f32]) -> Result<(), CommError> {
         (**self).all_reduce_sum(values)
+    }
+    fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
+        (**self).all_reduce_sum_into(send, recv)
     }
     fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
         (**self).start_all_reduce_sum(values)
