@@ -166,3 +166,53 @@ fn settings_are_checked_against_the_number_of_ranks() {
     let stderr = String::from_utf8_lossy(&four.stderr);
     assert!(stderr.contains("invalid value '0.5' for '--alpha'") && stderr.contains("m = 4 workers"), "{stderr}");
 }
+
+/// The mean training loss of each merge in a run's `syncs.csv`, with the merge's step and bytes.
+fn merges(run: &std::path::Path) -> Vec<(String, f64, String)> {
+    let text = std::fs::read_to_string(run.join("syncs.csv")).unwrap();
+    text.lines()
+        .skip(1)
+        .map(|line| {
+            let fields: Vec<&str> = line.split(',').collect();
+            (fields[1].to_string(), fields[5].parse().unwrap(), fields[8].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn new_rules_and_schedules_run_with_their_defaults_on_threads_and_ranks() {
+    if !mpirun_available() {
+        eprintln!("skipped: mpirun is not installed (apt-get install openmpi-bin libopenmpi-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = generated_cifar(dir.path(), 32);
+    let settings: [&[&str]; 3] = [&["--rule", "diloco"], &["--schedule", "adacomm"], &["--schedule", "qsr"]];
+    for (k, setting) in settings.into_iter().enumerate() {
+        let common =
+            ["train", "--batch-size", "8", "--max-steps", "16", "--verify", "false", "--data", data.to_str().unwrap()];
+        let threads = dir.path().join(format!("threads-{k}"));
+        let output = Command::new(env!("CARGO_BIN_EXE_coop"))
+            .args(common)
+            .args(setting)
+            .args(["--workers", "4", "--output", threads.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{setting:?}: {}", String::from_utf8_lossy(&output.stderr));
+        let ranks = dir.path().join(format!("ranks-{k}"));
+        let output = mpirun("4")
+            .args(common)
+            .args(setting)
+            .args(["--transport", "mpi", "--output", ranks.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{setting:?}: {}", String::from_utf8_lossy(&output.stderr));
+        let (a, b) = (merges(&threads), merges(&ranks));
+        assert!(!a.is_empty(), "{setting:?}: no merge in 16 steps");
+        assert_eq!(a.len(), b.len(), "{setting:?}: merges");
+        for ((step_a, loss_a, bytes_a), (step_b, loss_b, bytes_b)) in a.iter().zip(&b) {
+            assert_eq!((step_a, bytes_a), (step_b, bytes_b), "{setting:?}: merge steps and bytes");
+            assert!((loss_a - loss_b).abs() <= 1e-6 * loss_a.abs(), "{setting:?}: {loss_a} vs {loss_b}");
+        }
+    }
+}

@@ -286,3 +286,40 @@ fn a_corrupt_or_foreign_state_file_is_named() {
     assert!(message.contains("worker-1.coop.bin") && message.contains("momentum"), "{message}");
     std::fs::remove_dir_all(&config.output).unwrap();
 }
+
+#[test]
+fn an_outer_optimizer_with_an_adaptive_schedule_resumes_bit_identically() {
+    use burn_coop::rules::DiLoCoConfig;
+    use burn_coop::schedule::AdaCommConfig;
+    let setup = |name: &str| {
+        let mut config = config(name, RuleSpec::Diloco(DiLoCoConfig::default()));
+        config.schedule =
+            ScheduleSpec::Adacomm(AdaCommConfig { tau0: Some(4), interval: Some(4), adacomm_lr_aware: None });
+        config.checkpoint_every = 1;
+        config
+    };
+    let straight = setup("diloco-straight");
+    let reference = run(Synthetic::new(), &straight).unwrap();
+    let mut interrupted = setup("diloco-interrupted");
+    interrupted.max_steps = Some(8);
+    run(Synthetic::new(), &interrupted).unwrap();
+    let latest = latest_checkpoint(&interrupted.output).unwrap().unwrap();
+    let records = std::fs::read(latest.join("worker-0.coop.bin")).unwrap();
+    let file = burn_coop::state::StateFile::from_bytes(&records).unwrap();
+    assert_eq!(file.records["rule"].buffers["momentum"].len(), 42, "the outer momentum is saved");
+    assert!(file.records["schedule"].scalar("loss0").is_some(), "AdaComm's first-interval loss is saved");
+    interrupted.max_steps = None;
+    let resumed = Learner::new(Synthetic::new(), interrupted.clone(), vec![Device::flex()]).resume().run().unwrap();
+    for (a, b) in reference.workers.iter().zip(&resumed.workers) {
+        assert_eq!((a.steps, a.syncs), (b.steps, b.syncs));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.final_parameters), bits(&b.final_parameters), "worker {}", a.rank);
+    }
+    // Everything but the wall time: merges, losses, periods and bytes after the resume.
+    let without_wall = |path: PathBuf| -> Vec<String> {
+        lines(&path).into_iter().map(|l| l.rsplit_once(',').unwrap().0.to_string()).collect()
+    };
+    assert_eq!(without_wall(straight.output.join("syncs.csv")), without_wall(interrupted.output.join("syncs.csv")));
+    std::fs::remove_dir_all(&straight.output).unwrap();
+    std::fs::remove_dir_all(&interrupted.output).unwrap();
+}

@@ -1,12 +1,14 @@
 //! Merge rules: what happens to the workers' models at a synchronization step.
 //!
-//! Most rules are one mixing matrix `W` of Cooperative SGD applied through a [`Communicator`]:
+//! Most rules are one mixing matrix `W` of Cooperative SGD applied through a [`Communicator`]
+//! (an outer optimizer such as DiLoCo is not, but reduces to one in a special case):
 //!
 //! | rule | `W` | anchors | file | reference |
 //! |---|---|---|---|---|
 //! | [`Averaging`] (local SGD, FedAvg; synchronous SGD at τ = 1) | `J = 11ᵀ/m` | 0 | `averaging.rs` | Stich, ICLR 2019; McMahan et al., AISTATS 2017 |
 //! | [`Elastic`] (EASGD) | `[[(1−α)I, α1], [α1ᵀ, 1−mα]]` | 1 | `elastic.rs` | Zhang, Choromanska & LeCun, NeurIPS 2015 |
 //! | [`Gossip`] (decentralized periodic averaging; D-PSGD at τ = 1) | a topology's `W` | 0 | `gossip.rs` | Lian et al., NeurIPS 2017 |
+//! | [`DiLoCo`] (outer Nesterov momentum on `x_sync − x̄`; SlowMo) | none (`J` at `lr_outer = 1`, `β = 0`) | 0 (keeps `x_sync` and `u`) | `diloco.rs` | Douillard et al., arXiv 2311.08105; Wang et al., ICLR 2020 |
 //!
 //! A rule runs in two phases, [`MergeRule::begin`] (post the exchange) and
 //! [`MergeRule::finish`] (complete it and write this worker's merged model), so a rule may let
@@ -20,11 +22,13 @@
 //! table above; a row in the README's rule table.
 
 pub mod averaging;
+pub mod diloco;
 pub mod elastic;
 pub mod gossip;
 pub(crate) mod kernels;
 
 pub use averaging::{Averaging, AveragingConfig, SynchronousConfig};
+pub use diloco::{DiLoCo, DiLoCoConfig};
 pub use elastic::{Elastic, ElasticConfig};
 pub use gossip::{Gossip, GossipConfig};
 
@@ -47,6 +51,8 @@ crate::spec::registry! {
     Elastic(elastic: ElasticConfig),
     /// Gossip over a topology.
     Gossip(gossip: GossipConfig),
+    /// An outer optimizer (Nesterov momentum) on the averaged update (DiLoCo, SlowMo).
+    Diloco(diloco: DiLoCoConfig),
 }
 
 use serde::{Deserialize, Serialize};

@@ -12,10 +12,16 @@
 //! | schedule | period | file | reference |
 //! |---|---|---|---|
 //! | [`PeriodicSchedule`] (`fixed`) | τ, after `K` synchronous warm-up steps | `fixed.rs` | post-local SGD: Lin et al., ICLR 2020 |
+//! | [`AdaComm`] (`adacomm`) | `⌈sqrt(F_l/F_0)·τ_0⌉` every interval, from the mean training loss | `adacomm.rs` | Wang & Joshi, SysML 2019 |
+//! | [`Qsr`] (`qsr`) | `max(H_base, ⌊(α/η_t)²⌋)` per round | `qsr.rs` | Gu et al., ICLR 2024 |
 
+pub mod adacomm;
 pub mod fixed;
+pub mod qsr;
 
+pub use adacomm::{AdaComm, AdaCommConfig};
 pub use fixed::{FixedConfig, PeriodicSchedule};
+pub use qsr::{Qsr, QsrConfig};
 
 // The registry: one line per schedule (its `--schedule` name comes from its config's `NAME`).
 crate::spec::registry! {
@@ -30,6 +36,10 @@ crate::spec::registry! {
     dyn BuildSchedule;
     /// A fixed period τ, optionally after synchronous warm-up steps.
     Fixed(fixed: FixedConfig),
+    /// AdaComm: the period shrinks with the square root of the training loss.
+    Adacomm(adacomm: AdaCommConfig),
+    /// The Quadratic Synchronization Rule: the period grows as 1/η².
+    Qsr(qsr: QsrConfig),
 }
 
 use serde::{Deserialize, Serialize};
