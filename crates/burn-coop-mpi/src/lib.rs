@@ -427,13 +427,7 @@ impl Communicator for MpiComm {
     }
 
     fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
-        if send.len() != recv.len() {
-            return Err(CommError::Backend(format!(
-                "all_reduce_sum_into needs buffers of one length, got {} and {}",
-                send.len(),
-                recv.len()
-            )));
-        }
+        burn_coop::comm::check_same_length(send, recv)?;
         let n = count(send.len(), "all_reduce_sum_into")?;
         self.agree(Agreement { operation: "all_reduce_sum", len: send.len(), bad_peer: None, words: &[] }, None)?;
         // SAFETY: both buffers hold `n` f32 and do not overlap (one is shared, one exclusive).

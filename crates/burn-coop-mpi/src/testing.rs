@@ -1,5 +1,5 @@
 //! Deterministic training runs shared by the MPI test binaries and the in-process reference,
-//! so both sides execute identical code and only the transport differs.
+//! so both sides execute identical code and only the communicator differs.
 //!
 //! A [`Scenario`] trains the [`Tiny`] model (Linear(3→4) → BatchNorm(4) → Linear(4→2)) for
 //! [`STEPS`] local steps of SGD with momentum and merges every [`TAU`] steps. Parameters and

@@ -11,7 +11,7 @@ use crate::topology::TopologyError;
 /// Everything that can go wrong in cooperative training.
 ///
 /// Each variant wraps the error of the concept it comes from, so a caller can match on the
-/// family (`CoopError::Transport(_)`) or on the exact case.
+/// family (`CoopError::Comm(_)`) or on the exact case.
 #[derive(Debug, thiserror::Error)]
 pub enum CoopError {
     /// A topology could not be built.

@@ -38,7 +38,7 @@ pub struct LocalSgdState {
 ///
 /// Each call to [`LocalSgd::step`] applies the inner optimizer to this worker's model; on the
 /// steps the schedule selects, the merge rule then combines the workers' models through the
-/// transport. In the notation of Cooperative SGD, `X_{k+1} = (X_k − η G_k) W_k` with `W_k = I`
+/// communicator. In the notation of Cooperative SGD, `X_{k+1} = (X_k − η G_k) W_k` with `W_k = I`
 /// between merges.
 ///
 /// Swapping it into a training loop changes the optimizer's construction and adds a `?`:

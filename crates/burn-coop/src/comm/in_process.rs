@@ -335,13 +335,7 @@ impl Communicator for InProcessComm {
     }
 
     fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
-        if send.len() != recv.len() {
-            return Err(CommError::Backend(format!(
-                "all_reduce_sum_into needs buffers of one length, got {} and {}",
-                send.len(),
-                recv.len()
-            )));
-        }
+        super::check_same_length(send, recv)?;
         let payload = Payload::F32(self.copy_of(send));
         let rank = self.rank;
         self.collective("all_reduce_sum", payload, |deposits| sum_in_rank_order(rank, recv, deposits))

@@ -102,7 +102,7 @@ pub struct PendingSum {
     len: usize,
 }
 
-/// The transport-specific half of a [`PendingSum`] (implemented by communicators).
+/// The communicator-specific half of a [`PendingSum`] (implemented by communicators).
 pub trait PendingOp: Send {
     /// Whether the result is ready (never blocks).
     fn is_ready(&mut self) -> Result<bool, CommError>;
@@ -218,6 +218,20 @@ pub trait Communicator: Send {
 
     /// Blocks until every worker has called `barrier`.
     fn barrier(&mut self) -> Result<(), CommError>;
+}
+
+/// Checks that the two buffers of [`Communicator::all_reduce_sum_into`] have one length (for
+/// communicator implementations).
+pub fn check_same_length(send: &[f32], recv: &[f32]) -> Result<(), CommError> {
+    if send.len() == recv.len() {
+        Ok(())
+    } else {
+        Err(CommError::Backend(format!(
+            "all_reduce_sum_into needs buffers of one length, got {} and {}",
+            send.len(),
+            recv.len()
+        )))
+    }
 }
 
 /// Every peer's buffer from [`Communicator::exchange`], copied into `received` (one buffer per

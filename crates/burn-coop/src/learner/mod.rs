@@ -2,7 +2,7 @@
 //!
 //! [`Learner`] replicates a [`CoopTask`]'s model across a list of Burn devices (several replicas
 //! may share a device), runs [`run_worker`] on one thread per replica with an in-process
-//! transport, and returns a [`TrainingSummary`]. The same [`run_worker`] runs one-per-process
+//! communicator, and returns a [`TrainingSummary`]. The same [`run_worker`] runs one-per-process
 //! under MPI. Metrics go to the output folder as `metrics.jsonl`, `syncs.csv` and `epochs.csv`
 //! beside the resolved `learner.json`; checkpoints go to `checkpoints/` (see [`latest_checkpoint`]).
 

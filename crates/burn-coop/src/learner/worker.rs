@@ -1,4 +1,4 @@
-//! The worker loop: one replica's whole training run, written once for every transport.
+//! The worker loop: one replica's whole training run, written once for every communicator.
 //!
 //! The in-process learner runs it on one thread per replica; under MPI each rank runs it once.
 //! Every collective happens at the same step on every worker, so the loop is in lockstep by

@@ -177,11 +177,7 @@ impl MergeRule for DiLoCo {
     fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
         self.synced = record.take_buffer("synced");
         self.momentum = record.take_buffer("momentum").unwrap_or_default();
-        if !record.is_empty() {
-            let reason = format!("unexpected entries {:?} (diloco keeps `synced` and `momentum`)", record.keys());
-            return Err(RuleError::BadState { rule: "diloco", reason });
-        }
-        Ok(())
+        super::no_leftovers("diloco", &record, "`synced` and `momentum`")
     }
 }
 

@@ -226,11 +226,7 @@ impl MergeRule for Elastic {
 
     fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
         self.anchor = record.take_buffer("anchor");
-        if !record.is_empty() {
-            let reason = format!("unexpected entries {:?} (elastic keeps only `anchor`)", record.keys());
-            return Err(RuleError::BadState { rule: "elastic", reason });
-        }
-        Ok(())
+        super::no_leftovers("elastic", &record, "only `anchor`")
     }
 }
 

@@ -227,12 +227,7 @@ pub trait MergeRule: Send {
 
     /// Restores state produced by [`MergeRule::record`].
     fn load_record(&mut self, record: StateRecord) -> Result<(), RuleError> {
-        if record.is_empty() {
-            Ok(())
-        } else {
-            let reason = format!("this rule keeps no state but the record holds {:?}", record.keys());
-            Err(RuleError::BadState { rule: self.name(), reason })
-        }
+        no_leftovers(self.name(), &record, "no state")
     }
 }
 
@@ -288,6 +283,17 @@ impl<R: MergeRule + ?Sized> MergeRule for Box<R> {
     }
     fn load_record(&mut self, record: StateRecord) -> Result<(), RuleError> {
         (**self).load_record(record)
+    }
+}
+
+/// The error for a restored record that still holds entries after a rule took what it keeps
+/// (`keeps` names them, for the message).
+pub fn no_leftovers(rule: &'static str, record: &StateRecord, keeps: &str) -> Result<(), RuleError> {
+    if record.is_empty() {
+        Ok(())
+    } else {
+        let reason = format!("unexpected entries {:?} (the rule keeps {keeps})", record.keys());
+        Err(RuleError::BadState { rule, reason })
     }
 }
 
