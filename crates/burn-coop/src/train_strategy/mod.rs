@@ -143,7 +143,7 @@ impl LocalSgdStrategy {
     }
 
     /// Optimizer steps between merges with the fixed schedule (τ ≥ 1; 0 makes the training fail
-    /// with an error).
+    /// with an error). Replaces any other schedule by the fixed one.
     pub fn tau(self, tau: u64) -> Self {
         let warmup_steps = self.fixed().warmup_steps;
         Self { schedule: ScheduleSpec::Fixed(FixedConfig { tau: Some(tau), warmup_steps }), ..self }
@@ -159,6 +159,7 @@ impl LocalSgdStrategy {
     fn fixed(&self) -> FixedConfig {
         match &self.schedule {
             ScheduleSpec::Fixed(config) => config.clone(),
+            _ => FixedConfig::default(),
         }
     }
 
