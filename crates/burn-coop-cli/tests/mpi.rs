@@ -187,7 +187,8 @@ fn new_rules_and_schedules_run_with_their_defaults_on_threads_and_ranks() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = generated_cifar(dir.path(), 32);
-    let settings: [&[&str]; 3] = [&["--rule", "diloco"], &["--schedule", "adacomm"], &["--schedule", "qsr"]];
+    let settings: [&[&str]; 4] =
+        [&["--rule", "diloco"], &["--rule", "hierarchical"], &["--schedule", "adacomm"], &["--schedule", "qsr"]];
     for (k, setting) in settings.into_iter().enumerate() {
         let common =
             ["train", "--batch-size", "8", "--max-steps", "16", "--verify", "false", "--data", data.to_str().unwrap()];

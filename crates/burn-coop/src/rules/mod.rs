@@ -8,6 +8,7 @@
 //! | [`Averaging`] (local SGD, FedAvg; synchronous SGD at τ = 1) | `J = 11ᵀ/m` | 0 | `averaging.rs` | Stich, ICLR 2019; McMahan et al., AISTATS 2017 |
 //! | [`Elastic`] (EASGD) | `[[(1−α)I, α1], [α1ᵀ, 1−mα]]` | 1 | `elastic.rs` | Zhang, Choromanska & LeCun, NeurIPS 2015 |
 //! | [`Gossip`] (decentralized periodic averaging; D-PSGD at τ = 1) | a topology's `W` | 0 | `gossip.rs` | Lian et al., NeurIPS 2017 |
+//! | [`Hierarchical`] (groups every merge, everyone every `k`-th) | `diag(J_{m/G}, …)`, then `J` | 0 | `hierarchical.rs` | Lin et al., ICLR 2020; PyTorch's `HierarchicalModelAverager` |
 //! | [`DiLoCo`] (outer Nesterov momentum on `x_sync − x̄`; SlowMo) | none (`J` at `lr_outer = 1`, `β = 0`) | 0 (keeps `x_sync` and `u`) | `diloco.rs` | Douillard et al., arXiv 2311.08105; Wang et al., ICLR 2020 |
 //!
 //! A rule runs in two phases, [`MergeRule::begin`] (post the exchange) and
@@ -25,12 +26,14 @@ pub mod averaging;
 pub mod diloco;
 pub mod elastic;
 pub mod gossip;
+pub mod hierarchical;
 pub(crate) mod kernels;
 
 pub use averaging::{Averaging, AveragingConfig, SynchronousConfig};
 pub use diloco::{DiLoCo, DiLoCoConfig};
 pub use elastic::{Elastic, ElasticConfig};
 pub use gossip::{Gossip, GossipConfig};
+pub use hierarchical::{Hierarchical, HierarchicalConfig};
 
 // The registry: one line per rule (its `--rule` name comes from its config's `NAME`).
 crate::spec::registry! {
@@ -53,6 +56,8 @@ crate::spec::registry! {
     Gossip(gossip: GossipConfig),
     /// An outer optimizer (Nesterov momentum) on the averaged update (DiLoCo, SlowMo).
     Diloco(diloco: DiLoCoConfig),
+    /// Averaging within groups every merge and across all workers every k-th merge.
+    Hierarchical(hierarchical: HierarchicalConfig),
 }
 
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,217 @@
+//! Two-level averaging: within groups every merge, across all workers every `k`-th merge.
+//!
+//! Workers `0..m` form `G` groups of `m/G` consecutive ranks (a group is typically one machine:
+//! with `mpirun --map-by ppr:4:node` ranks on a node are consecutive). At merge number `r`
+//! (counted from 1) with period τ:
+//!
+//! - if `k` divides `r` (every `k·τ` steps): `x_i ← (1/m) Σ_j x_j`, the global average;
+//! - otherwise (every τ steps): `x_i ← (1/|g|) Σ_{j ∈ g(i)} x_j`, the average of `i`'s group.
+//!
+//! On a merge that is both, only the global average runs, as in PyTorch's
+//! `HierarchicalModelAverager` (`torch.distributed.algorithms.model_averaging.hierarchical_model_averager`);
+//! as a Cooperative SGD matrix the group merges are the block-diagonal `W = diag(J_{m/G}, …)` and
+//! the global ones `J` (Wang & Joshi, "Cooperative SGD", JMLR 2021; hierarchical local SGD: Lin
+//! et al., ICLR 2020). The groups are sub-communicators split by colour (over MPI,
+//! `MPI_Comm_split`), made at the first merge on every worker (also after a resume), so a group
+//! merge moves data only inside the group. With one group every merge is a global average; with
+//! `G = m` a group merge leaves every worker alone, so the rule is averaging every `k·τ` steps.
+//! Each worker's distance to the global mean is measured on global merges (for free, as
+//! averaging does); group merges report none.
+
+use serde::{Deserialize, Serialize};
+
+use super::kernels::replace_by_mean;
+use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
+use crate::comm::Communicator;
+use crate::spec::{RuleConfig, SpecError};
+
+/// `--rule hierarchical`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HierarchicalConfig {
+    /// Number of groups G, dividing the number of workers (default 2).
+    #[arg(long, value_parser = crate::spec::at_least_one)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<u64>,
+    /// Average across all workers every k-th merge (k ≥ 1; default 4).
+    #[arg(long, value_parser = crate::spec::at_least_one)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global_every: Option<u64>,
+}
+
+impl RuleConfig for HierarchicalConfig {
+    const NAME: &'static str = "hierarchical";
+
+    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+        let groups = self.groups.unwrap_or(2) as usize;
+        let every = self.global_every.unwrap_or(4);
+        if groups == 0 || world_size % groups != 0 {
+            let reason = format!("{groups} groups do not divide {world_size} workers into groups of equal size");
+            return Err(SpecError::new("groups", groups.to_string(), reason));
+        }
+        if every == 0 {
+            return Err(SpecError::new("global-every", "0", "the global average needs a period of at least 1 merge"));
+        }
+        Ok(Box::new(Hierarchical::new(groups, every)))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "hierarchical averaging, {} groups, global every {} merges",
+            self.groups.unwrap_or(2),
+            self.global_every.unwrap_or(4)
+        )
+    }
+
+    fn run_tag(&self) -> String {
+        format!("hierarchical-g{}-k{}", self.groups.unwrap_or(2), self.global_every.unwrap_or(4))
+    }
+
+    fn resolved(&self) -> Self {
+        Self { groups: Some(self.groups.unwrap_or(2)), global_every: Some(self.global_every.unwrap_or(4)) }
+    }
+}
+
+/// Two-level averaging; see the [module documentation](crate::rules::hierarchical).
+pub struct Hierarchical {
+    groups: usize,
+    global_every: u64,
+    group: Option<Box<dyn Communicator>>,
+    sum: Vec<f32>,
+    global: bool,
+}
+
+impl std::fmt::Debug for Hierarchical {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hierarchical")
+            .field("groups", &self.groups)
+            .field("global_every", &self.global_every)
+            .field("split", &self.group.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hierarchical {
+    /// `groups` groups of consecutive ranks, a global average every `global_every` merges.
+    pub fn new(groups: usize, global_every: u64) -> Self {
+        Self { groups, global_every, group: None, sum: Vec::new(), global: false }
+    }
+
+    /// The merge's level; splits the group communicator on the first merge.
+    fn prepare(&mut self, ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        if self.group.is_none() {
+            let size = ctx.world_size / self.groups;
+            self.group = Some(comm.split(ctx.rank / size)?);
+        }
+        self.global = (ctx.round + 1).is_multiple_of(self.global_every);
+        Ok(())
+    }
+}
+
+impl MergeRule for Hierarchical {
+    fn name(&self) -> &'static str {
+        "hierarchical"
+    }
+
+    fn validate(&self, world_size: usize) -> Result<(), RuleError> {
+        if self.groups > 0 && world_size.is_multiple_of(self.groups) && self.global_every > 0 {
+            Ok(())
+        } else {
+            let reason =
+                format!("{} groups, global every {} merges, for {world_size} workers", self.groups, self.global_every);
+            Err(RuleError::BadState { rule: "hierarchical", reason })
+        }
+    }
+
+    fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        self.prepare(ctx, comm)?;
+        self.sum.resize(params.len(), 0.0);
+        let level: &mut dyn Communicator =
+            if self.global { comm } else { self.group.as_mut().expect("split").as_mut() };
+        level.all_reduce_sum_into(params, &mut self.sum)?;
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        params: &mut [f32],
+        ctx: &SyncContext,
+        _comm: &mut dyn Communicator,
+    ) -> Result<MergeOutcome, RuleError> {
+        let group = self.group.as_ref().ok_or(RuleError::NotBegun { rule: "hierarchical" })?;
+        let members = if self.global { ctx.world_size } else { group.world_size() };
+        let local = replace_by_mean(params, &self.sum, members);
+        Ok(MergeOutcome { local_squared_distance: self.global.then_some(local) })
+    }
+
+    fn measures_consensus(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::InProcessGroup;
+    use crate::launch::run_group;
+    use crate::rules::Averaging;
+    use crate::schedule::PeriodicSchedule;
+    use crate::sync::Synchronizer;
+    use crate::testing::worker_buffer;
+
+    /// Every worker's buffer after each of `merges` merges of `rule()` (the buffer moved a little
+    /// before each merge, as local steps would).
+    fn trajectories(m: usize, merges: usize, rule: impl Fn() -> Box<dyn MergeRule> + Sync) -> Vec<Vec<Vec<u32>>> {
+        let comms = InProcessGroup::new(m).into_communicators();
+        run_group(comms, |rank, comm| -> Result<_, crate::CoopError> {
+            let mut sync = Synchronizer::new(rule(), PeriodicSchedule::every(1).unwrap(), comm)?;
+            let mut params = worker_buffer(rank, 41);
+            let mut states = Vec::new();
+            for round in 0..merges {
+                params.iter_mut().enumerate().for_each(|(k, v)| *v += worker_buffer(rank + round, 41)[k] * 0.1);
+                sync.merge_flat(&mut params)?;
+                states.push(params.iter().map(|v| v.to_bits()).collect());
+            }
+            Ok(states)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn one_group_is_averaging_bit_for_bit() {
+        let hierarchical =
+            trajectories(4, 5, || HierarchicalConfig { groups: Some(1), global_every: Some(3) }.build(4).unwrap());
+        let averaging = trajectories(4, 5, || Box::new(Averaging::new()));
+        assert_eq!(hierarchical, averaging);
+    }
+
+    #[test]
+    fn one_worker_per_group_is_averaging_every_k_merges() {
+        let states =
+            trajectories(4, 4, || HierarchicalConfig { groups: Some(4), global_every: Some(2) }.build(4).unwrap());
+        for round in 0..4 {
+            let equal = states.windows(2).all(|w| w[0][round] == w[1][round]);
+            assert_eq!(equal, round % 2 == 1, "merge {}: everyone equal only on global merges", round + 1);
+        }
+    }
+
+    #[test]
+    fn group_merges_average_within_groups_only() {
+        let states =
+            trajectories(4, 3, || HierarchicalConfig { groups: Some(2), global_every: Some(3) }.build(4).unwrap());
+        for round in [0, 1] {
+            assert_eq!(states[0][round], states[1][round]);
+            assert_eq!(states[2][round], states[3][round]);
+            assert_ne!(states[0][round], states[2][round]);
+        }
+        assert!(states.windows(2).all(|w| w[0][2] == w[1][2]), "the third merge is global");
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let error = HierarchicalConfig { groups: Some(3), global_every: None }.build(4).err().unwrap();
+        assert_eq!(error.option, "groups");
+        let error = HierarchicalConfig { groups: Some(2), global_every: Some(0) }.build(4).err().unwrap();
+        assert_eq!(error.option, "global-every");
+    }
+}
