@@ -45,7 +45,7 @@ impl RuleConfig for HierarchicalConfig {
     fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
         let groups = self.groups.unwrap_or(2) as usize;
         let every = self.global_every.unwrap_or(4);
-        if groups == 0 || world_size % groups != 0 {
+        if groups == 0 || !world_size.is_multiple_of(groups) {
             let reason = format!("{groups} groups do not divide {world_size} workers into groups of equal size");
             return Err(SpecError::new("groups", groups.to_string(), reason));
         }
