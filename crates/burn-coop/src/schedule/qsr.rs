@@ -8,7 +8,9 @@
 //!
 //! with `η_t` the learning rate of that step. Early in training, while `η` is large, the workers
 //! merge every `H_base` steps; as `η` decays they merge less and less often (`H ∝ 1/η²`), which
-//! the paper shows both saves communication and improves generalization. `α` is a per-task
+//! the paper shows both saves communication and improves generalization. The rule is meant for
+//! a decaying rate: while the rate is still rising (a warm-up, and the first round), `H = H_base`,
+//! since a small warm-up rate would otherwise give the longest periods at the very start. `α` is a per-task
 //! constant: the paper tunes it so that `(α/η_peak)² ≤ H_base`; the default `α = 0.2` fits this
 //! project's CIFAR-10 recipe (peak `η = 0.2`, so `H = H_base` at the peak, 100 steps at
 //! `η = 0.02`). A learning rate of 0 gives the largest period there is (no more merges until the
@@ -72,6 +74,8 @@ pub struct Qsr {
     alpha: f64,
     /// The period of the round in progress (0 before the first step).
     period: u64,
+    /// The learning rate at the start of the previous round (0 before the first).
+    last_lr: f64,
 }
 
 impl Qsr {
@@ -83,7 +87,7 @@ impl Qsr {
         if !(alpha.is_finite() && alpha > 0.0) {
             return Err(SpecError::new("qsr-alpha", alpha.to_string(), "QSR's α must be a positive number"));
         }
-        Ok(Self { h_base, alpha, period: 0 })
+        Ok(Self { h_base, alpha, period: 0, last_lr: 0.0 })
     }
 
     /// `max(H_base, ⌊(α/η)²⌋)`; `η = 0` gives `u64::MAX`.
@@ -101,7 +105,18 @@ impl SyncSchedule for Qsr {
 
     fn is_sync_step(&mut self, signal: &ScheduleSignal) -> bool {
         if signal.steps_since_sync == 1 || self.period == 0 {
-            self.period = signal.lr.map_or(self.h_base, |lr| self.period_for(lr.abs()));
+            self.period = match signal.lr.map(f64::abs) {
+                // The first round, and every round while the rate is still rising (a warm-up).
+                Some(lr) if lr > self.last_lr => {
+                    self.last_lr = lr;
+                    self.h_base
+                }
+                Some(lr) => {
+                    self.last_lr = lr;
+                    self.period_for(lr)
+                }
+                None => self.h_base,
+            };
         }
         signal.steps_since_sync >= self.period
     }
@@ -111,18 +126,19 @@ impl SyncSchedule for Qsr {
     }
 
     fn record(&self) -> StateRecord {
-        StateRecord::new().with_scalar("period", self.period as f64)
+        StateRecord::new().with_scalar("period", self.period as f64).with_scalar("last_lr", self.last_lr)
     }
 
     fn load_record(&mut self, record: StateRecord) -> Result<(), super::ScheduleError> {
-        match (record.scalar("period"), record.keys().len()) {
-            (Some(period), 1) if period >= 0.0 => {
+        match (record.scalar("period"), record.scalar("last_lr"), record.keys().len()) {
+            (Some(period), Some(last_lr), 2) if period >= 0.0 && last_lr >= 0.0 => {
                 self.period = period as u64;
+                self.last_lr = last_lr;
                 Ok(())
             }
             _ => Err(super::ScheduleError::BadState {
                 schedule: "qsr",
-                reason: format!("expected one scalar `period`, got {:?}", record.keys()),
+                reason: format!("expected the scalars `period` and `last_lr`, got {:?}", record.keys()),
             }),
         }
     }
@@ -167,6 +183,16 @@ mod tests {
     }
 
     #[test]
+    fn a_rising_rate_keeps_the_base_period() {
+        // A warm-up from 0.02 to 0.2 over 20 steps, then 0.05 from step 21: the small warm-up
+        // rates would give periods of up to 100, but while the rate rises H = H_base (rounds
+        // starting at 1, 5, …, 17); the round starting at step 21 sees 0.05: H = 16.
+        let mut qsr = Qsr::new(4, 0.2).unwrap();
+        let lr = |step: u64| if step <= 20 { 0.02 + 0.18 * step as f64 / 20.0 } else { 0.05 };
+        assert_eq!(merges(&mut qsr, lr, 60), vec![4, 8, 12, 16, 20, 36, 52]);
+    }
+
+    #[test]
     fn a_constant_large_rate_is_the_fixed_schedule() {
         let mut qsr = Qsr::new(3, 0.1).unwrap();
         let fixed = crate::schedule::PeriodicSchedule::every(3).unwrap();
@@ -180,6 +206,7 @@ mod tests {
         assert_eq!(Qsr::new(4, -1.0).unwrap_err().option, "qsr-alpha");
         let mut qsr = Qsr::new(4, 0.2).unwrap();
         qsr.period = 16;
+        qsr.last_lr = 0.05;
         let mut back = Qsr::new(4, 0.2).unwrap();
         back.load_record(qsr.record()).unwrap();
         assert_eq!(back, qsr);
