@@ -190,19 +190,23 @@ fn new_rules_and_schedules_run_with_their_defaults_on_threads_and_ranks() {
     let settings: [&[&str]; 4] =
         [&["--rule", "diloco"], &["--rule", "hierarchical"], &["--schedule", "adacomm"], &["--schedule", "qsr"]];
     for (k, setting) in settings.into_iter().enumerate() {
-        let common =
-            ["train", "--batch-size", "8", "--max-steps", "16", "--verify", "false", "--data", data.to_str().unwrap()];
+        // Two ranks: a sum of two values does not depend on the order MPI adds them in, so the
+        // runs must agree to the bit (with four, MPI's order differs from the rank order of the
+        // threads, and this tiny BatchNorm model on generated data amplifies the last bit of a
+        // merge to 1e-3 within a few steps, for plain averaging too).
+        let common = ["train", "--batch-size", "8", "--max-steps", "16", "--lr", "0.02", "--verify", "false"];
+        let common = [&common[..], &["--data", data.to_str().unwrap()]].concat();
         let threads = dir.path().join(format!("threads-{k}"));
         let output = Command::new(env!("CARGO_BIN_EXE_coop"))
-            .args(common)
+            .args(&common)
             .args(setting)
-            .args(["--workers", "4", "--output", threads.to_str().unwrap()])
+            .args(["--workers", "2", "--output", threads.to_str().unwrap()])
             .output()
             .unwrap();
         assert!(output.status.success(), "{setting:?}: {}", String::from_utf8_lossy(&output.stderr));
         let ranks = dir.path().join(format!("ranks-{k}"));
-        let output = mpirun("4")
-            .args(common)
+        let output = mpirun("2")
+            .args(&common)
             .args(setting)
             .args(["--transport", "mpi", "--output", ranks.to_str().unwrap()])
             .output()
@@ -213,7 +217,7 @@ fn new_rules_and_schedules_run_with_their_defaults_on_threads_and_ranks() {
         assert_eq!(a.len(), b.len(), "{setting:?}: merges");
         for ((step_a, loss_a, bytes_a), (step_b, loss_b, bytes_b)) in a.iter().zip(&b) {
             assert_eq!((step_a, bytes_a), (step_b, bytes_b), "{setting:?}: merge steps and bytes");
-            assert!((loss_a - loss_b).abs() <= 1e-6 * loss_a.abs(), "{setting:?}: {loss_a} vs {loss_b}");
+            assert_eq!(loss_a.to_bits(), loss_b.to_bits(), "{setting:?}: {loss_a} vs {loss_b}");
         }
     }
 }
