@@ -28,7 +28,7 @@
 //! | [`Communicator::all_reduce_f64`] | up to 16 values: carried by the agreement and summed in rank order; more: `MPI_Allreduce(MPI_SUM)` on `f64` |
 //! | [`Communicator::broadcast`] | `MPI_Bcast` |
 //! | [`Communicator::all_gather_bytes`] | lengths from the agreement, then `MPI_Allgatherv` |
-//! | [`Communicator::exchange`] | one `MPI_Irecv` and one `MPI_Isend` of the whole buffer per peer, then `MPI_Waitall` |
+//! | [`Communicator::exchange`], [`Communicator::exchange_directed`] | one `MPI_Irecv` of the whole buffer per rank received from, one `MPI_Isend` per rank sent to, then `MPI_Waitall` |
 //! | [`Communicator::split`] | `MPI_Comm_split` (key: the rank here) |
 //! | [`Communicator::barrier`] | `MPI_Barrier` |
 //!
@@ -36,7 +36,7 @@
 //! `MPI_ERRORS_RETURN` set, so MPI failures come back as [`CommError::Backend`] and its
 //! messages never mix with the application's own MPI traffic. Before each collective the ranks
 //! exchange a small record (one `MPI_Allgather`): the operation, the buffer length, a bad peer,
-//! the peers as a bit set (worlds of up to 1024 ranks) and small payloads, so calls that
+//! the peers sent to and received from as bit sets (worlds of up to 512 ranks) and small payloads, so calls that
 //! diverge, mismatched buffers and invalid or one-sided neighbours are reported as
 //! [`CommError::OperationMismatch`], [`CommError::LengthMismatch`] and
 //! [`CommError::BadNeighbor`] on every rank instead of corrupting memory or hanging; turn it
@@ -76,8 +76,8 @@ const EXCHANGE_TAG: c_int = 0x6d78;
 const PIGGYBACK: usize = 16;
 /// Words each rank contributes to the agreement: operation, length, bad peer + 1, payload.
 const RECORD: usize = 3 + PIGGYBACK;
-/// Peer sets fit in the payload words for worlds up to this size.
-const PEER_BITS: usize = 64 * PIGGYBACK;
+/// The two peer sets of an exchange fit in the payload words for worlds up to this size.
+const PEER_BITS: usize = 64 * PIGGYBACK / 2;
 
 /// Operations, as numbered in the agreement.
 const OPERATIONS: [&str; 6] =
@@ -283,9 +283,10 @@ impl MpiComm {
     }
 
     /// Exchanges each rank's [`Agreement`] and turns any disagreement into the same error on
-    /// every rank. Every rank's words are left in `self.records`. `peers`: check only these
-    /// ranks' lengths (and that they name this rank back).
-    fn agree(&mut self, mine: Agreement<'_>, peers: Option<&[usize]>) -> Result<(), CommError> {
+    /// every rank. Every rank's words are left in `self.records`. `peers` (`send_to`,
+    /// `receive_from`, also as bit sets in the words): check only the lengths of the ranks this
+    /// one receives from, and that every rank's sends match the receives of the others.
+    fn agree(&mut self, mine: Agreement<'_>, peers: Option<(&[usize], &[usize])>) -> Result<(), CommError> {
         if !self.check_lengths {
             return match mine.bad_peer {
                 Some(neighbor) => {
@@ -333,16 +334,28 @@ impl MpiComm {
         }
         let mismatch = match peers {
             None => self.records.iter().position(|e| e[1] != mine.len as u64),
-            Some(peers) => peers.iter().copied().find(|&j| self.records[j][1] != mine.len as u64),
+            Some((_, receive_from)) => receive_from.iter().copied().find(|&j| self.records[j][1] != mine.len as u64),
         };
         if let Some(other_rank) = mismatch {
             let other_len = self.records[other_rank][1] as usize;
             return Err(CommError::LengthMismatch { rank: self.rank, len: mine.len, other_rank, other_len });
         }
-        if let Some(peers) = peers.filter(|_| self.world_size <= PEER_BITS) {
-            let names_me = |j: usize| self.records[j][3 + self.rank / 64] & (1 << (self.rank % 64)) != 0;
-            if let Some(neighbor) = peers.iter().copied().find(|&j| !names_me(j)) {
-                return Err(CommError::BadNeighbor { rank: self.rank, neighbor, world_size: self.world_size });
+        if peers.is_some() && self.world_size <= PEER_BITS {
+            // Every rank decodes every rank's two peer sets and runs the same check, so a
+            // mismatch is the same error everywhere and nobody posts a receive that no send meets.
+            let half = PIGGYBACK / 2;
+            let decode = |words: &[u64]| -> Vec<usize> {
+                (0..self.world_size).filter(|&j| words[j / 64] & (1 << (j % 64)) != 0).collect()
+            };
+            let lists: Vec<(Vec<usize>, Vec<usize>)> = self
+                .records
+                .iter()
+                .map(|r| (decode(&r[3..3 + half]), decode(&r[3 + half..3 + PIGGYBACK])))
+                .collect();
+            if let Some((rank, neighbor)) = burn_coop::comm::first_bad_neighbor(self.world_size, |i| {
+                (lists[i].0.as_slice(), lists[i].1.as_slice())
+            }) {
+                return Err(CommError::BadNeighbor { rank, neighbor, world_size: self.world_size });
             }
         }
         Ok(())
@@ -598,33 +611,39 @@ impl Communicator for MpiComm {
             .collect())
     }
 
-    fn exchange(
+    fn exchange_directed(
         &mut self,
         send: &[f32],
-        peers: &[usize],
+        send_to: &[usize],
+        receive_from: &[usize],
         receive: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), CommError> {
         let n = count(send.len(), "exchange")?;
-        let bad = peers.iter().copied().find(|&j| j >= self.world_size || j == self.rank);
+        let bad = send_to.iter().chain(receive_from).copied().find(|&j| j >= self.world_size || j == self.rank);
         let mut words = [0u64; PIGGYBACK];
         if self.world_size <= PEER_BITS {
-            for &j in peers.iter().filter(|&&j| j < self.world_size) {
-                words[j / 64] |= 1 << (j % 64);
+            let half = PIGGYBACK / 2;
+            for (offset, list) in [(0, send_to), (half, receive_from)] {
+                for &j in list.iter().filter(|&&j| j < self.world_size) {
+                    words[offset + j / 64] |= 1 << (j % 64);
+                }
             }
         }
-        self.agree(Agreement { operation: "exchange", len: send.len(), bad_peer: bad, words: &words }, Some(peers))?;
+        let peers = Some((send_to, receive_from));
+        self.agree(Agreement { operation: "exchange", len: send.len(), bad_peer: bad, words: &words }, peers)?;
 
         let mut received = std::mem::take(&mut self.neighbor_buffers);
-        received.resize_with(peers.len().max(received.len()), Vec::new);
-        received.iter_mut().take(peers.len()).for_each(|b| b.resize(send.len(), 0.0));
+        received.resize_with(receive_from.len().max(received.len()), Vec::new);
+        received.iter_mut().take(receive_from.len()).for_each(|b| b.resize(send.len(), 0.0));
         let null = unsafe { ffi::RSMPI_REQUEST_NULL };
-        let mut requests = vec![null; 2 * peers.len()];
+        let mut requests = vec![null; receive_from.len() + send_to.len()];
+        let (receives, sends) = requests.split_at_mut(receive_from.len());
         let mut posted = Ok(());
-        for (k, (&j, buffer)) in peers.iter().zip(received.iter_mut()).enumerate() {
+        for ((&j, buffer), request) in receive_from.iter().zip(received.iter_mut()).zip(receives) {
             // SAFETY: every buffer outlives the requests, which are all completed by the
-            // MPI_Waitall below before the buffers are read or `send` is released.
-            posted = unsafe {
-                check(
+            // MPI_Waitall below before the buffers are read.
+            posted = check(
+                unsafe {
                     ffi::MPI_Irecv(
                         buffer.as_mut_ptr().cast::<c_void>(),
                         n,
@@ -632,28 +651,34 @@ impl Communicator for MpiComm {
                         j as c_int,
                         EXCHANGE_TAG,
                         self.handle.comm,
-                        &mut requests[2 * k],
-                    ),
-                    "MPI_Irecv (neighbour buffer)",
-                )
-                .and_then(|()| {
-                    check(
-                        ffi::MPI_Isend(
-                            send.as_ptr().cast::<c_void>(),
-                            n,
-                            ffi::RSMPI_FLOAT,
-                            j as c_int,
-                            EXCHANGE_TAG,
-                            self.handle.comm,
-                            &mut requests[2 * k + 1],
-                        ),
-                        "MPI_Isend (neighbour buffer)",
+                        request,
                     )
-                })
-            };
+                },
+                "MPI_Irecv (neighbour buffer)",
+            );
             if posted.is_err() {
                 break;
             }
+        }
+        for (&j, request) in send_to.iter().zip(sends) {
+            if posted.is_err() {
+                break;
+            }
+            // SAFETY: `send` outlives the requests, completed by the MPI_Waitall below.
+            posted = check(
+                unsafe {
+                    ffi::MPI_Isend(
+                        send.as_ptr().cast::<c_void>(),
+                        n,
+                        ffi::RSMPI_FLOAT,
+                        j as c_int,
+                        EXCHANGE_TAG,
+                        self.handle.comm,
+                        request,
+                    )
+                },
+                "MPI_Isend (neighbour buffer)",
+            );
         }
         // SAFETY: `requests` holds valid or null requests; null ones complete at once.
         let waited = check(
@@ -662,7 +687,7 @@ impl Communicator for MpiComm {
         );
         let result = posted.and(waited);
         if result.is_ok() {
-            for (k, buffer) in received.iter().take(peers.len()).enumerate() {
+            for (k, buffer) in received.iter().take(receive_from.len()).enumerate() {
                 receive(k, buffer);
             }
         }

@@ -479,10 +479,10 @@ mod tests {
 
     #[test]
     fn flags_override_and_foreign_flags_are_errors() {
-        let mut spec = RuleSpec::Elastic(ElasticConfig { alpha: Some(0.1) });
+        let mut spec = RuleSpec::Elastic(ElasticConfig { alpha: Some(0.1), anchors: None });
         let cli = Cli::parse_from(["coop", "--alpha", "0.2"]);
         cli.rule.apply(&mut spec).unwrap();
-        assert_eq!(spec, RuleSpec::Elastic(ElasticConfig { alpha: Some(0.2) }));
+        assert_eq!(spec, RuleSpec::Elastic(ElasticConfig { alpha: Some(0.2), anchors: None }));
 
         let cli = Cli::parse_from(["coop", "--rule", "gossip", "--topology", "exponential"]);
         cli.rule.apply(&mut spec).unwrap();
@@ -504,7 +504,7 @@ mod tests {
 
     #[test]
     fn building_checks_settings_against_the_real_number_of_workers() {
-        let elastic = RuleSpec::Elastic(ElasticConfig { alpha: Some(0.5) });
+        let elastic = RuleSpec::Elastic(ElasticConfig { alpha: Some(0.5), anchors: None });
         assert!(elastic.build(2).is_ok(), "α = 0.5 < 2/3 for two workers");
         let error = elastic.build(4).err().unwrap();
         assert_eq!(
@@ -526,7 +526,7 @@ mod tests {
         let torus =
             |weights| RuleSpec::Gossip(GossipConfig { topology: Some(TopologySpec::Torus), weights: Some(weights) });
         assert_eq!(torus(WeightRule::MetropolisHastings).build(6).unwrap().name(), "gossip");
-        assert!(RuleSpec::Elastic(ElasticConfig { alpha: Some(0.9) }).build(4).is_err());
+        assert!(RuleSpec::Elastic(ElasticConfig { alpha: Some(0.9), anchors: None }).build(4).is_err());
         let error = torus(WeightRule::BestConstant).build(7).err().unwrap();
         assert!(error.reason.contains("7 workers cannot form a 2-D torus"), "{error}");
         let tau8 = ScheduleSpec::Fixed(FixedConfig { tau: Some(8), warmup_steps: None });

@@ -60,6 +60,9 @@ pub struct SyncReport {
     pub bytes_received: u64,
     /// Bytes this worker sent only to measure the consensus distance.
     pub consensus_bytes_sent: u64,
+    /// Of `bytes_sent`, those sent inside sub-groups (the group level of hierarchical
+    /// averaging); the rest crossed the whole group.
+    pub subgroup_bytes_sent: u64,
     /// Mean training loss over workers since the previous merge, when the schedule asked for it.
     pub mean_loss: Option<f64>,
 }
@@ -76,6 +79,9 @@ pub struct CoopStats {
     pub traffic: Traffic,
     /// Bytes spent only on measuring the consensus distance.
     pub consensus_traffic: Traffic,
+    /// Of `traffic`, the bytes that moved inside sub-groups (hierarchical averaging's groups).
+    #[serde(default)]
+    pub subgroup_traffic: Traffic,
     /// Consensus distance measured at the last merge.
     pub last_consensus_distance: Option<f64>,
 }
@@ -397,6 +403,8 @@ impl Synchronizer {
         stats.syncs += 1;
         stats.traffic.add(merge_traffic);
         stats.consensus_traffic.add(consensus_traffic);
+        let subgroup_traffic = end.in_subgroups().since(start.in_subgroups());
+        stats.subgroup_traffic.add(subgroup_traffic);
         if consensus_distance.is_some() {
             stats.last_consensus_distance = consensus_distance;
         }
@@ -407,6 +415,7 @@ impl Synchronizer {
             bytes_sent: merge_traffic.bytes_sent,
             bytes_received: merge_traffic.bytes_received,
             consensus_bytes_sent: consensus_traffic.bytes_sent,
+            subgroup_bytes_sent: subgroup_traffic.bytes_sent,
             mean_loss,
         };
         self.schedule.after_sync(&SyncFeedback {

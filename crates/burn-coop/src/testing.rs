@@ -43,7 +43,7 @@ pub struct CallLog {
     pub all_gather: u64,
     /// Neighbour exchanges.
     pub exchange: u64,
-    /// Peers named in those exchanges.
+    /// Peers sent to in those exchanges.
     pub exchange_peers: u64,
     /// Splits.
     pub split: u64,
@@ -126,17 +126,18 @@ impl<C: Communicator> Communicator for RecordingComm<C> {
         self.note(|l| l.all_gather += 1);
         self.inner.all_gather_bytes(payload)
     }
-    fn exchange(
+    fn exchange_directed(
         &mut self,
         send: &[f32],
-        peers: &[usize],
+        send_to: &[usize],
+        receive_from: &[usize],
         receive: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), CommError> {
         self.note(|l| {
             l.exchange += 1;
-            l.exchange_peers += peers.len() as u64;
+            l.exchange_peers += send_to.len() as u64;
         });
-        self.inner.exchange(send, peers, receive)
+        self.inner.exchange_directed(send, send_to, receive_from, receive)
     }
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
         self.note(|l| l.split += 1);
@@ -276,6 +277,63 @@ pub fn check_rule_against_matrix(m: usize, n: usize, make: impl Fn() -> Box<dyn 
                 "worker {}: distance {distance}, exact {exact}",
                 run.rank
             );
+        }
+    }
+}
+
+/// Asserts that `rounds` consecutive merges of a rule follow `X_{k+1} = X_k' W_k` computed
+/// independently in `f64`, with `W_k` the rule's matrix at merge `k`
+/// ([`MergeRule::mixing_matrix_at`]) and its `v` anchor columns (starting at
+/// [`initial_buffer`], as the workers do) carried along: the rules whose graph changes from merge
+/// to merge, and those whose anchors mix among themselves. Before merge `k` every worker's buffer
+/// moves by [`worker_buffer`]`(rank + k)`, as local steps would; anchors take no steps.
+pub fn check_rounds_against_matrices(
+    m: usize,
+    n: usize,
+    rounds: u64,
+    make: impl Fn() -> Box<dyn MergeRule> + Sync,
+) {
+    let comms = InProcessGroup::new(m).with_timeout(Duration::from_secs(60)).into_communicators();
+    let runs = run_group(comms, |rank, mut comm| -> Result<Vec<Vec<f32>>, RuleError> {
+        let mut rule = make();
+        let mut params = initial_buffer(m, n);
+        let mut ctx = SyncContext { step: 0, round: 0, steps_since_sync: 1, lr: Some(0.1), rank, world_size: m, seed: 7 };
+        rule.start(&params, &ctx, &mut comm)?;
+        let mut history = Vec::new();
+        for round in 0..rounds {
+            ctx.round = round;
+            ctx.step = round + 1;
+            let shift = worker_buffer(rank + round as usize, n);
+            params.iter_mut().zip(&shift).for_each(|(p, s)| *p += s);
+            rule.merge(&mut params, &ctx, &mut comm)?;
+            history.push(params.clone());
+        }
+        Ok(history)
+    })
+    .unwrap_or_else(|failure| panic!("a worker failed: {:?}", failure.primary()));
+    let rule = make();
+    let order = rule.mixing_matrix_at(m, 0).expect("the rule has a matrix").order();
+    let start: Vec<f64> = initial_buffer(m, n).iter().map(|&v| f64::from(v)).collect();
+    let mut columns = vec![start; order];
+    for round in 0..rounds as usize {
+        let w = rule.mixing_matrix_at(m, round as u64).expect("the rule has a matrix at every merge");
+        for (rank, column) in columns.iter_mut().enumerate().take(m) {
+            let shift = worker_buffer(rank + round, n);
+            column.iter_mut().zip(&shift).for_each(|(c, &s)| *c = f64::from(*c as f32 + s));
+        }
+        columns = w.apply(&columns);
+        for (i, run) in runs.iter().enumerate() {
+            for k in 0..n {
+                let (got, expected) = (f64::from(run[round][k]), columns[i][k]);
+                assert!(
+                    (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+                    "merge {round}, worker {i}, value {k}: merged {got}, X·W_k gives {expected}"
+                );
+            }
+        }
+        // The simulation goes on from the workers' own values, as the workers do.
+        for (i, run) in runs.iter().enumerate() {
+            columns[i] = run[round].iter().map(|&v| f64::from(v)).collect();
         }
     }
 }

@@ -21,6 +21,11 @@ pub enum TopologySpec {
     Exponential,
     /// Complete graph.
     Complete,
+    /// One-peer exponential graph (Ying et al., NeurIPS 2021): a different directed graph at
+    /// every merge, each worker averaging with one peer at distance `2^(k mod ⌈log₂ m⌉)`. It has
+    /// no single graph; gossip builds its matrices round by round
+    /// ([`one_peer_exponential_matrix`]).
+    OnePeerExponential,
 }
 
 impl TopologySpec {
@@ -31,8 +36,42 @@ impl TopologySpec {
             Self::Torus => Topology::torus_for(workers),
             Self::Exponential => Topology::exponential(workers),
             Self::Complete => Topology::complete(workers),
+            Self::OnePeerExponential => Err(TopologyError::TimeVarying { name: "one-peer-exponential" }),
         }
     }
+
+    /// Whether the graph changes from merge to merge.
+    pub fn is_time_varying(self) -> bool {
+        matches!(self, Self::OnePeerExponential)
+    }
+}
+
+/// The one-peer exponential graph's peer distance at merge `round` for `workers` workers:
+/// `2^(round mod ⌈log₂ m⌉)` (Ying, Yuan, Chen, Hu, Pan & Yin, "Exponential Graph is Provably
+/// Efficient for Decentralized Deep Training", NeurIPS 2021, eq. (8)); `None` for one worker.
+pub fn one_peer_exponential_distance(workers: usize, round: u64) -> Option<usize> {
+    if workers < 2 {
+        return None;
+    }
+    let period = workers.next_power_of_two().trailing_zeros() as u64;
+    Some((1usize << (round % period)) % workers)
+}
+
+/// The one-peer exponential mixing matrix at merge `round`: worker `i` becomes
+/// `½ x_i + ½ x_{(i + d) mod m}` with `d` from [`one_peer_exponential_distance`], so in the
+/// column convention of `X W` the entries are `W[i][i] = W[(i + d) mod m][i] = ½`. Doubly
+/// stochastic, not symmetric (unless `d = m/2`); for `m` a power of two the product of
+/// `log₂ m` consecutive matrices is exact averaging.
+pub fn one_peer_exponential_matrix(workers: usize, round: u64) -> MixingMatrix {
+    let Some(d) = one_peer_exponential_distance(workers, round) else {
+        return MixingMatrix::identity(workers);
+    };
+    let mut entries = vec![0.0; workers * workers];
+    for i in 0..workers {
+        entries[i * workers + i] += 0.5;
+        entries[((i + d) % workers) * workers + i] += 0.5;
+    }
+    MixingMatrix::from_entries_unchecked(workers, entries)
 }
 
 /// Why a topology cannot be built.
@@ -98,6 +137,12 @@ pub enum TopologyError {
         unreachable: usize,
         /// Number of components.
         components: usize,
+    },
+    /// The topology changes every merge, so it has no single graph or matrix.
+    #[error("{name} changes from merge to merge: it has no single graph (it is available to gossip)")]
+    TimeVarying {
+        /// The topology's name.
+        name: &'static str,
     },
     /// The weights produced for this graph are not a valid mixing matrix.
     #[error(transparent)]

@@ -115,7 +115,7 @@ fn every_rule_trains_and_writes_metrics() {
     let rules = [
         ("sync", RuleSpec::Sync(SynchronousConfig {})),
         ("average", RuleSpec::Average(AveragingConfig {})),
-        ("elastic", RuleSpec::Elastic(ElasticConfig { alpha: None })),
+        ("elastic", RuleSpec::Elastic(ElasticConfig { alpha: None, anchors: None })),
         (
             "gossip",
             RuleSpec::Gossip(GossipConfig {
@@ -160,12 +160,12 @@ fn every_rule_trains_and_writes_metrics() {
 
 #[test]
 fn an_interrupted_run_resumes_bit_identically() {
-    let mut straight = config("straight", RuleSpec::Elastic(ElasticConfig { alpha: Some(0.3) }));
+    let mut straight = config("straight", RuleSpec::Elastic(ElasticConfig { alpha: Some(0.3), anchors: None }));
     straight.checkpoint_every = 1;
     straight.keep_checkpoints = 100;
     let reference = run(Synthetic::new(), &straight).unwrap();
 
-    let mut interrupted = config("interrupted", RuleSpec::Elastic(ElasticConfig { alpha: Some(0.3) }));
+    let mut interrupted = config("interrupted", RuleSpec::Elastic(ElasticConfig { alpha: Some(0.3), anchors: None }));
     interrupted.checkpoint_every = 1;
     interrupted.max_steps = Some(8);
     let first = run(Synthetic::new(), &interrupted).unwrap();
@@ -243,7 +243,7 @@ fn a_nan_loss_names_worker_and_step_and_keeps_the_last_checkpoint() {
 
 #[test]
 fn bad_configurations_are_reported() {
-    let mut bad = config("bad", RuleSpec::Elastic(ElasticConfig { alpha: Some(0.9) }));
+    let mut bad = config("bad", RuleSpec::Elastic(ElasticConfig { alpha: Some(0.9), anchors: None }));
     let error = run(Synthetic::new(), &bad).unwrap_err();
     assert!(matches!(&error, LearnerError::Spec(spec) if spec.option == "alpha"), "{error}");
     bad.rule = RuleSpec::Average(AveragingConfig {});
@@ -264,7 +264,7 @@ fn bad_configurations_are_reported() {
 
 #[test]
 fn a_corrupt_or_foreign_state_file_is_named() {
-    let mut config = config("corrupt", RuleSpec::Elastic(ElasticConfig { alpha: Some(0.3) }));
+    let mut config = config("corrupt", RuleSpec::Elastic(ElasticConfig { alpha: Some(0.3), anchors: None }));
     config.checkpoint_every = 1;
     config.max_steps = Some(4);
     run(Synthetic::new(), &config).unwrap();

@@ -239,7 +239,7 @@ fn gradient_accumulation_and_unequal_slices_keep_the_workers_in_lockstep() {
 fn elastic_and_gossip_train_and_return_the_average_model() {
     let train_items = points(240, 3);
     let rules = [
-        RuleSpec::Elastic(ElasticConfig { alpha: None }),
+        RuleSpec::Elastic(ElasticConfig { alpha: None, anchors: None }),
         RuleSpec::Gossip(GossipConfig {
             topology: Some(TopologySpec::Ring),
             weights: Some(WeightRule::MetropolisHastings),

@@ -80,7 +80,7 @@ enum Payload {
     F32(Vec<f32>),
     F64(Vec<f64>),
     Bytes(Vec<u8>),
-    Exchange { values: Vec<f32>, peers: Vec<usize> },
+    Exchange { values: Vec<f32>, send_to: Vec<usize>, receive_from: Vec<usize> },
     Broadcast { values: Option<Vec<f32>>, root: usize, len: usize },
     Color(usize),
 }
@@ -409,35 +409,39 @@ impl Communicator for InProcessComm {
         })
     }
 
-    fn exchange(
+    fn exchange_directed(
         &mut self,
         send: &[f32],
-        peers: &[usize],
+        send_to: &[usize],
+        receive_from: &[usize],
         receive: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), CommError> {
         let (rank, world_size) = (self.rank, self.shared.world);
-        if let Some(&neighbor) = peers.iter().find(|&&j| j >= world_size || j == rank) {
+        if let Some(&neighbor) = send_to.iter().chain(receive_from).find(|&&j| j >= world_size || j == rank) {
             return Err(CommError::BadNeighbor { rank, neighbor, world_size });
         }
-        let payload = Payload::Exchange { values: self.copy_of(send), peers: peers.to_vec() };
+        let payload = Payload::Exchange {
+            values: self.copy_of(send),
+            send_to: send_to.to_vec(),
+            receive_from: receive_from.to_vec(),
+        };
         self.collective("exchange", payload, |deposits| {
-            for &j in peers {
-                let Payload::Exchange { values, peers: theirs } = &*deposits[j] else { unreachable!() };
-                if !theirs.contains(&rank) {
-                    return Err(CommError::BadNeighbor { rank, neighbor: j, world_size });
-                }
-                if values.len() != send.len() {
-                    return Err(CommError::LengthMismatch {
-                        rank,
-                        len: send.len(),
-                        other_rank: j,
-                        other_len: values.len(),
-                    });
-                }
+            let lists = |i: usize| match &*deposits[i] {
+                Payload::Exchange { send_to, receive_from, .. } => (send_to.as_slice(), receive_from.as_slice()),
+                _ => unreachable!("rounds hold one kind of payload"),
+            };
+            if let Some((bad, neighbor)) = super::first_bad_neighbor(world_size, lists) {
+                return Err(CommError::BadNeighbor { rank: bad, neighbor, world_size });
             }
-            for (k, &j) in peers.iter().enumerate() {
-                let Payload::Exchange { values, .. } = &*deposits[j] else { unreachable!() };
-                receive(k, values);
+            let values_of = |j: usize| match &*deposits[j] {
+                Payload::Exchange { values, .. } => values.as_slice(),
+                _ => unreachable!("rounds hold one kind of payload"),
+            };
+            if let Some(&j) = receive_from.iter().find(|&&j| values_of(j).len() != send.len()) {
+                return Err(CommError::LengthMismatch { rank, len: send.len(), other_rank: j, other_len: values_of(j).len() });
+            }
+            for (k, &j) in receive_from.iter().enumerate() {
+                receive(k, values_of(j));
             }
             Ok(())
         })
@@ -552,12 +556,38 @@ mod tests {
     }
 
     #[test]
+    fn directed_exchange_sends_to_some_and_receives_from_others() {
+        let results = run(4, |mut comm| {
+            let rank = comm.rank();
+            let mut received = Vec::new();
+            comm.exchange_directed(&[rank as f32], &[(rank + 3) % 4], &[(rank + 1) % 4, (rank + 2) % 4], &mut |k, v| {
+                received.push((k, v[0]))
+            })
+            .map(|()| received)
+        });
+        assert!(results.iter().all(Result::is_err), "rank 2 does not send to 0: everyone is told");
+        let results = run(4, |mut comm| {
+            let rank = comm.rank();
+            let mut received = Vec::new();
+            comm.exchange_directed(&[rank as f32], &[(rank + 3) % 4], &[(rank + 1) % 4], &mut |k, v| {
+                received.push((k, v[0]))
+            })
+            .map(|()| received)
+        });
+        for (rank, received) in results.into_iter().enumerate() {
+            assert_eq!(received.unwrap(), vec![(0, ((rank + 1) % 4) as f32)]);
+        }
+    }
+
+    #[test]
     fn one_sided_neighbours_are_rejected() {
         let results = run(3, |mut comm| {
             let peers: &[usize] = if comm.rank() == 0 { &[1] } else { &[] };
             comm.exchange(&[1.0], peers, &mut |_, _| {})
         });
-        assert!(matches!(results[0], Err(CommError::BadNeighbor { rank: 0, neighbor: 1, .. })));
+        for result in &results {
+            assert!(matches!(result, Err(CommError::BadNeighbor { rank: 0, neighbor: 1, .. })), "{result:?}");
+        }
         assert!(matches!(
             InProcessGroup::new(2).into_communicators().remove(0).exchange(&[1.0], &[0], &mut |_, _| {}),
             Err(CommError::BadNeighbor { neighbor: 0, .. })

@@ -71,11 +71,13 @@ impl CollectiveKind {
         [Self::AllReduce, Self::Scalars, Self::Broadcast, Self::AllGather, Self::Exchange];
 }
 
-/// Traffic and call counts per [`CollectiveKind`].
+/// Traffic and call counts per [`CollectiveKind`], and the part of it that moved inside
+/// sub-groups made by [`Communicator::split`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrafficByKind {
     traffic: [Traffic; 5],
     calls: [u64; 5],
+    subgroups: Traffic,
 }
 
 impl TrafficByKind {
@@ -100,7 +102,17 @@ impl TrafficByKind {
         total
     }
 
-    fn record(&mut self, kind: CollectiveKind, sent: u64, received: u64) {
+    /// The traffic of collectives run in sub-groups (the lower level of a hierarchy), all kinds
+    /// together; it is also counted in [`TrafficByKind::of`] and [`TrafficByKind::total`].
+    pub fn in_subgroups(&self) -> Traffic {
+        self.subgroups
+    }
+
+    fn record(&mut self, kind: CollectiveKind, sent: u64, received: u64, in_subgroup: bool) {
+        if in_subgroup {
+            self.subgroups.bytes_sent += sent;
+            self.subgroups.bytes_received += received;
+        }
         let k = Self::index(kind);
         self.traffic[k].bytes_sent += sent;
         self.traffic[k].bytes_received += received;
@@ -116,22 +128,24 @@ impl TrafficByKind {
 /// | sum of `n` `f64` | ring all-reduce: `2 (m − 1) / m · 8n` |
 /// | broadcast of `n` `f32` | scatter + all-gather: `(m − 1) / m · 4n` |
 /// | all-gather of byte payloads `p_j` | every other worker's payload once: `Σ_{j ≠ i} │p_j│` received, as many sent (ring) |
-/// | exchange of `n` `f32` with `d` peers | `4n · d` |
+/// | exchange of `n` `f32` with `d` peers | `4n · d` (directed: `4n` per rank sent to, and per rank received from) |
 /// | barrier, split | 0 |
 ///
 /// The counts do not depend on the algorithm the underlying library picks, so they are equal
 /// across communicators and match what a real network carries for the usual algorithms.
-/// Groups made by [`Communicator::split`] count into the same ledger.
+/// Groups made by [`Communicator::split`] count into the same ledger, and also apart
+/// ([`TrafficByKind::in_subgroups`]), so a hierarchy's two levels can be told apart.
 #[derive(Debug)]
 pub struct Metered<C> {
     inner: C,
     ledger: Arc<Mutex<TrafficByKind>>,
+    subgroup: bool,
 }
 
 impl<C: Communicator> Metered<C> {
     /// Counts the traffic of `inner`.
     pub fn new(inner: C) -> Self {
-        Self { inner, ledger: Arc::default() }
+        Self { inner, ledger: Arc::default(), subgroup: false }
     }
 
     /// Counters so far.
@@ -150,7 +164,7 @@ impl<C: Communicator> Metered<C> {
     }
 
     fn record(&self, kind: CollectiveKind, sent: u64, received: u64) {
-        self.ledger.lock().unwrap_or_else(PoisonError::into_inner).record(kind, sent, received);
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner).record(kind, sent, received, self.subgroup);
     }
 }
 
@@ -205,25 +219,26 @@ impl<C: Communicator> Communicator for Metered<C> {
         Ok(all)
     }
 
-    fn exchange(
+    fn exchange_directed(
         &mut self,
         send: &[f32],
-        peers: &[usize],
+        send_to: &[usize],
+        receive_from: &[usize],
         receive: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), CommError> {
         let mut got = 0;
-        self.inner.exchange(send, peers, &mut |k, values| {
+        self.inner.exchange_directed(send, send_to, receive_from, &mut |k, values| {
             got += 4 * values.len() as u64;
             receive(k, values)
         })?;
-        let sent = 4 * send.len() as u64 * peers.len() as u64;
+        let sent = 4 * send.len() as u64 * send_to.len() as u64;
         self.record(CollectiveKind::Exchange, sent, got);
         Ok(())
     }
 
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
         let inner = self.inner.split(color)?;
-        Ok(Box::new(Metered { inner, ledger: Arc::clone(&self.ledger) }))
+        Ok(Box::new(Metered { inner, ledger: Arc::clone(&self.ledger), subgroup: true }))
     }
 
     fn barrier(&mut self) -> Result<(), CommError> {

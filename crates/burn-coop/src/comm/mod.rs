@@ -11,7 +11,7 @@
 //! | sum of a few `f64` | [`Communicator::all_reduce_f64`] | | statistics, flags, losses |
 //! | broadcast of `f32` | [`Communicator::broadcast`] | | a root's buffer |
 //! | all-gather of bytes | [`Communicator::all_gather_bytes`] | | variable-size payloads (compressed messages) |
-//! | neighbour exchange | [`Communicator::exchange`] | | a buffer to each peer, one from each peer |
+//! | neighbour exchange | [`Communicator::exchange`], [`Communicator::exchange_directed`] | | a buffer to each peer, one from each peer (or to some, from others) |
 //! | sub-groups | [`Communicator::split`] | | ranks with the same colour form a new group |
 //! | barrier | [`Communicator::barrier`] | | nothing |
 
@@ -204,11 +204,29 @@ pub trait Communicator: Send {
     /// `k` the peer's index in `peers`, in that order, once every length has been checked (the
     /// caller reads the values where they arrived, without a copy of its own). The relation must
     /// be symmetric: `j` lists this worker whenever this worker lists `j`. Every worker calls it,
-    /// also those with no peers this time.
+    /// also those with no peers this time. The same as [`Communicator::exchange_directed`] with
+    /// `peers` both ways.
     fn exchange(
         &mut self,
         send: &[f32],
         peers: &[usize],
+        receive: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), CommError> {
+        self.exchange_directed(send, peers, peers, receive)
+    }
+
+    /// Sends `send` to every rank in `send_to` and hands the buffer of every rank in
+    /// `receive_from` to `receive(k, values)`, `k` the sender's index in `receive_from`, in that
+    /// order, once every length has been checked. The two relations must match across workers:
+    /// `j` is in this worker's `receive_from` exactly when this worker is in `j`'s `send_to`
+    /// (otherwise every worker gets [`CommError::BadNeighbor`], naming the first worker of the
+    /// mismatch; nobody waits for a message that will not come). Time-varying directed graphs
+    /// (one-peer exponential) send to one peer and receive from another. Every worker calls it.
+    fn exchange_directed(
+        &mut self,
+        send: &[f32],
+        send_to: &[usize],
+        receive_from: &[usize],
         receive: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), CommError>;
 
@@ -232,6 +250,24 @@ pub fn check_same_length(send: &[f32], recv: &[f32]) -> Result<(), CommError> {
             recv.len()
         )))
     }
+}
+
+/// The first worker (in rank order) whose directed neighbours do not match the others', and the
+/// neighbour at fault, given every worker's `(send_to, receive_from)`: `j` in `i`'s
+/// `receive_from` must be exactly the workers `i` in `j`'s `send_to`, and every rank in range and
+/// not the worker itself (for communicator implementations, which see every worker's lists).
+pub fn first_bad_neighbor<'a>(
+    world_size: usize,
+    lists: impl Fn(usize) -> (&'a [usize], &'a [usize]),
+) -> Option<(usize, usize)> {
+    (0..world_size).find_map(|i| {
+        let (send_to, receive_from) = lists(i);
+        let out_of_range = send_to.iter().chain(receive_from).copied().find(|&j| j >= world_size || j == i);
+        out_of_range
+            .or_else(|| send_to.iter().copied().find(|&j| !lists(j).1.contains(&i)))
+            .or_else(|| receive_from.iter().copied().find(|&j| !lists(j).0.contains(&i)))
+            .map(|j| (i, j))
+    })
 }
 
 /// Every peer's buffer from [`Communicator::exchange`], copied into `received` (one buffer per
@@ -281,6 +317,15 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
         receive: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), CommError> {
         (**self).exchange(send, peers, receive)
+    }
+    fn exchange_directed(
+        &mut self,
+        send: &[f32],
+        send_to: &[usize],
+        receive_from: &[usize],
+        receive: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), CommError> {
+        (**self).exchange_directed(send, send_to, receive_from, receive)
     }
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
         (**self).split(color)

@@ -31,6 +31,9 @@ pub struct SyncMetrics {
     /// Bytes each worker has sent so far only to measure the consensus distance (gossip with
     /// `consensus_every`), apart from the rule's own bytes.
     pub consensus_bytes_sent_per_worker: Vec<u64>,
+    /// Of `bytes_sent_per_worker`, the bytes each worker has sent inside its sub-group (the
+    /// group level of hierarchical averaging; 0 for flat rules).
+    pub subgroup_bytes_sent_per_worker: Vec<u64>,
     /// Seconds since the run started.
     pub wall_seconds: f64,
 }
@@ -65,6 +68,9 @@ pub struct EpochMetrics {
     /// Bytes each worker has sent so far only to measure the consensus distance (gossip with
     /// `consensus_every`), apart from the rule's own bytes.
     pub consensus_bytes_sent_per_worker: Vec<u64>,
+    /// Of `bytes_sent_per_worker`, the bytes each worker has sent inside its sub-group (the
+    /// group level of hierarchical averaging; 0 for flat rules).
+    pub subgroup_bytes_sent_per_worker: Vec<u64>,
     /// Seconds since the run started.
     pub wall_seconds: f64,
 }
@@ -120,11 +126,11 @@ impl MetricsWriter {
             jsonl: open(&folder.join("metrics.jsonl"), "")?,
             syncs: open(
                 &folder.join("syncs.csv"),
-                "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,consensus_distance,bytes_sent_per_worker,consensus_bytes_sent_per_worker,wall_seconds",
+                "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,consensus_distance,bytes_sent_per_worker,consensus_bytes_sent_per_worker,subgroup_bytes_sent_per_worker,wall_seconds",
             )?,
             epochs: open(
                 &folder.join("epochs.csv"),
-                "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,test_loss,test_accuracy,worker_test_accuracy,consensus_distance,bytes_sent_per_worker,consensus_bytes_sent_per_worker,wall_seconds",
+                "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,test_loss,test_accuracy,worker_test_accuracy,consensus_distance,bytes_sent_per_worker,consensus_bytes_sent_per_worker,subgroup_bytes_sent_per_worker,wall_seconds",
             )?,
             bar,
         })
@@ -144,7 +150,7 @@ impl MetricsWriter {
         writeln!(self.jsonl)?;
         writeln!(
             self.syncs,
-            "{},{},{},{},{},{},{},{},{},{},{:.3}",
+            "{},{},{},{},{},{},{},{},{},{},{},{:.3}",
             m.epoch,
             m.step,
             m.syncs,
@@ -155,6 +161,7 @@ impl MetricsWriter {
             optional(m.consensus_distance),
             joined(&m.bytes_sent_per_worker),
             joined(&m.consensus_bytes_sent_per_worker),
+            joined(&m.subgroup_bytes_sent_per_worker),
             m.wall_seconds
         )?;
         self.jsonl.flush()?;
@@ -167,7 +174,7 @@ impl MetricsWriter {
         writeln!(self.jsonl)?;
         writeln!(
             self.epochs,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3}",
             m.epoch,
             m.step,
             m.syncs,
@@ -181,6 +188,7 @@ impl MetricsWriter {
             optional(m.consensus_distance),
             joined(&m.bytes_sent_per_worker),
             joined(&m.consensus_bytes_sent_per_worker),
+            joined(&m.subgroup_bytes_sent_per_worker),
             m.wall_seconds
         )?;
         self.jsonl.flush()?;

@@ -151,7 +151,8 @@ pub fn run_worker<T: CoopTask>(
         }
 
         if let Some(report) = merged_now {
-            let (losses, bytes, consensus_bytes) = gather(&mut sync, since_sync / since_sync_n.max(1) as f64)?;
+            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes } =
+                gather(&mut sync, since_sync / since_sync_n.max(1) as f64)?;
             since_sync = 0.0;
             since_sync_n = 0;
             if let Some(w) = writer.as_mut() {
@@ -166,6 +167,7 @@ pub fn run_worker<T: CoopTask>(
                     consensus_distance: report.consensus_distance,
                     bytes_sent_per_worker: bytes,
                     consensus_bytes_sent_per_worker: consensus_bytes,
+                    subgroup_bytes_sent_per_worker: subgroup_bytes,
                     wall_seconds: wall(elapsed_before),
                 };
                 w.sync(&metrics).map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
@@ -174,7 +176,8 @@ pub fn run_worker<T: CoopTask>(
 
         let epoch_ends = step.is_multiple_of(steps_per_epoch);
         if epoch_ends {
-            let (losses, bytes, consensus_bytes) = gather(&mut sync, epoch_sum / epoch_n.max(1) as f64)?;
+            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes } =
+                gather(&mut sync, epoch_sum / epoch_n.max(1) as f64)?;
             epoch_sum = 0.0;
             epoch_n = 0;
             let (average, evaluation) = evaluate_average(task, &model, sync.comm(), &device)?;
@@ -202,6 +205,7 @@ pub fn run_worker<T: CoopTask>(
                 consensus_distance: stats.last_consensus_distance,
                 bytes_sent_per_worker: bytes,
                 consensus_bytes_sent_per_worker: consensus_bytes,
+                subgroup_bytes_sent_per_worker: subgroup_bytes,
                 wall_seconds: wall(elapsed_before),
             };
             if let Some(w) = writer.as_mut() {
@@ -248,19 +252,32 @@ pub fn run_worker<T: CoopTask>(
     })
 }
 
-/// Gathers one value per worker, every worker's merge bytes sent and consensus bytes sent.
-fn gather(sync: &mut Synchronizer, value: f64) -> Result<(Vec<f64>, Vec<u64>, Vec<u64>), LearnerError> {
+/// One value per worker and every worker's byte counters, gathered from all workers.
+struct Gathered {
+    losses: Vec<f64>,
+    bytes: Vec<u64>,
+    consensus_bytes: Vec<u64>,
+    subgroup_bytes: Vec<u64>,
+}
+
+/// Gathers one value per worker, every worker's merge bytes sent, consensus bytes sent and
+/// sub-group bytes sent.
+fn gather(sync: &mut Synchronizer, value: f64) -> Result<Gathered, LearnerError> {
     let (rank, workers) = (sync.rank(), sync.world_size());
     let stats = sync.stats();
-    let mut values = vec![0.0; 3 * workers];
+    let mut values = vec![0.0; 4 * workers];
     values[rank] = value;
     values[workers + rank] = stats.traffic.bytes_sent as f64;
     values[2 * workers + rank] = stats.consensus_traffic.bytes_sent as f64;
+    values[3 * workers + rank] = stats.subgroup_traffic.bytes_sent as f64;
     sync.comm().all_reduce_f64(&mut values).map_err(CoopError::from)?;
-    let bytes = values[workers..2 * workers].iter().map(|&b| b as u64).collect();
-    let consensus = values[2 * workers..].iter().map(|&b| b as u64).collect();
-    values.truncate(workers);
-    Ok((values, bytes, consensus))
+    let column = |k: usize| values[k * workers..(k + 1) * workers].iter().map(|&b| b as u64).collect();
+    Ok(Gathered {
+        bytes: column(1),
+        consensus_bytes: column(2),
+        subgroup_bytes: column(3),
+        losses: values[..workers].to_vec(),
+    })
 }
 
 /// Evaluates the workers' average model x̄ (weights and buffers averaged), each worker on its

@@ -15,6 +15,30 @@
 //! from one sum all-reduce of `x_i − z`, so all copies stay identical. The anchor starts as the
 //! initial model (identical on every worker after the initial broadcast); `x̄ − z = S/m` gives
 //! the consensus distance with no extra exchange.
+//!
+//! ## Several anchors (`--anchors v`)
+//!
+//! Cooperative SGD's `A(τ, W, v)` allows `v ≥ 1` auxiliary models (Wang & Joshi, JMLR 2021,
+//! "generalized elastic averaging"). Here the `m` workers form `v` groups of `n = m/v`
+//! consecutive ranks (`v` divides `m`); anchor `z_g` is attached to the workers of group `g`
+//! and the anchors are fully connected with equal weights. With `z̄` the mean of the anchors:
+//!
+//! `x_i ← (1−α) x_i + α z_{g(i)}`, `z_g ← α Σ_{i∈g} x_i + (1 − nα) z̄`,
+//!
+//! that is `W[i][i] = 1−α`, `W[i][z_g] = W[z_g][i] = α` for `i ∈ g`, and `W[z_g][z_h] =
+//! (1−nα)/v` for every pair of anchors (symmetric, doubly stochastic). For `v = 1` this is
+//! `W_α` above, and the code runs EASGD's own path (tested bit for bit). The spectrum is `1`,
+//! `1 − α` (`m − v` times), `1 − (n+1)α`, and, `v − 1` times each, the roots of
+//! `λ² − (1−α) λ − nα² = 0` (the anchors' differences); so the rule is stable for
+//! `0 < α < 1/n` when `v > 1` ([`elastic_zeta`]). The default α minimizes `ζ`
+//! (`2/(m+2)` for one anchor). The averaged model moves with the effective rate
+//! `η_eff = mη/(m+v)`. The construction (groups of consecutive ranks, anchors averaged with
+//! equal weights) is this crate's instance of the paper's block-structured family.
+//!
+//! Each worker keeps its group's anchor only. A merge with `v > 1` runs two sum all-reduces
+//! started together: `x_i − z_g` inside the group (a sub-communicator split at the first merge)
+//! and the anchors over everyone (each group's first worker contributes its anchor, the others
+//! zeros, so the sum is exact). The consensus distance is not measured for free then.
 
 use serde::{Deserialize, Serialize};
 
@@ -33,16 +57,25 @@ pub struct ElasticConfig {
     #[arg(long, value_parser = crate::spec::positive_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
+    /// Number of anchors v, dividing the number of workers (default 1: EASGD).
+    #[arg(long, value_parser = crate::spec::at_least_one)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anchors: Option<u64>,
 }
 
 impl RuleConfig for ElasticConfig {
     const NAME: &'static str = "elastic";
 
     fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
-        let rule = match self.alpha {
-            Some(alpha) => Elastic::new(alpha),
-            None => Elastic::optimal(world_size),
-        };
+        let anchors = self.anchors.unwrap_or(1) as usize;
+        if anchors == 0 || anchors > world_size || !world_size.is_multiple_of(anchors) {
+            let reason = format!(
+                "{anchors} anchors for {world_size} workers: the anchors need groups of equal size (v ≥ 1 dividing m)"
+            );
+            return Err(SpecError::new("anchors", anchors.to_string(), reason));
+        }
+        let alpha = self.alpha.unwrap_or_else(|| optimal_elastic_alpha(world_size, anchors));
+        let rule = Elastic::new(alpha).with_anchors(anchors);
         rule.validate(world_size).map_err(|error| {
             SpecError::new("alpha", self.alpha.map_or_else(|| "default".into(), |a| a.to_string()), error)
         })?;
@@ -50,28 +83,111 @@ impl RuleConfig for ElasticConfig {
     }
 
     fn describe(&self) -> String {
+        let anchors = match self.anchors {
+            Some(v) if v > 1 => format!(", {v} anchors"),
+            _ => String::new(),
+        };
         match self.alpha {
-            Some(alpha) => format!("elastic averaging, alpha = {alpha}"),
-            None => "elastic averaging".into(),
+            Some(alpha) => format!("elastic averaging, alpha = {alpha}{anchors}"),
+            None => format!("elastic averaging{anchors}"),
+        }
+    }
+
+    fn run_tag(&self) -> String {
+        match self.anchors {
+            Some(v) if v > 1 => format!("elastic-v{v}"),
+            _ => "elastic".into(),
         }
     }
 }
 
+/// `ζ` of elastic averaging's `(m+v) × (m+v)` matrix with moving rate `alpha` (closed form,
+/// see the [module documentation](crate::rules::elastic)): `max(|1−α|, |1−(m+1)α|)` for one
+/// anchor; `max(|1−α|, |1−(n+1)α|, |λ±|)` with `λ± = ((1−α) ± √((1−α)² + 4nα²))/2`,
+/// `n = m/v`, for several.
+pub fn elastic_zeta(alpha: f64, workers: usize, anchors: usize) -> f64 {
+    let n = (workers / anchors.max(1)) as f64;
+    let mut zeta = (1.0 - alpha).abs().max((1.0 - (n + 1.0) * alpha).abs());
+    if anchors > 1 {
+        let root = ((1.0 - alpha).powi(2) + 4.0 * n * alpha * alpha).sqrt();
+        zeta = zeta.max(((1.0 - alpha) + root) / 2.0).max((((1.0 - alpha) - root) / 2.0).abs());
+    }
+    if anchors == 1 && workers == 1 { (1.0 - 2.0 * alpha).abs() } else { zeta }
+}
+
+/// The largest stable moving rate (exclusive): `2/(m+1)` for one anchor, `1/n` for several.
+pub fn elastic_alpha_limit(workers: usize, anchors: usize) -> f64 {
+    if anchors <= 1 { 2.0 / (workers as f64 + 1.0) } else { anchors as f64 / workers as f64 }
+}
+
+/// The moving rate minimizing [`elastic_zeta`]: `2/(m+2)` for one anchor (Wang & Joshi); for
+/// several, found by a golden-section search on the closed form (ζ is unimodal in α there).
+pub fn optimal_elastic_alpha(workers: usize, anchors: usize) -> f64 {
+    if anchors <= 1 {
+        return 2.0 / (workers as f64 + 2.0);
+    }
+    let (mut low, mut high) = (0.0, elastic_alpha_limit(workers, anchors));
+    let ratio = (5f64.sqrt() - 1.0) / 2.0;
+    for _ in 0..200 {
+        let a = high - ratio * (high - low);
+        let b = low + ratio * (high - low);
+        if elastic_zeta(a, workers, anchors) <= elastic_zeta(b, workers, anchors) {
+            high = b;
+        } else {
+            low = a;
+        }
+    }
+    (low + high) / 2.0
+}
+
 /// Elastic averaging with moving rate α; see the [module documentation](crate::rules::elastic).
-#[derive(Debug)]
 pub struct Elastic {
     alpha: f64,
+    anchors: usize,
     anchor: Option<Vec<f32>>,
     diff: Vec<f32>,
     sum: Vec<f32>,
     pending: Option<PendingSum>,
+    /// With several anchors: this worker's group, and the sum of the anchors in flight.
+    group: Option<Box<dyn Communicator>>,
+    pending_anchors: Option<PendingSum>,
+}
+
+impl std::fmt::Debug for Elastic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Elastic")
+            .field("alpha", &self.alpha)
+            .field("anchors", &self.anchors)
+            .field("anchor_len", &self.anchor.as_ref().map(Vec::len))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Elastic {
     /// Elastic averaging with moving rate `alpha`; checked against the number of workers when
     /// the synchronizer is built (see [`MergeRule::validate`]).
     pub fn new(alpha: f64) -> Self {
-        Self { alpha, anchor: None, diff: Vec::new(), sum: Vec::new(), pending: None }
+        Self {
+            alpha,
+            anchors: 1,
+            anchor: None,
+            diff: Vec::new(),
+            sum: Vec::new(),
+            pending: None,
+            group: None,
+            pending_anchors: None,
+        }
+    }
+
+    /// The same rule with `v` anchors, each attached to `m/v` consecutive workers (checked
+    /// against the number of workers by [`MergeRule::validate`]).
+    pub fn with_anchors(self, anchors: usize) -> Self {
+        Self { anchors, ..self }
+    }
+
+    /// The number of anchors `v`.
+    pub fn anchors(&self) -> usize {
+        self.anchors
     }
 
     /// Elastic averaging with `α = 2/(m+2)`, the value minimizing `ζ(W_α)` for `m` workers.
@@ -89,7 +205,7 @@ impl Elastic {
         self.alpha
     }
 
-    /// The current anchor, once known.
+    /// The current anchor (this worker's group's), once known.
     pub fn anchor(&self) -> Option<&[f32]> {
         self.anchor.as_deref()
     }
@@ -123,17 +239,75 @@ impl Elastic {
     }
 }
 
+impl Elastic {
+    /// Starts both sums of a merge with several anchors: `x_i − z_g` in the group, the anchors
+    /// over everyone.
+    fn begin_anchors(
+        &mut self,
+        params: &[f32],
+        ctx: &SyncContext,
+        comm: &mut dyn Communicator,
+    ) -> Result<(), RuleError> {
+        let size = ctx.world_size / self.anchors;
+        if self.group.is_none() {
+            self.group = Some(comm.split(ctx.rank / size)?);
+        }
+        let anchor = self.anchor.as_ref().expect("ensured by begin");
+        let mut send = std::mem::take(&mut self.sum);
+        send.clear();
+        send.extend(params.iter().zip(anchor).map(|(x, z)| x - z));
+        let group = self.group.as_mut().expect("split above");
+        self.pending = Some(group.start_all_reduce_sum(send)?);
+        let mut anchors = std::mem::take(&mut self.diff);
+        anchors.clear();
+        if ctx.rank.is_multiple_of(size) {
+            anchors.extend_from_slice(anchor);
+        } else {
+            anchors.resize(anchor.len(), 0.0);
+        }
+        self.pending_anchors = Some(comm.start_all_reduce_sum(anchors)?);
+        Ok(())
+    }
+
+    /// `x_i ← x_i − α (x_i − z_g)`, `z_g ← z_g + α Σ_{j∈g} (x_j − z_g) + (1 − nα)(z̄ − z_g)`.
+    fn finish_anchors(&mut self, params: &mut [f32]) -> Result<MergeOutcome, RuleError> {
+        let (pending, anchors) = match (self.pending.take(), self.pending_anchors.take()) {
+            (Some(pending), Some(anchors)) => (pending, anchors),
+            _ => return Err(RuleError::NotBegun { rule: "elastic" }),
+        };
+        self.sum = pending.wait()?;
+        self.diff = anchors.wait()?;
+        let group_size = self.group.as_ref().map_or(1, |g| g.world_size());
+        let anchor = self.anchor.as_mut().expect("set by begin");
+        let alpha = self.alpha as f32;
+        let pull = (1.0 - group_size as f64 * self.alpha) as f32;
+        let v = self.anchors as f32;
+        for (((x, z), s), total) in params.iter_mut().zip(anchor.iter_mut()).zip(&self.sum).zip(&self.diff) {
+            let d = *x - *z;
+            let mean = total / v;
+            *x -= alpha * d;
+            *z += alpha * s + pull * (mean - *z);
+        }
+        Ok(MergeOutcome { local_squared_distance: None })
+    }
+}
+
 impl MergeRule for Elastic {
     fn name(&self) -> &'static str {
         "elastic"
     }
 
     fn validate(&self, world_size: usize) -> Result<(), RuleError> {
-        let upper = 2.0 / (world_size as f64 + 1.0);
+        let v = self.anchors;
+        if v == 0 || v > world_size || !world_size.is_multiple_of(v) {
+            let reason = format!("{v} anchors for {world_size} workers (v ≥ 1 must divide m)");
+            return Err(RuleError::BadState { rule: "elastic", reason });
+        }
+        let upper = elastic_alpha_limit(world_size, v);
         if self.alpha.is_finite() && self.alpha > 0.0 && self.alpha < upper {
             Ok(())
         } else {
-            Err(RuleError::ElasticAlphaOutOfRange { alpha: self.alpha, workers: world_size, upper })
+            Err(RuleError::ElasticAlphaOutOfRange { alpha: self.alpha, workers: world_size, anchors: v, upper })
         }
     }
 
@@ -146,6 +320,9 @@ impl MergeRule for Elastic {
 
     fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
         self.ensure_anchor(params, ctx, comm)?;
+        if self.anchors > 1 {
+            return self.begin_anchors(params, ctx, comm);
+        }
         let anchor = self.anchor.as_ref().expect("ensured above");
         let mut send = std::mem::take(&mut self.sum);
         send.clear();
@@ -160,6 +337,9 @@ impl MergeRule for Elastic {
         ctx: &SyncContext,
         _comm: &mut dyn Communicator,
     ) -> Result<MergeOutcome, RuleError> {
+        if self.anchors > 1 {
+            return self.finish_anchors(params);
+        }
         let pending = self.pending.take().ok_or(RuleError::NotBegun { rule: "elastic" })?;
         self.sum = pending.wait()?;
         let anchor = self.anchor.as_mut().expect("set by begin");
@@ -185,6 +365,10 @@ impl MergeRule for Elastic {
         ctx: &SyncContext,
         comm: &mut dyn Communicator,
     ) -> Result<MergeOutcome, RuleError> {
+        if self.anchors > 1 {
+            self.begin(params, ctx, comm)?;
+            return self.finish(params, ctx, comm);
+        }
         self.ensure_anchor(params, ctx, comm)?;
         let anchor = self.anchor.as_mut().expect("ensured above");
         self.diff.clear();
@@ -201,19 +385,26 @@ impl MergeRule for Elastic {
     }
 
     fn measures_consensus(&self) -> bool {
-        true
+        self.anchors == 1
     }
 
     fn mixing_matrix(&self, world_size: usize) -> Option<MixingMatrix> {
-        let m = world_size;
-        let order = m + 1;
+        let (m, v) = (world_size, self.anchors.max(1));
+        let n = m / v;
+        let order = m + v;
         let mut w = vec![0.0; order * order];
         for i in 0..m {
+            let z = m + (i / n).min(v - 1);
             w[i * order + i] = 1.0 - self.alpha;
-            w[i * order + m] = self.alpha;
-            w[m * order + i] = self.alpha;
+            w[i * order + z] = self.alpha;
+            w[z * order + i] = self.alpha;
         }
-        w[m * order + m] = 1.0 - m as f64 * self.alpha;
+        let anchor_weight = (1.0 - n as f64 * self.alpha) / v as f64;
+        for g in m..order {
+            for h in m..order {
+                w[g * order + h] = anchor_weight;
+            }
+        }
         Some(MixingMatrix::from_entries_unchecked(order, w))
     }
 
@@ -233,7 +424,98 @@ impl MergeRule for Elastic {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{check_rule_against_matrix, run_one_merge};
+    use crate::comm::InProcessGroup;
+    use crate::launch::run_group;
+    use crate::schedule::PeriodicSchedule;
+    use crate::sync::Synchronizer;
+    use crate::testing::{check_rounds_against_matrices, check_rule_against_matrix, run_one_merge, worker_buffer};
+
+    /// Every worker's buffer (as bits) after each of `merges` merges, through a synchronizer;
+    /// with `resume_after`, the rule is rebuilt from its record after that many merges.
+    fn trajectories(
+        m: usize,
+        merges: usize,
+        resume_after: Option<usize>,
+        rule: impl Fn() -> Box<dyn MergeRule> + Sync,
+    ) -> Vec<Vec<Vec<u32>>> {
+        let comms = InProcessGroup::new(m).into_communicators();
+        run_group(comms, |rank, comm| -> Result<_, crate::CoopError> {
+            let mut sync = Synchronizer::new(rule(), PeriodicSchedule::every(1).unwrap(), comm)?;
+            let mut params = worker_buffer(m, 37);
+            let mut states = Vec::new();
+            for round in 0..merges {
+                if resume_after == Some(round) {
+                    let (records, state) = (sync.records(), sync.state());
+                    let comm = sync.into_comm();
+                    sync = Synchronizer::new(rule(), PeriodicSchedule::every(1).unwrap(), comm)?;
+                    sync.load(state, records)?;
+                }
+                params.iter_mut().enumerate().for_each(|(k, v)| *v += worker_buffer(rank + round, 37)[k] * 0.1);
+                sync.merge_flat(&mut params)?;
+                states.push(params.iter().map(|v| v.to_bits()).collect());
+            }
+            Ok(states)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn one_anchor_is_easgd_bit_for_bit() {
+        let config = ElasticConfig { alpha: Some(0.25), anchors: Some(1) };
+        let general = trajectories(4, 5, None, || config.build(4).unwrap());
+        let easgd = trajectories(4, 5, None, || Box::new(Elastic::new(0.25)));
+        assert_eq!(general, easgd);
+    }
+
+    #[test]
+    fn several_anchors_follow_the_augmented_matrix_merge_after_merge() {
+        check_rule_against_matrix(4, 23, || Box::new(Elastic::new(0.2).with_anchors(2)));
+        check_rounds_against_matrices(4, 11, 6, || Box::new(Elastic::new(0.2).with_anchors(2)));
+        check_rounds_against_matrices(6, 7, 5, || Box::new(Elastic::new(0.3).with_anchors(3)));
+        check_rounds_against_matrices(4, 9, 4, || Box::new(Elastic::optimal(4)));
+        let w = Elastic::new(0.2).with_anchors(2).mixing_matrix(4).unwrap();
+        assert!((w.get(4, 5) - 0.3).abs() < 1e-15 && (w.get(4, 0) - 0.2).abs() < 1e-15 && w.get(4, 2) == 0.0);
+    }
+
+    #[test]
+    fn several_anchors_survive_a_checkpoint_bit_for_bit() {
+        let make = || ElasticConfig { alpha: None, anchors: Some(2) }.build(4).unwrap();
+        assert_eq!(trajectories(4, 5, Some(2), make), trajectories(4, 5, None, make));
+    }
+
+    #[test]
+    fn zeta_in_closed_form_matches_the_eigenvalues() {
+        for (m, v, alpha) in [(4, 1, 0.25), (4, 1, 0.1), (4, 2, 0.2), (6, 3, 0.35), (8, 2, 0.05), (8, 4, 0.4)] {
+            let rule = Elastic::new(alpha).with_anchors(v);
+            let w = rule.mixing_matrix(m).unwrap();
+            let exact = w.zeta();
+            let closed = elastic_zeta(alpha, m, v);
+            assert!((exact - closed).abs() < 1e-9, "m {m} v {v} α {alpha}: eigenvalues {exact}, closed form {closed}");
+        }
+        assert_eq!(optimal_elastic_alpha(4, 1), 2.0 / 6.0);
+        for (m, v) in [(4, 2), (8, 2), (8, 4), (12, 3)] {
+            let best = optimal_elastic_alpha(m, v);
+            let limit = elastic_alpha_limit(m, v);
+            let zeta = elastic_zeta(best, m, v);
+            assert!(zeta < 1.0);
+            for k in 1..200 {
+                let alpha = limit * k as f64 / 200.0;
+                assert!(zeta <= elastic_zeta(alpha, m, v) + 1e-12, "m {m} v {v}: α {alpha} beats the optimum {best}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_anchor_settings_are_named() {
+        for anchors in [3, 5] {
+            let error = ElasticConfig { alpha: None, anchors: Some(anchors) }.build(4).err().unwrap();
+            assert_eq!(error.option, "anchors", "{anchors} anchors for 4 workers");
+        }
+        let error = ElasticConfig { alpha: Some(0.5), anchors: Some(2) }.build(4).err().unwrap();
+        assert_eq!(error.option, "alpha");
+        assert!(error.reason.contains("v = 2"), "{}", error.reason);
+        assert!(ElasticConfig { alpha: Some(0.45), anchors: Some(2) }.build(4).is_ok(), "α < 1/n = 1/2");
+    }
 
     #[test]
     fn one_merge_is_the_augmented_matrix_with_the_anchor() {
@@ -253,7 +535,7 @@ mod tests {
         assert!(matches!(Elastic::new(0.4).validate(4), Err(RuleError::ElasticAlphaOutOfRange { workers: 4, .. })));
         assert!(Elastic::new(0.5).validate(2).is_ok(), "2/(m+1) = 2/3 for two workers");
         assert!(Elastic::new(f64::NAN).validate(2).is_err());
-        let error = ElasticConfig { alpha: Some(0.5) }.build(4).err().unwrap();
+        let error = ElasticConfig { alpha: Some(0.5), anchors: None }.build(4).err().unwrap();
         assert_eq!((error.option, error.value.as_str()), ("alpha", "0.5"));
     }
 

@@ -8,6 +8,12 @@
 //! unchanged. The weighted sum is built term by term in the order of the matrix's neighbour
 //! list, as each neighbour's model arrives, so every communicator gives the same bits.
 //!
+//! With `--topology one-peer-exponential` the graph changes at every merge `k` (Ying et al.,
+//! "Exponential Graph is Provably Efficient for Decentralized Deep Training", NeurIPS 2021):
+//! worker `i` sends its model to `i − 2^(k mod ⌈log₂ m⌉)` and becomes the mean of its own and
+//! that of `i + 2^(k mod ⌈log₂ m⌉)` (mod `m`), one model each way per merge whatever `m`; for
+//! `m` a power of two, `log₂ m` consecutive merges average exactly.
+//!
 //! Gossip does not measure the consensus distance by itself (that would need an all-reduce of
 //! the whole model, the traffic gossip exists to avoid); the synchronizer measures it when asked
 //! and counts those bytes apart.
@@ -19,13 +25,15 @@ use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
 use crate::comm::Communicator;
 use crate::mixing::MixingMatrix;
 use crate::spec::{RuleConfig, SpecError, serde_name};
-use crate::topology::{Topology, TopologyError, TopologySpec, WeightRule};
+use crate::topology::{
+    Topology, TopologyError, TopologySpec, WeightRule, one_peer_exponential_distance, one_peer_exponential_matrix,
+};
 
 /// `--rule gossip`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct GossipConfig {
-    /// Gossip topology: ring, torus, exponential, complete (default ring).
+    /// Gossip topology: ring, torus, exponential, complete, one-peer-exponential (default ring).
     #[arg(long, value_parser = serde_name::<TopologySpec>)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub topology: Option<TopologySpec>,
@@ -40,6 +48,16 @@ impl RuleConfig for GossipConfig {
 
     fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
         let topology = self.topology.unwrap_or_default();
+        if topology.is_time_varying() {
+            if let Some(weights) = self.weights {
+                let reason = "the one-peer exponential graph has its own weights (one half each)";
+                return Err(SpecError::new("weights", crate::spec::serde_name_of(&weights), reason));
+            }
+            if world_size == 0 {
+                return Err(SpecError::new("topology", "one-peer-exponential", TopologyError::NoWorkers));
+            }
+            return Ok(Box::new(Gossip::one_peer_exponential(world_size)));
+        }
         let invalid = |error: TopologyError| SpecError::new("topology", crate::spec::serde_name_of(&topology), error);
         let matrix = topology
             .build(world_size)
@@ -58,23 +76,45 @@ impl RuleConfig for GossipConfig {
     }
 
     fn resolved(&self) -> Self {
-        Self { topology: Some(self.topology.unwrap_or_default()), weights: Some(self.weights.unwrap_or_default()) }
+        let topology = self.topology.unwrap_or_default();
+        let weights = if topology.is_time_varying() { None } else { Some(self.weights.unwrap_or_default()) };
+        Self { topology: Some(topology), weights }
     }
 }
 
 /// Gossip averaging with a mixing matrix; see the [module documentation](crate::rules::gossip).
 #[derive(Debug, Clone)]
 pub struct Gossip {
-    matrix: MixingMatrix,
+    graph: GossipGraph,
     peers: Vec<usize>,
+    weights: Vec<f64>,
+    send_to: Vec<usize>,
     mixed: Vec<f32>,
     begun: bool,
+}
+
+/// The graph of a gossip merge.
+#[derive(Debug, Clone)]
+enum GossipGraph {
+    /// The same matrix at every merge.
+    Fixed(MixingMatrix),
+    /// The one-peer exponential graph on this many workers.
+    OnePeerExponential(usize),
 }
 
 impl Gossip {
     /// Gossip with a validated mixing matrix.
     pub fn new(matrix: MixingMatrix) -> Self {
-        Self { matrix, peers: Vec::new(), mixed: Vec::new(), begun: false }
+        Self::with_graph(GossipGraph::Fixed(matrix))
+    }
+
+    /// Gossip on the one-peer exponential graph of `workers` workers (a new peer every merge).
+    pub fn one_peer_exponential(workers: usize) -> Self {
+        Self::with_graph(GossipGraph::OnePeerExponential(workers))
+    }
+
+    fn with_graph(graph: GossipGraph) -> Self {
+        Self { graph, peers: Vec::new(), weights: Vec::new(), send_to: Vec::new(), mixed: Vec::new(), begun: false }
     }
 
     /// Gossip on a topology with its Metropolis–Hastings weights.
@@ -82,10 +122,62 @@ impl Gossip {
         Ok(Self::new(topology.mixing_matrix(WeightRule::default())?))
     }
 
-    /// The mixing matrix.
-    pub fn matrix(&self) -> &MixingMatrix {
-        &self.matrix
+    /// The mixing matrix, for gossip on a fixed graph.
+    pub fn matrix(&self) -> Option<&MixingMatrix> {
+        match &self.graph {
+            GossipGraph::Fixed(matrix) => Some(matrix),
+            GossipGraph::OnePeerExponential(_) => None,
+        }
     }
+
+    fn order(&self) -> usize {
+        match &self.graph {
+            GossipGraph::Fixed(matrix) => matrix.order(),
+            GossipGraph::OnePeerExponential(workers) => *workers,
+        }
+    }
+
+    /// This worker's neighbours and weights at merge `round` (in `peers`, `weights`, `send_to`);
+    /// returns the weight it keeps on its own model.
+    fn neighbors_at(&mut self, rank: usize, round: u64) -> f64 {
+        self.peers.clear();
+        self.weights.clear();
+        self.send_to.clear();
+        match &self.graph {
+            GossipGraph::Fixed(matrix) => {
+                for (j, w) in matrix.neighbors(rank) {
+                    self.peers.push(j);
+                    self.weights.push(w);
+                }
+                self.send_to.extend_from_slice(&self.peers);
+                matrix.self_weight(rank)
+            }
+            GossipGraph::OnePeerExponential(workers) => {
+                let Some(d) = one_peer_exponential_distance(*workers, round) else { return 1.0 };
+                self.peers.push((rank + d) % workers);
+                self.weights.push(0.5);
+                self.send_to.push((rank + workers - d) % workers);
+                0.5
+            }
+        }
+    }
+}
+
+/// `mixed ← self_weight · params + Σ_k weights[k] · (the model of receive_from[k])`, the sum
+/// built term by term in the order of `receive_from`, as each neighbour's model arrives, while
+/// `params` goes to every rank in `send_to` (the neighbour mixing step of gossip-type rules).
+pub(crate) fn mix_with_neighbors(
+    params: &[f32],
+    self_weight: f64,
+    send_to: &[usize],
+    receive_from: &[usize],
+    weights: &[f64],
+    comm: &mut dyn Communicator,
+    mixed: &mut Vec<f32>,
+) -> Result<(), RuleError> {
+    scaled(mixed, self_weight as f32, params);
+    comm.exchange_directed(params, send_to, receive_from, &mut |k, values| add_scaled(mixed, weights[k] as f32, values))?;
+    Ok(())
 }
 
 impl MergeRule for Gossip {
@@ -94,22 +186,18 @@ impl MergeRule for Gossip {
     }
 
     fn validate(&self, world_size: usize) -> Result<(), RuleError> {
-        if self.matrix.order() == world_size {
+        if self.order() == world_size {
             Ok(())
         } else {
-            Err(RuleError::WorldSizeMismatch { rule: "gossip", expected: self.matrix.order(), found: world_size })
+            Err(RuleError::WorldSizeMismatch { rule: "gossip", expected: self.order(), found: world_size })
         }
     }
 
     fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        let neighbors = self.matrix.neighbors(ctx.rank);
-        self.peers.clear();
-        self.peers.extend(neighbors.iter().map(|&(j, _)| j));
+        let self_weight = self.neighbors_at(ctx.rank, ctx.round);
         // `W_ii x_i`, then `+ W_ij x_j` for each neighbour as its model arrives, in the order
         // of the matrix's neighbour list.
-        scaled(&mut self.mixed, self.matrix.self_weight(ctx.rank) as f32, params);
-        let mixed = &mut self.mixed;
-        comm.exchange(params, &self.peers, &mut |k, values| add_scaled(mixed, neighbors[k].1 as f32, values))?;
+        mix_with_neighbors(params, self_weight, &self.send_to, &self.peers, &self.weights, comm, &mut self.mixed)?;
         self.begun = true;
         Ok(())
     }
@@ -128,7 +216,14 @@ impl MergeRule for Gossip {
     }
 
     fn mixing_matrix(&self, _world_size: usize) -> Option<MixingMatrix> {
-        Some(self.matrix.clone())
+        self.matrix().cloned()
+    }
+
+    fn mixing_matrix_at(&self, world_size: usize, round: u64) -> Option<MixingMatrix> {
+        match &self.graph {
+            GossipGraph::Fixed(matrix) => Some(matrix.clone()),
+            GossipGraph::OnePeerExponential(_) => Some(one_peer_exponential_matrix(world_size, round)),
+        }
     }
 }
 
@@ -136,7 +231,7 @@ impl MergeRule for Gossip {
 mod tests {
     use super::*;
     use crate::comm::CollectiveKind;
-    use crate::testing::{check_rule_against_matrix, run_one_merge};
+    use crate::testing::{check_rounds_against_matrices, check_rule_against_matrix, run_one_merge};
 
     fn ring(m: usize) -> Gossip {
         Gossip::on(&Topology::ring(m).unwrap()).unwrap()
@@ -160,10 +255,42 @@ mod tests {
     }
 
     #[test]
+    fn one_peer_exponential_merges_are_x_times_w_k() {
+        for m in [2, 4, 6, 8] {
+            check_rounds_against_matrices(m, 5, 7, || Box::new(Gossip::one_peer_exponential(m)));
+        }
+    }
+
+    #[test]
+    fn one_peer_exponential_talks_to_one_peer_at_distance_two_to_the_k() {
+        let peers: Vec<Option<usize>> = (0..7).map(|k| one_peer_exponential_distance(8, k)).collect();
+        assert_eq!(peers, [1, 2, 4, 1, 2, 4, 1].map(Some));
+        let peers: Vec<Option<usize>> = (0..4).map(|k| one_peer_exponential_distance(5, k)).collect();
+        assert_eq!(peers, [1, 2, 4, 1].map(Some), "⌈log₂ 5⌉ = 3 distances");
+        assert_eq!(one_peer_exponential_distance(1, 3), None);
+        for run in run_one_merge(8, 10, |_| Box::new(Gossip::one_peer_exponential(8))) {
+            assert_eq!(run.traffic.total().bytes_sent, 4 * 10, "one model sent");
+            assert_eq!(run.traffic.total().bytes_received, 4 * 10, "one model received");
+        }
+    }
+
+    #[test]
+    fn one_peer_exponential_averages_exactly_after_log2_m_merges() {
+        let m = 8;
+        let product = (0..3).fold(MixingMatrix::identity(m).to_rows(), |acc, k| {
+            let w = one_peer_exponential_matrix(m, k);
+            (0..m).map(|i| (0..m).map(|j| (0..m).map(|l| acc[i][l] * w.get(l, j)).sum()).collect()).collect()
+        });
+        assert!(product.iter().flatten().all(|&v: &f64| v == 0.125), "{product:?}");
+    }
+
+    #[test]
     fn a_matrix_for_other_workers_is_rejected() {
         assert_eq!(ring(4).validate(5), Err(RuleError::WorldSizeMismatch { rule: "gossip", expected: 4, found: 5 }));
         let error = GossipConfig { topology: Some(TopologySpec::Torus), weights: None }.build(7).err().unwrap();
         assert_eq!(error.option, "topology");
         assert!(error.reason.contains("7 workers cannot form a 2-D torus"), "{}", error.reason);
+        let one_peer = GossipConfig { topology: Some(TopologySpec::OnePeerExponential), weights: Some(WeightRule::BestConstant) };
+        assert_eq!(one_peer.build(4).err().unwrap().option, "weights");
     }
 }

@@ -208,6 +208,26 @@ mod tests {
     }
 
     #[test]
+    fn bytes_are_counted_per_level() {
+        let (m, n) = (4, 41);
+        let comms = InProcessGroup::new(m).into_communicators();
+        let reports = run_group(comms, |_, comm| -> Result<_, crate::CoopError> {
+            let rule = HierarchicalConfig { groups: Some(2), global_every: Some(2) }.build(m).unwrap();
+            let mut sync = Synchronizer::new(rule, PeriodicSchedule::every(1).unwrap(), comm)?;
+            let mut params = worker_buffer(0, n);
+            (0..4).map(|_| sync.merge_flat(&mut params)).collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap();
+        let group_all_reduce = 2 * (2 - 1) * 4 * n as u64 / 2;
+        for worker in reports {
+            let levels: Vec<u64> = worker.iter().map(|r| r.subgroup_bytes_sent).collect();
+            assert_eq!(levels, [group_all_reduce, 0, group_all_reduce, 0], "group merges inside the group only");
+            let global_all_reduce = 2 * (4 - 1) * 4 * n as u64 / 4;
+            assert!(worker[1].bytes_sent >= global_all_reduce, "{}", worker[1].bytes_sent);
+        }
+    }
+
+    #[test]
     fn bad_settings_are_named() {
         let error = HierarchicalConfig { groups: Some(3), global_every: None }.build(4).err().unwrap();
         assert_eq!(error.option, "groups");

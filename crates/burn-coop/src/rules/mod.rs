@@ -71,14 +71,16 @@ use crate::state::StateRecord;
 pub enum RuleError {
     /// EASGD's moving rate outside the stable range.
     #[error(
-        "elastic averaging needs 0 < α < 2/(m+1) = {upper:.6} for m = {workers} workers (stability of the (m+1)x(m+1) mixing matrix), got α = {alpha}"
+        "elastic averaging needs 0 < α < {upper:.6} for m = {workers} workers and v = {anchors} anchor(s) (2/(m+1) for one anchor, 1/(m/v) for several: stability of the (m+v)x(m+v) mixing matrix), got α = {alpha}"
     )]
     ElasticAlphaOutOfRange {
         /// The α given.
         alpha: f64,
         /// Number of workers.
         workers: usize,
-        /// The exclusive upper bound `2/(m+1)`.
+        /// Number of anchors.
+        anchors: usize,
+        /// The exclusive upper bound.
         upper: f64,
     },
     /// The rule was built for a different number of workers than the communicator has.
@@ -225,6 +227,12 @@ pub trait MergeRule: Send {
         None
     }
 
+    /// The rule's mixing matrix at merge `round` (counted from 0), for rules whose matrix
+    /// changes from merge to merge (time-varying or random graphs); the fixed one by default.
+    fn mixing_matrix_at(&self, world_size: usize, _round: u64) -> Option<MixingMatrix> {
+        self.mixing_matrix(world_size)
+    }
+
     /// The rule's state to checkpoint.
     fn record(&self) -> StateRecord {
         StateRecord::new()
@@ -282,6 +290,9 @@ impl<R: MergeRule + ?Sized> MergeRule for Box<R> {
     }
     fn mixing_matrix(&self, world_size: usize) -> Option<MixingMatrix> {
         (**self).mixing_matrix(world_size)
+    }
+    fn mixing_matrix_at(&self, world_size: usize, round: u64) -> Option<MixingMatrix> {
+        (**self).mixing_matrix_at(world_size, round)
     }
     fn record(&self) -> StateRecord {
         (**self).record()
