@@ -347,14 +347,11 @@ impl MpiComm {
             let decode = |words: &[u64]| -> Vec<usize> {
                 (0..self.world_size).filter(|&j| words[j / 64] & (1 << (j % 64)) != 0).collect()
             };
-            let lists: Vec<(Vec<usize>, Vec<usize>)> = self
-                .records
-                .iter()
-                .map(|r| (decode(&r[3..3 + half]), decode(&r[3 + half..3 + PIGGYBACK])))
-                .collect();
-            if let Some((rank, neighbor)) = burn_coop::comm::first_bad_neighbor(self.world_size, |i| {
-                (lists[i].0.as_slice(), lists[i].1.as_slice())
-            }) {
+            let lists: Vec<(Vec<usize>, Vec<usize>)> =
+                self.records.iter().map(|r| (decode(&r[3..3 + half]), decode(&r[3 + half..3 + PIGGYBACK]))).collect();
+            if let Some((rank, neighbor)) =
+                burn_coop::comm::first_bad_neighbor(self.world_size, |i| (lists[i].0.as_slice(), lists[i].1.as_slice()))
+            {
                 return Err(CommError::BadNeighbor { rank, neighbor, world_size: self.world_size });
             }
         }

@@ -8,6 +8,26 @@
 /// Uses cyclic Jacobi sweeps until the off-diagonal mass is below `1e-14` of the matrix's norm.
 /// The caller guarantees symmetry; only the upper triangle's rotations are tracked.
 pub(crate) fn symmetric_eigenvalues(a: &[f64], n: usize) -> Vec<f64> {
+    let mut values = jacobi(a, n, None);
+    values.sort_by(|x, y| y.total_cmp(x));
+    values
+}
+
+/// Eigenvalues in decreasing order and their unit eigenvectors (`vectors[k]` belongs to
+/// `values[k]`) of the symmetric `n × n` matrix `a`, by the same Jacobi sweeps.
+pub(crate) fn symmetric_eigen(a: &[f64], n: usize) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let mut v = vec![0.0; n * n];
+    (0..n).for_each(|i| v[i * n + i] = 1.0);
+    let values = jacobi(a, n, Some(&mut v));
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&x, &y| values[y].total_cmp(&values[x]));
+    let vectors = order.iter().map(|&k| (0..n).map(|i| v[i * n + k]).collect()).collect();
+    (order.iter().map(|&k| values[k]).collect(), vectors)
+}
+
+/// Diagonalizes `a` by cyclic Jacobi rotations; returns the diagonal (unsorted) and, when
+/// given `vectors` (the identity on entry), accumulates the rotations into it (columns).
+fn jacobi(a: &[f64], n: usize, mut vectors: Option<&mut [f64]>) -> Vec<f64> {
     assert_eq!(a.len(), n * n, "matrix storage does not match its order");
     let mut m = a.to_vec();
     let norm: f64 = m.iter().map(|v| v * v).sum::<f64>().sqrt();
@@ -33,12 +53,17 @@ pub(crate) fn symmetric_eigenvalues(a: &[f64], n: usize) -> Vec<f64> {
                 let c = 1.0 / (t * t + 1.0).sqrt();
                 let s = t * c;
                 rotate(&mut m, n, p, q, c, s);
+                if let Some(v) = vectors.as_deref_mut() {
+                    for k in 0..n {
+                        let (vkp, vkq) = (v[k * n + p], v[k * n + q]);
+                        v[k * n + p] = c * vkp - s * vkq;
+                        v[k * n + q] = s * vkp + c * vkq;
+                    }
+                }
             }
         }
     }
-    let mut values: Vec<f64> = (0..n).map(|i| m[i * n + i]).collect();
-    values.sort_by(|x, y| y.total_cmp(x));
-    values
+    (0..n).map(|i| m[i * n + i]).collect()
 }
 
 /// Applies the Jacobi rotation `Jᵀ M J` in the (p, q) plane.
@@ -59,7 +84,22 @@ fn rotate(m: &mut [f64], n: usize, p: usize, q: usize, c: f64, s: f64) {
 
 #[cfg(test)]
 mod tests {
-    use super::symmetric_eigenvalues;
+    use super::{symmetric_eigen, symmetric_eigenvalues};
+
+    #[test]
+    fn eigenvectors_satisfy_a_v_equals_lambda_v() {
+        let a = [4.0, 1.0, 0.5, 1.0, 3.0, -1.0, 0.5, -1.0, 2.0];
+        let (values, vectors) = symmetric_eigen(&a, 3);
+        assert_eq!(values, symmetric_eigenvalues(&a, 3));
+        for (lambda, v) in values.iter().zip(&vectors) {
+            let norm: f64 = v.iter().map(|x| x * x).sum();
+            assert!((norm - 1.0).abs() < 1e-12);
+            for i in 0..3 {
+                let av: f64 = (0..3).map(|j| a[i * 3 + j] * v[j]).sum();
+                assert!((av - lambda * v[i]).abs() < 1e-12, "row {i}: {av} vs {}", lambda * v[i]);
+            }
+        }
+    }
 
     #[test]
     fn diagonal_matrix_eigenvalues_are_its_diagonal() {

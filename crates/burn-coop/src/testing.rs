@@ -287,17 +287,13 @@ pub fn check_rule_against_matrix(m: usize, n: usize, make: impl Fn() -> Box<dyn 
 /// [`initial_buffer`], as the workers do) carried along: the rules whose graph changes from merge
 /// to merge, and those whose anchors mix among themselves. Before merge `k` every worker's buffer
 /// moves by [`worker_buffer`]`(rank + k)`, as local steps would; anchors take no steps.
-pub fn check_rounds_against_matrices(
-    m: usize,
-    n: usize,
-    rounds: u64,
-    make: impl Fn() -> Box<dyn MergeRule> + Sync,
-) {
+pub fn check_rounds_against_matrices(m: usize, n: usize, rounds: u64, make: impl Fn() -> Box<dyn MergeRule> + Sync) {
     let comms = InProcessGroup::new(m).with_timeout(Duration::from_secs(60)).into_communicators();
     let runs = run_group(comms, |rank, mut comm| -> Result<Vec<Vec<f32>>, RuleError> {
         let mut rule = make();
         let mut params = initial_buffer(m, n);
-        let mut ctx = SyncContext { step: 0, round: 0, steps_since_sync: 1, lr: Some(0.1), rank, world_size: m, seed: 7 };
+        let mut ctx =
+            SyncContext { step: 0, round: 0, steps_since_sync: 1, lr: Some(0.1), rank, world_size: m, seed: 7 };
         rule.start(&params, &ctx, &mut comm)?;
         let mut history = Vec::new();
         for round in 0..rounds {
@@ -312,11 +308,23 @@ pub fn check_rounds_against_matrices(
     })
     .unwrap_or_else(|failure| panic!("a worker failed: {:?}", failure.primary()));
     let rule = make();
-    let order = rule.mixing_matrix_at(m, 0).expect("the rule has a matrix").order();
+    let at = |round: usize| {
+        let ctx = SyncContext {
+            step: round as u64 + 1,
+            round: round as u64,
+            steps_since_sync: 1,
+            lr: Some(0.1),
+            rank: 0,
+            world_size: m,
+            seed: 7,
+        };
+        rule.mixing_matrix_at(&ctx).expect("the rule has a matrix at every merge")
+    };
+    let order = at(0).order();
     let start: Vec<f64> = initial_buffer(m, n).iter().map(|&v| f64::from(v)).collect();
     let mut columns = vec![start; order];
     for round in 0..rounds as usize {
-        let w = rule.mixing_matrix_at(m, round as u64).expect("the rule has a matrix at every merge");
+        let w = at(round);
         for (rank, column) in columns.iter_mut().enumerate().take(m) {
             let shift = worker_buffer(rank + round, n);
             column.iter_mut().zip(&shift).for_each(|(c, &s)| *c = f64::from(*c as f32 + s));

@@ -1,8 +1,8 @@
 //! Every collective of the MPI communicator on every rank, checked against what it must give:
 //! started and blocking sums in flight together, broadcast, all-gather of byte payloads of
-//! different lengths, neighbour exchange on a ring, sub-groups by colour, and the errors for
-//! mismatched calls. Prints `rank R: all collectives agree` or exits non-zero naming the first
-//! mismatch.
+//! different lengths, neighbour exchange on a ring, directed exchange, sub-groups by colour, and
+//! the errors for mismatched calls (also a send that no rank receives). Prints `rank R: all
+//! collectives agree` or exits non-zero naming the first mismatch.
 //!
 //! Usage: `mpirun -np 4 mpi-collectives`.
 
@@ -41,6 +41,16 @@ fn run(comm: &mut MpiComm) -> Result<(), Box<dyn std::error::Error>> {
     burn_coop::comm::exchange_into(comm, &[rank as f32; 5], &peers, &mut received)?;
     let want: Vec<Vec<f32>> = peers.iter().map(|&j| vec![j as f32; 5]).collect();
     check("ring exchange", received == want, &received)?;
+
+    // One-peer exponential style: send to rank − 1, receive from rank + 1.
+    let (to, from) = ((rank + m - 1) % m, (rank + 1) % m);
+    let mut got = Vec::new();
+    comm.exchange_directed(&[rank as f32; 3], &[to], &[from], &mut |k, v| got.push((k, v.to_vec())))?;
+    check("directed exchange", got == vec![(0, vec![from as f32; 3])], &got)?;
+    // A send nobody receives is the same error on every rank, before any message moves.
+    let receive_from: &[usize] = if rank == 0 { &[] } else { &[from] };
+    let error = comm.exchange_directed(&[0.0], &[to], receive_from, &mut |_, _| {}).unwrap_err();
+    check("unmatched send", matches!(error, CommError::BadNeighbor { rank: 1, neighbor: 0, .. }), &error)?;
 
     let mut group = comm.split(rank % 2)?;
     let mut local = [rank as f64];

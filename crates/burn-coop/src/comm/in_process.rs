@@ -438,7 +438,12 @@ impl Communicator for InProcessComm {
                 _ => unreachable!("rounds hold one kind of payload"),
             };
             if let Some(&j) = receive_from.iter().find(|&&j| values_of(j).len() != send.len()) {
-                return Err(CommError::LengthMismatch { rank, len: send.len(), other_rank: j, other_len: values_of(j).len() });
+                return Err(CommError::LengthMismatch {
+                    rank,
+                    len: send.len(),
+                    other_rank: j,
+                    other_len: values_of(j).len(),
+                });
             }
             for (k, &j) in receive_from.iter().enumerate() {
                 receive(k, values_of(j));

@@ -176,7 +176,9 @@ pub(crate) fn mix_with_neighbors(
     mixed: &mut Vec<f32>,
 ) -> Result<(), RuleError> {
     scaled(mixed, self_weight as f32, params);
-    comm.exchange_directed(params, send_to, receive_from, &mut |k, values| add_scaled(mixed, weights[k] as f32, values))?;
+    comm.exchange_directed(params, send_to, receive_from, &mut |k, values| {
+        add_scaled(mixed, weights[k] as f32, values)
+    })?;
     Ok(())
 }
 
@@ -219,10 +221,10 @@ impl MergeRule for Gossip {
         self.matrix().cloned()
     }
 
-    fn mixing_matrix_at(&self, world_size: usize, round: u64) -> Option<MixingMatrix> {
+    fn mixing_matrix_at(&self, ctx: &SyncContext) -> Option<MixingMatrix> {
         match &self.graph {
             GossipGraph::Fixed(matrix) => Some(matrix.clone()),
-            GossipGraph::OnePeerExponential(_) => Some(one_peer_exponential_matrix(world_size, round)),
+            GossipGraph::OnePeerExponential(_) => Some(one_peer_exponential_matrix(ctx.world_size, ctx.round)),
         }
     }
 }
@@ -290,7 +292,8 @@ mod tests {
         let error = GossipConfig { topology: Some(TopologySpec::Torus), weights: None }.build(7).err().unwrap();
         assert_eq!(error.option, "topology");
         assert!(error.reason.contains("7 workers cannot form a 2-D torus"), "{}", error.reason);
-        let one_peer = GossipConfig { topology: Some(TopologySpec::OnePeerExponential), weights: Some(WeightRule::BestConstant) };
+        let one_peer =
+            GossipConfig { topology: Some(TopologySpec::OnePeerExponential), weights: Some(WeightRule::BestConstant) };
         assert_eq!(one_peer.build(4).err().unwrap().option, "weights");
     }
 }

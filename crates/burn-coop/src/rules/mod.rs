@@ -6,8 +6,9 @@
 //! | rule | `W` | anchors | file | reference |
 //! |---|---|---|---|---|
 //! | [`Averaging`] (local SGD, FedAvg; synchronous SGD at τ = 1) | `J = 11ᵀ/m` | 0 | `averaging.rs` | Stich, ICLR 2019; McMahan et al., AISTATS 2017 |
-//! | [`Elastic`] (EASGD) | `[[(1−α)I, α1], [α1ᵀ, 1−mα]]` | 1 | `elastic.rs` | Zhang, Choromanska & LeCun, NeurIPS 2015 |
-//! | [`Gossip`] (decentralized periodic averaging; D-PSGD at τ = 1) | a topology's `W` | 0 | `gossip.rs` | Lian et al., NeurIPS 2017 |
+//! | [`Elastic`] (EASGD; `--anchors v`: generalized elastic averaging) | `[[(1−α)I, α1], [α1ᵀ, 1−mα]]`; with `v` anchors, groups of `m/v` workers each pulled by one anchor, anchors averaged | `v` (default 1) | `elastic.rs` | Zhang, Choromanska & LeCun, NeurIPS 2015; Wang & Joshi, JMLR 2021 |
+//! | [`Gossip`] (decentralized periodic averaging; D-PSGD at τ = 1; one-peer exponential graph) | a topology's `W`; `½(I + P_k)` for the one-peer exponential graph | 0 | `gossip.rs` | Lian et al., NeurIPS 2017; Ying et al., NeurIPS 2021 |
+//! | [`Matcha`] (random disjoint matchings under a budget) | `I − α Σ_j B_j^k L_j` | 0 | `matcha.rs` | Wang, Sahu, Yang, Joshi & Kar, arXiv 1905.09435 |
 //! | [`Hierarchical`] (groups every merge, everyone every `k`-th) | `diag(J_{m/G}, …)`, then `J` | 0 | `hierarchical.rs` | Lin et al., ICLR 2020; PyTorch's `HierarchicalModelAverager` |
 //! | [`DiLoCo`] (outer Nesterov momentum on `x_sync − x̄`; SlowMo) | none (`J` at `lr_outer = 1`, `β = 0`) | 0 (keeps `x_sync` and `u`) | `diloco.rs` | Douillard et al., arXiv 2311.08105; Wang et al., ICLR 2020 |
 //!
@@ -28,12 +29,14 @@ pub mod elastic;
 pub mod gossip;
 pub mod hierarchical;
 pub(crate) mod kernels;
+pub mod matcha;
 
 pub use averaging::{Averaging, AveragingConfig, SynchronousConfig};
 pub use diloco::{DiLoCo, DiLoCoConfig};
 pub use elastic::{Elastic, ElasticConfig};
 pub use gossip::{Gossip, GossipConfig};
 pub use hierarchical::{Hierarchical, HierarchicalConfig};
+pub use matcha::{Matcha, MatchaConfig};
 
 // The registry: one line per rule (its `--rule` name comes from its config's `NAME`).
 crate::spec::registry! {
@@ -58,6 +61,8 @@ crate::spec::registry! {
     Diloco(diloco: DiLoCoConfig),
     /// Averaging within groups every merge and across all workers every k-th merge.
     Hierarchical(hierarchical: HierarchicalConfig),
+    /// Gossip on randomly activated matchings of a base graph under a budget (MATCHA).
+    Matcha(matcha: MatchaConfig),
 }
 
 use serde::{Deserialize, Serialize};
@@ -227,10 +232,11 @@ pub trait MergeRule: Send {
         None
     }
 
-    /// The rule's mixing matrix at merge `round` (counted from 0), for rules whose matrix
-    /// changes from merge to merge (time-varying or random graphs); the fixed one by default.
-    fn mixing_matrix_at(&self, world_size: usize, _round: u64) -> Option<MixingMatrix> {
-        self.mixing_matrix(world_size)
+    /// The rule's mixing matrix at the merge `ctx` describes (its round, the shared seed, the
+    /// world size), for rules whose matrix changes from merge to merge (time-varying or random
+    /// graphs); the fixed one by default.
+    fn mixing_matrix_at(&self, ctx: &SyncContext) -> Option<MixingMatrix> {
+        self.mixing_matrix(ctx.world_size)
     }
 
     /// The rule's state to checkpoint.
@@ -291,8 +297,8 @@ impl<R: MergeRule + ?Sized> MergeRule for Box<R> {
     fn mixing_matrix(&self, world_size: usize) -> Option<MixingMatrix> {
         (**self).mixing_matrix(world_size)
     }
-    fn mixing_matrix_at(&self, world_size: usize, round: u64) -> Option<MixingMatrix> {
-        (**self).mixing_matrix_at(world_size, round)
+    fn mixing_matrix_at(&self, ctx: &SyncContext) -> Option<MixingMatrix> {
+        (**self).mixing_matrix_at(ctx)
     }
     fn record(&self) -> StateRecord {
         (**self).record()
