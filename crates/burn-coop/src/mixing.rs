@@ -238,6 +238,28 @@ impl MixingMatrix {
         1.0 - self.zeta()
     }
 
+    /// `WᵀW` (symmetric, doubly stochastic when `W` is).
+    pub fn gram(&self) -> MixingMatrix {
+        let n = self.order;
+        let mut entries = vec![0.0; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                entries[i * n + j] = (0..n).map(|k| self.get(k, i) * self.get(k, j)).sum();
+            }
+        }
+        Self { order: n, entries }
+    }
+
+    /// The mean of several matrices of one order (the second moment of a cycle of merges).
+    pub fn mean_of(matrices: &[MixingMatrix]) -> Option<MixingMatrix> {
+        let first = matrices.first()?;
+        let mut entries = vec![0.0; first.entries.len()];
+        for matrix in matrices {
+            entries.iter_mut().zip(&matrix.entries).for_each(|(e, v)| *e += v / matrices.len() as f64);
+        }
+        Some(Self { order: first.order, entries })
+    }
+
     /// Multiplies a `d × m` matrix of column vectors by this matrix: `X W`. Each element of
     /// `columns` is one worker's vector. Used by tests and by `coop topology` to show the
     /// effect of one merge.

@@ -453,7 +453,7 @@ mod tests {
 
     #[test]
     fn field_names_are_read_from_serde() {
-        assert_eq!(field_names::<ElasticConfig>(), &["alpha"]);
+        assert_eq!(field_names::<ElasticConfig>(), &["alpha", "anchors"]);
         assert_eq!(field_names::<GossipConfig>(), &["topology", "weights"]);
         assert_eq!(field_names::<FixedConfig>(), &["tau", "warmup-steps"]);
         assert!(field_names::<AveragingConfig>().is_empty());
@@ -509,7 +509,7 @@ mod tests {
         let error = elastic.build(4).err().unwrap();
         assert_eq!(
             error.to_string(),
-            "invalid value '0.5' for 'alpha': elastic averaging needs 0 < α < 2/(m+1) = 0.400000 for m = 4 workers (stability of the (m+1)x(m+1) mixing matrix), got α = 0.5"
+            "invalid value '0.5' for 'alpha': elastic averaging needs 0 < α < 0.400000 for m = 4 workers and v = 1 anchor(s) (the (m+v)x(m+v) mixing matrix is stable below 2/(m+1) with one anchor, below v/m with several), got α = 0.5"
         );
         let (_, mut schedule) = build_pair(&RuleSpec::Sync(SynchronousConfig {}), &ScheduleSpec::default(), 3).unwrap();
         assert_eq!(schedule.period(10), 1);

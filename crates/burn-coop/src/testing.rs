@@ -346,6 +346,30 @@ pub fn check_rounds_against_matrices(m: usize, n: usize, rounds: u64, make: impl
     }
 }
 
+/// The bytes a worker sent per merge, averaged over the `m` workers and `rounds` merges of a
+/// buffer of `n` values, as [`Metered`] counts them for the rule's own collectives (to check
+/// [`MergeRule::expected_bytes_per_merge`]).
+pub fn measured_bytes_per_merge(m: usize, n: usize, rounds: u64, make: impl Fn() -> Box<dyn MergeRule> + Sync) -> f64 {
+    let comms = InProcessGroup::new(m).with_timeout(Duration::from_secs(60)).into_communicators();
+    let sent = run_group(comms, |rank, comm| -> Result<u64, RuleError> {
+        let mut rule = make();
+        let mut params = initial_buffer(m, n);
+        let mut ctx =
+            SyncContext { step: 0, round: 0, steps_since_sync: 1, lr: Some(0.1), rank, world_size: m, seed: 7 };
+        let mut comm = RecordingComm::new(comm);
+        rule.start(&params, &ctx, &mut comm)?;
+        let before = comm.traffic().total().bytes_sent;
+        for round in 0..rounds {
+            ctx.round = round;
+            ctx.step = round + 1;
+            rule.merge(&mut params, &ctx, &mut comm)?;
+        }
+        Ok(comm.traffic().total().bytes_sent - before)
+    })
+    .unwrap_or_else(|failure| panic!("a worker failed: {:?}", failure.primary()));
+    sent.iter().sum::<u64>() as f64 / (m as f64 * rounds as f64)
+}
+
 /// Linear(3→4) → BatchNorm(4) → Linear(4→2): weights, biases, BatchNorm affine and buffers.
 #[derive(Module, Debug)]
 pub struct Tiny {

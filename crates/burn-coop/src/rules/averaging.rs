@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::kernels::replace_by_mean;
 use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
-use crate::comm::{Communicator, PendingSum};
+use crate::comm::{Communicator, PendingSum, Traffic};
 use crate::mixing::MixingMatrix;
 use crate::spec::{RuleConfig, SpecError};
 
@@ -122,6 +122,10 @@ impl MergeRule for Averaging {
         true
     }
 
+    fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
+        Some(Traffic::ring_all_reduce(4 * values as u64, world_size) as f64)
+    }
+
     fn mixing_matrix(&self, world_size: usize) -> Option<MixingMatrix> {
         Some(MixingMatrix::averaging(world_size))
     }
@@ -131,6 +135,12 @@ impl MergeRule for Averaging {
 mod tests {
     use super::*;
     use crate::testing::{check_phases_match_merge, check_rule_against_matrix, run_one_merge};
+
+    #[test]
+    fn expected_bytes_are_the_metered_ones() {
+        let measured = crate::testing::measured_bytes_per_merge(4, 40, 2, || Box::new(Averaging::new()));
+        assert_eq!(Averaging::new().expected_bytes_per_merge(40, 4), Some(measured));
+    }
 
     #[test]
     fn one_merge_is_x_times_j() {

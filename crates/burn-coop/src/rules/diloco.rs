@@ -155,6 +155,10 @@ impl MergeRule for DiLoCo {
         Ok(MergeOutcome { local_squared_distance: Some(local) })
     }
 
+    fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
+        Some(crate::comm::Traffic::ring_all_reduce(4 * values as u64, world_size) as f64)
+    }
+
     fn measures_consensus(&self) -> bool {
         true
     }
@@ -186,6 +190,13 @@ mod tests {
     use super::*;
     use crate::rules::Averaging;
     use crate::testing::{initial_buffer, run_one_merge, worker_buffer};
+
+    #[test]
+    fn expected_bytes_are_the_metered_ones() {
+        let make = || DiLoCoConfig::default().build(4).unwrap();
+        let measured = crate::testing::measured_bytes_per_merge(4, 40, 2, make);
+        assert_eq!(make().expected_bytes_per_merge(40, 4), Some(measured));
+    }
 
     #[test]
     fn lr_one_and_no_momentum_is_averaging_bit_for_bit() {

@@ -388,6 +388,15 @@ impl MergeRule for Elastic {
         self.anchors == 1
     }
 
+    fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
+        let bytes = 4 * values as u64;
+        let global = crate::comm::Traffic::ring_all_reduce(bytes, world_size) as f64;
+        if self.anchors <= 1 {
+            return Some(global);
+        }
+        Some(crate::comm::Traffic::ring_all_reduce(bytes, world_size / self.anchors) as f64 + global)
+    }
+
     fn mixing_matrix(&self, world_size: usize) -> Option<MixingMatrix> {
         let (m, v) = (world_size, self.anchors.max(1));
         let n = m / v;
@@ -502,6 +511,15 @@ mod tests {
                 let alpha = limit * k as f64 / 200.0;
                 assert!(zeta <= elastic_zeta(alpha, m, v) + 1e-12, "m {m} v {v}: α {alpha} beats the optimum {best}");
             }
+        }
+    }
+
+    #[test]
+    fn expected_bytes_are_the_metered_ones() {
+        for anchors in [1, 2] {
+            let make = || Box::new(Elastic::new(0.2).with_anchors(anchors)) as Box<dyn MergeRule>;
+            let measured = crate::testing::measured_bytes_per_merge(4, 40, 2, make);
+            assert_eq!(make().expected_bytes_per_merge(40, 4), Some(measured), "{anchors} anchors");
         }
     }
 

@@ -221,6 +221,29 @@ impl MergeRule for Gossip {
         self.matrix().cloned()
     }
 
+    fn mixing_second_moment(&self, world_size: usize) -> Option<MixingMatrix> {
+        match &self.graph {
+            GossipGraph::Fixed(matrix) => Some(matrix.gram()),
+            GossipGraph::OnePeerExponential(workers) => {
+                let period = workers.next_power_of_two().trailing_zeros().max(1) as u64;
+                let cycle: Vec<MixingMatrix> =
+                    (0..period).map(|k| one_peer_exponential_matrix(world_size, k).gram()).collect();
+                MixingMatrix::mean_of(&cycle)
+            }
+        }
+    }
+
+    fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
+        let model = 4.0 * values as f64;
+        match &self.graph {
+            GossipGraph::Fixed(matrix) => {
+                let links: usize = (0..matrix.order()).map(|i| matrix.neighbors(i).len()).sum();
+                Some(model * links as f64 / world_size as f64)
+            }
+            GossipGraph::OnePeerExponential(_) => Some(if world_size > 1 { model } else { 0.0 }),
+        }
+    }
+
     fn mixing_matrix_at(&self, ctx: &SyncContext) -> Option<MixingMatrix> {
         match &self.graph {
             GossipGraph::Fixed(matrix) => Some(matrix.clone()),
@@ -284,6 +307,19 @@ mod tests {
             (0..m).map(|i| (0..m).map(|j| (0..m).map(|l| acc[i][l] * w.get(l, j)).sum()).collect()).collect()
         });
         assert!(product.iter().flatten().all(|&v: &f64| v == 0.125), "{product:?}");
+    }
+
+    #[test]
+    fn expected_bytes_are_the_metered_ones() {
+        let torus = Topology::torus(2, 3).unwrap().mixing_matrix(WeightRule::BestConstant).unwrap();
+        let rules: [Box<dyn Fn() -> Box<dyn MergeRule> + Sync>; 2] = [
+            Box::new(move || Box::new(Gossip::new(torus.clone()))),
+            Box::new(|| Box::new(Gossip::one_peer_exponential(6))),
+        ];
+        for make in rules {
+            let measured = crate::testing::measured_bytes_per_merge(6, 40, 3, &make);
+            assert_eq!(make().expected_bytes_per_merge(40, 6), Some(measured));
+        }
     }
 
     #[test]

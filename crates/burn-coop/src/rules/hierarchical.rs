@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use super::kernels::replace_by_mean;
 use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
-use crate::comm::Communicator;
+use crate::comm::{Communicator, Traffic};
+use crate::mixing::MixingMatrix;
 use crate::spec::{RuleConfig, SpecError};
 
 /// `--rule hierarchical`.
@@ -147,6 +148,28 @@ impl MergeRule for Hierarchical {
     fn measures_consensus(&self) -> bool {
         true
     }
+
+    fn mixing_second_moment(&self, world_size: usize) -> Option<MixingMatrix> {
+        // k − 1 group merges (block-diagonal J_{m/G}, its own square) and one global J per cycle.
+        let size = world_size / self.groups.max(1);
+        let mut entries = vec![0.0; world_size * world_size];
+        let k = self.global_every as f64;
+        for i in 0..world_size {
+            for j in 0..world_size {
+                let group = if i / size == j / size { (k - 1.0) / size as f64 } else { 0.0 };
+                entries[i * world_size + j] = (group + 1.0 / world_size as f64) / k;
+            }
+        }
+        Some(MixingMatrix::from_entries_unchecked(world_size, entries))
+    }
+
+    fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
+        let bytes = 4 * values as u64;
+        let group = Traffic::ring_all_reduce(bytes, world_size / self.groups.max(1)) as f64;
+        let global = Traffic::ring_all_reduce(bytes, world_size) as f64;
+        let k = self.global_every as f64;
+        Some(((k - 1.0) * group + global) / k)
+    }
 }
 
 #[cfg(test)]
@@ -224,6 +247,22 @@ mod tests {
             assert_eq!(levels, [group_all_reduce, 0, group_all_reduce, 0], "group merges inside the group only");
             let global_all_reduce = 2 * (4 - 1) * 4 * n as u64 / 4;
             assert!(worker[1].bytes_sent >= global_all_reduce, "{}", worker[1].bytes_sent);
+        }
+    }
+
+    #[test]
+    fn the_theory_matches_the_merges() {
+        let make = || HierarchicalConfig { groups: Some(2), global_every: Some(3) }.build(4).unwrap();
+        let measured = crate::testing::measured_bytes_per_merge(4, 40, 6, make);
+        assert_eq!(make().expected_bytes_per_merge(40, 4), Some(measured));
+        // The second moment of the cycle: two group merges and one global one.
+        let rule = make();
+        let block = |i: usize, j: usize| if i / 2 == j / 2 { 0.5 } else { 0.0 };
+        let gram = rule.mixing_second_moment(4).unwrap();
+        for i in 0..4 {
+            for j in 0..4 {
+                assert!((gram.get(i, j) - (2.0 * block(i, j) + 0.25) / 3.0).abs() < 1e-15);
+            }
         }
     }
 

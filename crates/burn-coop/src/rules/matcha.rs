@@ -236,6 +236,15 @@ impl MergeRule for Matcha {
         Ok(MergeOutcome { local_squared_distance: None })
     }
 
+    fn mixing_second_moment(&self, _world_size: usize) -> Option<MixingMatrix> {
+        Some(self.expected_gram())
+    }
+
+    fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
+        let edges: f64 = self.matchings.iter().zip(&self.probabilities).map(|(m, p)| p * m.len() as f64).sum();
+        Some(4.0 * values as f64 * 2.0 * edges / world_size as f64)
+    }
+
     fn mixing_matrix_at(&self, ctx: &SyncContext) -> Option<MixingMatrix> {
         let n = self.workers;
         let mut w = vec![0.0; n * n];
@@ -571,6 +580,14 @@ mod tests {
                 .count() as u64;
             assert_eq!(run.traffic.of(CollectiveKind::Exchange).bytes_sent, 4 * 10 * partners, "worker {}", run.rank);
         }
+    }
+
+    #[test]
+    fn expected_bytes_are_the_mean_of_the_metered_ones() {
+        let make = || Box::new(Matcha::from_matchings(8, paper_graph(), 0.5)) as Box<dyn MergeRule>;
+        let measured = crate::testing::measured_bytes_per_merge(8, 10, 400, make);
+        let expected = make().expected_bytes_per_merge(10, 8).unwrap();
+        assert!((measured / expected - 1.0).abs() < 0.05, "measured {measured}, expected {expected}");
     }
 
     #[test]

@@ -76,7 +76,7 @@ use crate::state::StateRecord;
 pub enum RuleError {
     /// EASGD's moving rate outside the stable range.
     #[error(
-        "elastic averaging needs 0 < α < {upper:.6} for m = {workers} workers and v = {anchors} anchor(s) (2/(m+1) for one anchor, 1/(m/v) for several: stability of the (m+v)x(m+v) mixing matrix), got α = {alpha}"
+        "elastic averaging needs 0 < α < {upper:.6} for m = {workers} workers and v = {anchors} anchor(s) (the (m+v)x(m+v) mixing matrix is stable below 2/(m+1) with one anchor, below v/m with several), got α = {alpha}"
     )]
     ElasticAlphaOutOfRange {
         /// The α given.
@@ -232,6 +232,21 @@ pub trait MergeRule: Send {
         None
     }
 
+    /// `E[W_kᵀ W_k]` over the rule's merges (its cycle, or its random draws), whose
+    /// second-largest eigenvalue is `ζ²` for the theory of time-varying graphs; by default
+    /// `WᵀW` of [`MergeRule::mixing_matrix`]. `None` for rules that are not mixing matrices.
+    fn mixing_second_moment(&self, world_size: usize) -> Option<MixingMatrix> {
+        self.mixing_matrix(world_size).map(|w| w.gram())
+    }
+
+    /// The bytes a worker sends in one merge of a model of `values` `f32`, averaged over the
+    /// workers and over the rule's cycle (or expected over its random draws), as
+    /// [`Metered`](crate::comm::Metered) counts them (without the few scalars of statistics a
+    /// synchronizer adds). `None` when the rule does not say.
+    fn expected_bytes_per_merge(&self, _values: usize, _world_size: usize) -> Option<f64> {
+        None
+    }
+
     /// The rule's mixing matrix at the merge `ctx` describes (its round, the shared seed, the
     /// world size), for rules whose matrix changes from merge to merge (time-varying or random
     /// graphs); the fixed one by default.
@@ -299,6 +314,12 @@ impl<R: MergeRule + ?Sized> MergeRule for Box<R> {
     }
     fn mixing_matrix_at(&self, ctx: &SyncContext) -> Option<MixingMatrix> {
         (**self).mixing_matrix_at(ctx)
+    }
+    fn mixing_second_moment(&self, world_size: usize) -> Option<MixingMatrix> {
+        (**self).mixing_second_moment(world_size)
+    }
+    fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
+        (**self).expected_bytes_per_merge(values, world_size)
     }
     fn record(&self) -> StateRecord {
         (**self).record()
