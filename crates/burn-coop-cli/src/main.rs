@@ -1,6 +1,7 @@
 //! `coop`: cooperative training of CIFAR ResNets with Burn — local SGD, elastic averaging and
 //! gossip — on threads of one machine or across MPI ranks.
 
+mod advise;
 mod config;
 mod data;
 mod device;
@@ -25,6 +26,8 @@ enum Command {
     Train(Box<config::TrainArgs>),
     /// Print a topology's mixing matrix W and its spectral quantities.
     Topology(topology::TopologyArgs),
+    /// What the theory says about a training setting: zeta, error floor, bytes, AdaComm's tau*.
+    Advise(Box<advise::AdviseArgs>),
     /// Obtain or check the CIFAR-10 data.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train::run(&args),
         Command::Topology(args) => topology::run(&args),
+        Command::Advise(args) => advise::run(&args),
         Command::Data(command) => data::run(&command),
     };
     match result {

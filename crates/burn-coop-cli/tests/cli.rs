@@ -32,6 +32,60 @@ fn topology_prints_w_and_zeta_as_json() {
     );
 }
 
+/// `coop advise --json` for a setting, parsed.
+fn advise(args: &[&str]) -> serde_json::Value {
+    let output = coop(&[&["advise", "--json", "--params", "1000"], args].concat());
+    assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn advise_prints_the_theory_of_a_setting() {
+    let close = |value: &serde_json::Value, expected: f64| (value.as_f64().unwrap() - expected).abs() < 1e-9;
+    let local = advise(&["--rule", "average", "--workers", "4", "--tau", "8", "--lr", "0.1"]);
+    assert!(close(&local["zeta"], 0.0) && close(&local["error_floor_factor"], 7.0), "{local}");
+    assert!(close(&local["bytes_per_merge"], 6000.0) && close(&local["bytes_per_step"], 750.0), "{local}");
+    assert!(close(&local["eta_eff"], 0.1), "{local}");
+
+    let ring = advise(&["--rule", "gossip", "--topology", "ring", "--workers", "8", "--tau", "4"]);
+    let zeta = (1.0 + 2.0 * (std::f64::consts::PI / 4.0).cos()) / 3.0;
+    let factor = (1.0 + zeta * zeta) / (1.0 - zeta * zeta);
+    assert!(close(&ring["zeta"], zeta) && close(&ring["error_floor_factor"], factor * 4.0 - 1.0), "{ring}");
+    assert_eq!(ring["decentralized_beats_averaging"], factor < 4.0);
+    assert!(close(&ring["bytes_per_merge"], 8000.0), "two neighbours, 4000 bytes each: {ring}");
+
+    let easgd = advise(&["--rule", "elastic", "--workers", "4", "--lr", "0.1"]);
+    assert!(close(&easgd["zeta"], 4.0 / 6.0) && close(&easgd["eta_eff"], 0.08) && easgd["anchors"] == 1, "{easgd}");
+
+    let adacomm = advise(&[
+        "--rule",
+        "average",
+        "--lr",
+        "0.1",
+        "--step-time",
+        "0.1",
+        "--comm-delay",
+        "0.5",
+        "--loss-gap",
+        "2",
+        "--smoothness",
+        "1",
+        "--grad-variance",
+        "4",
+        "--wall-time",
+        "100",
+        "--tau",
+        "5",
+    ]);
+    assert!(close(&adacomm["adacomm_tau_star"], 5f64.sqrt()) && close(&adacomm["seconds_per_step"], 0.2), "{adacomm}");
+
+    let table = coop(&["advise", "--rule", "matcha", "--workers", "8", "--params", "1000"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success() && text.contains("zeta") && text.contains("bytes per step"), "{text}");
+    let bad = coop(&["advise", "--rule", "elastic", "--anchors", "3", "--workers", "4"]);
+    assert!(!bad.status.success() && stderr(&bad).contains("anchors"), "{}", stderr(&bad));
+}
+
 #[test]
 fn bad_values_are_named_like_clap_errors() {
     let cases: [(&[&str], &str); 5] = [

@@ -3,7 +3,8 @@
 //! Communication-efficient distributed training for [Burn](https://burn.dev), built on the
 //! *Cooperative SGD* framework (Wang & Joshi): `m` workers each take τ local optimizer steps,
 //! then merge their models with a rule — periodic averaging (local SGD, FedAvg), elastic
-//! averaging (EASGD) or gossip over a graph. In matrix form every rule is
+//! averaging (EASGD, with one or several anchors), gossip over a fixed or time-varying graph,
+//! MATCHA, hierarchical averaging or an outer optimizer (DiLoCo). In matrix form every rule is
 //! `X_{k+1} = (X_k − η G_k) W_k`, with `W_k = I` between merges.
 //!
 //! The pieces, one concept per module:
@@ -19,8 +20,10 @@
 //! - [`LocalSgd`]: a Burn optimizer plus a synchronizer, the one-line swap;
 //! - [`learner`]: replicas trained together, with metrics, evaluation and checkpoints;
 //! - [`launch()`] / [`launch::run_group`]: one thread per worker, failures reported cause first;
+//! - [`advisor`]: what the theory says about a setting (`ζ`, error floor, bytes, AdaComm's `τ*`);
 //! - [`testing`]: a test kit for rule authors.
 
+pub mod advisor;
 pub mod comm;
 mod error;
 pub mod launch;

@@ -1,0 +1,101 @@
+//! `coop advise`: what Cooperative SGD's theory says about a `coop train` setting, before
+//! training (see [`burn_coop::advisor`]).
+
+use burn_coop::ParamLayout;
+use burn_coop::advisor::{AdaCommInputs, Advice};
+use clap::Args;
+
+use crate::config::TrainArgs;
+use crate::device::DeviceName;
+
+/// Arguments of `coop advise`: `coop train`'s, and the runtime model's.
+#[derive(Debug, Args)]
+pub struct AdviseArgs {
+    /// The setting, exactly as for `coop train` (`--rule`, `--workers`, `--tau`, `--topology`,
+    /// `--alpha`, `--anchors`, `--lr`, a `--config` file, …).
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Values in the model (default: counted from `--model`).
+    #[arg(long)]
+    pub params: Option<usize>,
+    /// Seconds of one local step, Y (AdaComm's runtime model).
+    #[arg(long, value_parser = burn_coop::spec::positive_f64)]
+    pub step_time: Option<f64>,
+    /// Seconds of one merge, D (AdaComm's runtime model).
+    #[arg(long, value_parser = burn_coop::spec::positive_f64)]
+    pub comm_delay: Option<f64>,
+    /// Initial training loss above its floor, F(x₀) − F_inf (for AdaComm's τ*).
+    #[arg(long, value_parser = burn_coop::spec::positive_f64)]
+    pub loss_gap: Option<f64>,
+    /// Smoothness L of the loss (for AdaComm's τ*).
+    #[arg(long, value_parser = burn_coop::spec::positive_f64)]
+    pub smoothness: Option<f64>,
+    /// Variance σ² of a stochastic gradient (for AdaComm's τ*).
+    #[arg(long, value_parser = burn_coop::spec::positive_f64)]
+    pub grad_variance: Option<f64>,
+    /// Training time T in seconds (for AdaComm's τ*).
+    #[arg(long, value_parser = burn_coop::spec::positive_f64)]
+    pub wall_time: Option<f64>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `coop advise`.
+pub fn run(args: &AdviseArgs) -> Result<(), String> {
+    let config = crate::train::resolve(&args.train);
+    let (rule, schedule) =
+        burn_coop::spec::build_pair(&config.rule, &config.schedule, config.workers).map_err(|e| e.to_string())?;
+    // The period after any warm-up (an adaptive schedule's first one).
+    let tau = schedule.period(u64::MAX / 2);
+    let values = match args.params {
+        Some(values) => values,
+        None => {
+            let model = config.model.init(&DeviceName::default_for_build().open()).map_err(|e| e.to_string())?;
+            ParamLayout::of(&model, config.buffers).len()
+        }
+    };
+    let adacomm = match (args.loss_gap, args.comm_delay, args.smoothness, args.grad_variance, args.wall_time) {
+        (Some(loss_gap), Some(comm_delay), Some(smoothness), Some(variance), Some(seconds)) => {
+            Some(AdaCommInputs { loss_gap, comm_delay, smoothness, variance, seconds })
+        }
+        _ => None,
+    };
+    let mut advice = Advice::new(rule.as_ref(), config.workers, tau, config.lr, values)
+        .with_runtime(args.step_time, args.comm_delay);
+    if let Some(inputs) = adacomm {
+        advice = advice.with_adacomm(inputs);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&advice).expect("advice serializes"));
+        return Ok(());
+    }
+    println!("{} with {} workers, lr = {}", config.describe_rule(), advice.workers, advice.lr);
+    println!();
+    let row = |name: &str, value: String| println!("{name:<48} {value}");
+    let number = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |v| format!("{v:.6}"));
+    row("zeta (second-largest |eigenvalue| of W)", number(advice.zeta));
+    row("spectral gap 1 - zeta", number(advice.spectral_gap));
+    row("anchors v", advice.anchors.to_string());
+    row("effective lr m*lr/(m+v)", format!("{:.6}", advice.eta_eff));
+    row("error-floor factor (1+z^2)/(1-z^2)*tau - 1", number(advice.error_floor_factor));
+    row("  periodic averaging at this tau: tau - 1", format!("{:.6}", advice.averaging_error_floor_factor));
+    row(
+        "  this W every step beats averaging every tau",
+        advice.decentralized_beats_averaging.map_or_else(|| "-".into(), |b| if b { "yes" } else { "no" }.into()),
+    );
+    row("optimal EASGD alpha 2/(m+2)", format!("{:.6}", advice.optimal_easgd_alpha));
+    row("model values", advice.model_values.to_string());
+    row("bytes per merge per worker", advice.bytes_per_merge.map_or_else(|| "-".into(), |b| format!("{b:.0}")));
+    row("bytes per step per worker", advice.bytes_per_step.map_or_else(|| "-".into(), |b| format!("{b:.0}")));
+    if let Some(seconds) = advice.seconds_per_step {
+        row("seconds per step Y + D/tau", format!("{seconds:.6}"));
+    }
+    match advice.adacomm_tau_star {
+        Some(tau_star) => row("AdaComm tau*", format!("{tau_star:.3}")),
+        None => {
+            row("AdaComm tau*", "- (give --loss-gap, --comm-delay, --smoothness, --grad-variance, --wall-time)".into())
+        }
+    }
+    Ok(())
+}
