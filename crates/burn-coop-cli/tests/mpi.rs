@@ -187,25 +187,34 @@ fn new_rules_and_schedules_run_with_their_defaults_on_threads_and_ranks() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = generated_cifar(dir.path(), 32);
-    let settings: [&[&str]; 4] =
-        [&["--rule", "diloco"], &["--rule", "hierarchical"], &["--schedule", "adacomm"], &["--schedule", "qsr"]];
-    for (k, setting) in settings.into_iter().enumerate() {
-        // Two ranks: a sum of two values does not depend on the order MPI adds them in, so the
-        // runs must agree to the bit (with four, MPI's order differs from the rank order of the
-        // threads, and this tiny BatchNorm model on generated data amplifies the last bit of a
-        // merge to 1e-3 within a few steps, for plain averaging too).
+    // Two ranks for the rules that sum models: a sum of two values does not depend on the order
+    // MPI adds them in, so the runs must agree to the bit (with four, MPI's order differs from
+    // the rank order of the threads, and this tiny BatchNorm model on generated data amplifies
+    // the last bit of a merge to 1e-3 within a few steps, for plain averaging too). Four ranks
+    // for the rules that only exchange with neighbours (sums built in a fixed order) and for
+    // several anchors (sums of two group members, and of anchors with zeros).
+    let settings: [(&str, &[&str]); 7] = [
+        ("2", &["--rule", "diloco"]),
+        ("2", &["--rule", "hierarchical"]),
+        ("2", &["--schedule", "adacomm"]),
+        ("2", &["--schedule", "qsr"]),
+        ("4", &["--rule", "elastic", "--anchors", "2"]),
+        ("4", &["--rule", "gossip", "--topology", "one-peer-exponential"]),
+        ("4", &["--rule", "matcha"]),
+    ];
+    for (k, (np, setting)) in settings.into_iter().enumerate() {
         let common = ["train", "--batch-size", "8", "--max-steps", "16", "--lr", "0.02", "--verify", "false"];
         let common = [&common[..], &["--data", data.to_str().unwrap()]].concat();
         let threads = dir.path().join(format!("threads-{k}"));
         let output = Command::new(env!("CARGO_BIN_EXE_coop"))
             .args(&common)
             .args(setting)
-            .args(["--workers", "2", "--output", threads.to_str().unwrap()])
+            .args(["--workers", np, "--output", threads.to_str().unwrap()])
             .output()
             .unwrap();
         assert!(output.status.success(), "{setting:?}: {}", String::from_utf8_lossy(&output.stderr));
         let ranks = dir.path().join(format!("ranks-{k}"));
-        let output = mpirun("2")
+        let output = mpirun(np)
             .args(&common)
             .args(setting)
             .args(["--transport", "mpi", "--output", ranks.to_str().unwrap()])
