@@ -241,7 +241,8 @@ mod tests {
             (0..4).map(|_| sync.merge_flat(&mut params)).collect::<Result<Vec<_>, _>>()
         })
         .unwrap();
-        let group_all_reduce = 2 * (2 - 1) * 4 * n as u64 / 2;
+        // A ring all-reduce in a group of two: 2 (2 − 1) / 2 of the model each way.
+        let group_all_reduce = 4 * n as u64;
         for worker in reports {
             let levels: Vec<u64> = worker.iter().map(|r| r.subgroup_bytes_sent).collect();
             assert_eq!(levels, [group_all_reduce, 0, group_all_reduce, 0], "group merges inside the group only");

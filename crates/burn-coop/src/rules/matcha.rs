@@ -594,7 +594,7 @@ mod tests {
     fn activations_follow_the_probabilities_and_agree_everywhere() {
         let matcha = Matcha::from_matchings(8, paper_graph(), 0.5);
         let rounds = 20_000;
-        let mut counts = vec![0u32; 5];
+        let mut counts = [0u32; 5];
         for round in 0..rounds {
             for (j, on) in matcha.active(3, round).into_iter().enumerate() {
                 counts[j] += u32::from(on);
