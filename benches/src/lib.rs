@@ -8,6 +8,7 @@
 //! | P1 | [`LocalSgd::step`](burn_coop::LocalSgd::step) on a step without a merge | the bare `ModuleOptimizer::step` | ≤ 1.02 |
 //! | P2 | one merge of 4 replicas (weights and BatchNorm buffers), per rule | the bytes the merge must read and write at `memcpy` bandwidth | ≤ 2.0 |
 //! | P3 | the learner, 4 replicas × batch 32, τ = 8 | a plain Burn loop at batch 128 (images/s) | ≥ 0.95 |
+//! | P4 | local steps and merges with an all-reduce delayed by 60% of τ steps, overlapped rules and blocking averaging | the same local steps without merges | ≤ 1.05 (overlapped) |
 //! | P7 | ResNet-20 training on each Burn backend compiled in | PyTorch on CPU, same model, batch and threads | report (≥ 1.0 is the goal) |
 //! | P8 | peak heap of 4 replicas training | 4 × one replica with its optimizer | ≤ 1.1 |
 //!
@@ -19,6 +20,7 @@ pub mod machine;
 pub mod p1_wrapper;
 pub mod p2_merge;
 pub mod p3_learner;
+pub mod p4_overlap;
 pub mod p7_backends;
 pub mod p8_memory;
 pub mod report;
@@ -85,10 +87,11 @@ impl Options {
 /// returns every row.
 pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     type Bench = fn(&Options) -> Result<Vec<Row>, BenchError>;
-    let benches: [(&str, Bench); 5] = [
+    let benches: [(&str, Bench); 6] = [
         ("P1", p1_wrapper::run),
         ("P2", p2_merge::run),
         ("P3", p3_learner::run),
+        ("P4", p4_overlap::run),
         ("P7", p7_backends::run),
         ("P8", p8_memory::run),
     ];

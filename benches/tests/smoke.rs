@@ -17,6 +17,7 @@ fn every_benchmark_runs_at_smoke_scale() {
     let p2_goals = rows.iter().filter(|r| r.id == "P2" && r.goal == Goal::AtMost(2.0)).count();
     assert_eq!(p2_goals, 3, "one goal row per rule");
     assert_eq!(count("P3"), 1);
+    assert_eq!(count("P4"), 3, "two overlapped rules and blocking averaging");
     assert!(count("P7") >= 1, "at least the Flex backend");
     assert_eq!(count("P8"), 2);
     for row in &rows {

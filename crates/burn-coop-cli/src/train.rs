@@ -27,6 +27,8 @@ pub fn resolve(args: &TrainArgs) -> TrainConfig {
     if let Some(dir) = &args.resume {
         config.output = Some(dir.clone());
     }
+    // A rule's own default period (Overlap Local-SGD: 2) when no `--tau` was given.
+    config.schedule = config.rule.with_default_period(&config.schedule);
     // Under MPI the number of workers is the number of ranks: the rule and schedule are checked
     // once it is known (in `run_mpi`).
     let checked = config.validate().and_then(|()| match config.transport {

@@ -63,6 +63,12 @@ pub trait RuleConfig:
         None
     }
 
+    /// The period the rule's paper uses, taken by the fixed schedule when no `--tau` is given
+    /// (Overlap Local-SGD: 2).
+    fn default_period(&self) -> Option<u64> {
+        None
+    }
+
     /// The configuration with every default that does not depend on the number of workers
     /// written out (for resolved configuration files).
     fn resolved(&self) -> Self {
@@ -264,6 +270,8 @@ pub trait BuildRule {
     fn run_tag(&self) -> String;
     /// See [`RuleConfig::forced_period`].
     fn forced_period(&self) -> Option<u64>;
+    /// See [`RuleConfig::default_period`].
+    fn default_period(&self) -> Option<u64>;
 }
 
 impl<T: RuleConfig> BuildRule for T {
@@ -278,6 +286,9 @@ impl<T: RuleConfig> BuildRule for T {
     }
     fn forced_period(&self) -> Option<u64> {
         RuleConfig::forced_period(self)
+    }
+    fn default_period(&self) -> Option<u64> {
+        RuleConfig::default_period(self)
     }
 }
 
@@ -313,6 +324,22 @@ impl RuleSpec {
     pub fn forced_period(&self) -> Option<u64> {
         self.config().forced_period()
     }
+
+    /// The period the rule's paper uses, for a fixed schedule given no `--tau`.
+    pub fn default_period(&self) -> Option<u64> {
+        self.config().default_period()
+    }
+
+    /// `schedule` with this rule's default period written in, when it is the fixed schedule
+    /// without a period of its own.
+    pub fn with_default_period(&self, schedule: &ScheduleSpec) -> ScheduleSpec {
+        match (schedule, self.default_period()) {
+            (ScheduleSpec::Fixed(fixed), Some(tau)) if fixed.tau.is_none() => {
+                ScheduleSpec::Fixed(crate::schedule::FixedConfig { tau: Some(tau), ..fixed.clone() })
+            }
+            _ => schedule.clone(),
+        }
+    }
 }
 
 impl ScheduleSpec {
@@ -334,7 +361,7 @@ pub fn build_pair(
             crate::schedule::PeriodicSchedule::every(period)
                 .map_err(|e| SpecError::new("tau", period.to_string(), e))?,
         ),
-        None => schedule.build()?,
+        None => rule.with_default_period(schedule).build()?,
     };
     Ok((built_rule, built_schedule))
 }

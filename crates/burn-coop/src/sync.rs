@@ -21,7 +21,7 @@
 use burn::module::Module;
 use serde::{Deserialize, Serialize};
 
-use crate::comm::{Communicator, Metered, Traffic, TrafficByKind};
+use crate::comm::{CommTime, Communicator, Metered, Traffic, TrafficByKind};
 use crate::error::CoopError;
 use crate::params::{BufferPolicy, ParamLayout};
 use crate::rules::kernels::{count_non_finite, distance_to_mean};
@@ -65,6 +65,12 @@ pub struct SyncReport {
     pub subgroup_bytes_sent: u64,
     /// Mean training loss over workers since the previous merge, when the schedule asked for it.
     pub mean_loss: Option<f64>,
+    /// Seconds this worker was blocked in the merge's collectives (including the wait for a
+    /// collective an overlapping rule started at an earlier merge).
+    pub comm_wait_seconds: f64,
+    /// Seconds collectives started at earlier merges travelled while this worker computed
+    /// (overlapping rules; 0 for blocking ones).
+    pub comm_inflight_seconds: f64,
 }
 
 /// Counters of a synchronizer.
@@ -82,6 +88,9 @@ pub struct CoopStats {
     /// Of `traffic`, the bytes that moved inside sub-groups (hierarchical averaging's groups).
     #[serde(default)]
     pub subgroup_traffic: Traffic,
+    /// Seconds of the merges' communication: blocked, and in flight while computing.
+    #[serde(default)]
+    pub comm_time: CommTime,
     /// Consensus distance measured at the last merge.
     pub last_consensus_distance: Option<f64>,
 }
@@ -171,6 +180,12 @@ impl Synchronizer {
     /// by themselves (gossip); 0 (the default) never does. Its bytes are counted apart.
     pub fn with_consensus_every(self, k: u64) -> Self {
         Self { consensus_every: k, ..self }
+    }
+
+    /// The learning rate the next merges see in their [`SyncContext`] until a step signal
+    /// brings another (for callers of [`Synchronizer::merge_flat`], which take no steps).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = Some(lr);
     }
 
     /// The seed shared by every worker, handed to the rule in its [`SyncContext`].
@@ -329,15 +344,23 @@ impl Synchronizer {
         Ok((layout.unflatten(module, &self.flat)?, report))
     }
 
-    /// Merges a flat buffer now, whatever the schedule: the merge engine without a module
-    /// (benchmarks, callers that keep their parameters flat). Every worker must call it at the
-    /// same point with a buffer of the same length.
-    pub fn merge_flat(&mut self, params: &mut Vec<f32>) -> Result<SyncReport, CoopError> {
+    /// Starts the rule on a flat buffer (the initial model: anchors start there), once; without
+    /// it, the first [`Synchronizer::merge_flat`] starts from the buffer it merges. No broadcast:
+    /// callers of flat buffers give every worker the same initial values themselves.
+    pub fn start_flat(&mut self, params: &[f32]) -> Result<(), CoopError> {
         if !self.state.started {
             let ctx = self.context();
             self.rule.start(params, &ctx, &mut self.comm)?;
             self.state.started = true;
         }
+        Ok(())
+    }
+
+    /// Merges a flat buffer now, whatever the schedule: the merge engine without a module
+    /// (benchmarks, callers that keep their parameters flat). Every worker must call it at the
+    /// same point with a buffer of the same length.
+    pub fn merge_flat(&mut self, params: &mut Vec<f32>) -> Result<SyncReport, CoopError> {
+        self.start_flat(params)?;
         std::mem::swap(&mut self.flat, params);
         let report = self.merge_flat_buffer();
         std::mem::swap(&mut self.flat, params);
@@ -358,6 +381,7 @@ impl Synchronizer {
         }
 
         let start = self.comm.traffic();
+        let start_time = self.comm.time();
         let mut local_distance = None;
         if measure {
             let mut sum = self.flat.clone();
@@ -405,6 +429,9 @@ impl Synchronizer {
         stats.consensus_traffic.add(consensus_traffic);
         let subgroup_traffic = end.in_subgroups().since(start.in_subgroups());
         stats.subgroup_traffic.add(subgroup_traffic);
+        let comm_time = self.comm.time().since(start_time);
+        stats.comm_time.wait_seconds += comm_time.wait_seconds;
+        stats.comm_time.inflight_seconds += comm_time.inflight_seconds;
         if consensus_distance.is_some() {
             stats.last_consensus_distance = consensus_distance;
         }
@@ -417,6 +444,8 @@ impl Synchronizer {
             consensus_bytes_sent: consensus_traffic.bytes_sent,
             subgroup_bytes_sent: subgroup_traffic.bytes_sent,
             mean_loss,
+            comm_wait_seconds: comm_time.wait_seconds,
+            comm_inflight_seconds: comm_time.inflight_seconds,
         };
         self.schedule.after_sync(&SyncFeedback {
             step: report.step,

@@ -21,6 +21,9 @@ use crate::comm::{CommError, Communicator, InProcessGroup, Metered, PendingSum, 
 use crate::launch::run_group;
 use crate::params::{BufferPolicy, ParamLayout, TensorRole};
 use crate::rules::{MergeOutcome, MergeRule, RuleError, SyncContext};
+use crate::schedule::PeriodicSchedule;
+use crate::sync::Synchronizer;
+use crate::CoopError;
 
 /// A deterministic value for position `k` of vector number `which` of worker `rank`.
 pub fn test_value(rank: usize, k: usize, which: u64) -> f32 {
@@ -368,6 +371,45 @@ pub fn measured_bytes_per_merge(m: usize, n: usize, rounds: u64, make: impl Fn()
     })
     .unwrap_or_else(|failure| panic!("a worker failed: {:?}", failure.primary()));
     sent.iter().sum::<u64>() as f64 / (m as f64 * rounds as f64)
+}
+
+/// Every worker's buffer (as bits) after each of `merges` merges through a [`Synchronizer`]
+/// (learning rate 0.1) started from [`worker_buffer`]`(m)` on every worker, the buffer moved by [`worker_buffer`]`(rank + k) · 0.1` before merge
+/// `k`, as local steps would; with `resume_after`, the synchronizer and rule are rebuilt from
+/// their records after that many merges, as a resumed run does. Comparing the two shows that a
+/// rule's state survives a checkpoint bit for bit.
+pub fn merge_trajectories(
+    m: usize,
+    merges: usize,
+    resume_after: Option<usize>,
+    make: impl Fn() -> Box<dyn MergeRule> + Sync,
+) -> Vec<Vec<Vec<u32>>> {
+    let n = 37;
+    let comms = InProcessGroup::new(m).with_timeout(Duration::from_secs(60)).into_communicators();
+    let build = |comm: Box<dyn Communicator>| -> Result<Synchronizer, CoopError> {
+        let mut sync = Synchronizer::new(make(), PeriodicSchedule::every(1).expect("τ = 1"), comm)?;
+        sync.set_lr(0.1);
+        Ok(sync)
+    };
+    run_group(comms, |rank, comm| -> Result<_, CoopError> {
+        let mut sync = build(Box::new(comm))?;
+        let mut params = worker_buffer(m, n);
+        sync.start_flat(&params)?;
+        let mut states = Vec::new();
+        for round in 0..merges {
+            if resume_after == Some(round) {
+                let (records, state) = (sync.records(), sync.state());
+                sync = build(sync.into_comm())?;
+                sync.load(state, records)?;
+            }
+            let shift = worker_buffer(rank + round, n);
+            params.iter_mut().zip(&shift).for_each(|(v, s)| *v += s * 0.1);
+            sync.merge_flat(&mut params)?;
+            states.push(params.iter().map(|v| v.to_bits()).collect());
+        }
+        Ok(states)
+    })
+    .unwrap_or_else(|failure| panic!("a worker failed: {:?}", failure.primary()))
 }
 
 /// Linear(3→4) → BatchNorm(4) → Linear(4→2): weights, biases, BatchNorm affine and buffers.

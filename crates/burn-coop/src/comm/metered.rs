@@ -1,10 +1,11 @@
 //! Byte accounting: a [`Communicator`] decorator that counts what each collective moves.
 
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::{CommError, Communicator, PendingSum};
+use super::{CommError, Communicator, PendingOp, PendingSum};
 
 /// Bytes this worker has sent and received.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +121,34 @@ impl TrafficByKind {
     }
 }
 
+/// Seconds spent on communication, as a worker sees them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommTime {
+    /// Seconds this worker was blocked in collectives: the whole of every blocking one, and
+    /// the wait at the end of every started one.
+    pub wait_seconds: f64,
+    /// Seconds started collectives travelled while this worker went on computing (from the
+    /// start to the moment it asked for the result).
+    pub inflight_seconds: f64,
+}
+
+impl CommTime {
+    /// The time since `earlier` (counters only grow).
+    pub fn since(self, earlier: CommTime) -> CommTime {
+        CommTime {
+            wait_seconds: self.wait_seconds - earlier.wait_seconds,
+            inflight_seconds: self.inflight_seconds - earlier.inflight_seconds,
+        }
+    }
+}
+
+/// The ledger a [`Metered`] communicator and its sub-groups and pending operations share.
+#[derive(Debug, Default)]
+struct Ledger {
+    traffic: TrafficByKind,
+    time: CommTime,
+}
+
 /// Counts the bytes of every collective that goes through it, from the payloads themselves:
 ///
 /// | collective | sent = received, per worker |
@@ -134,11 +163,13 @@ impl TrafficByKind {
 /// The counts do not depend on the algorithm the underlying library picks, so they are equal
 /// across communicators and match what a real network carries for the usual algorithms.
 /// Groups made by [`Communicator::split`] count into the same ledger, and also apart
-/// ([`TrafficByKind::in_subgroups`]), so a hierarchy's two levels can be told apart.
+/// ([`TrafficByKind::in_subgroups`]), so a hierarchy's two levels can be told apart. It also
+/// times the collectives ([`CommTime`]): blocking ones are waits; a started one is in flight
+/// until its result is asked for, and a wait from then on.
 #[derive(Debug)]
 pub struct Metered<C> {
     inner: C,
-    ledger: Arc<Mutex<TrafficByKind>>,
+    ledger: Arc<Mutex<Ledger>>,
     subgroup: bool,
 }
 
@@ -150,7 +181,12 @@ impl<C: Communicator> Metered<C> {
 
     /// Counters so far.
     pub fn traffic(&self) -> TrafficByKind {
-        *self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner).traffic
+    }
+
+    /// Seconds spent on communication so far.
+    pub fn time(&self) -> CommTime {
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner).time
     }
 
     /// The communicator underneath (its calls are not counted).
@@ -164,7 +200,39 @@ impl<C: Communicator> Metered<C> {
     }
 
     fn record(&self, kind: CollectiveKind, sent: u64, received: u64) {
-        self.ledger.lock().unwrap_or_else(PoisonError::into_inner).record(kind, sent, received, self.subgroup);
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner).traffic.record(kind, sent, received, self.subgroup);
+    }
+
+    /// Runs a blocking collective, adding its duration to the waits.
+    fn timed<T>(&mut self, call: impl FnOnce(&mut C) -> T) -> T {
+        let started = Instant::now();
+        let result = call(&mut self.inner);
+        let seconds = started.elapsed().as_secs_f64();
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner).time.wait_seconds += seconds;
+        result
+    }
+}
+
+/// A started sum that reports its time in flight and its wait to the ledger.
+struct TimedSum {
+    inner: PendingSum,
+    started: Instant,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl PendingOp for TimedSum {
+    fn is_ready(&mut self) -> Result<bool, CommError> {
+        self.inner.is_ready()
+    }
+
+    fn wait(self: Box<Self>) -> Result<Vec<f32>, CommError> {
+        let asked = Instant::now();
+        let result = self.inner.wait();
+        let waited = asked.elapsed().as_secs_f64();
+        let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        ledger.time.inflight_seconds += asked.duration_since(self.started).as_secs_f64();
+        ledger.time.wait_seconds += waited;
+        result
     }
 }
 
@@ -178,14 +246,14 @@ impl<C: Communicator> Communicator for Metered<C> {
     }
 
     fn all_reduce_sum(&mut self, values: &mut [f32]) -> Result<(), CommError> {
-        self.inner.all_reduce_sum(values)?;
+        self.timed(|inner| inner.all_reduce_sum(values))?;
         let bytes = Traffic::ring_all_reduce(4 * values.len() as u64, self.world_size());
         self.record(CollectiveKind::AllReduce, bytes, bytes);
         Ok(())
     }
 
     fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
-        self.inner.all_reduce_sum_into(send, recv)?;
+        self.timed(|inner| inner.all_reduce_sum_into(send, recv))?;
         let bytes = Traffic::ring_all_reduce(4 * send.len() as u64, self.world_size());
         self.record(CollectiveKind::AllReduce, bytes, bytes);
         Ok(())
@@ -193,27 +261,30 @@ impl<C: Communicator> Communicator for Metered<C> {
 
     fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
         let bytes = Traffic::ring_all_reduce(4 * values.len() as u64, self.world_size());
+        let len = values.len();
+        let started = Instant::now();
         let pending = self.inner.start_all_reduce_sum(values)?;
         self.record(CollectiveKind::AllReduce, bytes, bytes);
-        Ok(pending)
+        let timed = TimedSum { inner: pending, started, ledger: Arc::clone(&self.ledger) };
+        Ok(PendingSum::new(Box::new(timed), len))
     }
 
     fn all_reduce_f64(&mut self, values: &mut [f64]) -> Result<(), CommError> {
-        self.inner.all_reduce_f64(values)?;
+        self.timed(|inner| inner.all_reduce_f64(values))?;
         let bytes = Traffic::ring_all_reduce(8 * values.len() as u64, self.world_size());
         self.record(CollectiveKind::Scalars, bytes, bytes);
         Ok(())
     }
 
     fn broadcast(&mut self, values: &mut [f32], root: usize) -> Result<(), CommError> {
-        self.inner.broadcast(values, root)?;
+        self.timed(|inner| inner.broadcast(values, root))?;
         let bytes = Traffic::broadcast(4 * values.len() as u64, self.world_size());
         self.record(CollectiveKind::Broadcast, bytes, bytes);
         Ok(())
     }
 
     fn all_gather_bytes(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
-        let all = self.inner.all_gather_bytes(payload)?;
+        let all = self.timed(|inner| inner.all_gather_bytes(payload))?;
         let others: u64 = all.iter().enumerate().filter(|(j, _)| *j != self.rank()).map(|(_, p)| p.len() as u64).sum();
         self.record(CollectiveKind::AllGather, others, others);
         Ok(all)
@@ -227,9 +298,11 @@ impl<C: Communicator> Communicator for Metered<C> {
         receive: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), CommError> {
         let mut got = 0;
-        self.inner.exchange_directed(send, send_to, receive_from, &mut |k, values| {
-            got += 4 * values.len() as u64;
-            receive(k, values)
+        self.timed(|inner| {
+            inner.exchange_directed(send, send_to, receive_from, &mut |k, values| {
+                got += 4 * values.len() as u64;
+                receive(k, values)
+            })
         })?;
         let sent = 4 * send.len() as u64 * send_to.len() as u64;
         self.record(CollectiveKind::Exchange, sent, got);
@@ -242,6 +315,6 @@ impl<C: Communicator> Communicator for Metered<C> {
     }
 
     fn barrier(&mut self) -> Result<(), CommError> {
-        self.inner.barrier()
+        self.timed(|inner| inner.barrier())
     }
 }

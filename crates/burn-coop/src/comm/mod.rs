@@ -19,7 +19,7 @@ mod in_process;
 mod metered;
 
 pub use in_process::{InProcessComm, InProcessGroup};
-pub use metered::{CollectiveKind, Metered, Traffic, TrafficByKind};
+pub use metered::{CollectiveKind, CommTime, Metered, Traffic, TrafficByKind};
 
 /// Why communication failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -34,6 +34,11 @@ pub struct SyncMetrics {
     /// Of `bytes_sent_per_worker`, the bytes each worker has sent inside its sub-group (the
     /// group level of hierarchical averaging; 0 for flat rules).
     pub subgroup_bytes_sent_per_worker: Vec<u64>,
+    /// Seconds each worker was blocked in this merge's collectives.
+    pub comm_wait_seconds: Vec<f64>,
+    /// Seconds the collectives each worker waited on at this merge had travelled while it
+    /// computed (overlapping rules).
+    pub comm_inflight_seconds: Vec<f64>,
     /// Seconds since the run started.
     pub wall_seconds: f64,
 }
@@ -103,6 +108,11 @@ fn joined<T: ToString>(values: &[T]) -> String {
     values.iter().map(T::to_string).collect::<Vec<_>>().join(";")
 }
 
+/// Seconds to the microsecond, `;`-joined.
+fn seconds(values: &[f64]) -> String {
+    values.iter().map(|v| format!("{v:.6}")).collect::<Vec<_>>().join(";")
+}
+
 fn optional(value: Option<f64>) -> String {
     value.map_or_else(String::new, |v| v.to_string())
 }
@@ -126,7 +136,7 @@ impl MetricsWriter {
             jsonl: open(&folder.join("metrics.jsonl"), "")?,
             syncs: open(
                 &folder.join("syncs.csv"),
-                "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,consensus_distance,bytes_sent_per_worker,consensus_bytes_sent_per_worker,subgroup_bytes_sent_per_worker,wall_seconds",
+                "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,consensus_distance,bytes_sent_per_worker,consensus_bytes_sent_per_worker,subgroup_bytes_sent_per_worker,comm_wait_seconds,comm_inflight_seconds,wall_seconds",
             )?,
             epochs: open(
                 &folder.join("epochs.csv"),
@@ -150,7 +160,7 @@ impl MetricsWriter {
         writeln!(self.jsonl)?;
         writeln!(
             self.syncs,
-            "{},{},{},{},{},{},{},{},{},{},{},{:.3}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3}",
             m.epoch,
             m.step,
             m.syncs,
@@ -162,6 +172,8 @@ impl MetricsWriter {
             joined(&m.bytes_sent_per_worker),
             joined(&m.consensus_bytes_sent_per_worker),
             joined(&m.subgroup_bytes_sent_per_worker),
+            seconds(&m.comm_wait_seconds),
+            seconds(&m.comm_inflight_seconds),
             m.wall_seconds
         )?;
         self.jsonl.flush()?;

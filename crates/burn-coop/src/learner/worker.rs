@@ -151,8 +151,9 @@ pub fn run_worker<T: CoopTask>(
         }
 
         if let Some(report) = merged_now {
-            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes } =
-                gather(&mut sync, since_sync / since_sync_n.max(1) as f64)?;
+            let timing = (report.comm_wait_seconds, report.comm_inflight_seconds);
+            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, wait, inflight } =
+                gather(&mut sync, since_sync / since_sync_n.max(1) as f64, timing)?;
             since_sync = 0.0;
             since_sync_n = 0;
             if let Some(w) = writer.as_mut() {
@@ -168,6 +169,8 @@ pub fn run_worker<T: CoopTask>(
                     bytes_sent_per_worker: bytes,
                     consensus_bytes_sent_per_worker: consensus_bytes,
                     subgroup_bytes_sent_per_worker: subgroup_bytes,
+                    comm_wait_seconds: wait,
+                    comm_inflight_seconds: inflight,
                     wall_seconds: wall(elapsed_before),
                 };
                 w.sync(&metrics).map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
@@ -176,8 +179,8 @@ pub fn run_worker<T: CoopTask>(
 
         let epoch_ends = step.is_multiple_of(steps_per_epoch);
         if epoch_ends {
-            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes } =
-                gather(&mut sync, epoch_sum / epoch_n.max(1) as f64)?;
+            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, .. } =
+                gather(&mut sync, epoch_sum / epoch_n.max(1) as f64, (0.0, 0.0))?;
             epoch_sum = 0.0;
             epoch_n = 0;
             let (average, evaluation) = evaluate_average(task, &model, sync.comm(), &device)?;
@@ -252,31 +255,44 @@ pub fn run_worker<T: CoopTask>(
     })
 }
 
-/// One value per worker and every worker's byte counters, gathered from all workers.
+/// One value per worker and every worker's counters, gathered from all workers.
 struct Gathered {
     losses: Vec<f64>,
     bytes: Vec<u64>,
     consensus_bytes: Vec<u64>,
     subgroup_bytes: Vec<u64>,
+    wait: Vec<f64>,
+    inflight: Vec<f64>,
 }
 
 /// Gathers one value per worker, every worker's merge bytes sent, consensus bytes sent and
-/// sub-group bytes sent.
-fn gather(sync: &mut Synchronizer, value: f64) -> Result<Gathered, LearnerError> {
+/// sub-group bytes sent, and a pair of seconds (`timing`: the last merge's wait and in-flight
+/// time).
+fn gather(sync: &mut Synchronizer, value: f64, timing: (f64, f64)) -> Result<Gathered, LearnerError> {
     let (rank, workers) = (sync.rank(), sync.world_size());
     let stats = sync.stats();
-    let mut values = vec![0.0; 4 * workers];
-    values[rank] = value;
-    values[workers + rank] = stats.traffic.bytes_sent as f64;
-    values[2 * workers + rank] = stats.consensus_traffic.bytes_sent as f64;
-    values[3 * workers + rank] = stats.subgroup_traffic.bytes_sent as f64;
+    let mut values = vec![0.0; 6 * workers];
+    let mine = [
+        value,
+        stats.traffic.bytes_sent as f64,
+        stats.consensus_traffic.bytes_sent as f64,
+        stats.subgroup_traffic.bytes_sent as f64,
+        timing.0,
+        timing.1,
+    ];
+    for (k, v) in mine.into_iter().enumerate() {
+        values[k * workers + rank] = v;
+    }
     sync.comm().all_reduce_f64(&mut values).map_err(CoopError::from)?;
-    let column = |k: usize| values[k * workers..(k + 1) * workers].iter().map(|&b| b as u64).collect();
+    let column = |k: usize| values[k * workers..(k + 1) * workers].to_vec();
+    let whole = |k: usize| column(k).into_iter().map(|b| b as u64).collect();
     Ok(Gathered {
-        bytes: column(1),
-        consensus_bytes: column(2),
-        subgroup_bytes: column(3),
-        losses: values[..workers].to_vec(),
+        losses: column(0),
+        bytes: whole(1),
+        consensus_bytes: whole(2),
+        subgroup_bytes: whole(3),
+        wait: column(4),
+        inflight: column(5),
     })
 }
 

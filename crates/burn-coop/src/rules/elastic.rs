@@ -42,7 +42,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::kernels::{distance_of_difference_to_mean, distance_to_mean};
+use super::kernels::{add_scaled, difference, distance_to_mean};
 use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
 use crate::comm::{Communicator, PendingSum};
 use crate::mixing::MixingMatrix;
@@ -240,6 +240,17 @@ impl Elastic {
 }
 
 impl Elastic {
+    /// With `d_i = x_i − z` in `diff` and `S = Σ_j d_j` in `sum`: `x_i ← x_i − α d_i`,
+    /// `z ← z + α S`, and this worker's squared distance to the mean (`x_i − x̄ = d_i − S/m`,
+    /// no extra exchange).
+    fn pull_and_move_anchor(&mut self, params: &mut [f32], world_size: usize) -> MergeOutcome {
+        let local = distance_to_mean(&self.diff, &self.sum, world_size);
+        let alpha = self.alpha as f32;
+        add_scaled(params, -alpha, &self.diff);
+        add_scaled(self.anchor.as_mut().expect("known at a merge"), alpha, &self.sum);
+        MergeOutcome { local_squared_distance: Some(local) }
+    }
+
     /// Starts both sums of a merge with several anchors: `x_i − z_g` in the group, the anchors
     /// over everyone.
     fn begin_anchors(
@@ -342,18 +353,11 @@ impl MergeRule for Elastic {
         }
         let pending = self.pending.take().ok_or(RuleError::NotBegun { rule: "elastic" })?;
         self.sum = pending.wait()?;
-        let anchor = self.anchor.as_mut().expect("set by begin");
-        // x̄ − z = S/m, so x_i − x̄ = d_i − S/m: the consensus distance needs no extra exchange.
         // `d_i = x_i − z` is computed again here rather than kept from `begin`: the merge is
         // synchronous, so `params` are the ones `begin` saw.
-        let local = distance_of_difference_to_mean(params, anchor, &self.sum, ctx.world_size);
-        let alpha = self.alpha as f32;
-        for ((x, z), s) in params.iter_mut().zip(anchor.iter_mut()).zip(&self.sum) {
-            let d = *x - *z;
-            *x -= alpha * d;
-            *z += alpha * s;
-        }
-        Ok(MergeOutcome { local_squared_distance: Some(local) })
+        let anchor = self.anchor.as_ref().expect("set by begin");
+        difference(&mut self.diff, params, anchor);
+        Ok(self.pull_and_move_anchor(params, ctx.world_size))
     }
 
     /// Both phases at once, with a blocking all-reduce of `d_i = x_i − z` kept in a buffer of
@@ -370,18 +374,10 @@ impl MergeRule for Elastic {
             return self.finish(params, ctx, comm);
         }
         self.ensure_anchor(params, ctx, comm)?;
-        let anchor = self.anchor.as_mut().expect("ensured above");
-        self.diff.clear();
-        self.diff.extend(params.iter().zip(anchor.iter()).map(|(x, z)| x - z));
+        difference(&mut self.diff, params, self.anchor.as_ref().expect("ensured above"));
         self.sum.resize(params.len(), 0.0);
         comm.all_reduce_sum_into(&self.diff, &mut self.sum)?;
-        let local = distance_to_mean(&self.diff, &self.sum, ctx.world_size);
-        let alpha = self.alpha as f32;
-        for (((x, z), d), s) in params.iter_mut().zip(anchor.iter_mut()).zip(&self.diff).zip(&self.sum) {
-            *x -= alpha * d;
-            *z += alpha * s;
-        }
-        Ok(MergeOutcome { local_squared_distance: Some(local) })
+        Ok(self.pull_and_move_anchor(params, ctx.world_size))
     }
 
     fn measures_consensus(&self) -> bool {
@@ -433,40 +429,7 @@ impl MergeRule for Elastic {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm::InProcessGroup;
-    use crate::launch::run_group;
-    use crate::schedule::PeriodicSchedule;
-    use crate::sync::Synchronizer;
-    use crate::testing::{check_rounds_against_matrices, check_rule_against_matrix, run_one_merge, worker_buffer};
-
-    /// Every worker's buffer (as bits) after each of `merges` merges, through a synchronizer;
-    /// with `resume_after`, the rule is rebuilt from its record after that many merges.
-    fn trajectories(
-        m: usize,
-        merges: usize,
-        resume_after: Option<usize>,
-        rule: impl Fn() -> Box<dyn MergeRule> + Sync,
-    ) -> Vec<Vec<Vec<u32>>> {
-        let comms = InProcessGroup::new(m).into_communicators();
-        run_group(comms, |rank, comm| -> Result<_, crate::CoopError> {
-            let mut sync = Synchronizer::new(rule(), PeriodicSchedule::every(1).unwrap(), comm)?;
-            let mut params = worker_buffer(m, 37);
-            let mut states = Vec::new();
-            for round in 0..merges {
-                if resume_after == Some(round) {
-                    let (records, state) = (sync.records(), sync.state());
-                    let comm = sync.into_comm();
-                    sync = Synchronizer::new(rule(), PeriodicSchedule::every(1).unwrap(), comm)?;
-                    sync.load(state, records)?;
-                }
-                params.iter_mut().enumerate().for_each(|(k, v)| *v += worker_buffer(rank + round, 37)[k] * 0.1);
-                sync.merge_flat(&mut params)?;
-                states.push(params.iter().map(|v| v.to_bits()).collect());
-            }
-            Ok(states)
-        })
-        .unwrap()
-    }
+    use crate::testing::{check_rounds_against_matrices, check_rule_against_matrix, merge_trajectories as trajectories, run_one_merge};
 
     #[test]
     fn one_anchor_is_easgd_bit_for_bit() {

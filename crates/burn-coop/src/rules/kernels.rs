@@ -90,39 +90,16 @@ pub fn scaled(out: &mut Vec<f32>, w: f32, x: &[f32]) {
     out.extend(x.iter().map(|v| w * v));
 }
 
+/// `out ← x − z`.
+pub fn difference(out: &mut Vec<f32>, x: &[f32], z: &[f32]) {
+    out.clear();
+    out.extend(x.iter().zip(z).map(|(x, z)| x - z));
+}
+
 /// `out ← out + w · y`. A weighted sum built from [`scaled`] and one call per term rounds the
 /// same whichever communicator delivered the terms, as long as they come in the same order.
 pub fn add_scaled(out: &mut [f32], w: f32, y: &[f32]) {
     out.iter_mut().zip(y).for_each(|(o, v)| *o += w * v);
-}
-
-/// `Σ_k (x_k − z_k − s_k/m)²`: this worker's squared distance to the mean when the workers
-/// summed `x − z` into `s` (elastic averaging), summed exactly as [`distance_to_mean`] sums
-/// `d = x − z` against `s`, without storing `d`.
-pub fn distance_of_difference_to_mean(x: &[f32], z: &[f32], s: &[f32], m: usize) -> f64 {
-    match MeanOf::workers(m) {
-        MeanOf::Scale(inv) => lane_sum3(x, z, s, |x, z, s| ((x - z) - s * inv) * ((x - z) - s * inv)),
-        MeanOf::Divide(m) => lane_sum3(x, z, s, |x, z, s| ((x - z) - s / m) * ((x - z) - s / m)),
-    }
-}
-
-/// [`lane_sum`] over three buffers: the same blocks, lanes and order of additions.
-#[inline(always)]
-fn lane_sum3(x: &[f32], z: &[f32], s: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f64 {
-    let mut total = 0.0;
-    for ((xb, zb), sb) in x.chunks(BLOCK).zip(z.chunks(BLOCK)).zip(s.chunks(BLOCK)) {
-        let mut acc = [0.0f32; LANES];
-        let (xs, zs, ss) = (xb.chunks_exact(LANES), zb.chunks_exact(LANES), sb.chunks_exact(LANES));
-        let tail: f32 =
-            xs.remainder().iter().zip(zs.remainder()).zip(ss.remainder()).map(|((&x, &z), &s)| f(x, z, s)).sum();
-        for ((xl, zl), sl) in xs.zip(zs).zip(ss) {
-            for l in 0..LANES {
-                acc[l] += f(xl[l], zl[l], sl[l]);
-            }
-        }
-        total += f64::from(tail) + acc.iter().map(|&a| f64::from(a)).sum::<f64>();
-    }
-    total
 }
 
 /// NaN and infinite values in `values` (counted in lanes so the loop vectorizes).
@@ -163,17 +140,6 @@ mod tests {
             let mut y = x.clone();
             assert_eq!(replace_by_mean(&mut y, &s, m), distance_to_mean(&x, &s, m));
             assert!(y.iter().zip(&s).all(|(y, s)| (y - s / m as f32).abs() <= 1e-7 * s.abs()));
-        }
-    }
-
-    #[test]
-    fn the_difference_kernel_sums_exactly_as_the_stored_difference() {
-        let x: Vec<f32> = (0..5003).map(|k| (k as f32 * 0.37).sin()).collect();
-        let z: Vec<f32> = (0..5003).map(|k| (k as f32 * 0.91).cos() * 0.3).collect();
-        let s: Vec<f32> = (0..5003).map(|k| 3.0 * (k as f32 * 0.11).cos()).collect();
-        let d: Vec<f32> = x.iter().zip(&z).map(|(x, z)| x - z).collect();
-        for m in [3, 4] {
-            assert_eq!(distance_of_difference_to_mean(&x, &z, &s, m).to_bits(), distance_to_mean(&d, &s, m).to_bits());
         }
     }
 

@@ -9,6 +9,8 @@
 //! | [`Elastic`] (EASGD; `--anchors v`: generalized elastic averaging) | `[[(1−α)I, α1], [α1ᵀ, 1−mα]]`; with `v` anchors, groups of `m/v` workers each pulled by one anchor, anchors averaged | `v` (default 1) | `elastic.rs` | Zhang, Choromanska & LeCun, NeurIPS 2015; Wang & Joshi, JMLR 2021 |
 //! | [`Gossip`] (decentralized periodic averaging; D-PSGD at τ = 1; one-peer exponential graph) | a topology's `W`; `½(I + P_k)` for the one-peer exponential graph | 0 | `gossip.rs` | Lian et al., NeurIPS 2017; Ying et al., NeurIPS 2021 |
 //! | [`Matcha`] (random disjoint matchings under a budget) | `I − α Σ_j B_j^k L_j` | 0 | `matcha.rs` | Wang, Sahu, Yang, Joshi & Kar, arXiv 1905.09435 |
+//! | [`Overlap`] (Overlap Local-SGD: pull towards an anchor averaged in the background, anchor momentum) | none (with `γ = 0` the anchor is the mean of the pulled models) | 1 per worker (kept locally) | `overlap.rs` | Wang, Liang & Joshi, ICASSP 2020 |
+//! | [`ElasticOverlap`] (EASGD with its all-reduce hidden behind the next τ steps) | EASGD's `W_α` (the same recurrence) | 1 | `elastic_overlap.rs` | Wang & Joshi, JMLR 2021 |
 //! | [`Hierarchical`] (groups every merge, everyone every `k`-th) | `diag(J_{m/G}, …)`, then `J` | 0 | `hierarchical.rs` | Lin et al., ICLR 2020; PyTorch's `HierarchicalModelAverager` |
 //! | [`DiLoCo`] (outer Nesterov momentum on `x_sync − x̄`; SlowMo) | none (`J` at `lr_outer = 1`, `β = 0`) | 0 (keeps `x_sync` and `u`) | `diloco.rs` | Douillard et al., arXiv 2311.08105; Wang et al., ICLR 2020 |
 //!
@@ -26,17 +28,21 @@
 pub mod averaging;
 pub mod diloco;
 pub mod elastic;
+pub mod elastic_overlap;
 pub mod gossip;
 pub mod hierarchical;
 pub(crate) mod kernels;
 pub mod matcha;
+pub mod overlap;
 
 pub use averaging::{Averaging, AveragingConfig, SynchronousConfig};
 pub use diloco::{DiLoCo, DiLoCoConfig};
 pub use elastic::{Elastic, ElasticConfig};
+pub use elastic_overlap::{ElasticOverlap, ElasticOverlapConfig};
 pub use gossip::{Gossip, GossipConfig};
 pub use hierarchical::{Hierarchical, HierarchicalConfig};
 pub use matcha::{Matcha, MatchaConfig};
+pub use overlap::{Overlap, OverlapConfig};
 
 // The registry: one line per rule (its `--rule` name comes from its config's `NAME`).
 crate::spec::registry! {
@@ -63,6 +69,10 @@ crate::spec::registry! {
     Hierarchical(hierarchical: HierarchicalConfig),
     /// Gossip on randomly activated matchings of a base graph under a budget (MATCHA).
     Matcha(matcha: MatchaConfig),
+    /// Overlap Local-SGD: a pull towards an anchor whose all-reduce travels during the local steps.
+    Overlap(overlap: OverlapConfig),
+    /// Elastic averaging whose anchor all-reduce travels during the local steps.
+    ElasticOverlap(elastic_overlap: ElasticOverlapConfig),
 }
 
 use serde::{Deserialize, Serialize};

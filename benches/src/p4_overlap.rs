@@ -1,0 +1,166 @@
+//! P4: what a merge costs the local step loop when the network is slow, overlapped or not.
+//!
+//! Four workers on threads run rounds of τ = 2 local steps and a merge of a ResNet-20-sized
+//! buffer, through a communicator that delays every all-reduce by `D` (the sum is ready `D`
+//! after it started, as on a network with that latency): `D` is set to 60% of the τ local steps,
+//! so a blocking merge must wait for it and an overlapped one can hide it. A local step here is
+//! fixed arithmetic over the buffer (30 passes of `x ← 0.999 x + 10⁻⁶`), the same for every
+//! row. Each row is the slowest worker's time for the rounds, against the same rounds with no
+//! merge at all: Overlap Local-SGD (its sum travels during the next τ steps), elastic averaging
+//! overlapped the same way, and blocking averaging (which waits for `D` at every merge).
+
+use std::time::{Duration, Instant};
+
+use burn_coop::comm::{CommError, Communicator, PendingOp, PendingSum};
+use burn_coop::{Averaging, MergeRule, PeriodicSchedule, Synchronizer, launch};
+
+use crate::setup::{flat_len, fmt_seconds, reference_device, resnet};
+use crate::{BenchError, Goal, Options, Row};
+
+const WORKERS: usize = 4;
+const TAU: usize = 2;
+
+/// A communicator whose sum all-reduces are ready `delay` after they start.
+struct Delayed<C> {
+    inner: C,
+    delay: Duration,
+}
+
+struct DelayedSum {
+    inner: PendingSum,
+    ready_at: Instant,
+}
+
+impl PendingOp for DelayedSum {
+    fn is_ready(&mut self) -> Result<bool, CommError> {
+        Ok(Instant::now() >= self.ready_at && self.inner.is_ready()?)
+    }
+    fn wait(self: Box<Self>) -> Result<Vec<f32>, CommError> {
+        std::thread::sleep(self.ready_at.saturating_duration_since(Instant::now()));
+        self.inner.wait()
+    }
+}
+
+impl<C: Communicator> Communicator for Delayed<C> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&mut self, values: &mut [f32]) -> Result<(), CommError> {
+        let sum = self.start_all_reduce_sum(values.to_vec())?.wait()?;
+        values.copy_from_slice(&sum);
+        Ok(())
+    }
+    fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
+        recv.copy_from_slice(&self.start_all_reduce_sum(send.to_vec())?.wait()?);
+        Ok(())
+    }
+    fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
+        let len = values.len();
+        let ready_at = Instant::now() + self.delay;
+        let inner = self.inner.start_all_reduce_sum(values)?;
+        Ok(PendingSum::new(Box::new(DelayedSum { inner, ready_at }), len))
+    }
+    fn all_reduce_f64(&mut self, values: &mut [f64]) -> Result<(), CommError> {
+        self.inner.all_reduce_f64(values)
+    }
+    fn broadcast(&mut self, values: &mut [f32], root: usize) -> Result<(), CommError> {
+        self.inner.broadcast(values, root)
+    }
+    fn all_gather_bytes(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
+        self.inner.all_gather_bytes(payload)
+    }
+    fn exchange_directed(
+        &mut self,
+        send: &[f32],
+        send_to: &[usize],
+        receive_from: &[usize],
+        receive: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), CommError> {
+        self.inner.exchange_directed(send, send_to, receive_from, receive)
+    }
+    fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
+        self.inner.split(color)
+    }
+    fn barrier(&mut self) -> Result<(), CommError> {
+        self.inner.barrier()
+    }
+}
+
+/// One local step's worth of arithmetic on the buffer.
+fn local_step(params: &mut [f32]) {
+    for _ in 0..30 {
+        params.iter_mut().for_each(|x| *x = *x * 0.999 + 1e-6);
+    }
+    std::hint::black_box(params);
+}
+
+/// The slowest worker's seconds for `rounds` rounds of τ local steps and, with a rule, a merge.
+fn rounds_time(
+    n: usize,
+    rounds: usize,
+    delay: Duration,
+    rule: Option<fn() -> Result<Box<dyn MergeRule>, BenchError>>,
+) -> Result<f64, BenchError> {
+    let per_worker = launch(WORKERS, |worker| -> Result<f64, BenchError> {
+        let comm = Delayed { inner: worker.comm(), delay };
+        let mut sync = match rule {
+            Some(rule) => {
+                let mut sync = Synchronizer::new(rule()?, PeriodicSchedule::every(TAU as u64)?, comm)?;
+                sync.set_lr(0.1);
+                Some(sync)
+            }
+            None => None,
+        };
+        let mut params: Vec<f32> = (0..n).map(|k| (k % 97) as f32 * 1e-3).collect();
+        if let Some(sync) = sync.as_mut() {
+            sync.start_flat(&params)?;
+        }
+        let start = Instant::now();
+        for _ in 0..rounds {
+            for _ in 0..TAU {
+                local_step(&mut params);
+            }
+            if let Some(sync) = sync.as_mut() {
+                sync.merge_flat(&mut params)?;
+            }
+        }
+        Ok(start.elapsed().as_secs_f64())
+    })?;
+    let times = per_worker.into_iter().collect::<Result<Vec<f64>, BenchError>>()?;
+    Ok(times.into_iter().fold(0.0, f64::max))
+}
+
+/// Runs P4.
+pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
+    let scale = options.scale;
+    let n = flat_len(&resnet(scale.depth(), &reference_device())?);
+    let rounds = scale.pick(20, 3);
+    // Calibrate: the local steps of one round, with the four workers running together.
+    let steps = rounds_time(n, 3, Duration::ZERO, None)? / 3.0;
+    let delay = Duration::from_secs_f64(0.6 * steps);
+    let none = rounds_time(n, rounds, delay, None)?;
+    let rules: [(&str, fn() -> Result<Box<dyn MergeRule>, BenchError>, Goal); 3] = [
+        ("Overlap Local-SGD", || Ok(Box::new(burn_coop::rules::Overlap::new(0.6, 0.7))), Goal::AtMost(1.05)),
+        ("elastic averaging overlapped", || Ok(Box::new(burn_coop::rules::ElasticOverlap::new(0.3))), Goal::AtMost(1.05)),
+        ("blocking averaging", || Ok(Box::new(Averaging::new())), Goal::Report),
+    ];
+    let mut rows = Vec::new();
+    for (name, rule, goal) in rules {
+        let time = rounds_time(n, rounds, delay, Some(rule))?;
+        rows.push(Row {
+            id: "P4",
+            what: format!(
+                "{name}: {rounds} rounds of τ = {TAU} local steps + a merge ({n} floats, {WORKERS} workers, all-reduce delayed {}) / the same rounds without merges",
+                fmt_seconds(delay.as_secs_f64())
+            ),
+            ours: fmt_seconds(time),
+            reference: fmt_seconds(none),
+            ratio: time / none,
+            goal,
+        });
+    }
+    Ok(rows)
+}
