@@ -87,6 +87,26 @@ fn advise_prints_the_theory_of_a_setting() {
 }
 
 #[test]
+fn overlap_takes_its_papers_period_unless_told_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::generated_cifar(dir.path(), 32);
+    let run = |output: &str, extra: &[&str]| {
+        let out = dir.path().join(output);
+        let args = [
+            &["train", "--rule", "overlap", "--workers", "2", "--batch-size", "4", "--max-steps", "8"][..],
+            &["--verify", "false", "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap()],
+            extra,
+        ]
+        .concat();
+        let output = coop(&args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        std::fs::read_to_string(out.join("config.toml")).unwrap()
+    };
+    assert!(run("default", &[]).contains("tau = 2"));
+    assert!(run("told", &["--tau", "4"]).contains("tau = 4"));
+}
+
+#[test]
 fn bad_values_are_named_like_clap_errors() {
     let cases: [(&[&str], &str); 5] = [
         (&["train", "--tau", "0"], "invalid value '0' for '--tau <TAU>': must be at least 1"),
