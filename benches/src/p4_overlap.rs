@@ -144,7 +144,11 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let none = rounds_time(n, rounds, delay, None)?;
     let rules: [(&str, fn() -> Result<Box<dyn MergeRule>, BenchError>, Goal); 3] = [
         ("Overlap Local-SGD", || Ok(Box::new(burn_coop::rules::Overlap::new(0.6, 0.7))), Goal::AtMost(1.05)),
-        ("elastic averaging overlapped", || Ok(Box::new(burn_coop::rules::ElasticOverlap::new(0.3))), Goal::AtMost(1.05)),
+        (
+            "elastic averaging overlapped",
+            || Ok(Box::new(burn_coop::rules::ElasticOverlap::new(0.3))),
+            Goal::AtMost(1.05),
+        ),
         ("blocking averaging", || Ok(Box::new(Averaging::new())), Goal::Report),
     ];
     let mut rows = Vec::new();

@@ -232,3 +232,32 @@ fn new_rules_and_schedules_run_with_their_defaults_on_threads_and_ranks() {
         }
     }
 }
+
+#[test]
+fn asynchronous_local_sgd_runs_on_ranks_as_on_threads() {
+    if !mpirun_available() {
+        eprintln!("skipped: mpirun is not installed (apt-get install openmpi-bin libopenmpi-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = generated_cifar(dir.path(), 32);
+    let common = ["train", "--rule", "async", "--local-threads", "2", "--batch-size", "4", "--max-steps", "8"];
+    let common = [&common[..], &["--tau", "2", "--verify", "false", "--data", data.to_str().unwrap()]].concat();
+    let threads = dir.path().join("threads");
+    let output = Command::new(env!("CARGO_BIN_EXE_coop"))
+        .args(&common)
+        .args(["--workers", "2", "--output", threads.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let ranks = dir.path().join("ranks");
+    let output =
+        mpirun("2").args(&common).args(["--transport", "mpi", "--output", ranks.to_str().unwrap()]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // The local threads race, so losses differ from run to run; merges and bytes do not.
+    let (a, b) = (merges(&threads), merges(&ranks));
+    assert_eq!(a.len(), 4, "a merge every 2 of 8 steps");
+    let steps_and_bytes =
+        |m: &[(String, f64, String)]| m.iter().map(|(s, _, b)| (s.clone(), b.clone())).collect::<Vec<_>>();
+    assert_eq!(steps_and_bytes(&a), steps_and_bytes(&b));
+}

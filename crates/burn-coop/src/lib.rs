@@ -15,6 +15,7 @@
 //! - [`comm`]: the [`Communicator`] that moves data between workers, [`InProcessGroup`] for
 //!   threads, and [`Metered`](comm::Metered) byte accounting;
 //! - [`params`]: flat parameter buffers for any Burn module;
+//! - [`shared_params`]: one flat buffer updated by several threads at once, lock-free (async);
 //! - [`state`]: binary state records of rules and schedules;
 //! - [`Synchronizer`]: the merge engine driven after each local step;
 //! - [`LocalSgd`]: a Burn optimizer plus a synchronizer, the one-line swap;
@@ -33,6 +34,7 @@ pub mod mixing;
 pub mod params;
 pub mod rules;
 pub mod schedule;
+pub mod shared_params;
 pub mod spec;
 mod spectrum;
 pub mod state;

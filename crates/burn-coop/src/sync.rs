@@ -88,9 +88,6 @@ pub struct CoopStats {
     /// Of `traffic`, the bytes that moved inside sub-groups (hierarchical averaging's groups).
     #[serde(default)]
     pub subgroup_traffic: Traffic,
-    /// Seconds of the merges' communication: blocked, and in flight while computing.
-    #[serde(default)]
-    pub comm_time: CommTime,
     /// Consensus distance measured at the last merge.
     pub last_consensus_distance: Option<f64>,
 }
@@ -430,8 +427,6 @@ impl Synchronizer {
         let subgroup_traffic = end.in_subgroups().since(start.in_subgroups());
         stats.subgroup_traffic.add(subgroup_traffic);
         let comm_time = self.comm.time().since(start_time);
-        stats.comm_time.wait_seconds += comm_time.wait_seconds;
-        stats.comm_time.inflight_seconds += comm_time.inflight_seconds;
         if consensus_distance.is_some() {
             stats.last_consensus_distance = consensus_distance;
         }
@@ -473,6 +468,12 @@ impl Synchronizer {
     /// What the last merge did, if one has run since this synchronizer was built or restored.
     pub fn last_sync(&self) -> Option<&SyncReport> {
         self.last_report.as_ref()
+    }
+
+    /// Seconds the synchronizer's collectives have taken so far (measured, so not part of the
+    /// saved state): blocked, and in flight while computing.
+    pub fn comm_time(&self) -> CommTime {
+        self.comm.time()
     }
 
     /// Every byte the synchronizer's collectives moved, by kind of collective.

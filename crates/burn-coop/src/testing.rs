@@ -17,13 +17,13 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 
+use crate::CoopError;
 use crate::comm::{CommError, Communicator, InProcessGroup, Metered, PendingSum, TrafficByKind};
 use crate::launch::run_group;
 use crate::params::{BufferPolicy, ParamLayout, TensorRole};
 use crate::rules::{MergeOutcome, MergeRule, RuleError, SyncContext};
 use crate::schedule::PeriodicSchedule;
 use crate::sync::Synchronizer;
-use crate::CoopError;
 
 /// A deterministic value for position `k` of vector number `which` of worker `rank`.
 pub fn test_value(rank: usize, k: usize, which: u64) -> f32 {

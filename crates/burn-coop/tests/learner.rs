@@ -324,3 +324,37 @@ fn an_outer_optimizer_with_an_adaptive_schedule_resumes_bit_identically() {
     std::fs::remove_dir_all(&straight.output).unwrap();
     std::fs::remove_dir_all(&interrupted.output).unwrap();
 }
+
+#[test]
+fn asynchronous_local_sgd_trains_with_local_threads_and_merges_in_place() {
+    use burn_coop::comm::Traffic;
+    use burn_coop::rules::AsyncConfig;
+    let config = config("async", RuleSpec::Async(AsyncConfig { local_threads: Some(3) }));
+    let summary = run(Synthetic::new(), &config).unwrap();
+    let n = summary.workers[0].final_parameters.len() as u64;
+    for worker in &summary.workers {
+        assert_eq!((worker.steps, worker.syncs), (12, 6), "a merge every τ = 2 of the worker's steps");
+        let expected = Traffic::broadcast(4 * n, 2) + 6 * Traffic::ring_all_reduce(4 * n, 2);
+        assert_eq!(worker.bytes_sent, expected, "the initial broadcast and one all-reduce per merge");
+    }
+    let out = &config.output;
+    let syncs = lines(&out.join("syncs.csv"));
+    assert_eq!(syncs.len(), 7);
+    assert!(syncs[0].contains("comm_inflight_seconds"), "{}", syncs[0]);
+    let epochs = lines(&out.join("epochs.csv"));
+    assert_eq!(epochs.len(), 3);
+    let last: serde_json::Value = serde_json::from_str(lines(&out.join("metrics.jsonl")).last().unwrap()).unwrap();
+    assert!(last["test_accuracy"].as_f64().unwrap() > 0.5, "{last}");
+    std::fs::remove_dir_all(out).unwrap();
+
+    // A NaN loss on one worker's local thread stops every worker, naming the cause.
+    let config = self::config("async-nan", RuleSpec::Async(AsyncConfig { local_threads: Some(2) }));
+    let error = run(Synthetic { nan_at: Some((1, 6)), ..Synthetic::new() }, &config).unwrap_err();
+    assert!(matches!(error, LearnerError::NonFiniteLoss { worker: 1, step: 7, .. }), "{error}");
+    let _ = std::fs::remove_dir_all(&config.output);
+
+    // No checkpoints to resume from: a clear error.
+    let error = Learner::new(Synthetic::new(), config.clone(), vec![Device::flex()]).resume().run().unwrap_err();
+    assert!(error.to_string().contains("asynchronous local SGD takes no checkpoints"), "{error}");
+    let _ = std::fs::remove_dir_all(&config.output);
+}

@@ -6,6 +6,7 @@
 //! under MPI. Metrics go to the output folder as `metrics.jsonl`, `syncs.csv` and `epochs.csv`
 //! beside the resolved `learner.json`; checkpoints go to `checkpoints/` (see [`latest_checkpoint`]).
 
+mod async_worker;
 mod checkpoint;
 mod config;
 mod metrics;
@@ -73,6 +74,13 @@ pub enum LearnerError {
     /// A model or optimizer record could not be (de)serialized.
     #[error("cannot serialize or restore a record: {0}")]
     Record(String),
+    /// Another worker failed and said so at a collective (asynchronous local SGD); its own
+    /// error is the cause.
+    #[error("worker {worker} failed (its own error says why), so this worker stopped")]
+    PeerFailed {
+        /// The worker that failed.
+        worker: usize,
+    },
 }
 
 impl From<crate::params::LayoutError> for LearnerError {
@@ -88,6 +96,7 @@ impl FailureCause for LearnerError {
     fn consequence_level(&self) -> u8 {
         match self {
             Self::Coop(error) => error.consequence_level(),
+            Self::PeerFailed { .. } => 2,
             _ => 0,
         }
     }

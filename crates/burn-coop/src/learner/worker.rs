@@ -53,6 +53,9 @@ pub fn run_worker<T: CoopTask>(
     comm: impl Communicator + 'static,
     resume: bool,
 ) -> Result<WorkerReport, LearnerError> {
+    if let crate::spec::RuleSpec::Async(asynchronous) = &config.rule {
+        return super::async_worker::run_async_worker(task, config, device, comm, asynchronous.threads(), resume);
+    }
     let (rank, workers) = (comm.rank(), comm.world_size());
     if workers != config.workers {
         return Err(LearnerError::Config(format!(
@@ -298,7 +301,7 @@ fn gather(sync: &mut Synchronizer, value: f64, timing: (f64, f64)) -> Result<Gat
 
 /// Evaluates the workers' average model x̄ (weights and buffers averaged), each worker on its
 /// share of the test set. Returns x̄ (without autodiff) and the summed evaluation.
-fn evaluate_average<T: CoopTask>(
+pub(super) fn evaluate_average<T: CoopTask>(
     task: &T,
     model: &T::Model,
     comm: &mut dyn Communicator,
@@ -319,7 +322,7 @@ fn evaluate_average<T: CoopTask>(
 }
 
 /// Writes the average model to `<output>/model-average.bpk` through a temporary file.
-fn save_average<M: Module>(model: &M, output: &Path) -> Result<(), LearnerError> {
+pub(super) fn save_average<M: Module>(model: &M, output: &Path) -> Result<(), LearnerError> {
     let bytes = model.clone().into_record().into_bytes().map_err(|e| LearnerError::Record(format!("{e:?}")))?;
     let path = output.join("model-average.bpk");
     let temporary = output.join("model-average.bpk.tmp");
@@ -361,7 +364,7 @@ fn checkpoint<M: Module>(
 static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A model initialized from `seed`: the same seed gives the same weights in every run.
-fn init_seeded<T: CoopTask>(task: &T, device: &Device, seed: u64) -> T::Model {
+pub(super) fn init_seeded<T: CoopTask>(task: &T, device: &Device, seed: u64) -> T::Model {
     let _guard = INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     device.seed(seed);
     let model = task.init_model(device);

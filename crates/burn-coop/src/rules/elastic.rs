@@ -429,7 +429,9 @@ impl MergeRule for Elastic {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{check_rounds_against_matrices, check_rule_against_matrix, merge_trajectories as trajectories, run_one_merge};
+    use crate::testing::{
+        check_rounds_against_matrices, check_rule_against_matrix, merge_trajectories as trajectories, run_one_merge,
+    };
 
     #[test]
     fn one_anchor_is_easgd_bit_for_bit() {

@@ -11,6 +11,7 @@
 //! | [`Matcha`] (random disjoint matchings under a budget) | `I − α Σ_j B_j^k L_j` | 0 | `matcha.rs` | Wang, Sahu, Yang, Joshi & Kar, arXiv 1905.09435 |
 //! | [`Overlap`] (Overlap Local-SGD: pull towards an anchor averaged in the background, anchor momentum) | none (with `γ = 0` the anchor is the mean of the pulled models) | 1 per worker (kept locally) | `overlap.rs` | Wang, Liang & Joshi, ICASSP 2020 |
 //! | [`ElasticOverlap`] (EASGD with its all-reduce hidden behind the next τ steps) | EASGD's `W_α` (the same recurrence) | 1 | `elastic_overlap.rs` | Wang & Joshi, JMLR 2021 |
+//! | [`AsyncAveraging`] (asynchronous local SGD: Hogwild local threads, averaging applied in place as `x + (mean − s)`) | none (`J` with one thread) | 0 | `async_local_sgd.rs` | "Local SGD Meets Asynchrony", ICLR 2021 submission |
 //! | [`Hierarchical`] (groups every merge, everyone every `k`-th) | `diag(J_{m/G}, …)`, then `J` | 0 | `hierarchical.rs` | Lin et al., ICLR 2020; PyTorch's `HierarchicalModelAverager` |
 //! | [`DiLoCo`] (outer Nesterov momentum on `x_sync − x̄`; SlowMo) | none (`J` at `lr_outer = 1`, `β = 0`) | 0 (keeps `x_sync` and `u`) | `diloco.rs` | Douillard et al., arXiv 2311.08105; Wang et al., ICLR 2020 |
 //!
@@ -25,6 +26,7 @@
 //! [`crate::testing`]); here, a `mod` line, a `pub use` line, one registry line and a row in the
 //! table above; a row in the README's rule table.
 
+pub mod async_local_sgd;
 pub mod averaging;
 pub mod diloco;
 pub mod elastic;
@@ -35,6 +37,7 @@ pub(crate) mod kernels;
 pub mod matcha;
 pub mod overlap;
 
+pub use async_local_sgd::{AsyncAveraging, AsyncConfig};
 pub use averaging::{Averaging, AveragingConfig, SynchronousConfig};
 pub use diloco::{DiLoCo, DiLoCoConfig};
 pub use elastic::{Elastic, ElasticConfig};
@@ -73,6 +76,8 @@ crate::spec::registry! {
     Overlap(overlap: OverlapConfig),
     /// Elastic averaging whose anchor all-reduce travels during the local steps.
     ElasticOverlap(elastic_overlap: ElasticOverlapConfig),
+    /// Asynchronous local SGD: Hogwild local threads, averaging applied in place.
+    Async(asynchronous: AsyncConfig),
 }
 
 use serde::{Deserialize, Serialize};

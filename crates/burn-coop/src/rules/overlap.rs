@@ -104,7 +104,8 @@ impl MergeRule for Overlap {
         if self.pull > 0.0 && self.pull <= 1.0 && (0.0..1.0).contains(&self.anchor_momentum) {
             Ok(())
         } else {
-            let reason = format!("pull {} must lie in (0, 1], anchor momentum {} in [0, 1)", self.pull, self.anchor_momentum);
+            let reason =
+                format!("pull {} must lie in (0, 1], anchor momentum {} in [0, 1)", self.pull, self.anchor_momentum);
             Err(RuleError::BadState { rule: "overlap", reason })
         }
     }
@@ -150,7 +151,10 @@ impl MergeRule for Overlap {
         match &mut self.momentum {
             Some(m) => {
                 let gamma = self.anchor_momentum as f32;
-                m.iter_mut().zip(params.iter()).zip(z).for_each(|((m, x), z)| *m = *m * gamma - inv_eta * x + inv_eta * z);
+                m.iter_mut()
+                    .zip(params.iter())
+                    .zip(z)
+                    .for_each(|((m, x), z)| *m = *m * gamma - inv_eta * x + inv_eta * z);
             }
             None => self.momentum = Some(params.iter().zip(z).map(|(x, z)| (x - z) / -eta).collect()),
         }
@@ -291,7 +295,10 @@ mod tests {
         fn wait(self: Box<Self>) -> Result<Vec<f32>, CommError> {
             let now = self.steps.load(Ordering::SeqCst);
             if now < self.release {
-                return Err(CommError::Backend(format!("waited at step {now} for a sum hidden until {}", self.release)));
+                return Err(CommError::Backend(format!(
+                    "waited at step {now} for a sum hidden until {}",
+                    self.release
+                )));
             }
             self.inner.wait()
         }
@@ -338,14 +345,20 @@ mod tests {
 
     /// Runs `merges` merges, τ local steps apart, of `make()` on `m` workers whose sums are
     /// hidden by τ steps.
-    fn run_gated(m: usize, tau: u64, merges: u64, make: impl Fn() -> Box<dyn MergeRule> + Sync) -> Vec<Result<(), RuleError>> {
+    fn run_gated(
+        m: usize,
+        tau: u64,
+        merges: u64,
+        make: impl Fn() -> Box<dyn MergeRule> + Sync,
+    ) -> Vec<Result<(), RuleError>> {
         let comms = InProcessGroup::new(m).into_communicators();
         run_group(comms, |rank, comm| -> Result<Result<(), RuleError>, RuleError> {
             let steps = Arc::new(AtomicU64::new(0));
             let mut comm = Gated { inner: comm, steps: Arc::clone(&steps), hidden_by: tau };
             let mut rule = make();
             let mut params = worker_buffer(rank, 9);
-            let mut ctx = SyncContext { step: 0, round: 0, steps_since_sync: tau, lr: Some(0.1), rank, world_size: m, seed: 1 };
+            let mut ctx =
+                SyncContext { step: 0, round: 0, steps_since_sync: tau, lr: Some(0.1), rank, world_size: m, seed: 1 };
             rule.start(&params, &ctx, &mut comm)?;
             for round in 0..merges {
                 for _ in 0..tau {
@@ -382,7 +395,8 @@ mod tests {
         let results = run_group(comms, |rank, mut comm| -> Result<Result<(), RuleError>, RuleError> {
             let mut rule = Overlap::new(0.6, 0.7);
             let mut params = worker_buffer(rank, 9);
-            let mut ctx = SyncContext { step: 2, round: 0, steps_since_sync: 2, lr: Some(0.1), rank, world_size: 3, seed: 1 };
+            let mut ctx =
+                SyncContext { step: 2, round: 0, steps_since_sync: 2, lr: Some(0.1), rank, world_size: 3, seed: 1 };
             rule.start(&params, &ctx, &mut comm)?;
             rule.merge(&mut params, &ctx, &mut comm)?;
             if rank == 2 {
