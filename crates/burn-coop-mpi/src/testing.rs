@@ -13,7 +13,8 @@ use burn::optim::SgdConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::tensor::Device;
 use burn_coop::comm::Traffic;
-use burn_coop::{Averaging, Communicator, CoopError, Elastic, Gossip, LocalSgd, PeriodicSchedule, Topology};
+use burn_coop::rules::{ElasticConfig, GossipConfig, HierarchicalConfig};
+use burn_coop::{Averaging, Communicator, CoopError, Elastic, Gossip, LocalSgd, PeriodicSchedule, RuleSpec, Topology};
 use serde::{Deserialize, Serialize};
 
 pub use burn_coop::testing::{Tiny, flat, test_value as value};
@@ -54,12 +55,37 @@ pub enum Scenario {
     ElasticCommonStart,
     /// Gossip on a ring with Metropolis–Hastings weights; every rank starts from its own model.
     GossipRing,
+    /// DiLoCo with its defaults (outer Nesterov momentum); every rank starts from its own model.
+    Diloco,
+    /// Hierarchical averaging, 2 groups, a global average every 2nd merge (sub-communicators).
+    Hierarchical,
+    /// Elastic averaging with two anchors (a sub-communicator per anchor's group).
+    ElasticAnchors,
+    /// Gossip on the one-peer exponential graph (directed exchanges).
+    OnePeerExponential,
+    /// MATCHA on a ring, budget 0.5 (matchings drawn from the shared seed).
+    Matcha,
+    /// Overlap Local-SGD with its defaults (sums in flight across merges).
+    Overlap,
+    /// Elastic averaging with its all-reduce overlapped.
+    ElasticOverlap,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 4] =
-        [Scenario::Averaging, Scenario::Elastic, Scenario::ElasticCommonStart, Scenario::GossipRing];
+    pub const ALL: [Scenario; 11] = [
+        Scenario::Averaging,
+        Scenario::Elastic,
+        Scenario::ElasticCommonStart,
+        Scenario::GossipRing,
+        Scenario::Diloco,
+        Scenario::Hierarchical,
+        Scenario::ElasticAnchors,
+        Scenario::OnePeerExponential,
+        Scenario::Matcha,
+        Scenario::Overlap,
+        Scenario::ElasticOverlap,
+    ];
 
     /// The scenario's name, as used on command lines and in file names.
     pub fn name(self) -> &'static str {
@@ -68,12 +94,39 @@ impl Scenario {
             Scenario::Elastic => "elastic",
             Scenario::ElasticCommonStart => "elastic-common-start",
             Scenario::GossipRing => "gossip-ring",
+            Scenario::Diloco => "diloco",
+            Scenario::Hierarchical => "hierarchical",
+            Scenario::ElasticAnchors => "elastic-anchors",
+            Scenario::OnePeerExponential => "one-peer-exponential",
+            Scenario::Matcha => "matcha",
+            Scenario::Overlap => "overlap",
+            Scenario::ElasticOverlap => "elastic-overlap",
         }
     }
 
     /// The scenario called `name`.
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// The registered rule of the scenarios that run one with its settings.
+    fn rule_spec(self) -> Option<RuleSpec> {
+        let spec = match self {
+            Scenario::Diloco => RuleSpec::Diloco(Default::default()),
+            Scenario::Hierarchical => {
+                RuleSpec::Hierarchical(HierarchicalConfig { groups: Some(2), global_every: Some(2) })
+            }
+            Scenario::ElasticAnchors => RuleSpec::Elastic(ElasticConfig { alpha: None, anchors: Some(2) }),
+            Scenario::OnePeerExponential => RuleSpec::Gossip(GossipConfig {
+                topology: Some(burn_coop::TopologySpec::OnePeerExponential),
+                weights: None,
+            }),
+            Scenario::Matcha => RuleSpec::Matcha(Default::default()),
+            Scenario::Overlap => RuleSpec::Overlap(Default::default()),
+            Scenario::ElasticOverlap => RuleSpec::ElasticOverlap(Default::default()),
+            _ => return None,
+        };
+        Some(spec)
     }
 
     /// Runs the scenario on this worker and gives the communicator back for the next run.
@@ -95,6 +148,11 @@ impl Scenario {
             Scenario::ElasticCommonStart => LocalSgd::new(inner, Elastic::optimal(m), schedule, comm)?,
             Scenario::GossipRing => {
                 LocalSgd::new(inner, Gossip::on(&Topology::ring(m)?)?, schedule, comm)?.with_consensus_every(1)
+            }
+            _ => {
+                let spec = self.rule_spec().expect("the other scenarios name a registered rule");
+                let rule = spec.build(m)?;
+                LocalSgd::new(inner, rule, schedule, comm)?.with_consensus_every(1)
             }
         };
         let mut model = model;
