@@ -15,6 +15,7 @@
 //! - [`comm`]: the [`Communicator`] that moves data between workers, [`InProcessGroup`] for
 //!   threads, and [`Metered`](comm::Metered) byte accounting;
 //! - [`params`]: flat parameter buffers for any Burn module;
+//! - [`random`]: numbers every worker draws alike from the shared seed;
 //! - [`shared_params`]: one flat buffer updated by several threads at once, lock-free (async);
 //! - [`state`]: binary state records of rules and schedules;
 //! - [`Synchronizer`]: the merge engine driven after each local step;
@@ -32,6 +33,7 @@ pub mod learner;
 mod local_sgd;
 pub mod mixing;
 pub mod params;
+pub mod random;
 pub mod rules;
 pub mod schedule;
 pub mod shared_params;

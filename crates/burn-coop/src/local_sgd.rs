@@ -150,7 +150,7 @@ impl LocalSgd {
         grads: GradientsParams,
     ) -> Result<M, CoopError> {
         let lr = lr.into();
-        let signal = StepSignal { lr: Some(lr.base()), loss: None };
+        let signal = StepSignal { lr: Some(lr.base()), loss: None, seconds: None };
         let module = self.sync.before_step(module)?;
         let module = self.inner.step(lr, module, grads);
         let (module, report) = self.sync.after_step(module, signal)?;

@@ -21,7 +21,7 @@
 use burn::module::Module;
 use serde::{Deserialize, Serialize};
 
-use crate::comm::{CommTime, Communicator, Metered, Traffic, TrafficByKind};
+use crate::comm::{CommTime, Communicator, Metered, NetworkModel, SimClock, StepTime, Traffic, TrafficByKind};
 use crate::error::CoopError;
 use crate::params::{BufferPolicy, ParamLayout};
 use crate::rules::kernels::{count_non_finite, distance_to_mean};
@@ -36,12 +36,19 @@ pub struct StepSignal {
     pub lr: Option<f64>,
     /// This worker's training loss on the step's batch.
     pub loss: Option<f64>,
+    /// The seconds the step really took (for the simulated clock's measured step time).
+    pub seconds: Option<f64>,
 }
 
 impl StepSignal {
     /// A step with a learning rate and a loss.
     pub fn new(lr: f64, loss: f64) -> Self {
-        Self { lr: Some(lr), loss: Some(loss) }
+        Self { lr: Some(lr), loss: Some(loss), seconds: None }
+    }
+
+    /// The same signal with the seconds the step took.
+    pub fn with_seconds(self, seconds: f64) -> Self {
+        Self { seconds: Some(seconds), ..self }
     }
 }
 
@@ -71,6 +78,8 @@ pub struct SyncReport {
     /// Seconds collectives started at earlier merges travelled while this worker computed
     /// (overlapping rules; 0 for blocking ones).
     pub comm_inflight_seconds: f64,
+    /// This worker's simulated clock after the merge, when a network is simulated.
+    pub sim_clock: Option<SimClock>,
 }
 
 /// Counters of a synchronizer.
@@ -106,6 +115,9 @@ pub struct SyncState {
     pub loss_count: u64,
     /// Whether the initial broadcast and the rule's start have run.
     pub started: bool,
+    /// The simulated clock, when a network is simulated.
+    #[serde(default)]
+    pub sim_clock: Option<SimClock>,
 }
 
 /// The merge engine; see the [module documentation](crate::sync).
@@ -122,6 +134,7 @@ pub struct Synchronizer {
     state: SyncState,
     lr: Option<f64>,
     last_report: Option<SyncReport>,
+    step_time: StepTime,
 }
 
 impl std::fmt::Debug for Synchronizer {
@@ -158,7 +171,22 @@ impl Synchronizer {
             state: SyncState::default(),
             lr: None,
             last_report: None,
+            step_time: StepTime::default(),
         })
+    }
+
+    /// Simulates `network` (see [`NetworkModel`](crate::comm::NetworkModel)): every worker
+    /// keeps a simulated clock, moved by each local step (`step_time`) and by each collective.
+    /// Every worker must simulate the same network, from its first step.
+    pub fn with_simulation(mut self, network: NetworkModel, step_time: StepTime) -> Self {
+        self.comm.simulate(network, self.state.sim_clock.unwrap_or_default());
+        self.step_time = step_time;
+        self
+    }
+
+    /// This worker's simulated clock, when simulating.
+    pub fn sim_clock(&self) -> Option<SimClock> {
+        self.comm.clock()
     }
 
     /// Chooses whether buffers (BatchNorm running statistics) are merged or kept local. Must be
@@ -310,6 +338,9 @@ impl Synchronizer {
 
     fn count_step(&mut self, signal: StepSignal) {
         self.state.stats.steps += 1;
+        let seconds =
+            self.step_time.seconds(signal.seconds.unwrap_or(0.0), self.seed, self.comm.rank(), self.state.stats.steps);
+        self.comm.local_step(seconds);
         self.state.steps_since_sync += 1;
         self.lr = signal.lr.or(self.lr);
         if let Some(loss) = signal.loss {
@@ -441,6 +472,7 @@ impl Synchronizer {
             mean_loss,
             comm_wait_seconds: comm_time.wait_seconds,
             comm_inflight_seconds: comm_time.inflight_seconds,
+            sim_clock: self.comm.clock(),
         };
         self.schedule.after_sync(&SyncFeedback {
             step: report.step,
@@ -519,7 +551,7 @@ impl Synchronizer {
 
     /// The small counters to checkpoint (as JSON).
     pub fn state(&self) -> SyncState {
-        self.state.clone()
+        SyncState { sim_clock: self.comm.clock(), ..self.state.clone() }
     }
 
     /// The rule's and the schedule's records (model-sized buffers) to checkpoint (binary).
@@ -537,6 +569,9 @@ impl Synchronizer {
         let (rule, schedule) = (take("rule"), take("schedule"));
         self.rule.load_record(rule)?;
         self.schedule.load_record(schedule)?;
+        if let (Some(clock), Some(_)) = (state.sim_clock, self.comm.clock()) {
+            self.comm.restore_clock(clock);
+        }
         self.state = state;
         self.last_report = None;
         Ok(())

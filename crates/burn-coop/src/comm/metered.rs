@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::network::{NetworkModel, SMALL_COLLECTIVE_VALUES, SimClock};
 use super::{CommError, Communicator, PendingOp, PendingSum};
 
 /// Bytes this worker has sent and received.
@@ -147,6 +148,8 @@ impl CommTime {
 struct Ledger {
     traffic: TrafficByKind,
     time: CommTime,
+    /// The simulated network and this worker's clock, when simulating.
+    simulation: Option<(NetworkModel, SimClock)>,
 }
 
 /// Counts the bytes of every collective that goes through it, from the payloads themselves:
@@ -165,18 +168,22 @@ struct Ledger {
 /// Groups made by [`Communicator::split`] count into the same ledger, and also apart
 /// ([`TrafficByKind::in_subgroups`]), so a hierarchy's two levels can be told apart. It also
 /// times the collectives ([`CommTime`]): blocking ones are waits; a started one is in flight
-/// until its result is asked for, and a wait from then on.
+/// until its result is asked for, and a wait from then on. With a network
+/// ([`Metered::simulate`]) it also keeps the worker's simulated clock (see
+/// [`NetworkModel`](super::NetworkModel)).
 #[derive(Debug)]
 pub struct Metered<C> {
     inner: C,
     ledger: Arc<Mutex<Ledger>>,
     subgroup: bool,
+    /// The latencies of the neighbour exchange being simulated.
+    exchange_degree: usize,
 }
 
 impl<C: Communicator> Metered<C> {
     /// Counts the traffic of `inner`.
     pub fn new(inner: C) -> Self {
-        Self { inner, ledger: Arc::default(), subgroup: false }
+        Self { inner, ledger: Arc::default(), subgroup: false, exchange_degree: 0 }
     }
 
     /// Counters so far.
@@ -187,6 +194,71 @@ impl<C: Communicator> Metered<C> {
     /// Seconds spent on communication so far.
     pub fn time(&self) -> CommTime {
         self.ledger.lock().unwrap_or_else(PoisonError::into_inner).time
+    }
+
+    /// Simulates `network` from now on, with this worker's clock at `clock` (every worker must
+    /// simulate, or none: the arrivals are exchanged at each collective).
+    pub fn simulate(&mut self, network: NetworkModel, clock: SimClock) {
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner).simulation = Some((network, clock));
+    }
+
+    /// This worker's simulated clock, when simulating.
+    pub fn clock(&self) -> Option<SimClock> {
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner).simulation.map(|(_, clock)| clock)
+    }
+
+    /// Sets the simulated clock (a resumed run's), when simulating.
+    pub fn restore_clock(&self, restored: SimClock) {
+        if let Some((_, clock)) = &mut self.ledger.lock().unwrap_or_else(PoisonError::into_inner).simulation {
+            *clock = restored;
+        }
+    }
+
+    /// Moves the simulated clock by a local step of `seconds` (nothing when not simulating).
+    pub fn local_step(&self, seconds: f64) {
+        if let Some((_, clock)) = &mut self.ledger.lock().unwrap_or_else(PoisonError::into_inner).simulation {
+            clock.step(seconds);
+        }
+    }
+
+    /// When simulating: exchanges the arrival times of the participants (`peers`, or everyone)
+    /// and returns when the collective ends on the simulated clock.
+    fn simulated_end(
+        &mut self,
+        kind: CollectiveKind,
+        bytes: u64,
+        peers: Option<&[usize]>,
+        small: bool,
+    ) -> Result<Option<f64>, CommError> {
+        let Some((network, clock)) = self.ledger.lock().unwrap_or_else(PoisonError::into_inner).simulation else {
+            return Ok(None);
+        };
+        let (rank, world) = (self.inner.rank(), self.inner.world_size());
+        let mut clocks = vec![0.0; world];
+        clocks[rank] = clock.now;
+        self.inner.all_reduce_f64(&mut clocks)?;
+        let start = match peers {
+            Some(peers) => peers.iter().map(|&j| clocks[j]).fold(clock.now, f64::max),
+            None => clocks.iter().copied().fold(clock.now, f64::max),
+        };
+        let degree = self.exchange_degree;
+        Ok(Some(start + network.seconds(kind, bytes, world, degree, small)))
+    }
+
+    /// A blocking collective: the simulated clock waits for its end.
+    fn simulate_blocking(
+        &mut self,
+        kind: CollectiveKind,
+        bytes: u64,
+        peers: Option<&[usize]>,
+        small: bool,
+    ) -> Result<(), CommError> {
+        if let Some(end) = self.simulated_end(kind, bytes, peers, small)? {
+            if let Some((_, clock)) = &mut self.ledger.lock().unwrap_or_else(PoisonError::into_inner).simulation {
+                clock.wait_until(end);
+            }
+        }
+        Ok(())
     }
 
     /// The communicator underneath (its calls are not counted).
@@ -218,6 +290,8 @@ struct TimedSum {
     inner: PendingSum,
     started: Instant,
     ledger: Arc<Mutex<Ledger>>,
+    /// When the sum ends on the simulated clock.
+    simulated_end: Option<f64>,
 }
 
 impl PendingOp for TimedSum {
@@ -232,6 +306,9 @@ impl PendingOp for TimedSum {
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
         ledger.time.inflight_seconds += asked.duration_since(self.started).as_secs_f64();
         ledger.time.wait_seconds += waited;
+        if let (Some(end), Some((_, clock))) = (self.simulated_end, &mut ledger.simulation) {
+            clock.wait_until(end);
+        }
         result
     }
 }
@@ -249,14 +326,14 @@ impl<C: Communicator> Communicator for Metered<C> {
         self.timed(|inner| inner.all_reduce_sum(values))?;
         let bytes = Traffic::ring_all_reduce(4 * values.len() as u64, self.world_size());
         self.record(CollectiveKind::AllReduce, bytes, bytes);
-        Ok(())
+        self.simulate_blocking(CollectiveKind::AllReduce, bytes, None, false)
     }
 
     fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
         self.timed(|inner| inner.all_reduce_sum_into(send, recv))?;
         let bytes = Traffic::ring_all_reduce(4 * send.len() as u64, self.world_size());
         self.record(CollectiveKind::AllReduce, bytes, bytes);
-        Ok(())
+        self.simulate_blocking(CollectiveKind::AllReduce, bytes, None, false)
     }
 
     fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
@@ -265,7 +342,8 @@ impl<C: Communicator> Communicator for Metered<C> {
         let started = Instant::now();
         let pending = self.inner.start_all_reduce_sum(values)?;
         self.record(CollectiveKind::AllReduce, bytes, bytes);
-        let timed = TimedSum { inner: pending, started, ledger: Arc::clone(&self.ledger) };
+        let simulated_end = self.simulated_end(CollectiveKind::AllReduce, bytes, None, false)?;
+        let timed = TimedSum { inner: pending, started, ledger: Arc::clone(&self.ledger), simulated_end };
         Ok(PendingSum::new(Box::new(timed), len))
     }
 
@@ -273,20 +351,21 @@ impl<C: Communicator> Communicator for Metered<C> {
         self.timed(|inner| inner.all_reduce_f64(values))?;
         let bytes = Traffic::ring_all_reduce(8 * values.len() as u64, self.world_size());
         self.record(CollectiveKind::Scalars, bytes, bytes);
-        Ok(())
+        self.simulate_blocking(CollectiveKind::Scalars, bytes, None, values.len() <= SMALL_COLLECTIVE_VALUES)
     }
 
     fn broadcast(&mut self, values: &mut [f32], root: usize) -> Result<(), CommError> {
         self.timed(|inner| inner.broadcast(values, root))?;
         let bytes = Traffic::broadcast(4 * values.len() as u64, self.world_size());
         self.record(CollectiveKind::Broadcast, bytes, bytes);
-        Ok(())
+        self.simulate_blocking(CollectiveKind::Broadcast, bytes, None, false)
     }
 
     fn all_gather_bytes(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
         let all = self.timed(|inner| inner.all_gather_bytes(payload))?;
         let others: u64 = all.iter().enumerate().filter(|(j, _)| *j != self.rank()).map(|(_, p)| p.len() as u64).sum();
         self.record(CollectiveKind::AllGather, others, others);
+        self.simulate_blocking(CollectiveKind::AllGather, others, None, false)?;
         Ok(all)
     }
 
@@ -306,12 +385,18 @@ impl<C: Communicator> Communicator for Metered<C> {
         })?;
         let sent = 4 * send.len() as u64 * send_to.len() as u64;
         self.record(CollectiveKind::Exchange, sent, got);
-        Ok(())
+        let mut peers: Vec<usize> = send_to.iter().chain(receive_from).copied().collect();
+        peers.sort_unstable();
+        peers.dedup();
+        // Messages go out and come in at once on a full-duplex link: as many latencies as the
+        // larger of the two lists.
+        self.exchange_degree = send_to.len().max(receive_from.len());
+        self.simulate_blocking(CollectiveKind::Exchange, sent, Some(&peers), false)
     }
 
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
         let inner = self.inner.split(color)?;
-        Ok(Box::new(Metered { inner, ledger: Arc::clone(&self.ledger), subgroup: true }))
+        Ok(Box::new(Metered { inner, ledger: Arc::clone(&self.ledger), subgroup: true, exchange_degree: 0 }))
     }
 
     fn barrier(&mut self) -> Result<(), CommError> {

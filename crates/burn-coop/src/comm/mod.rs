@@ -17,9 +17,11 @@
 
 mod in_process;
 mod metered;
+mod network;
 
 pub use in_process::{InProcessComm, InProcessGroup};
 pub use metered::{CollectiveKind, CommTime, Metered, Traffic, TrafficByKind};
+pub use network::{NetworkModel, SMALL_COLLECTIVE_VALUES, SimClock, StepTime};
 
 /// Why communication failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

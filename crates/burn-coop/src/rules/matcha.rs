@@ -167,7 +167,7 @@ impl Matcha {
     /// Which matchings are active at merge `round` with the shared `seed` (the same on every
     /// worker).
     pub fn active(&self, seed: u64, round: u64) -> Vec<bool> {
-        self.probabilities.iter().enumerate().map(|(j, &p)| uniform(seed, round, j as u64) < p).collect()
+        self.probabilities.iter().enumerate().map(|(j, &p)| crate::random::uniform(seed, round, j as u64) < p).collect()
     }
 
     /// This worker's partners at merge `round`, in matching order, into `self.peers`.
@@ -475,16 +475,6 @@ fn best_alpha(n: usize, laplacians: &[Vec<f64>], p: &[f64]) -> f64 {
         if f(a) <= f(b) { high = b } else { low = a }
     }
     (low + high) / 2.0
-}
-
-/// A uniform number in `[0, 1)` from `(seed, round, j)` (SplitMix64 finalizer).
-fn uniform(seed: u64, round: u64, j: u64) -> f64 {
-    let mut x = seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ j.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^= x >> 31;
-    (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
