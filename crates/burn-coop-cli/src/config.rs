@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use burn_coop::comm::{NetworkModel, StepTime};
 use burn_coop::learner::{LrSchedule, LrShape, OptimizerSpec};
 use burn_coop::spec::{RuleFlags, ScheduleFlags, SpecError, at_least_one, positive_f64, serde_name};
 use burn_coop::{BufferPolicy, InnerStatePolicy, LearnerConfig, RuleSpec, ScheduleSpec};
@@ -134,6 +135,34 @@ pub struct TrainConfig {
     pub verify: bool,
     /// Where workers run.
     pub transport: TransportName,
+    /// Simulate this network (`bandwidth=1Gbit,latency=50us`): the metrics get a simulated
+    /// clock (`sim_seconds`, `sim_comm_seconds`). Unset: no simulated clock.
+    pub network: Option<String>,
+    /// A local step's time on the simulated clock: `measured` (what it really took) or seconds.
+    pub step_time: String,
+    /// A straggler delay added to every simulated step, `exp:MEAN` (exponential, seeded per
+    /// worker and step).
+    pub straggler: Option<String>,
+}
+
+/// `--step-time`: `measured`, or a fixed number of seconds.
+fn parse_step_time(text: &str) -> Result<Option<f64>, String> {
+    match text {
+        "measured" => Ok(None),
+        _ => match text.parse::<f64>() {
+            Ok(v) if v.is_finite() && v >= 0.0 => Ok(Some(v)),
+            _ => Err(format!("'{text}' is neither 'measured' nor a non-negative number of seconds")),
+        },
+    }
+}
+
+/// `--straggler exp:MEAN`: the mean of the exponential delay.
+fn parse_straggler(text: &str) -> Result<f64, String> {
+    let mean = text.strip_prefix("exp:").ok_or_else(|| format!("'{text}' is not exp:MEAN"))?;
+    match mean.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("'{mean}' is not a non-negative number of seconds")),
+    }
 }
 
 impl Default for TrainConfig {
@@ -172,6 +201,9 @@ impl Default for TrainConfig {
             download: true,
             verify: true,
             transport: TransportName::Threads,
+            network: None,
+            step_time: "measured".into(),
+            straggler: None,
         }
     }
 }
@@ -292,6 +324,15 @@ pub struct TrainArgs {
     /// Where workers run: threads, or mpi (one worker per rank).
     #[arg(long, value_enum)]
     pub transport: Option<TransportName>,
+    /// Simulate a network and log a simulated clock: bandwidth=1Gbit,latency=50us.
+    #[arg(long, value_name = "SPEC")]
+    pub network: Option<String>,
+    /// A local step's simulated time: measured, or seconds (e.g. 0.05).
+    #[arg(long, value_name = "TIME")]
+    pub step_time: Option<String>,
+    /// A simulated straggler delay per step: exp:MEAN (seconds).
+    #[arg(long, value_name = "exp:MEAN")]
+    pub straggler: Option<String>,
 }
 
 impl TrainArgs {
@@ -326,6 +367,15 @@ impl TrainArgs {
         }
         if let Some(v) = &self.data {
             config.data = Some(v.clone());
+        }
+        if let Some(v) = &self.network {
+            config.network = Some(v.clone());
+        }
+        if let Some(v) = &self.step_time {
+            config.step_time = v.clone();
+        }
+        if let Some(v) = &self.straggler {
+            config.straggler = Some(v.clone());
         }
         Ok(())
     }
@@ -413,6 +463,19 @@ impl TrainConfig {
         if self.devices.is_empty() {
             return invalid("devices", String::new(), "at least one device is needed");
         }
+        if let Some(network) = &self.network
+            && let Err(reason) = network.parse::<NetworkModel>()
+        {
+            return invalid("network", network.clone(), &reason);
+        }
+        if let Err(reason) = parse_step_time(&self.step_time) {
+            return invalid("step-time", self.step_time.clone(), &reason);
+        }
+        if let Some(straggler) = &self.straggler
+            && let Err(reason) = parse_straggler(straggler)
+        {
+            return invalid("straggler", straggler.clone(), &reason);
+        }
         Ok(())
     }
 
@@ -473,6 +536,11 @@ impl TrainConfig {
             max_steps: self.max_steps,
             seed: self.seed,
             progress: true,
+            network: self.network.as_deref().and_then(|n| n.parse().ok()),
+            step_time: StepTime {
+                fixed: parse_step_time(&self.step_time).ok().flatten(),
+                straggler_mean: self.straggler.as_deref().and_then(|s| parse_straggler(s).ok()),
+            },
         }
     }
 }

@@ -107,6 +107,44 @@ fn overlap_takes_its_papers_period_unless_told_otherwise() {
 }
 
 #[test]
+fn a_simulated_network_adds_a_clock_to_the_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::generated_cifar(dir.path(), 32);
+    let out = dir.path().join("sim");
+    let args = [
+        &["train", "--workers", "2", "--tau", "4", "--batch-size", "4", "--max-steps", "12", "--verify", "false"][..],
+        &["--network", "bandwidth=1Gbit,latency=0", "--step-time", "0.1"],
+        &["--data", data.to_str().unwrap(), "--output", out.to_str().unwrap()],
+    ]
+    .concat();
+    let output = coop(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = std::fs::read_to_string(out.join("syncs.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("no {name}"));
+    let (sim, bytes) = (column("sim_seconds"), column("bytes_sent_per_worker"));
+    let rows: Vec<Vec<String>> = lines.map(|l| l.split(',').map(String::from).collect()).collect();
+    assert_eq!(rows.len(), 3);
+    let first = |row: &Vec<String>, k: usize| row[k].split(';').next().unwrap().parse::<f64>().unwrap();
+    for pair in rows.windows(2) {
+        let grown = first(&pair[1], sim) - first(&pair[0], sim);
+        let sent = first(&pair[1], bytes) - first(&pair[0], bytes);
+        // Four steps of 0.1 s and the merge's bytes at 1.25e8 B/s (the few statistics bytes
+        // cost only their latency, here 0).
+        let expected = 0.4 + sent / 1.25e8;
+        assert!((grown - expected).abs() < 1e-6 * expected, "grew {grown}, expected {expected}");
+    }
+    assert!(
+        std::fs::read_to_string(out.join("epochs.csv")).unwrap().lines().next().unwrap().contains("sim_comm_seconds")
+    );
+    for (flag, value) in [("--network", "bandwidth=fast"), ("--step-time", "slow"), ("--straggler", "5")] {
+        let bad = coop(&["train", flag, value, "--max-steps", "1"]);
+        assert!(!bad.status.success() && stderr(&bad).contains(&flag[2..]), "{flag}: {}", stderr(&bad));
+    }
+}
+
+#[test]
 fn bad_values_are_named_like_clap_errors() {
     let cases: [(&[&str], &str); 5] = [
         (&["train", "--tau", "0"], "invalid value '0' for '--tau <TAU>': must be at least 1"),

@@ -55,6 +55,11 @@ pub(super) fn run_async_worker<T: CoopTask>(
     threads: usize,
     resume: bool,
 ) -> Result<WorkerReport, LearnerError> {
+    if config.network.is_some() {
+        return Err(LearnerError::Config(
+            "the simulated network clock follows collectives in lockstep with the local steps; asynchronous local SGD's threads have no such order, so it cannot be simulated".into(),
+        ));
+    }
     if resume {
         return Err(LearnerError::Config(
             "asynchronous local SGD takes no checkpoints (its local threads race by design, so no run could continue bit for bit): start it again instead of resuming".into(),
@@ -100,7 +105,7 @@ pub(super) fn run_async_worker<T: CoopTask>(
 
     let mut writer = match rank {
         0 => Some(
-            MetricsWriter::create(&config.output, total_steps, 0, config.progress)
+            MetricsWriter::create(&config.output, total_steps, 0, config.progress, false)
                 .map_err(|source| LearnerError::Io { path: config.output.clone(), source })?,
         ),
         _ => None,
@@ -235,6 +240,8 @@ pub(super) fn run_async_worker<T: CoopTask>(
                             subgroup_bytes_sent_per_worker: vec![0; workers],
                             comm_wait_seconds: vec![0.0; workers],
                             comm_inflight_seconds: values[2 * workers..3 * workers].to_vec(),
+                            sim_seconds: None,
+                            sim_comm_seconds: None,
                             wall_seconds: started.elapsed().as_secs_f64(),
                         };
                         w.sync(&metrics).map_err(io)?;
@@ -292,6 +299,8 @@ pub(super) fn run_async_worker<T: CoopTask>(
             bytes_sent_per_worker: values[workers..].iter().map(|&b| b as u64).collect(),
             consensus_bytes_sent_per_worker: vec![0; workers],
             subgroup_bytes_sent_per_worker: vec![0; workers],
+            sim_seconds: None,
+            sim_comm_seconds: None,
             wall_seconds: started.elapsed().as_secs_f64(),
         };
         if let Some(w) = writer.as_mut() {

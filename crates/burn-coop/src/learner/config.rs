@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::spec::{LrSchedule, OptimizerSpec};
+use crate::comm::{NetworkModel, StepTime};
 use crate::local_sgd::InnerStatePolicy;
 use crate::params::BufferPolicy;
 use crate::spec::{RuleSpec, ScheduleSpec};
@@ -47,6 +48,12 @@ pub struct LearnerConfig {
     pub seed: u64,
     /// Show progress bars when the output is a terminal.
     pub progress: bool,
+    /// Simulate this network: every worker keeps a simulated clock, and the metrics get
+    /// `sim_seconds` and `sim_comm_seconds` columns (see [`NetworkModel`]). `None`: no
+    /// simulated clock, no such columns.
+    pub network: Option<NetworkModel>,
+    /// The simulated time of a local step (with a network).
+    pub step_time: StepTime,
 }
 
 impl Default for LearnerConfig {
@@ -68,6 +75,8 @@ impl Default for LearnerConfig {
             max_steps: None,
             seed: 42,
             progress: true,
+            network: None,
+            step_time: StepTime::default(),
         }
     }
 }

@@ -39,6 +39,12 @@ pub struct SyncMetrics {
     /// Seconds the collectives each worker waited on at this merge had travelled while it
     /// computed (overlapping rules).
     pub comm_inflight_seconds: Vec<f64>,
+    /// Each worker's simulated clock, when a network is simulated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sim_seconds: Option<Vec<f64>>,
+    /// Of that, the seconds each worker waited for communication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sim_comm_seconds: Option<Vec<f64>>,
     /// Seconds since the run started.
     pub wall_seconds: f64,
 }
@@ -76,6 +82,12 @@ pub struct EpochMetrics {
     /// Of `bytes_sent_per_worker`, the bytes each worker has sent inside its sub-group (the
     /// group level of hierarchical averaging; 0 for flat rules).
     pub subgroup_bytes_sent_per_worker: Vec<u64>,
+    /// Each worker's simulated clock, when a network is simulated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sim_seconds: Option<Vec<f64>>,
+    /// Of that, the seconds each worker waited for communication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sim_comm_seconds: Option<Vec<f64>>,
     /// Seconds since the run started.
     pub wall_seconds: f64,
 }
@@ -93,6 +105,14 @@ pub struct MetricsWriter {
     syncs: BufWriter<File>,
     epochs: BufWriter<File>,
     bar: Option<ProgressBar>,
+}
+
+/// The simulated clock's columns of a row (empty when not simulating).
+fn simulated(sim: &Option<Vec<f64>>, comm: &Option<Vec<f64>>) -> String {
+    match (sim, comm) {
+        (Some(sim), Some(comm)) => format!(",{},{}", seconds(sim), seconds(comm)),
+        _ => String::new(),
+    }
 }
 
 fn open(path: &Path, header: &str) -> std::io::Result<BufWriter<File>> {
@@ -120,8 +140,16 @@ fn optional(value: Option<f64>) -> String {
 impl MetricsWriter {
     /// Opens (appending, for resumed runs) the metric files in `folder`. A progress bar over
     /// `total_steps` is shown when `progress` is set and standard error is a terminal;
-    /// otherwise one line per epoch is printed.
-    pub fn create(folder: &Path, total_steps: u64, done_steps: u64, progress: bool) -> std::io::Result<Self> {
+    /// otherwise one line per epoch is printed. With `simulated`, the rows carry the simulated
+    /// clock's columns (`sim_seconds`, `sim_comm_seconds`) before `wall_seconds`.
+    pub fn create(
+        folder: &Path,
+        total_steps: u64,
+        done_steps: u64,
+        progress: bool,
+        simulated: bool,
+    ) -> std::io::Result<Self> {
+        let sim = if simulated { ",sim_seconds,sim_comm_seconds" } else { "" };
         std::fs::create_dir_all(folder)?;
         let bar = (progress && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(total_steps).with_position(done_steps);
@@ -136,11 +164,15 @@ impl MetricsWriter {
             jsonl: open(&folder.join("metrics.jsonl"), "")?,
             syncs: open(
                 &folder.join("syncs.csv"),
-                "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,consensus_distance,bytes_sent_per_worker,consensus_bytes_sent_per_worker,subgroup_bytes_sent_per_worker,comm_wait_seconds,comm_inflight_seconds,wall_seconds",
+                &format!(
+                    "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,consensus_distance,bytes_sent_per_worker,consensus_bytes_sent_per_worker,subgroup_bytes_sent_per_worker,comm_wait_seconds,comm_inflight_seconds{sim},wall_seconds"
+                ),
             )?,
             epochs: open(
                 &folder.join("epochs.csv"),
-                "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,test_loss,test_accuracy,worker_test_accuracy,consensus_distance,bytes_sent_per_worker,consensus_bytes_sent_per_worker,subgroup_bytes_sent_per_worker,wall_seconds",
+                &format!(
+                    "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,test_loss,test_accuracy,worker_test_accuracy,consensus_distance,bytes_sent_per_worker,consensus_bytes_sent_per_worker,subgroup_bytes_sent_per_worker{sim},wall_seconds"
+                ),
             )?,
             bar,
         })
@@ -160,7 +192,7 @@ impl MetricsWriter {
         writeln!(self.jsonl)?;
         writeln!(
             self.syncs,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}{},{:.3}",
             m.epoch,
             m.step,
             m.syncs,
@@ -174,6 +206,7 @@ impl MetricsWriter {
             joined(&m.subgroup_bytes_sent_per_worker),
             seconds(&m.comm_wait_seconds),
             seconds(&m.comm_inflight_seconds),
+            simulated(&m.sim_seconds, &m.sim_comm_seconds),
             m.wall_seconds
         )?;
         self.jsonl.flush()?;
@@ -186,7 +219,7 @@ impl MetricsWriter {
         writeln!(self.jsonl)?;
         writeln!(
             self.epochs,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}{},{:.3}",
             m.epoch,
             m.step,
             m.syncs,
@@ -201,6 +234,7 @@ impl MetricsWriter {
             joined(&m.bytes_sent_per_worker),
             joined(&m.consensus_bytes_sent_per_worker),
             joined(&m.subgroup_bytes_sent_per_worker),
+            simulated(&m.sim_seconds, &m.sim_comm_seconds),
             m.wall_seconds
         )?;
         self.jsonl.flush()?;

@@ -80,6 +80,9 @@ pub fn run_worker<T: CoopTask>(
         .with_buffer_policy(config.buffers)
         .with_consensus_every(config.consensus_every)
         .with_seed(config.seed);
+    if let Some(network) = config.network {
+        sync = sync.with_simulation(network, config.step_time);
+    }
     let pristine = config.optimizer.build();
     let mut optim = pristine.clone();
     let (mut step, mut elapsed_before) = (0u64, 0.0);
@@ -102,7 +105,7 @@ pub fn run_worker<T: CoopTask>(
 
     let mut writer = match rank {
         0 => Some(
-            MetricsWriter::create(&config.output, total_steps, step, config.progress)
+            MetricsWriter::create(&config.output, total_steps, step, config.progress, config.network.is_some())
                 .map_err(|source| LearnerError::Io { path: config.output.clone(), source })?,
         ),
         _ => None,
@@ -119,6 +122,7 @@ pub fn run_worker<T: CoopTask>(
         let epoch = (step / steps_per_epoch) as usize;
         let index = (step % steps_per_epoch) as usize;
         lr = config.lr.at(step, steps_per_epoch, planned_steps);
+        let step_started = Instant::now();
         let batch = task.train_batch(rank, workers, epoch, index, &device);
         let loss = task.loss(&model, batch);
         let loss_value = f64::from(loss.clone().into_scalar::<f32>());
@@ -129,7 +133,8 @@ pub fn run_worker<T: CoopTask>(
         }
         let stepped = sync.before_step(model).and_then(|model| {
             let model = optim.step(lr, model, grads);
-            sync.after_step(model, StepSignal::new(lr, loss_value))
+            let seconds = step_started.elapsed().as_secs_f64();
+            sync.after_step(model, StepSignal::new(lr, loss_value).with_seconds(seconds))
         });
         let merged_now = match stepped {
             Ok((stepped_model, report)) => {
@@ -155,7 +160,7 @@ pub fn run_worker<T: CoopTask>(
 
         if let Some(report) = merged_now {
             let timing = (report.comm_wait_seconds, report.comm_inflight_seconds);
-            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, wait, inflight } =
+            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, wait, inflight, sim, sim_comm } =
                 gather(&mut sync, since_sync / since_sync_n.max(1) as f64, timing)?;
             since_sync = 0.0;
             since_sync_n = 0;
@@ -174,6 +179,8 @@ pub fn run_worker<T: CoopTask>(
                     subgroup_bytes_sent_per_worker: subgroup_bytes,
                     comm_wait_seconds: wait,
                     comm_inflight_seconds: inflight,
+                    sim_seconds: sim,
+                    sim_comm_seconds: sim_comm,
                     wall_seconds: wall(elapsed_before),
                 };
                 w.sync(&metrics).map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
@@ -182,7 +189,7 @@ pub fn run_worker<T: CoopTask>(
 
         let epoch_ends = step.is_multiple_of(steps_per_epoch);
         if epoch_ends {
-            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, .. } =
+            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, sim, sim_comm, .. } =
                 gather(&mut sync, epoch_sum / epoch_n.max(1) as f64, (0.0, 0.0))?;
             epoch_sum = 0.0;
             epoch_n = 0;
@@ -212,6 +219,8 @@ pub fn run_worker<T: CoopTask>(
                 bytes_sent_per_worker: bytes,
                 consensus_bytes_sent_per_worker: consensus_bytes,
                 subgroup_bytes_sent_per_worker: subgroup_bytes,
+                sim_seconds: sim,
+                sim_comm_seconds: sim_comm,
                 wall_seconds: wall(elapsed_before),
             };
             if let Some(w) = writer.as_mut() {
@@ -266,6 +275,9 @@ struct Gathered {
     subgroup_bytes: Vec<u64>,
     wait: Vec<f64>,
     inflight: Vec<f64>,
+    /// Every worker's simulated clock and its communication part, when simulating.
+    sim: Option<Vec<f64>>,
+    sim_comm: Option<Vec<f64>>,
 }
 
 /// Gathers one value per worker, every worker's merge bytes sent, consensus bytes sent and
@@ -274,7 +286,8 @@ struct Gathered {
 fn gather(sync: &mut Synchronizer, value: f64, timing: (f64, f64)) -> Result<Gathered, LearnerError> {
     let (rank, workers) = (sync.rank(), sync.world_size());
     let stats = sync.stats();
-    let mut values = vec![0.0; 6 * workers];
+    let clock = sync.sim_clock();
+    let mut values = vec![0.0; 8 * workers];
     let mine = [
         value,
         stats.traffic.bytes_sent as f64,
@@ -282,6 +295,8 @@ fn gather(sync: &mut Synchronizer, value: f64, timing: (f64, f64)) -> Result<Gat
         stats.subgroup_traffic.bytes_sent as f64,
         timing.0,
         timing.1,
+        clock.map_or(0.0, |c| c.now),
+        clock.map_or(0.0, |c| c.comm_seconds),
     ];
     for (k, v) in mine.into_iter().enumerate() {
         values[k * workers + rank] = v;
@@ -296,6 +311,8 @@ fn gather(sync: &mut Synchronizer, value: f64, timing: (f64, f64)) -> Result<Gat
         subgroup_bytes: whole(3),
         wait: column(4),
         inflight: column(5),
+        sim: clock.map(|_| column(6)),
+        sim_comm: clock.map(|_| column(7)),
     })
 }
 
