@@ -421,14 +421,19 @@ impl Synchronizer {
         let after_rule = self.comm.traffic();
         local_distance = outcome.local_squared_distance.or(local_distance);
 
-        let (mut consensus_distance, mut mean_loss) = (None, None);
+        let (mut consensus_distance, mut mean_loss, mut sim_seconds) = (None, None, None);
         if reduce {
-            let mut values = vec![0.0; world + 2];
+            // Non-finite counts per rank, the distance, then the loss and the simulated clock when
+            // the schedule wants them.
+            let clock = self.comm.clock().filter(|_| wants_loss);
+            let mut values = vec![0.0; world + 3];
             values[rank] = non_finite as f64;
             values[world] = local_distance.unwrap_or(0.0);
             values[world + 1] = self.state.loss_sum / self.state.loss_count.max(1) as f64;
-            let used = if wants_loss { world + 2 } else { world + 1 };
+            values[world + 2] = clock.map_or(0.0, |c| c.now);
+            let used = world + 1 + usize::from(wants_loss) + usize::from(clock.is_some());
             self.comm.all_reduce_f64(&mut values[..used])?;
+            sim_seconds = clock.map(|_| values[world + 2] / world as f64);
             if let Some(bad_rank) = values[..world].iter().position(|&count| count > 0.0) {
                 return Err(CoopError::NonFiniteParameters {
                     rank: bad_rank,
@@ -480,6 +485,7 @@ impl Synchronizer {
             lr: self.lr,
             mean_loss,
             consensus_distance,
+            sim_seconds,
         });
         self.state.steps_since_sync = 0;
         self.state.loss_sum = 0.0;

@@ -15,7 +15,10 @@
 //! the synchronizer's statistics collective (a mean over workers), so every worker computes the
 //! same `τ`. Intervals end at merges: an interval is over at the first merge at least `interval`
 //! steps after its start. On a constant loss the period stays `τ_0` (the fixed schedule). The
-//! interval is counted in steps; counting it in simulated seconds needs the network clock.
+//! interval is counted in local steps, or, with `--interval-seconds` and a simulated network
+//! (`--network`), in simulated seconds as in the paper (the clock at each merge, averaged over
+//! the workers by the statistics collective, so every worker decides alike); without a
+//! simulated clock the step count is used.
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +38,10 @@ pub struct AdaCommConfig {
     #[arg(long, value_parser = crate::spec::at_least_one)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interval: Option<u64>,
+    /// AdaComm's interval in simulated seconds, with a simulated network (instead of steps).
+    #[arg(long, value_parser = crate::spec::positive_f64)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval_seconds: Option<f64>,
     /// Multiply the loss ratio by η_0/η_l (true/false; default false).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -55,7 +62,8 @@ impl ScheduleConfig for AdaCommConfig {
     const NAME: &'static str = "adacomm";
 
     fn build(&self) -> Result<Box<dyn SyncSchedule>, SpecError> {
-        Ok(Box::new(AdaComm::new(self.tau0(), self.interval(), self.adacomm_lr_aware.unwrap_or(false))?))
+        let schedule = AdaComm::new(self.tau0(), self.interval(), self.adacomm_lr_aware.unwrap_or(false))?;
+        Ok(Box::new(schedule.with_interval_seconds(self.interval_seconds)))
     }
 
     fn describe(&self) -> String {
@@ -70,6 +78,7 @@ impl ScheduleConfig for AdaCommConfig {
         Self {
             tau0: Some(self.tau0()),
             interval: Some(self.interval()),
+            interval_seconds: self.interval_seconds,
             adacomm_lr_aware: Some(self.adacomm_lr_aware.unwrap_or(false)),
         }
     }
@@ -88,6 +97,9 @@ pub struct AdaComm {
     loss_steps: u64,
     first: Option<(f64, f64)>,
     lr: f64,
+    /// The interval in simulated seconds, and when the current one started on that clock.
+    interval_seconds: Option<f64>,
+    interval_start_seconds: f64,
 }
 
 impl AdaComm {
@@ -110,7 +122,15 @@ impl AdaComm {
             loss_steps: 0,
             first: None,
             lr: 0.0,
+            interval_seconds: None,
+            interval_start_seconds: 0.0,
         })
+    }
+
+    /// Counts the intervals in simulated seconds (when the synchronizer simulates a network;
+    /// in steps otherwise).
+    pub fn with_interval_seconds(self, seconds: Option<f64>) -> Self {
+        Self { interval_seconds: seconds, ..self }
     }
 
     /// `⌈ sqrt(ratio) · τ_0 ⌉` clamped to `[1, τ_0]`.
@@ -137,7 +157,11 @@ impl SyncSchedule for AdaComm {
             self.loss_steps += steps;
         }
         self.lr = feedback.lr.unwrap_or(self.lr);
-        if feedback.step - self.interval_start < self.interval || self.loss_steps == 0 {
+        let ended = match (self.interval_seconds, feedback.sim_seconds) {
+            (Some(interval), Some(now)) => now - self.interval_start_seconds >= interval,
+            _ => feedback.step - self.interval_start >= self.interval,
+        };
+        if !ended || self.loss_steps == 0 {
             return;
         }
         let loss = self.loss_sum / self.loss_steps as f64;
@@ -149,6 +173,7 @@ impl SyncSchedule for AdaComm {
             }
         }
         self.interval_start = feedback.step;
+        self.interval_start_seconds = feedback.sim_seconds.unwrap_or(self.interval_start_seconds);
         self.loss_sum = 0.0;
         self.loss_steps = 0;
     }
@@ -168,7 +193,8 @@ impl SyncSchedule for AdaComm {
             .with_scalar("last_merge", self.last_merge as f64)
             .with_scalar("loss_sum", self.loss_sum)
             .with_scalar("loss_steps", self.loss_steps as f64)
-            .with_scalar("lr", self.lr);
+            .with_scalar("lr", self.lr)
+            .with_scalar("interval_start_seconds", self.interval_start_seconds);
         if let Some((loss0, lr0)) = self.first {
             record = record.with_scalar("loss0", loss0).with_scalar("lr0", lr0);
         }
@@ -193,6 +219,7 @@ impl SyncSchedule for AdaComm {
         self.loss_sum = get("loss_sum")?;
         self.loss_steps = get("loss_steps")? as u64;
         self.lr = get("lr")?;
+        self.interval_start_seconds = record.scalar("interval_start_seconds").unwrap_or(0.0);
         self.first = match (record.scalar("loss0"), record.scalar("lr0")) {
             (Some(loss0), Some(lr0)) => Some((loss0, lr0)),
             _ => None,
@@ -220,6 +247,8 @@ mod tests {
                     lr: Some(lr(step)),
                     mean_loss: Some(sum / since as f64),
                     consensus_distance: None,
+                    // A simulated clock where a step takes 0.5 s.
+                    sim_seconds: Some(0.5 * step as f64),
                 };
                 schedule.after_sync(&feedback);
                 merges.push(step);
@@ -228,6 +257,20 @@ mod tests {
             }
         }
         merges
+    }
+
+    #[test]
+    fn intervals_can_be_counted_in_simulated_seconds() {
+        // τ_0 = 8 and a 4 s interval at 0.5 s a step: the first interval ends at the merge at
+        // step 8 (4 s), the next at step 16 (loss 1 against 4: τ = 4), as with an 8-step
+        // interval; the 1000-step interval given alongside is not used.
+        let loss = |step: u64| if step <= 8 { 4.0 } else { 1.0 };
+        let mut by_time = AdaComm::new(8, 1000, false).unwrap().with_interval_seconds(Some(4.0));
+        let mut by_steps = AdaComm::new(8, 8, false).unwrap();
+        let timed = merges(&mut by_time, loss, |_| 0.1, 40);
+        assert_eq!(timed, merges(&mut by_steps, loss, |_| 0.1, 40));
+        assert_eq!(timed[..4], [8, 16, 20, 24]);
+        assert_eq!(by_time.record().scalar("interval_start_seconds"), Some(0.5 * 40.0));
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub struct SyncFeedback {
     pub mean_loss: Option<f64>,
     /// Consensus distance before the merge, when measured.
     pub consensus_distance: Option<f64>,
+    /// The simulated clock at the merge, the mean over workers (a network is simulated and the
+    /// schedule asked for the loss, whose collective carries it).
+    pub sim_seconds: Option<f64>,
 }
 
 /// Decides which steps end with a merge.
