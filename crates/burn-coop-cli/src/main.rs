@@ -2,6 +2,7 @@
 //! gossip — on threads of one machine or across MPI ranks.
 
 mod advise;
+mod compare;
 mod config;
 mod data;
 mod device;
@@ -28,6 +29,8 @@ enum Command {
     Topology(topology::TopologyArgs),
     /// What the theory says about a training setting: zeta, error floor, bytes, AdaComm's tau*.
     Advise(Box<advise::AdviseArgs>),
+    /// The time and bytes runs needed to reach a target training loss, and their speed-ups.
+    Compare(compare::CompareArgs),
     /// Obtain or check the CIFAR-10 data.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(&args),
         Command::Topology(args) => topology::run(&args),
         Command::Advise(args) => advise::run(&args),
+        Command::Compare(args) => compare::run(&args),
         Command::Data(command) => data::run(&command),
     };
     match result {

@@ -145,6 +145,44 @@ fn a_simulated_network_adds_a_clock_to_the_metrics() {
 }
 
 #[test]
+fn compare_reports_time_and_bytes_to_the_synchronous_runs_final_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::generated_cifar(dir.path(), 32);
+    let train = |name: &str, rule: &[&str]| {
+        let out = dir.path().join(name);
+        let args = [
+            &["train", "--workers", "2", "--batch-size", "4", "--epochs", "2", "--verify", "false"][..],
+            &["--network", "bandwidth=10MB,latency=1ms", "--step-time", "0.05"],
+            &["--data", data.to_str().unwrap(), "--output", out.to_str().unwrap()],
+            rule,
+        ]
+        .concat();
+        let output = coop(&args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        out
+    };
+    let (sync, local) = (train("sync", &["--rule", "sync"]), train("local", &["--tau", "2"]));
+    let prefix = dir.path().join("table");
+    let output = coop(&[
+        "compare",
+        sync.to_str().unwrap(),
+        local.to_str().unwrap(),
+        "--window",
+        "2",
+        "-o",
+        prefix.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let csv = std::fs::read_to_string(prefix.with_extension("csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows[0][0], "sync");
+    assert_eq!(rows[0][5], "1", "the synchronous run is its own reference");
+    assert!(std::fs::read_to_string(prefix.with_extension("md")).unwrap().contains("| sync (`sync`) |"));
+    let bad = coop(&["compare", local.to_str().unwrap()]);
+    assert!(!bad.status.success() && stderr(&bad).contains("needs a synchronous run"), "{}", stderr(&bad));
+}
+
+#[test]
 fn bad_values_are_named_like_clap_errors() {
     let cases: [(&[&str], &str); 5] = [
         (&["train", "--tau", "0"], "invalid value '0' for '--tau <TAU>': must be at least 1"),
