@@ -293,8 +293,12 @@ fn an_outer_optimizer_with_an_adaptive_schedule_resumes_bit_identically() {
     use burn_coop::schedule::AdaCommConfig;
     let setup = |name: &str| {
         let mut config = config(name, RuleSpec::Diloco(DiLoCoConfig::default()));
-        config.schedule =
-            ScheduleSpec::Adacomm(AdaCommConfig { tau0: Some(4), interval: Some(4), adacomm_lr_aware: None });
+        config.schedule = ScheduleSpec::Adacomm(AdaCommConfig {
+            tau0: Some(4),
+            interval: Some(4),
+            interval_seconds: None,
+            adacomm_lr_aware: None,
+        });
         config.checkpoint_every = 1;
         config
     };

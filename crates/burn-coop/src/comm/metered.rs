@@ -253,10 +253,10 @@ impl<C: Communicator> Metered<C> {
         peers: Option<&[usize]>,
         small: bool,
     ) -> Result<(), CommError> {
-        if let Some(end) = self.simulated_end(kind, bytes, peers, small)? {
-            if let Some((_, clock)) = &mut self.ledger.lock().unwrap_or_else(PoisonError::into_inner).simulation {
-                clock.wait_until(end);
-            }
+        if let Some(end) = self.simulated_end(kind, bytes, peers, small)?
+            && let Some((_, clock)) = &mut self.ledger.lock().unwrap_or_else(PoisonError::into_inner).simulation
+        {
+            clock.wait_until(end);
         }
         Ok(())
     }

@@ -128,19 +128,13 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
 }
 
 /// How long a local step takes on the simulated clock.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct StepTime {
     /// A fixed number of seconds per step; `None`: the seconds the step really took.
     pub fixed: Option<f64>,
     /// The mean of an exponential straggler delay added to every step, drawn per worker and
     /// step from the shared seed (the runtime model of AdaComm); `None`: no straggling.
     pub straggler_mean: Option<f64>,
-}
-
-impl Default for StepTime {
-    fn default() -> Self {
-        Self { fixed: None, straggler_mean: None }
-    }
 }
 
 impl StepTime {
