@@ -8,9 +8,11 @@
 //! synchronous run among them, the seeds' metric; the speed-up is over that run.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
+
+use crate::runs::{Reduce, Run};
 
 /// Arguments of `coop compare`.
 #[derive(Debug, Args)]
@@ -38,17 +40,6 @@ struct Merge {
     bytes: f64,
 }
 
-/// One run, read from its folder.
-#[derive(Debug, Clone, PartialEq)]
-struct Run {
-    folder: PathBuf,
-    label: String,
-    synchronous: bool,
-    simulated: bool,
-    final_loss: Option<f64>,
-    merges: Vec<Merge>,
-}
-
 /// What a run needed to reach the target.
 #[derive(Debug, Clone, PartialEq)]
 struct Reached {
@@ -57,90 +48,27 @@ struct Reached {
     bytes: f64,
 }
 
-fn read(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-}
-
-/// The mean of a `;`-joined list of numbers, or its largest.
-fn joined(cell: &str, largest: bool) -> Result<f64, String> {
-    let values: Vec<f64> = cell
-        .split(';')
-        .map(|v| v.parse::<f64>().map_err(|_| format!("'{v}' is not a number")))
-        .collect::<Result<_, _>>()?;
-    if values.is_empty() {
-        return Err("an empty list".into());
-    }
-    Ok(if largest {
-        values.iter().copied().fold(f64::MIN, f64::max)
-    } else {
-        values.iter().sum::<f64>() / values.len() as f64
-    })
-}
-
-fn load(folder: &Path) -> Result<Run, String> {
-    let config = read(&folder.join("config.toml"))?;
-    let table: toml::Table = config.parse().map_err(|e| format!("{}: {e}", folder.join("config.toml").display()))?;
-    let text = |key: &str| table.get(key).and_then(|v| v.as_str()).map(str::to_string);
-    let rule = text("rule").unwrap_or_else(|| "average".into());
-    let schedule = text("schedule").unwrap_or_else(|| "fixed".into());
-    let tau = table.get("tau").and_then(|v| v.as_integer());
-    let label = match (rule.as_str(), schedule.as_str(), tau) {
-        ("sync", _, _) => "sync".to_string(),
-        (rule, "fixed", Some(tau)) => format!("{rule} τ={tau}"),
-        (rule, schedule, _) => format!("{rule} {schedule}"),
-    };
-    let syncs = read(&folder.join("syncs.csv"))?;
-    let mut lines = syncs.lines();
-    let header: Vec<&str> = lines.next().ok_or("syncs.csv is empty")?.split(',').collect();
-    let column = |name: &str| header.iter().position(|h| *h == name);
-    let missing = |name: &str| format!("{}: syncs.csv has no {name} column", folder.display());
-    let (step, loss, bytes) = (
-        column("step").ok_or_else(|| missing("step"))?,
-        column("train_loss").ok_or_else(|| missing("train_loss"))?,
-        column("bytes_sent_per_worker").ok_or_else(|| missing("bytes_sent_per_worker"))?,
+/// The run's merges: step, loss, time (the slowest worker's simulated clock, or wall seconds)
+/// and mean bytes sent per worker.
+fn merges(run: &Run) -> Result<Vec<Merge>, String> {
+    let column = |name: &str, reduce: Reduce| run.context(run.syncs.column(name, reduce));
+    let time = if run.simulated() { column("sim_seconds", Reduce::Max)? } else { column("wall_seconds", Reduce::Max)? };
+    let (steps, losses, bytes) = (
+        column("step", Reduce::Mean)?,
+        column("train_loss", Reduce::Mean)?,
+        column("bytes_sent_per_worker", Reduce::Mean)?,
     );
-    let sim = column("sim_seconds");
-    let wall = column("wall_seconds").ok_or_else(|| missing("wall_seconds"))?;
-    let mut merges = Vec::new();
-    for (k, line) in lines.enumerate() {
-        let cells: Vec<&str> = line.split(',').collect();
-        let at = |i: usize| {
-            cells.get(i).copied().ok_or_else(|| format!("{}: syncs.csv row {} is short", folder.display(), k + 2))
-        };
-        let number = |i: usize| -> Result<f64, String> {
-            at(i)?.parse::<f64>().map_err(|_| format!("{}: syncs.csv row {}: not a number", folder.display(), k + 2))
-        };
-        merges.push(Merge {
-            step: number(step)? as u64,
-            loss: number(loss)?,
-            seconds: match sim {
-                Some(i) => joined(at(i)?, true)?,
-                None => number(wall)?,
-            },
-            bytes: joined(at(bytes)?, false)?,
-        });
-    }
-    let final_loss = read(&folder.join("epochs.csv")).ok().and_then(|text| {
-        let mut lines = text.lines();
-        let header: Vec<&str> = lines.next()?.split(',').collect();
-        let i = header.iter().position(|h| *h == "train_loss")?;
-        lines.last()?.split(',').nth(i)?.parse().ok()
-    });
-    Ok(Run {
-        folder: folder.to_path_buf(),
-        label,
-        synchronous: rule == "sync",
-        simulated: sim.is_some(),
-        final_loss,
-        merges,
-    })
+    let merges = (0..run.syncs.len())
+        .filter_map(|k| Some(Merge { step: steps[k]? as u64, loss: losses[k]?, seconds: time[k]?, bytes: bytes[k]? }))
+        .collect();
+    Ok(merges)
 }
 
 /// The first merge where the loss averaged over the last `window` steps reaches `target`.
-fn reached(run: &Run, target: f64, window: u64) -> Option<Reached> {
+fn reached(merges: &[Merge], target: f64, window: u64) -> Option<Reached> {
     let mut previous_step = 0;
     let mut recent: Vec<(u64, f64)> = Vec::new(); // (steps covered, loss)
-    for merge in &run.merges {
+    for merge in merges {
         recent.push((merge.step - previous_step, merge.loss));
         previous_step = merge.step;
         let mut covered = 0;
@@ -162,27 +90,28 @@ fn reached(run: &Run, target: f64, window: u64) -> Option<Reached> {
 
 /// Runs `coop compare`.
 pub fn run(args: &CompareArgs) -> Result<(), String> {
-    let runs: Vec<Run> = args.runs.iter().map(|folder| load(folder)).collect::<Result<_, _>>()?;
-    let baseline = runs.iter().find(|r| r.synchronous);
+    let runs: Vec<Run> = args.runs.iter().map(|folder| Run::load(folder)).collect::<Result<_, _>>()?;
+    let all_merges: Vec<Vec<Merge>> = runs.iter().map(merges).collect::<Result<_, _>>()?;
+    let baseline = runs.iter().position(|r| r.synchronous);
     let target = match args.target_loss.as_str() {
         "auto" => {
-            let sync = baseline.ok_or("--target-loss auto needs a synchronous run (--rule sync) among the runs")?;
-            sync.final_loss
+            let sync =
+                &runs[baseline.ok_or("--target-loss auto needs a synchronous run (--rule sync) among the runs")?];
+            sync.final_loss()
                 .ok_or_else(|| format!("{}: no finished epoch to take the final loss from", sync.folder.display()))?
         }
         text => text.parse::<f64>().map_err(|_| format!("--target-loss: '{text}' is neither a number nor auto"))?,
     };
-    let reference = baseline.and_then(|b| reached(b, target, args.window));
-    let clock = if runs.iter().all(|r| r.simulated) { "simulated s" } else { "s" };
+    let reference = baseline.and_then(|b| reached(&all_merges[b], target, args.window));
+    let clock = if runs.iter().all(Run::simulated) { "simulated s" } else { "s" };
     let mut csv = String::from("run,label,step,seconds,bytes_per_worker,speedup\n");
     let mut md = format!(
         "Target training loss {target:.4} (averaged over {} steps); time in {clock}.\n\n| run | steps | time | sent per worker | speed-up |\n|---|---:|---:|---:|---:|\n",
         args.window
     );
-    for run in &runs {
-        let name =
-            run.folder.file_name().map_or_else(|| run.folder.display().to_string(), |n| n.to_string_lossy().into());
-        match reached(run, target, args.window) {
+    for (run, merges) in runs.iter().zip(&all_merges) {
+        let name = run.name();
+        match reached(merges, target, args.window) {
             Some(hit) => {
                 let speedup = reference.as_ref().map(|r| r.seconds / hit.seconds);
                 let _ = writeln!(
@@ -226,18 +155,11 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn run_of(losses: &[(u64, f64)]) -> Run {
-        Run {
-            folder: PathBuf::from("x"),
-            label: "x".into(),
-            synchronous: false,
-            simulated: true,
-            final_loss: None,
-            merges: losses
-                .iter()
-                .map(|&(step, loss)| Merge { step, loss, seconds: step as f64 * 0.5, bytes: step as f64 })
-                .collect(),
-        }
+    fn run_of(losses: &[(u64, f64)]) -> Vec<Merge> {
+        losses
+            .iter()
+            .map(|&(step, loss)| Merge { step, loss, seconds: step as f64 * 0.5, bytes: step as f64 })
+            .collect()
     }
 
     #[test]
@@ -251,12 +173,5 @@ mod tests {
         // A merge covering more steps than the window counts only the window's share.
         let run = run_of(&[(8, 2.0), (16, 1.0)]);
         assert_eq!(reached(&run, 1.0, 4).unwrap().step, 16);
-    }
-
-    #[test]
-    fn lists_average_or_take_the_largest() {
-        assert_eq!(joined("1;2;6", false).unwrap(), 3.0);
-        assert_eq!(joined("1;2;6", true).unwrap(), 6.0);
-        assert!(joined("1;x", false).is_err());
     }
 }

@@ -6,6 +6,8 @@ mod compare;
 mod config;
 mod data;
 mod device;
+mod plot;
+mod runs;
 mod topology;
 mod train;
 
@@ -31,6 +33,8 @@ enum Command {
     Advise(Box<advise::AdviseArgs>),
     /// The time and bytes runs needed to reach a target training loss, and their speed-ups.
     Compare(compare::CompareArgs),
+    /// Curves of runs on one chart (PNG or SVG by extension).
+    Plot(plot::PlotArgs),
     /// Obtain or check the CIFAR-10 data.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
         Command::Topology(args) => topology::run(&args),
         Command::Advise(args) => advise::run(&args),
         Command::Compare(args) => compare::run(&args),
+        Command::Plot(args) => plot::run(&args),
         Command::Data(command) => data::run(&command),
     };
     match result {

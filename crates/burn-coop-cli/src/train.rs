@@ -78,6 +78,7 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
     }
     let summary = learner.run().map_err(|e| e.to_string())?;
     print_summary(&summary);
+    leave_chart(&summary.output);
     Ok(())
 }
 
@@ -112,7 +113,8 @@ fn run_mpi(mut config: TrainConfig, resume: bool) -> Result<(), String> {
     let report =
         run_worker(&task, &config.learner_config(), &device, comm, resume).map_err(|e| format!("rank {rank}: {e}"))?;
     if rank == 0 {
-        print_summary(&TrainingSummary { workers: vec![report], output });
+        print_summary(&TrainingSummary { workers: vec![report], output: output.clone() });
+        leave_chart(&output);
     }
     Ok(())
 }
@@ -120,6 +122,15 @@ fn run_mpi(mut config: TrainConfig, resume: bool) -> Result<(), String> {
 #[cfg(not(feature = "mpi"))]
 fn run_mpi(_config: TrainConfig, _resume: bool) -> Result<(), String> {
     Err("this binary was built without MPI support: rebuild burn-coop-cli with --features mpi".into())
+}
+
+/// Draws the run's loss and accuracy into `curves.svg` in its folder; a chart that cannot be
+/// drawn (no font on this machine) is a warning, not a failed run.
+fn leave_chart(output: &std::path::Path) {
+    match crate::plot::run_chart(output) {
+        Ok(path) => eprintln!("chart: {}", path.display()),
+        Err(error) => eprintln!("warning: no chart drawn: {error}"),
+    }
 }
 
 /// Loads CIFAR-10 (verified), splits it and builds the task.

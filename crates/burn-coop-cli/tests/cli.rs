@@ -180,6 +180,22 @@ fn compare_reports_time_and_bytes_to_the_synchronous_runs_final_loss() {
     assert!(std::fs::read_to_string(prefix.with_extension("md")).unwrap().contains("| sync (`sync`) |"));
     let bad = coop(&["compare", local.to_str().unwrap()]);
     assert!(!bad.status.success() && stderr(&bad).contains("needs a synchronous run"), "{}", stderr(&bad));
+
+    // Charts: every run leaves one; `coop plot` draws several runs as PNG or SVG.
+    assert!(std::fs::read_to_string(sync.join("curves.svg")).unwrap().contains("<svg"));
+    let png = dir.path().join("loss.png");
+    let svg = dir.path().join("loss.svg");
+    for (path, x) in [(&png, "sim-time"), (&svg, "bytes")] {
+        let output =
+            coop(&["plot", sync.to_str().unwrap(), local.to_str().unwrap(), "--x", x, "-o", path.to_str().unwrap()]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("sent per worker (MB)") && text.contains("training loss"), "axis labels with units");
+    assert!(text.contains("sync (sync)") && text.contains("average τ=2 (local)"), "one legend entry per run");
+    let bad = coop(&["plot", sync.to_str().unwrap(), "-o", dir.path().join("x.gif").to_str().unwrap()]);
+    assert!(!bad.status.success() && stderr(&bad).contains(".png or .svg"), "{}", stderr(&bad));
 }
 
 #[test]
