@@ -18,10 +18,8 @@ pub struct AdviseArgs {
     /// Values in the model (default: counted from `--model`).
     #[arg(long)]
     pub params: Option<usize>,
-    /// Seconds of one local step, Y (AdaComm's runtime model).
-    #[arg(long, value_parser = burn_coop::spec::positive_f64)]
-    pub step_time: Option<f64>,
-    /// Seconds of one merge, D (AdaComm's runtime model).
+    /// Seconds of one merge, D (AdaComm's runtime model; default with `--network`: the rule's
+    /// bytes per merge over the bandwidth plus a ring's latencies).
     #[arg(long, value_parser = burn_coop::spec::positive_f64)]
     pub comm_delay: Option<f64>,
     /// Initial training loss above its floor, F(x₀) − F_inf (for AdaComm's τ*).
@@ -55,14 +53,22 @@ pub fn run(args: &AdviseArgs) -> Result<(), String> {
             ParamLayout::of(&model, config.buffers).len()
         }
     };
-    let adacomm = match (args.loss_gap, args.comm_delay, args.smoothness, args.grad_variance, args.wall_time) {
+    // D: given, or the rule's bytes per merge on the simulated network (`--network`).
+    let comm_delay = args.comm_delay.or_else(|| {
+        let network = config.network.as_deref()?.parse::<burn_coop::comm::NetworkModel>().ok()?;
+        let bytes = rule.expected_bytes_per_merge(values, config.workers)?;
+        Some(network.seconds(burn_coop::comm::CollectiveKind::AllReduce, bytes as u64, config.workers, 0, false))
+    });
+    // Y: `--step-time` as `coop train` takes it, when it is a number of seconds.
+    let step_time = config.step_time.parse::<f64>().ok();
+    let adacomm = match (args.loss_gap, comm_delay, args.smoothness, args.grad_variance, args.wall_time) {
         (Some(loss_gap), Some(comm_delay), Some(smoothness), Some(variance), Some(seconds)) => {
             Some(AdaCommInputs { loss_gap, comm_delay, smoothness, variance, seconds })
         }
         _ => None,
     };
-    let mut advice = Advice::new(rule.as_ref(), config.workers, tau, config.lr, values)
-        .with_runtime(args.step_time, args.comm_delay);
+    let mut advice =
+        Advice::new(rule.as_ref(), config.workers, tau, config.lr, values).with_runtime(step_time, comm_delay);
     if let Some(inputs) = adacomm {
         advice = advice.with_adacomm(inputs);
     }
@@ -93,9 +99,10 @@ pub fn run(args: &AdviseArgs) -> Result<(), String> {
     }
     match advice.adacomm_tau_star {
         Some(tau_star) => row("AdaComm tau*", format!("{tau_star:.3}")),
-        None => {
-            row("AdaComm tau*", "- (give --loss-gap, --comm-delay, --smoothness, --grad-variance, --wall-time)".into())
-        }
+        None => row(
+            "AdaComm tau*",
+            "- (give --loss-gap, --smoothness, --grad-variance, --wall-time, and --comm-delay or --network)".into(),
+        ),
     }
     Ok(())
 }
