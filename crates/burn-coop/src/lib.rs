@@ -14,6 +14,8 @@
 //! - [`spec`]: the registries of rules and schedules (settings for files and flags);
 //! - [`comm`]: the [`Communicator`] that moves data between workers, [`InProcessGroup`] for
 //!   threads, and [`Metered`](comm::Metered) byte accounting;
+//! - [`compress`]: compressors (top-k, rand-k, scaled sign, QSGD, 16-bit casts) and their
+//!   compact, checked payloads;
 //! - [`params`]: flat parameter buffers for any Burn module;
 //! - [`random`]: numbers every worker draws alike from the shared seed;
 //! - [`shared_params`]: one flat buffer updated by several threads at once, lock-free (async);
@@ -27,6 +29,7 @@
 
 pub mod advisor;
 pub mod comm;
+pub mod compress;
 mod error;
 pub mod launch;
 pub mod learner;

@@ -1,0 +1,530 @@
+//! Compressors: what a worker sends instead of its dense `f32` buffer, as compact byte payloads.
+//!
+//! | spec | payload (after an 8-byte header: kind, flags, value count) | bytes for `n` values |
+//! |---|---|---|
+//! | `identity` | the values, `f32` little-endian | `4n` |
+//! | `topk:F` | the `k = ⌈F·n⌉` largest magnitudes: `u32` indices (increasing) then `f32` values | `8k` |
+//! | `randk:F` | `k = ⌈F·n⌉` values at indices every worker draws alike from the shared seed and the round (Floyd's sampling), so no index travels | `4k` |
+//! | `sign` | the mean magnitude `‖v‖₁/n` (`f32`) and one sign bit per value (scaled sign) | `4 + ⌈n/8⌉` |
+//! | `qsgd:S` | `‖v‖₂` (`f32`) and per value a sign bit and a level in `0..=S`, packed (QSGD, Alistarh et al., NeurIPS 2017: `v_i ≈ ‖v‖₂ · sign(v_i) · ℓ_i/S` with `ℓ_i` rounded up with probability `S|v_i|/‖v‖₂ − ⌊S|v_i|/‖v‖₂⌋`, so the decoded value is unbiased) | `4 + ⌈n(1 + ⌈log₂(S+1)⌉)/8⌉` |
+//! | `bf16`, `fp16` | each value rounded to nearest-even in 16 bits | `2n` |
+//!
+//! The metered bytes of a compressed merge are the payloads' real sizes. Random choices
+//! (rand-k's indices, QSGD's rounding) come from [`crate::random::uniform`] with the shared seed,
+//! the merge round and, for QSGD, the worker's rank, so they are reproducible and a resumed run
+//! draws the same. Decoding checks the header, the value count and the payload's length and
+//! rejects a malformed payload with a [`CompressError`], never a panic.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::random::uniform;
+
+/// Bytes before every payload: kind, flags (unused, 0), two reserved bytes, the value count.
+pub const HEADER_BYTES: usize = 8;
+
+/// A compressor by name and parameter (`topk:0.01`, `sign`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Compressor {
+    /// The dense values.
+    Identity,
+    /// The largest magnitudes, with their indices.
+    TopK(f64),
+    /// Values at indices drawn from the shared seed.
+    RandK(f64),
+    /// Scaled sign: one bit per value and the mean magnitude.
+    Sign,
+    /// Stochastic uniform quantization with `S` levels.
+    Qsgd(u32),
+    /// Brain floating point, 16 bits.
+    Bf16,
+    /// IEEE half precision.
+    Fp16,
+}
+
+/// Where a payload is made or read: the shared seed, the merge round and the sender's rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CompressContext {
+    /// The seed shared by every worker.
+    pub seed: u64,
+    /// The merge round.
+    pub round: u64,
+    /// The rank of the worker that compresses (the sender, when decoding).
+    pub rank: usize,
+}
+
+/// Why a payload cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompressError {
+    /// The payload is shorter than its header or than its header says.
+    #[error("a {compressor} payload of {len} bytes is too short: {expected} expected")]
+    Truncated {
+        /// The compressor.
+        compressor: String,
+        /// Bytes received.
+        len: usize,
+        /// Bytes needed.
+        expected: usize,
+    },
+    /// The payload is longer than its header says.
+    #[error("a {compressor} payload has {extra} bytes after its end")]
+    TrailingBytes {
+        /// The compressor.
+        compressor: String,
+        /// Bytes left over.
+        extra: usize,
+    },
+    /// The header names another compressor.
+    #[error("the payload was made by compressor kind {found}, not by {expected}")]
+    WrongKind {
+        /// The compressor decoding.
+        expected: String,
+        /// The kind byte found.
+        found: u8,
+    },
+    /// The payload is for a buffer of another length.
+    #[error("the payload holds {found} values but the buffer has {expected}")]
+    WrongLength {
+        /// The buffer's length.
+        expected: usize,
+        /// The count in the header.
+        found: usize,
+    },
+    /// An index out of range, repeated or out of order (top-k), or a level above `S` (QSGD).
+    #[error("a {compressor} payload is malformed: {reason}")]
+    Malformed {
+        /// The compressor.
+        compressor: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Compressor {
+    fn kind(self) -> u8 {
+        match self {
+            Self::Identity => 1,
+            Self::TopK(_) => 2,
+            Self::RandK(_) => 3,
+            Self::Sign => 4,
+            Self::Qsgd(_) => 5,
+            Self::Bf16 => 6,
+            Self::Fp16 => 7,
+        }
+    }
+
+    /// Values kept by top-k and rand-k for a buffer of `n` (at least one when `n > 0`).
+    pub fn kept(fraction: f64, n: usize) -> usize {
+        if n == 0 { 0 } else { ((fraction * n as f64).ceil() as usize).clamp(1, n) }
+    }
+
+    /// Bits per value of QSGD with `levels` levels: a sign and `⌈log₂(S+1)⌉` for the level.
+    fn qsgd_bits(levels: u32) -> usize {
+        1 + (u32::BITS - levels.leading_zeros()) as usize
+    }
+
+    /// The exact payload size, header included, for a buffer of `n` values.
+    pub fn payload_bytes(self, n: usize) -> usize {
+        HEADER_BYTES
+            + match self {
+                Self::Identity => 4 * n,
+                Self::TopK(f) => 8 * Self::kept(f, n),
+                Self::RandK(f) => 4 * Self::kept(f, n),
+                Self::Sign => 4 + n.div_ceil(8),
+                Self::Qsgd(s) => 4 + (n * Self::qsgd_bits(s)).div_ceil(8),
+                Self::Bf16 | Self::Fp16 => 2 * n,
+            }
+    }
+
+    /// Compresses `values` into `out` (replacing its contents).
+    pub fn compress(self, values: &[f32], ctx: CompressContext, out: &mut Vec<u8>) {
+        out.clear();
+        out.reserve(self.payload_bytes(values.len()));
+        out.extend_from_slice(&[self.kind(), 0, 0, 0]);
+        out.extend_from_slice(&(values.len() as u32).to_le_bytes());
+        match self {
+            Self::Identity => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            Self::TopK(f) => {
+                let k = Self::kept(f, values.len());
+                let mut order: Vec<u32> = (0..values.len() as u32).collect();
+                if k < values.len() {
+                    order.select_nth_unstable_by(k, |&a, &b| {
+                        values[b as usize].abs().total_cmp(&values[a as usize].abs()).then(a.cmp(&b))
+                    });
+                }
+                let mut chosen = order[..k].to_vec();
+                chosen.sort_unstable();
+                chosen.iter().for_each(|i| out.extend_from_slice(&i.to_le_bytes()));
+                chosen.iter().for_each(|&i| out.extend_from_slice(&values[i as usize].to_le_bytes()));
+            }
+            Self::RandK(f) => {
+                for i in random_indices(values.len(), Self::kept(f, values.len()), ctx) {
+                    out.extend_from_slice(&values[i].to_le_bytes());
+                }
+            }
+            Self::Sign => {
+                let scale = if values.is_empty() {
+                    0.0
+                } else {
+                    (values.iter().map(|v| f64::from(v.abs())).sum::<f64>() / values.len() as f64) as f32
+                };
+                out.extend_from_slice(&scale.to_le_bytes());
+                let mut bits = BitWriter::new(out);
+                values.iter().for_each(|v| bits.push(u32::from(v.is_sign_negative()), 1));
+                bits.finish();
+            }
+            Self::Qsgd(levels) => {
+                let norm = values.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt() as f32;
+                out.extend_from_slice(&norm.to_le_bytes());
+                let width = Self::qsgd_bits(levels) - 1;
+                let mut bits = BitWriter::new(out);
+                for (i, v) in values.iter().enumerate() {
+                    let scaled = if norm > 0.0 { f64::from(v.abs() / norm) * f64::from(levels) } else { 0.0 };
+                    let floor = scaled.floor();
+                    let u =
+                        uniform(ctx.seed ^ 0x5153_4744, ctx.round.wrapping_mul(1 << 20) ^ ctx.rank as u64, i as u64);
+                    let level = (floor as u32 + u32::from(u < scaled - floor)).min(levels);
+                    bits.push(u32::from(v.is_sign_negative()), 1);
+                    bits.push(level, width);
+                }
+                bits.finish();
+            }
+            Self::Bf16 => values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+            Self::Fp16 => values.iter().for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+        }
+    }
+
+    /// Decodes `payload` (made by this compressor for a buffer of `len` values) into `out`, a
+    /// dense buffer of `len` values (zeros where nothing was sent).
+    pub fn decompress(
+        self,
+        payload: &[u8],
+        len: usize,
+        ctx: CompressContext,
+        out: &mut Vec<f32>,
+    ) -> Result<(), CompressError> {
+        let name = self.to_string();
+        let expected = self.payload_bytes(len);
+        if payload.len() < HEADER_BYTES {
+            return Err(CompressError::Truncated { compressor: name, len: payload.len(), expected });
+        }
+        if payload[0] != self.kind() {
+            return Err(CompressError::WrongKind { expected: name, found: payload[0] });
+        }
+        let count = u32::from_le_bytes(payload[4..8].try_into().expect("4 bytes")) as usize;
+        if count != len {
+            return Err(CompressError::WrongLength { expected: len, found: count });
+        }
+        if payload.len() < expected {
+            return Err(CompressError::Truncated { compressor: name, len: payload.len(), expected });
+        }
+        if payload.len() > expected {
+            return Err(CompressError::TrailingBytes { compressor: name, extra: payload.len() - expected });
+        }
+        let body = &payload[HEADER_BYTES..];
+        let f32_at = |k: usize| f32::from_le_bytes(body[4 * k..4 * k + 4].try_into().expect("4 bytes"));
+        out.clear();
+        out.resize(len, 0.0);
+        match self {
+            Self::Identity => (0..len).for_each(|k| out[k] = f32_at(k)),
+            Self::TopK(f) => {
+                let k = Self::kept(f, len);
+                let mut previous = None;
+                for j in 0..k {
+                    let index = u32::from_le_bytes(body[4 * j..4 * j + 4].try_into().expect("4 bytes")) as usize;
+                    if index >= len || previous.is_some_and(|p| index <= p) {
+                        let reason = format!("index {index} at position {j} (indices increase and stay below {len})");
+                        return Err(CompressError::Malformed { compressor: name, reason });
+                    }
+                    previous = Some(index);
+                    out[index] = f32_at(k + j);
+                }
+            }
+            Self::RandK(f) => {
+                for (j, i) in random_indices(len, Self::kept(f, len), ctx).into_iter().enumerate() {
+                    out[i] = f32_at(j);
+                }
+            }
+            Self::Sign => {
+                let scale = f32_at(0);
+                let mut bits = BitReader::new(&body[4..]);
+                out.iter_mut().for_each(|v| *v = if bits.take(1) == 1 { -scale } else { scale });
+            }
+            Self::Qsgd(levels) => {
+                let norm = f32_at(0);
+                let width = Self::qsgd_bits(levels) - 1;
+                let mut bits = BitReader::new(&body[4..]);
+                for (i, v) in out.iter_mut().enumerate() {
+                    let negative = bits.take(1) == 1;
+                    let level = bits.take(width);
+                    if level > levels {
+                        let reason = format!("level {level} of value {i} above {levels}");
+                        return Err(CompressError::Malformed { compressor: name, reason });
+                    }
+                    let magnitude = norm * level as f32 / levels as f32;
+                    *v = if negative { -magnitude } else { magnitude };
+                }
+            }
+            Self::Bf16 => (0..len).for_each(|k| {
+                out[k] = half::bf16::from_le_bytes([body[2 * k], body[2 * k + 1]]).to_f32();
+            }),
+            Self::Fp16 => (0..len).for_each(|k| {
+                out[k] = half::f16::from_le_bytes([body[2 * k], body[2 * k + 1]]).to_f32();
+            }),
+        }
+        Ok(())
+    }
+}
+
+/// `k` distinct indices below `n`, the same on every worker for one seed and round (Floyd's
+/// algorithm), in increasing order.
+fn random_indices(n: usize, k: usize, ctx: CompressContext) -> Vec<usize> {
+    let mut chosen = std::collections::BTreeSet::new();
+    for (step, j) in (n - k..n).enumerate() {
+        let t = (uniform(ctx.seed ^ 0x5241_4e44, ctx.round, step as u64) * (j + 1) as f64) as usize;
+        let t = t.min(j);
+        if !chosen.insert(t) {
+            chosen.insert(j);
+        }
+    }
+    chosen.into_iter().collect()
+}
+
+/// Packs values of a few bits each, least significant first.
+struct BitWriter<'a> {
+    out: &'a mut Vec<u8>,
+    acc: u64,
+    filled: usize,
+}
+
+impl<'a> BitWriter<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        Self { out, acc: 0, filled: 0 }
+    }
+
+    fn push(&mut self, value: u32, bits: usize) {
+        self.acc |= u64::from(value) << self.filled;
+        self.filled += bits;
+        while self.filled >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.filled -= 8;
+        }
+    }
+
+    fn finish(self) {
+        if self.filled > 0 {
+            self.out.push(self.acc as u8);
+        }
+    }
+}
+
+/// Reads what [`BitWriter`] packed (the caller checked the length).
+struct BitReader<'a> {
+    bytes: &'a [u8],
+    position: usize,
+}
+
+impl<'a> BitReader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, position: 0 }
+    }
+
+    fn take(&mut self, bits: usize) -> u32 {
+        let mut value = 0u32;
+        for b in 0..bits {
+            let bit = (self.bytes[(self.position + b) / 8] >> ((self.position + b) % 8)) & 1;
+            value |= u32::from(bit) << b;
+        }
+        self.position += bits;
+        value
+    }
+}
+
+impl fmt::Display for Compressor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Identity => write!(f, "identity"),
+            Self::TopK(fraction) => write!(f, "topk:{fraction}"),
+            Self::RandK(fraction) => write!(f, "randk:{fraction}"),
+            Self::Sign => write!(f, "sign"),
+            Self::Qsgd(levels) => write!(f, "qsgd:{levels}"),
+            Self::Bf16 => write!(f, "bf16"),
+            Self::Fp16 => write!(f, "fp16"),
+        }
+    }
+}
+
+impl FromStr for Compressor {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (name, parameter) = match text.split_once(':') {
+            Some((name, parameter)) => (name, Some(parameter)),
+            None => (text, None),
+        };
+        let fraction = |p: Option<&str>| -> Result<f64, String> {
+            let p = p.ok_or_else(|| format!("{name} needs the fraction kept, e.g. {name}:0.01"))?;
+            match p.parse::<f64>() {
+                Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+                _ => Err(format!("{name}: the fraction kept must lie in (0, 1], got '{p}'")),
+            }
+        };
+        match (name, parameter) {
+            ("identity", None) => Ok(Self::Identity),
+            ("topk", p) => Ok(Self::TopK(fraction(p)?)),
+            ("randk", p) => Ok(Self::RandK(fraction(p)?)),
+            ("sign", None) => Ok(Self::Sign),
+            ("qsgd", Some(p)) => match p.parse::<u32>() {
+                Ok(levels) if (1..=(1 << 16)).contains(&levels) => Ok(Self::Qsgd(levels)),
+                _ => Err(format!("qsgd: the number of levels must be a whole number in 1..=65536, got '{p}'")),
+            },
+            ("qsgd", None) => Err("qsgd needs its number of levels, e.g. qsgd:16".into()),
+            ("bf16", None) => Ok(Self::Bf16),
+            ("fp16", None) => Ok(Self::Fp16),
+            _ => Err(format!("unknown compressor '{text}' (identity, topk:F, randk:F, sign, qsgd:S, bf16, fp16)")),
+        }
+    }
+}
+
+impl TryFrom<String> for Compressor {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<Compressor> for String {
+    fn from(compressor: Compressor) -> Self {
+        compressor.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CTX: CompressContext = CompressContext { seed: 11, round: 3, rank: 1 };
+
+    fn values(n: usize) -> Vec<f32> {
+        (0..n).map(|k| crate::testing::test_value(5, k, 2)).collect()
+    }
+
+    fn round_trip(c: Compressor, v: &[f32]) -> (Vec<u8>, Vec<f32>) {
+        let mut payload = Vec::new();
+        c.compress(v, CTX, &mut payload);
+        let mut out = Vec::new();
+        c.decompress(&payload, v.len(), CTX, &mut out).unwrap();
+        (payload, out)
+    }
+
+    #[test]
+    fn every_payload_has_its_exact_size() {
+        let n = 1003;
+        for spec in ["identity", "topk:0.01", "randk:0.05", "sign", "qsgd:16", "qsgd:1", "bf16", "fp16"] {
+            let c: Compressor = spec.parse().unwrap();
+            let (payload, _) = round_trip(c, &values(n));
+            assert_eq!(payload.len(), c.payload_bytes(n), "{spec}");
+        }
+        // Top-1% of ResNet-20's buffer: 1% of the values, each with its index, and the header.
+        let resnet20 = 271_098;
+        assert_eq!(Compressor::TopK(0.01).payload_bytes(resnet20), 8 + 8 * 2711);
+        assert_eq!(Compressor::Sign.payload_bytes(resnet20), 8 + 4 + 33_888);
+        assert_eq!(Compressor::Qsgd(16).payload_bytes(resnet20), 8 + 4 + (resnet20 * 6).div_ceil(8));
+    }
+
+    #[test]
+    fn round_trips_keep_what_each_compressor_promises() {
+        let v = values(500);
+        assert_eq!(round_trip(Compressor::Identity, &v).1, v);
+        // Top-k: the 5 largest magnitudes exactly, zeros elsewhere.
+        let (_, top) = round_trip(Compressor::TopK(0.01), &v);
+        let mut magnitudes: Vec<f32> = v.iter().map(|x| x.abs()).collect();
+        magnitudes.sort_by(|a, b| b.total_cmp(a));
+        let kept: Vec<usize> = (0..500).filter(|&i| top[i] != 0.0).collect();
+        assert_eq!(kept.len(), 5);
+        assert!(kept.iter().all(|&i| top[i] == v[i] && v[i].abs() >= magnitudes[4]));
+        // Rand-k: the values at the shared indices, the same indices for every worker's ctx rank.
+        let (_, rand) = round_trip(Compressor::RandK(0.1), &v);
+        let idx = random_indices(500, 50, CTX);
+        assert_eq!(idx, random_indices(500, 50, CompressContext { rank: 3, ..CTX }));
+        assert!(idx.windows(2).all(|w| w[0] < w[1]) && idx.len() == 50);
+        assert!((0..500).all(|i| if idx.contains(&i) { rand[i] == v[i] } else { rand[i] == 0.0 }));
+        // Sign: ± the mean magnitude.
+        let (_, sign) = round_trip(Compressor::Sign, &v);
+        let scale = (v.iter().map(|x| f64::from(x.abs())).sum::<f64>() / 500.0) as f32;
+        assert!(sign.iter().zip(&v).all(|(s, x)| *s == if *x < 0.0 { -scale } else { scale }));
+        // Casts: within half a unit in the last place.
+        let (_, b) = round_trip(Compressor::Bf16, &v);
+        assert!(b.iter().zip(&v).all(|(b, x)| (b - x).abs() <= x.abs() * 2f32.powi(-8)));
+        let (_, h) = round_trip(Compressor::Fp16, &v);
+        assert!(h.iter().zip(&v).all(|(h, x)| (h - x).abs() <= x.abs() * 2f32.powi(-11) + 6e-8));
+    }
+
+    #[test]
+    fn qsgd_is_unbiased_and_on_its_levels() {
+        let v = values(64);
+        let norm = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
+        let rounds = 4000;
+        let mut mean = vec![0.0f64; 64];
+        for round in 0..rounds {
+            let ctx = CompressContext { round, ..CTX };
+            let mut payload = Vec::new();
+            Compressor::Qsgd(4).compress(&v, ctx, &mut payload);
+            let mut out = Vec::new();
+            Compressor::Qsgd(4).decompress(&payload, 64, ctx, &mut out).unwrap();
+            for (m, o) in mean.iter_mut().zip(&out) {
+                let level = f64::from(o.abs()) / norm * 4.0;
+                assert!((level - level.round()).abs() < 1e-4, "a value off the levels: {level}");
+                *m += f64::from(*o) / rounds as f64;
+            }
+        }
+        for (m, x) in mean.iter().zip(&v) {
+            assert!((m - f64::from(*x)).abs() < 0.03 * norm, "mean {m} against {x}");
+        }
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors() {
+        let v = values(100);
+        let c = Compressor::TopK(0.05);
+        let mut payload = Vec::new();
+        c.compress(&v, CTX, &mut payload);
+        let mut out = Vec::new();
+        let decode = |p: &[u8], out: &mut Vec<f32>| c.decompress(p, 100, CTX, out);
+        assert!(matches!(decode(&payload[..5], &mut out), Err(CompressError::Truncated { .. })));
+        assert!(matches!(decode(&payload[..payload.len() - 1], &mut out), Err(CompressError::Truncated { .. })));
+        let mut longer = payload.clone();
+        longer.push(0);
+        assert!(matches!(decode(&longer, &mut out), Err(CompressError::TrailingBytes { extra: 1, .. })));
+        assert!(matches!(c.decompress(&payload, 99, CTX, &mut out), Err(CompressError::WrongLength { .. })));
+        let mut foreign = payload.clone();
+        foreign[0] = Compressor::Sign.kind();
+        assert!(matches!(decode(&foreign, &mut out), Err(CompressError::WrongKind { .. })));
+        let mut bad_index = payload.clone();
+        bad_index[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&500u32.to_le_bytes());
+        assert!(matches!(decode(&bad_index, &mut out), Err(CompressError::Malformed { .. })));
+        let mut repeated = payload.clone();
+        let second = payload[HEADER_BYTES..HEADER_BYTES + 4].to_vec();
+        repeated[HEADER_BYTES + 4..HEADER_BYTES + 8].copy_from_slice(&second);
+        assert!(matches!(decode(&repeated, &mut out), Err(CompressError::Malformed { .. })));
+        // A QSGD level above S (all ones in a 3-bit field for S = 4).
+        let mut q = Vec::new();
+        Compressor::Qsgd(4).compress(&v, CTX, &mut q);
+        q[HEADER_BYTES + 4] = 0xFF;
+        assert!(matches!(Compressor::Qsgd(4).decompress(&q, 100, CTX, &mut out), Err(CompressError::Malformed { .. })));
+    }
+
+    #[test]
+    fn specs_parse_and_print() {
+        for spec in ["identity", "topk:0.01", "randk:0.5", "sign", "qsgd:16", "bf16", "fp16"] {
+            assert_eq!(spec.parse::<Compressor>().unwrap().to_string(), spec);
+        }
+        for bad in ["topk", "topk:0", "topk:2", "qsgd", "qsgd:0", "zip", "sign:3"] {
+            assert!(bad.parse::<Compressor>().is_err(), "{bad}");
+        }
+    }
+}
