@@ -357,6 +357,12 @@ fn asynchronous_local_sgd_trains_with_local_threads_and_merges_in_place() {
     assert!(matches!(error, LearnerError::NonFiniteLoss { worker: 1, step: 7, .. }), "{error}");
     let _ = std::fs::remove_dir_all(&config.output);
 
+    // A panic in a local thread (here the task's data) stops every worker too, with its message.
+    let config = self::config("async-panic", RuleSpec::Async(AsyncConfig { local_threads: Some(2) }));
+    let error = run(Synthetic { panic_at: Some((0, 3)), ..Synthetic::new() }, &config).unwrap_err();
+    assert!(error.to_string().contains("data shard of worker 0 is unreadable"), "{error}");
+    let _ = std::fs::remove_dir_all(&config.output);
+
     // No checkpoints to resume from: a clear error.
     let error = Learner::new(Synthetic::new(), config.clone(), vec![Device::flex()]).resume().run().unwrap_err();
     assert!(error.to_string().contains("asynchronous local SGD takes no checkpoints"), "{error}");

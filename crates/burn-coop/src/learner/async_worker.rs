@@ -139,7 +139,10 @@ pub(super) fn run_async_worker<T: CoopTask>(
                             if index >= epoch_steps || stop.load(Ordering::SeqCst) {
                                 break;
                             }
-                            let result = (|| -> Result<f64, LearnerError> {
+                            // A panic inside a step (the task's code) becomes this worker's failure,
+                            // so the communication thread is told instead of waiting for a step
+                            // that will never complete.
+                            let step = std::panic::AssertUnwindSafe(|| -> Result<f64, LearnerError> {
                                 shared.read_into(&mut read);
                                 let current = layout.unflatten(model.clone(), &read)?;
                                 let batch = task.train_batch(rank, workers, epoch, index, device);
@@ -155,7 +158,15 @@ pub(super) fn run_async_worker<T: CoopTask>(
                                 after.iter_mut().zip(&read).for_each(|(a, r)| *a -= r);
                                 shared.add(&after);
                                 Ok(value)
-                            })();
+                            });
+                            let result = std::panic::catch_unwind(step).unwrap_or_else(|panic| {
+                                let message = panic
+                                    .downcast_ref::<String>()
+                                    .cloned()
+                                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                                    .unwrap_or_else(|| "a local thread panicked".into());
+                                Err(LearnerError::WorkerPanicked { worker: rank, message })
+                            });
                             let (lock, ready) = progress;
                             let mut p = lock.lock().unwrap_or_else(PoisonError::into_inner);
                             match result {
