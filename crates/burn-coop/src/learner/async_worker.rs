@@ -22,7 +22,7 @@ use super::LearnerError;
 use super::config::LearnerConfig;
 use super::metrics::{EpochMetrics, MetricsWriter, SyncMetrics};
 use super::task::CoopTask;
-use super::worker::{WorkerReport, evaluate_average, init_seeded, save_average};
+use super::worker::{Steps, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
 use crate::comm::{Communicator, Metered};
 use crate::error::CoopError;
 use crate::params::ParamLayout;
@@ -74,21 +74,9 @@ pub(super) fn run_async_worker<T: CoopTask>(
         }
     };
     let (rank, workers) = (comm.rank(), comm.world_size());
-    if workers != config.workers {
-        return Err(LearnerError::Config(format!(
-            "the configuration asks for {} workers but the communicator has {workers}",
-            config.workers
-        )));
-    }
     let device = device.clone().autodiff();
-    let steps_per_epoch = (0..workers).map(|w| task.batches_per_epoch(w, workers)).min().unwrap_or(0) as u64;
-    if steps_per_epoch == 0 {
-        return Err(LearnerError::Config(
-            "a worker has no training batch: its data shard is smaller than a batch".into(),
-        ));
-    }
-    let planned_steps = steps_per_epoch * config.epochs as u64;
-    let total_steps = config.max_steps.map_or(planned_steps, |max| max.min(planned_steps));
+    let Steps { per_epoch: steps_per_epoch, planned: planned_steps, total: total_steps } =
+        plan_steps(task, config, workers)?;
 
     let mut comm = Metered::new(comm);
     let mut locals: Vec<T::Model> = (0..threads).map(|_| init_seeded(task, &device, config.seed)).collect();

@@ -57,21 +57,9 @@ pub fn run_worker<T: CoopTask>(
         return super::async_worker::run_async_worker(task, config, device, comm, asynchronous.threads(), resume);
     }
     let (rank, workers) = (comm.rank(), comm.world_size());
-    if workers != config.workers {
-        return Err(LearnerError::Config(format!(
-            "the configuration asks for {} workers but the communicator has {workers}",
-            config.workers
-        )));
-    }
     let device = device.clone().autodiff();
-    let steps_per_epoch = (0..workers).map(|w| task.batches_per_epoch(w, workers)).min().unwrap_or(0) as u64;
-    if steps_per_epoch == 0 {
-        return Err(LearnerError::Config(
-            "a worker has no training batch: its data shard is smaller than a batch".into(),
-        ));
-    }
-    let planned_steps = steps_per_epoch * config.epochs as u64;
-    let total_steps = config.max_steps.map_or(planned_steps, |max| max.min(planned_steps));
+    let Steps { per_epoch: steps_per_epoch, planned: planned_steps, total: total_steps } =
+        plan_steps(task, config, workers)?;
     let checkpoints = Checkpoints::in_output(&config.output);
 
     let (rule, schedule) = crate::spec::build_pair(&config.rule, &config.schedule, workers)?;
@@ -374,6 +362,34 @@ fn checkpoint<M: Module>(
     }
     sync.comm().barrier().map_err(CoopError::from)?;
     Ok(())
+}
+
+/// A run's step counts.
+pub(super) struct Steps {
+    /// Steps per epoch (the smallest shard's batches, so every worker takes as many).
+    pub per_epoch: u64,
+    /// Steps of all the epochs.
+    pub planned: u64,
+    /// Steps this run takes (`max_steps` may stop it earlier).
+    pub total: u64,
+}
+
+/// Checks the number of workers against the configuration and plans the steps.
+pub(super) fn plan_steps<T: CoopTask>(task: &T, config: &LearnerConfig, workers: usize) -> Result<Steps, LearnerError> {
+    if workers != config.workers {
+        return Err(LearnerError::Config(format!(
+            "the configuration asks for {} workers but the communicator has {workers}",
+            config.workers
+        )));
+    }
+    let per_epoch = (0..workers).map(|w| task.batches_per_epoch(w, workers)).min().unwrap_or(0) as u64;
+    if per_epoch == 0 {
+        return Err(LearnerError::Config(
+            "a worker has no training batch: its data shard is smaller than a batch".into(),
+        ));
+    }
+    let planned = per_epoch * config.epochs as u64;
+    Ok(Steps { per_epoch, planned, total: config.max_steps.map_or(planned, |max| max.min(planned)) })
 }
 
 /// Seeding and initializing happen under one process-wide lock: workers on threads share the

@@ -95,6 +95,7 @@ pub type Matching = Vec<(usize, usize)>;
 pub struct Matcha {
     workers: usize,
     matchings: Vec<Matching>,
+    laplacians: Vec<Vec<f64>>,
     probabilities: Vec<f64>,
     alpha: f64,
     peers: Vec<usize>,
@@ -119,6 +120,7 @@ impl Matcha {
         Self {
             workers,
             matchings,
+            laplacians,
             probabilities,
             alpha,
             peers: Vec::new(),
@@ -145,23 +147,20 @@ impl Matcha {
 
     /// `λ₂(Σ_j p_j L_j)`, the algebraic connectivity of the expected graph.
     pub fn connectivity(&self) -> f64 {
-        let laplacians: Vec<Vec<f64>> = self.matchings.iter().map(|m| laplacian(self.workers, m)).collect();
-        smallest_on_complement(&weighted_sum(self.workers, &laplacians, &self.probabilities), self.workers)
+        smallest_on_complement(&weighted_sum(self.workers, &self.laplacians, &self.probabilities), self.workers)
     }
 
     /// `E[W_kᵀ W_k]` (symmetric), whose second-largest eigenvalue is `ρ`.
     pub fn expected_gram(&self) -> MixingMatrix {
-        let laplacians: Vec<Vec<f64>> = self.matchings.iter().map(|m| laplacian(self.workers, m)).collect();
         MixingMatrix::from_entries_unchecked(
             self.workers,
-            second_moment(self.workers, &laplacians, &self.probabilities, self.alpha),
+            second_moment(self.workers, &self.laplacians, &self.probabilities, self.alpha),
         )
     }
 
     /// `ρ = ‖E[W_kᵀ W_k] − J‖₂`, the expected contraction of a merge.
     pub fn rho(&self) -> f64 {
-        let laplacians: Vec<Vec<f64>> = self.matchings.iter().map(|m| laplacian(self.workers, m)).collect();
-        rho(self.workers, &laplacians, &self.probabilities, self.alpha)
+        rho(self.workers, &self.laplacians, &self.probabilities, self.alpha)
     }
 
     /// Which matchings are active at merge `round` with the shared `seed` (the same on every
@@ -170,10 +169,10 @@ impl Matcha {
         self.probabilities.iter().enumerate().map(|(j, &p)| crate::random::uniform(seed, round, j as u64) < p).collect()
     }
 
-    /// This worker's partners at merge `round`, in matching order, into `self.peers`.
-    fn partners(&mut self, rank: usize, seed: u64, round: u64) {
+    /// This worker's partners among the `active` matchings, in matching order, into `self.peers`.
+    fn partners(&mut self, rank: usize, active: &[bool]) {
         self.peers.clear();
-        for (matching, active) in self.matchings.iter().zip(self.active(seed, round)) {
+        for (matching, &active) in self.matchings.iter().zip(active) {
             if !active {
                 continue;
             }
@@ -207,9 +206,10 @@ impl MergeRule for Matcha {
     }
 
     fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        self.partners(ctx.rank, ctx.seed, ctx.round);
+        let active = self.active(ctx.seed, ctx.round);
+        self.partners(ctx.rank, &active);
         let self_weight = 1.0 - self.alpha * self.peers.len() as f64;
-        if self.active(ctx.seed, ctx.round).contains(&true) {
+        if active.contains(&true) {
             let peers = std::mem::take(&mut self.peers);
             let result = mix_with_neighbors(params, self_weight, &peers, &peers, &self.weights, comm, &mut self.mixed);
             self.peers = peers;
