@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use super::elastic::elastic_alpha_limit;
 use super::kernels::{add_scaled, difference};
-use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
-use crate::comm::{Communicator, PendingSum};
+use super::{InFlightSum, MergeOutcome, MergeRule, RuleError, SyncContext};
+use crate::comm::Communicator;
 use crate::spec::{RuleConfig, SpecError};
 use crate::state::StateRecord;
 
@@ -65,16 +65,15 @@ impl RuleConfig for ElasticOverlapConfig {
 pub struct ElasticOverlap {
     alpha: f64,
     anchor: Option<Vec<f32>>,
-    /// This worker's `d_i` of the sum in flight (kept for checkpoints).
-    sent: Option<Vec<f32>>,
-    pending: Option<PendingSum>,
+    /// `S_k`, travelling until the next merge.
+    sum: InFlightSum,
     diff: Vec<f32>,
 }
 
 impl ElasticOverlap {
     /// Overlapped elastic averaging with moving rate `alpha`.
     pub fn new(alpha: f64) -> Self {
-        Self { alpha, anchor: None, sent: None, pending: None, diff: Vec::new() }
+        Self { alpha, anchor: None, sum: InFlightSum::default(), diff: Vec::new() }
     }
 
     /// The anchor as of the last merge.
@@ -119,21 +118,13 @@ impl MergeRule for ElasticOverlap {
             let reason = format!("the anchor has {} values but the model has {}", anchor.len(), params.len());
             return Err(RuleError::BadState { rule: "elastic-overlap", reason });
         }
-        // After a resume the sum that was in flight is started again, from the saved payload.
-        if self.pending.is_none()
-            && let Some(sent) = &self.sent
-        {
-            self.pending = Some(comm.start_all_reduce_sum(sent.clone())?);
-        }
         let alpha = self.alpha as f32;
-        if let Some(pending) = self.pending.take() {
-            let sum = pending.wait()?;
+        if let Some(sum) = self.sum.collect(comm)? {
             add_scaled(anchor, alpha, &sum);
         }
         difference(&mut self.diff, params, anchor);
         add_scaled(params, -alpha, &self.diff);
-        self.sent = Some(self.diff.clone());
-        self.pending = Some(comm.start_all_reduce_sum(std::mem::take(&mut self.diff))?);
+        self.sum.start(std::mem::take(&mut self.diff), comm)?;
         Ok(MergeOutcome { local_squared_distance: None })
     }
 
@@ -142,7 +133,7 @@ impl MergeRule for ElasticOverlap {
         if let Some(anchor) = &self.anchor {
             record = record.with_buffer("anchor", anchor.clone());
         }
-        if let Some(sent) = &self.sent {
+        if let Some(sent) = self.sum.payload() {
             record = record.with_buffer("in-flight", sent.clone());
         }
         record
@@ -150,8 +141,7 @@ impl MergeRule for ElasticOverlap {
 
     fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
         self.anchor = record.take_buffer("anchor");
-        self.sent = record.take_buffer("in-flight");
-        self.pending = None;
+        self.sum.restore(record.take_buffer("in-flight"));
         super::no_leftovers("elastic-overlap", &record, "only `anchor` and `in-flight`")
     }
 }

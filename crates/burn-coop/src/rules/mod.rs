@@ -82,9 +82,51 @@ crate::spec::registry! {
 
 use serde::{Deserialize, Serialize};
 
-use crate::comm::{CommError, Communicator};
+use crate::comm::{CommError, Communicator, PendingSum};
 use crate::mixing::MixingMatrix;
 use crate::state::StateRecord;
+
+/// A sum all-reduce a rule starts at one merge and collects at the next (overlapped rules),
+/// with the payload kept so that a checkpoint taken while it travels can start it again: a
+/// resumed run re-issues the same all-reduce at its first merge and continues bit for bit.
+#[derive(Debug, Default)]
+pub(crate) struct InFlightSum {
+    sent: Option<Vec<f32>>,
+    pending: Option<PendingSum>,
+}
+
+impl InFlightSum {
+    /// Starts the all-reduce of `payload`.
+    pub(crate) fn start(&mut self, payload: Vec<f32>, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        self.sent = Some(payload.clone());
+        self.pending = Some(comm.start_all_reduce_sum(payload)?);
+        Ok(())
+    }
+
+    /// The sum started at the previous merge (started again first after a resume), if any.
+    pub(crate) fn collect(&mut self, comm: &mut dyn Communicator) -> Result<Option<Vec<f32>>, RuleError> {
+        if self.pending.is_none()
+            && let Some(sent) = &self.sent
+        {
+            self.pending = Some(comm.start_all_reduce_sum(sent.clone())?);
+        }
+        Ok(match self.pending.take() {
+            Some(pending) => Some(pending.wait()?),
+            None => None,
+        })
+    }
+
+    /// This worker's payload of the sum in flight, for a checkpoint.
+    pub(crate) fn payload(&self) -> Option<&Vec<f32>> {
+        self.sent.as_ref()
+    }
+
+    /// Restores a checkpoint's payload (started again at the next [`InFlightSum::collect`]).
+    pub(crate) fn restore(&mut self, payload: Option<Vec<f32>>) {
+        self.sent = payload;
+        self.pending = None;
+    }
+}
 
 /// Why a rule cannot run.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

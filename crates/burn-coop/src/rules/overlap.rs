@@ -21,8 +21,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
-use crate::comm::{Communicator, PendingSum};
+use super::{InFlightSum, MergeOutcome, MergeRule, RuleError, SyncContext};
+use crate::comm::Communicator;
 use crate::spec::{RuleConfig, SpecError};
 use crate::state::StateRecord;
 
@@ -78,15 +78,14 @@ pub struct Overlap {
     anchor_momentum: f64,
     anchor: Option<Vec<f32>>,
     momentum: Option<Vec<f32>>,
-    /// This worker's `p_i` of the sum in flight (kept for checkpoints).
-    sent: Option<Vec<f32>>,
-    pending: Option<PendingSum>,
+    /// The next anchor's sum, travelling until the next merge.
+    sum: InFlightSum,
 }
 
 impl Overlap {
     /// Overlap Local-SGD with pull `α` and anchor momentum `γ`.
     pub fn new(pull: f64, anchor_momentum: f64) -> Self {
-        Self { pull, anchor_momentum, anchor: None, momentum: None, sent: None, pending: None }
+        Self { pull, anchor_momentum, anchor: None, momentum: None, sum: InFlightSum::default() }
     }
 
     /// The anchor as of the last merge.
@@ -136,13 +135,8 @@ impl MergeRule for Overlap {
             let reason = format!("the anchor or its momentum does not have the model's {n} values");
             return Err(RuleError::BadState { rule: "overlap", reason });
         }
-        if self.pending.is_none()
-            && let Some(sent) = &self.sent
-        {
-            self.pending = Some(comm.start_all_reduce_sum(sent.clone())?);
-        }
-        if let Some(pending) = self.pending.take() {
-            self.anchor = Some(pending.wait()?);
+        if let Some(sum) = self.sum.collect(comm)? {
+            self.anchor = Some(sum);
         }
         let z = self.anchor.as_ref().ok_or(RuleError::NotBegun { rule: "overlap" })?;
         let (alpha, keep) = (self.pull as f32, 1.0 - self.pull as f32);
@@ -161,14 +155,14 @@ impl MergeRule for Overlap {
         let m = self.momentum.as_ref().expect("set above");
         let share = ctx.world_size as f32;
         let payload: Vec<f32> = z.iter().zip(m).map(|(z, m)| (z + -eta * m) / share).collect();
-        self.sent = Some(payload.clone());
-        self.pending = Some(comm.start_all_reduce_sum(payload)?);
+        self.sum.start(payload, comm)?;
         Ok(MergeOutcome { local_squared_distance: None })
     }
 
     fn record(&self) -> StateRecord {
         let mut record = StateRecord::new();
-        for (name, buffer) in [("anchor", &self.anchor), ("momentum", &self.momentum), ("in-flight", &self.sent)] {
+        let sent = self.sum.payload().cloned();
+        for (name, buffer) in [("anchor", &self.anchor), ("momentum", &self.momentum), ("in-flight", &sent)] {
             if let Some(buffer) = buffer {
                 record = record.with_buffer(name, buffer.clone());
             }
@@ -179,8 +173,7 @@ impl MergeRule for Overlap {
     fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
         self.anchor = record.take_buffer("anchor");
         self.momentum = record.take_buffer("momentum");
-        self.sent = record.take_buffer("in-flight");
-        self.pending = None;
+        self.sum.restore(record.take_buffer("in-flight"));
         super::no_leftovers("overlap", &record, "only `anchor`, `momentum` and `in-flight`")
     }
 
@@ -195,7 +188,7 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
-    use crate::comm::{CommError, InProcessGroup, PendingOp};
+    use crate::comm::{CommError, InProcessGroup, PendingOp, PendingSum};
     use crate::launch::run_group;
     use crate::testing::{merge_trajectories, worker_buffer};
 
