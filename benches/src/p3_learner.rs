@@ -58,7 +58,7 @@ fn learner_images_per_second(task: CifarTask, batch: usize, steps: u64) -> Resul
     let output = tempfile::tempdir()?;
     let config = LearnerConfig {
         workers: WORKERS,
-        rule: RuleSpec::Average(AveragingConfig {}),
+        rule: RuleSpec::Average(AveragingConfig::default()),
         schedule: ScheduleSpec::Fixed(FixedConfig { tau: Some(TAU), warmup_steps: None }),
         epochs: 1,
         lr: LrSchedule { lr: 0.05, shape: LrShape::Constant, warmup_epochs: 0.0, min_lr: 0.0 },

@@ -84,6 +84,15 @@ impl<C: Communicator> Communicator for Delayed<C> {
     ) -> Result<(), CommError> {
         self.inner.exchange_directed(send, send_to, receive_from, receive)
     }
+    fn exchange_bytes(
+        &mut self,
+        send: &[u8],
+        send_to: &[usize],
+        receive_from: &[usize],
+        receive: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<(), CommError> {
+        self.inner.exchange_bytes(send, send_to, receive_from, receive)
+    }
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
         self.inner.split(color)
     }

@@ -69,6 +69,8 @@ pub use mpi;
 
 /// Tag of the neighbour exchange messages on the communicator's private MPI communicator.
 const EXCHANGE_TAG: c_int = 0x6d78;
+/// Tag of the byte payloads of a neighbour exchange of bytes.
+const EXCHANGE_BYTES_TAG: c_int = 0x6d79;
 
 /// Words of small payload that travel inside the agreement itself: an
 /// [`Communicator::all_reduce_f64`] of at most this many values (merge statistics, metrics)
@@ -80,8 +82,8 @@ const RECORD: usize = 3 + PIGGYBACK;
 const PEER_BITS: usize = 64 * PIGGYBACK / 2;
 
 /// Operations, as numbered in the agreement.
-const OPERATIONS: [&str; 6] =
-    ["all_reduce_sum", "all_reduce_f64", "broadcast", "all_gather_bytes", "exchange", "split"];
+const OPERATIONS: [&str; 7] =
+    ["all_reduce_sum", "all_reduce_f64", "broadcast", "all_gather_bytes", "exchange", "split", "exchange_bytes"];
 
 fn operation_code(name: &str) -> u64 {
     OPERATIONS.iter().position(|&o| o == name).expect("a known operation") as u64 + 1
@@ -286,6 +288,61 @@ impl MpiComm {
     /// every rank. Every rank's words are left in `self.records`. `peers` (`send_to`,
     /// `receive_from`, also as bit sets in the words): check only the lengths of the ranks this
     /// one receives from, and that every rank's sends match the receives of the others.
+    /// The agreement of a neighbour exchange: the operation, `len`, and both peer lists
+    /// (carried as bit sets for worlds of up to `PEER_BITS` ranks), checked the same way on
+    /// every rank.
+    fn agree_on_neighbors(
+        &mut self,
+        operation: &'static str,
+        len: usize,
+        send_to: &[usize],
+        receive_from: &[usize],
+    ) -> Result<(), CommError> {
+        let bad = send_to.iter().chain(receive_from).copied().find(|&j| j >= self.world_size || j == self.rank);
+        let mut words = [0u64; PIGGYBACK];
+        if self.world_size <= PEER_BITS {
+            let half = PIGGYBACK / 2;
+            for (offset, list) in [(0, send_to), (half, receive_from)] {
+                for &j in list.iter().filter(|&&j| j < self.world_size) {
+                    words[offset + j / 64] |= 1 << (j % 64);
+                }
+            }
+        }
+        self.agree(Agreement { operation, len, bad_peer: bad, words: &words }, Some((send_to, receive_from)))
+    }
+
+    /// The next byte payload from `source` on the exchange-of-bytes tag, of whatever length it
+    /// has (learned by probing the message first; zero is a valid length).
+    fn receive_probed(&mut self, source: usize) -> Result<Vec<u8>, CommError> {
+        // SAFETY: MPI_Status is plain data that MPI_Probe fills in.
+        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        // SAFETY: the communicator is valid while the handle lives; `status` is writable.
+        check(
+            unsafe { ffi::MPI_Probe(source as c_int, EXCHANGE_BYTES_TAG, self.handle.comm, &mut status) },
+            "MPI_Probe (neighbour payload)",
+        )?;
+        let mut len: c_int = 0;
+        // SAFETY: `status` was filled by MPI_Probe.
+        check(unsafe { ffi::MPI_Get_count(&status, ffi::RSMPI_UINT8_T, &mut len) }, "MPI_Get_count")?;
+        let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        // SAFETY: `bytes` holds `len` bytes, the probed message's size.
+        check(
+            unsafe {
+                ffi::MPI_Recv(
+                    bytes.as_mut_ptr().cast::<c_void>(),
+                    len,
+                    ffi::RSMPI_UINT8_T,
+                    source as c_int,
+                    EXCHANGE_BYTES_TAG,
+                    self.handle.comm,
+                    ffi::RSMPI_STATUS_IGNORE,
+                )
+            },
+            "MPI_Recv (neighbour payload)",
+        )?;
+        Ok(bytes)
+    }
+
     fn agree(&mut self, mine: Agreement<'_>, peers: Option<(&[usize], &[usize])>) -> Result<(), CommError> {
         if !self.check_lengths {
             return match mine.bad_peer {
@@ -616,18 +673,7 @@ impl Communicator for MpiComm {
         receive: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), CommError> {
         let n = count(send.len(), "exchange")?;
-        let bad = send_to.iter().chain(receive_from).copied().find(|&j| j >= self.world_size || j == self.rank);
-        let mut words = [0u64; PIGGYBACK];
-        if self.world_size <= PEER_BITS {
-            let half = PIGGYBACK / 2;
-            for (offset, list) in [(0, send_to), (half, receive_from)] {
-                for &j in list.iter().filter(|&&j| j < self.world_size) {
-                    words[offset + j / 64] |= 1 << (j % 64);
-                }
-            }
-        }
-        let peers = Some((send_to, receive_from));
-        self.agree(Agreement { operation: "exchange", len: send.len(), bad_peer: bad, words: &words }, peers)?;
+        self.agree_on_neighbors("exchange", send.len(), send_to, receive_from)?;
 
         let mut received = std::mem::take(&mut self.neighbor_buffers);
         received.resize_with(receive_from.len().max(received.len()), Vec::new);
@@ -690,6 +736,64 @@ impl Communicator for MpiComm {
         }
         self.neighbor_buffers = received;
         result
+    }
+
+    fn exchange_bytes(
+        &mut self,
+        send: &[u8],
+        send_to: &[usize],
+        receive_from: &[usize],
+        receive: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<(), CommError> {
+        let n = count(send.len(), "exchange_bytes")?;
+        // Lengths differ from worker to worker: the agreement checks the operation and the
+        // neighbours only, and each receive learns its length by probing the message.
+        self.agree_on_neighbors("exchange_bytes", 0, send_to, receive_from)?;
+        let null = unsafe { ffi::RSMPI_REQUEST_NULL };
+        let mut sends = vec![null; send_to.len()];
+        let mut posted = Ok(());
+        for (&j, request) in send_to.iter().zip(sends.iter_mut()) {
+            // SAFETY: `send` outlives the requests, completed by the MPI_Waitall below.
+            posted = check(
+                unsafe {
+                    ffi::MPI_Isend(
+                        send.as_ptr().cast::<c_void>(),
+                        n,
+                        ffi::RSMPI_UINT8_T,
+                        j as c_int,
+                        EXCHANGE_BYTES_TAG,
+                        self.handle.comm,
+                        request,
+                    )
+                },
+                "MPI_Isend (neighbour payload)",
+            );
+            if posted.is_err() {
+                break;
+            }
+        }
+        let mut received: Vec<Vec<u8>> = Vec::with_capacity(receive_from.len());
+        if posted.is_ok() {
+            for &j in receive_from {
+                match self.receive_probed(j) {
+                    Ok(bytes) => received.push(bytes),
+                    Err(error) => {
+                        posted = Err(error);
+                        break;
+                    }
+                }
+            }
+        }
+        // SAFETY: `sends` holds valid or null requests; null ones complete at once.
+        let waited = check(
+            unsafe { ffi::MPI_Waitall(sends.len() as c_int, sends.as_mut_ptr(), ffi::RSMPI_STATUSES_IGNORE) },
+            "MPI_Waitall (neighbour payloads)",
+        );
+        posted.and(waited)?;
+        for (k, bytes) in received.iter().enumerate() {
+            receive(k, bytes);
+        }
+        Ok(())
     }
 
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {

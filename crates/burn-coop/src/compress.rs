@@ -116,6 +116,12 @@ impl Compressor {
         }
     }
 
+    /// Whether decoding gives back exactly the values encoded (the identity): then a rule may
+    /// send the values themselves, dense, with a sum all-reduce.
+    pub fn is_lossless(self) -> bool {
+        matches!(self, Self::Identity)
+    }
+
     /// Values kept by top-k and rand-k for a buffer of `n` (at least one when `n > 0`).
     pub fn kept(fraction: f64, n: usize) -> usize {
         if n == 0 { 0 } else { ((fraction * n as f64).ceil() as usize).clamp(1, n) }

@@ -107,6 +107,7 @@ macro_rules! registry {
         trait $Trait:ident;
         default $Default:ident;
         dyn $Dyn:ident;
+        shared $Shared:ty;
         $( $(#[$variant_meta:meta])* $Variant:ident($field:ident: $Config:ty), )+
     ) => {
         $(#[$spec_meta])*
@@ -221,6 +222,9 @@ macro_rules! registry {
             #[doc = concat!("The ", $what, " (default: ", stringify!($Default), ").")]
             #[arg(long = $flag, value_enum)]
             pub $key: Option<$Name>,
+            /// Flags that several entries share (one flag, a key of each entry that has it).
+            #[command(flatten)]
+            pub shared: $Shared,
             $(
                 #[command(flatten)]
                 #[allow(missing_docs)]
@@ -253,6 +257,13 @@ macro_rules! registry {
                         }
                     }
                 )+
+                // A shared flag goes through the flat form, which accepts a key of the entry in
+                // use and names the entries that have it otherwise.
+                for (key, value) in $crate::spec::to_map(&self.shared) {
+                    let mut flat = spec.to_flat();
+                    flat.insert(key, value);
+                    *spec = $Spec::take_from_flat(&mut flat)?;
+                }
                 Ok(())
             }
         }
@@ -483,7 +494,7 @@ mod tests {
         assert_eq!(field_names::<ElasticConfig>(), &["alpha", "anchors"]);
         assert_eq!(field_names::<GossipConfig>(), &["topology", "weights"]);
         assert_eq!(field_names::<FixedConfig>(), &["tau", "warmup-steps"]);
-        assert!(field_names::<AveragingConfig>().is_empty());
+        assert_eq!(field_names::<AveragingConfig>(), &["compressor"]);
     }
 
     #[test]
@@ -501,7 +512,7 @@ mod tests {
         assert!(error.reason.contains("setting of the elastic rule, but this run uses gossip"), "{error}");
         let error = RuleSpec::take_from_flat(&mut flat(r#"{"rule": "hexagon"}"#)).unwrap_err();
         assert_eq!((error.option, error.value.as_str()), ("rule", "hexagon"));
-        assert_eq!(RuleSpec::take_from_flat(&mut Map::new()).unwrap(), RuleSpec::Average(AveragingConfig {}));
+        assert_eq!(RuleSpec::take_from_flat(&mut Map::new()).unwrap(), RuleSpec::Average(AveragingConfig::default()));
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub struct SyncReport {
     pub comm_inflight_seconds: f64,
     /// This worker's simulated clock after the merge, when a network is simulated.
     pub sim_clock: Option<SimClock>,
+    /// Whether this worker sent its message, for event-triggered rules.
+    pub sent: Option<bool>,
 }
 
 /// Counters of a synchronizer.
@@ -182,6 +184,12 @@ impl Synchronizer {
         self.comm.simulate(network, self.state.sim_clock.unwrap_or_default());
         self.step_time = step_time;
         self
+    }
+
+    /// Whether the rule decides at each merge whether to send (its reports carry
+    /// [`SyncReport::sent`]).
+    pub fn event_triggered(&self) -> bool {
+        self.rule.event_triggered()
     }
 
     /// This worker's simulated clock, when simulating.
@@ -478,6 +486,7 @@ impl Synchronizer {
             comm_wait_seconds: comm_time.wait_seconds,
             comm_inflight_seconds: comm_time.inflight_seconds,
             sim_clock: self.comm.clock(),
+            sent: outcome.sent,
         };
         self.schedule.after_sync(&SyncFeedback {
             step: report.step,

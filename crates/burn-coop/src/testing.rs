@@ -142,6 +142,19 @@ impl<C: Communicator> Communicator for RecordingComm<C> {
         });
         self.inner.exchange_directed(send, send_to, receive_from, receive)
     }
+    fn exchange_bytes(
+        &mut self,
+        send: &[u8],
+        send_to: &[usize],
+        receive_from: &[usize],
+        receive: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<(), CommError> {
+        self.note(|l| {
+            l.exchange += 1;
+            l.exchange_peers += send_to.len() as u64;
+        });
+        self.inner.exchange_bytes(send, send_to, receive_from, receive)
+    }
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
         self.note(|l| l.split += 1);
         let inner = self.inner.split(color)?;

@@ -114,7 +114,7 @@ fn lines(path: &Path) -> Vec<String> {
 fn every_rule_trains_and_writes_metrics() {
     let rules = [
         ("sync", RuleSpec::Sync(SynchronousConfig {})),
-        ("average", RuleSpec::Average(AveragingConfig {})),
+        ("average", RuleSpec::Average(AveragingConfig::default())),
         ("elastic", RuleSpec::Elastic(ElasticConfig { alpha: None, anchors: None })),
         (
             "gossip",
@@ -207,7 +207,7 @@ fn an_interrupted_run_resumes_bit_identically() {
 
 #[test]
 fn a_panicking_worker_stops_the_run_with_its_message() {
-    let config = config("panic", RuleSpec::Average(AveragingConfig {}));
+    let config = config("panic", RuleSpec::Average(AveragingConfig::default()));
     let task = Synthetic { panic_at: Some((1, 3)), ..Synthetic::new() };
     let error = run(task, &config).unwrap_err();
     assert!(
@@ -219,7 +219,7 @@ fn a_panicking_worker_stops_the_run_with_its_message() {
 
 #[test]
 fn a_nan_loss_names_worker_and_step_and_keeps_the_last_checkpoint() {
-    let mut config = config("nan", RuleSpec::Average(AveragingConfig {}));
+    let mut config = config("nan", RuleSpec::Average(AveragingConfig::default()));
     config.checkpoint_every = 1;
     let task = Synthetic { nan_at: Some((1, 6)), ..Synthetic::new() };
     let error = run(task, &config).unwrap_err();
@@ -246,17 +246,20 @@ fn bad_configurations_are_reported() {
     let mut bad = config("bad", RuleSpec::Elastic(ElasticConfig { alpha: Some(0.9), anchors: None }));
     let error = run(Synthetic::new(), &bad).unwrap_err();
     assert!(matches!(&error, LearnerError::Spec(spec) if spec.option == "alpha"), "{error}");
-    bad.rule = RuleSpec::Average(AveragingConfig {});
+    bad.rule = RuleSpec::Average(AveragingConfig::default());
     bad.schedule = ScheduleSpec::Fixed(FixedConfig { tau: Some(0), warmup_steps: None });
     let error = run(Synthetic::new(), &bad).unwrap_err();
     assert_eq!(
         error.to_string(),
         "invalid value '0' for 'tau': the synchronization period τ must be at least 1, got 0 (τ = 1 is fully synchronous)"
     );
-    let missing =
-        Learner::new(Synthetic::new(), config("missing", RuleSpec::Average(AveragingConfig {})), vec![Device::flex()])
-            .resume()
-            .run();
+    let missing = Learner::new(
+        Synthetic::new(),
+        config("missing", RuleSpec::Average(AveragingConfig::default())),
+        vec![Device::flex()],
+    )
+    .resume()
+    .run();
     assert!(matches!(missing, Err(LearnerError::Checkpoint(_))));
     let _ = std::fs::remove_dir_all(&bad.output);
     let _ = std::fs::remove_dir_all(output("missing"));

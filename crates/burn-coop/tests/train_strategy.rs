@@ -182,8 +182,9 @@ fn two_workers_average_every_three_steps_and_end_with_one_model() {
     let train_items = points(256, 1);
     let (loss_before, _) = evaluate(&model, &train_items);
 
-    let strategy =
-        Arc::new(LocalSgdStrategy::new(2, vec![Device::flex()]).rule(RuleSpec::Average(AveragingConfig {})).tau(3));
+    let strategy = Arc::new(
+        LocalSgdStrategy::new(2, vec![Device::flex()]).rule(RuleSpec::Average(AveragingConfig::default())).tau(3),
+    );
     let result = train("average", model, &strategy, train_items.clone(), 3);
     assert!(result.error.is_none(), "{:?}", result.error);
 
@@ -211,8 +212,9 @@ fn gradient_accumulation_and_unequal_slices_keep_the_workers_in_lockstep() {
     // 3 workers over 200 points: slices of 66, 66 and 68 points, 5 batches of 16 each; with
     // an accumulation of 2 that is 3 optimizer steps per epoch (the last on a partial window).
     let train_items = points(200, 2);
-    let strategy =
-        Arc::new(LocalSgdStrategy::new(3, vec![Device::flex()]).rule(RuleSpec::Average(AveragingConfig {})).tau(2));
+    let strategy = Arc::new(
+        LocalSgdStrategy::new(3, vec![Device::flex()]).rule(RuleSpec::Average(AveragingConfig::default())).tau(2),
+    );
     let dir = scratch_dir("accumulation");
     let result = SupervisedTraining::new(&dir, loader(train_items.clone(), 16), loader(points(64, 98), 32))
         .num_epochs(2)

@@ -181,7 +181,7 @@ pub fn train(options: &Options) -> Result<Outcome, String> {
         DataLoaderBuilder::new(SampleBatcher).batch_size(256).build(InMemDataset::new(synthetic(1024, 2)));
     let strategy = Arc::new(
         LocalSgdStrategy::new(options.workers, vec![device.clone()])
-            .rule(RuleSpec::Average(AveragingConfig {}))
+            .rule(RuleSpec::Average(AveragingConfig::default()))
             .tau(options.tau),
     );
 

@@ -44,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Local SGD: average every 8 steps; SGD with Nesterov momentum, warm-up then cosine decay.
     let config = LearnerConfig {
         workers,
-        rule: RuleSpec::Average(AveragingConfig {}),
+        rule: RuleSpec::Average(AveragingConfig::default()),
         schedule: ScheduleSpec::Fixed(FixedConfig { tau: Some(8), warmup_steps: None }),
         epochs,
         lr: LrSchedule { lr: 0.2, shape: LrShape::Cosine, warmup_epochs: 1.0, min_lr: 0.0 },

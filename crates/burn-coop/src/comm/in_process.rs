@@ -81,6 +81,7 @@ enum Payload {
     F64(Vec<f64>),
     Bytes(Vec<u8>),
     Exchange { values: Vec<f32>, send_to: Vec<usize>, receive_from: Vec<usize> },
+    ExchangeBytes { bytes: Vec<u8>, send_to: Vec<usize>, receive_from: Vec<usize> },
     Broadcast { values: Option<Vec<f32>>, root: usize, len: usize },
     Color(usize),
 }
@@ -255,6 +256,34 @@ impl InProcessComm {
         result
     }
 
+    /// A neighbour exchange: checks this worker's lists, deposits `payload`, checks every
+    /// worker's lists against each other (the same error everywhere) and hands the deposits to
+    /// `deliver`.
+    fn neighbor_round(
+        &mut self,
+        operation: &'static str,
+        payload: Payload,
+        send_to: &[usize],
+        receive_from: &[usize],
+        deliver: impl FnOnce(&[Arc<Payload>]) -> Result<(), CommError>,
+    ) -> Result<(), CommError> {
+        let (rank, world_size) = (self.rank, self.shared.world);
+        if let Some(&neighbor) = send_to.iter().chain(receive_from).find(|&&j| j >= world_size || j == rank) {
+            return Err(CommError::BadNeighbor { rank, neighbor, world_size });
+        }
+        self.collective(operation, payload, |deposits| {
+            let lists = |i: usize| match &*deposits[i] {
+                Payload::Exchange { send_to, receive_from, .. }
+                | Payload::ExchangeBytes { send_to, receive_from, .. } => (send_to.as_slice(), receive_from.as_slice()),
+                _ => unreachable!("rounds hold one kind of payload"),
+            };
+            if let Some((bad, neighbor)) = super::first_bad_neighbor(world_size, lists) {
+                return Err(CommError::BadNeighbor { rank: bad, neighbor, world_size });
+            }
+            deliver(deposits)
+        })
+    }
+
     fn copy_of(&self, values: &[f32]) -> Vec<f32> {
         let mut copy = self.shared.spare(self.rank);
         copy.clear();
@@ -416,23 +445,13 @@ impl Communicator for InProcessComm {
         receive_from: &[usize],
         receive: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), CommError> {
-        let (rank, world_size) = (self.rank, self.shared.world);
-        if let Some(&neighbor) = send_to.iter().chain(receive_from).find(|&&j| j >= world_size || j == rank) {
-            return Err(CommError::BadNeighbor { rank, neighbor, world_size });
-        }
         let payload = Payload::Exchange {
             values: self.copy_of(send),
             send_to: send_to.to_vec(),
             receive_from: receive_from.to_vec(),
         };
-        self.collective("exchange", payload, |deposits| {
-            let lists = |i: usize| match &*deposits[i] {
-                Payload::Exchange { send_to, receive_from, .. } => (send_to.as_slice(), receive_from.as_slice()),
-                _ => unreachable!("rounds hold one kind of payload"),
-            };
-            if let Some((bad, neighbor)) = super::first_bad_neighbor(world_size, lists) {
-                return Err(CommError::BadNeighbor { rank: bad, neighbor, world_size });
-            }
+        let rank = self.rank;
+        self.neighbor_round("exchange", payload, send_to, receive_from, |deposits| {
             let values_of = |j: usize| match &*deposits[j] {
                 Payload::Exchange { values, .. } => values.as_slice(),
                 _ => unreachable!("rounds hold one kind of payload"),
@@ -447,6 +466,29 @@ impl Communicator for InProcessComm {
             }
             for (k, &j) in receive_from.iter().enumerate() {
                 receive(k, values_of(j));
+            }
+            Ok(())
+        })
+    }
+
+    fn exchange_bytes(
+        &mut self,
+        send: &[u8],
+        send_to: &[usize],
+        receive_from: &[usize],
+        receive: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<(), CommError> {
+        let payload = Payload::ExchangeBytes {
+            bytes: send.to_vec(),
+            send_to: send_to.to_vec(),
+            receive_from: receive_from.to_vec(),
+        };
+        self.neighbor_round("exchange_bytes", payload, send_to, receive_from, |deposits| {
+            for (k, &j) in receive_from.iter().enumerate() {
+                match &*deposits[j] {
+                    Payload::ExchangeBytes { bytes, .. } => receive(k, bytes),
+                    _ => unreachable!("rounds hold one kind of payload"),
+                }
             }
             Ok(())
         })

@@ -246,6 +246,24 @@ impl<C: Communicator> Metered<C> {
     }
 
     /// A blocking collective: the simulated clock waits for its end.
+    /// Records a neighbour exchange of `sent` and `received` bytes and advances the simulated
+    /// clock: messages go out and come in at once on a full-duplex link, so it pays as many
+    /// latencies as the larger of the two lists.
+    fn exchanged(
+        &mut self,
+        sent: u64,
+        received: u64,
+        send_to: &[usize],
+        receive_from: &[usize],
+    ) -> Result<(), CommError> {
+        self.record(CollectiveKind::Exchange, sent, received);
+        let mut peers: Vec<usize> = send_to.iter().chain(receive_from).copied().collect();
+        peers.sort_unstable();
+        peers.dedup();
+        self.exchange_degree = send_to.len().max(receive_from.len());
+        self.simulate_blocking(CollectiveKind::Exchange, sent, Some(&peers), false)
+    }
+
     fn simulate_blocking(
         &mut self,
         kind: CollectiveKind,
@@ -383,15 +401,24 @@ impl<C: Communicator> Communicator for Metered<C> {
                 receive(k, values)
             })
         })?;
-        let sent = 4 * send.len() as u64 * send_to.len() as u64;
-        self.record(CollectiveKind::Exchange, sent, got);
-        let mut peers: Vec<usize> = send_to.iter().chain(receive_from).copied().collect();
-        peers.sort_unstable();
-        peers.dedup();
-        // Messages go out and come in at once on a full-duplex link: as many latencies as the
-        // larger of the two lists.
-        self.exchange_degree = send_to.len().max(receive_from.len());
-        self.simulate_blocking(CollectiveKind::Exchange, sent, Some(&peers), false)
+        self.exchanged(4 * send.len() as u64 * send_to.len() as u64, got, send_to, receive_from)
+    }
+
+    fn exchange_bytes(
+        &mut self,
+        send: &[u8],
+        send_to: &[usize],
+        receive_from: &[usize],
+        receive: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<(), CommError> {
+        let mut got = 0;
+        self.timed(|inner| {
+            inner.exchange_bytes(send, send_to, receive_from, &mut |k, bytes| {
+                got += bytes.len() as u64;
+                receive(k, bytes)
+            })
+        })?;
+        self.exchanged(send.len() as u64 * send_to.len() as u64, got, send_to, receive_from)
     }
 
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {

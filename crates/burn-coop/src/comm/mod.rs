@@ -12,6 +12,7 @@
 //! | broadcast of `f32` | [`Communicator::broadcast`] | | a root's buffer |
 //! | all-gather of bytes | [`Communicator::all_gather_bytes`] | | variable-size payloads (compressed messages) |
 //! | neighbour exchange | [`Communicator::exchange`], [`Communicator::exchange_directed`] | | a buffer to each peer, one from each peer (or to some, from others) |
+//! | neighbour exchange of bytes | [`Communicator::exchange_bytes`] | | a payload of any length (zero: nothing sent) to some peers, one from others |
 //! | sub-groups | [`Communicator::split`] | | ranks with the same colour form a new group |
 //! | barrier | [`Communicator::barrier`] | | nothing |
 
@@ -232,6 +233,22 @@ pub trait Communicator: Send {
         receive: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), CommError>;
 
+    /// Sends the byte payload `send` to every rank in `send_to` and hands the payload of every
+    /// rank in `receive_from` to `receive(k, bytes)`, `k` the sender's index in `receive_from`, in
+    /// that order. Unlike [`Communicator::exchange_directed`], every worker's payload may have its
+    /// own length, zero included: an empty payload is the message of a worker that has nothing to
+    /// send this time (an event-triggered rule that did not fire), so its neighbours learn that
+    /// and nobody waits for a message that will not come. The relations must match across
+    /// workers as for [`Communicator::exchange_directed`] (otherwise every worker gets
+    /// [`CommError::BadNeighbor`]). Every worker calls it.
+    fn exchange_bytes(
+        &mut self,
+        send: &[u8],
+        send_to: &[usize],
+        receive_from: &[usize],
+        receive: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<(), CommError>;
+
     /// Splits the group: workers passing the same `color` form a new group, ranked in the order
     /// of their ranks here. Every worker calls it.
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError>;
@@ -328,6 +345,15 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
         receive: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), CommError> {
         (**self).exchange_directed(send, send_to, receive_from, receive)
+    }
+    fn exchange_bytes(
+        &mut self,
+        send: &[u8],
+        send_to: &[usize],
+        receive_from: &[usize],
+        receive: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<(), CommError> {
+        (**self).exchange_bytes(send, send_to, receive_from, receive)
     }
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
         (**self).split(color)

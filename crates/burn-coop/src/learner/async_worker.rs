@@ -20,7 +20,7 @@ use burn::tensor::Device;
 
 use super::LearnerError;
 use super::config::LearnerConfig;
-use super::metrics::{EpochMetrics, MetricsWriter, SyncMetrics};
+use super::metrics::{Columns, EpochMetrics, MetricsWriter, SyncMetrics};
 use super::task::CoopTask;
 use super::worker::{Steps, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
 use crate::comm::{Communicator, Metered};
@@ -93,7 +93,7 @@ pub(super) fn run_async_worker<T: CoopTask>(
 
     let mut writer = match rank {
         0 => Some(
-            MetricsWriter::create(&config.output, total_steps, 0, config.progress, false)
+            MetricsWriter::create(&config.output, total_steps, 0, config.progress, Columns::default())
                 .map_err(|source| LearnerError::Io { path: config.output.clone(), source })?,
         ),
         _ => None,
@@ -241,6 +241,7 @@ pub(super) fn run_async_worker<T: CoopTask>(
                             comm_inflight_seconds: values[2 * workers..3 * workers].to_vec(),
                             sim_seconds: None,
                             sim_comm_seconds: None,
+                            senders: None,
                             wall_seconds: started.elapsed().as_secs_f64(),
                         };
                         w.sync(&metrics).map_err(io)?;

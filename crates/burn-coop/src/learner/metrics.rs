@@ -45,6 +45,9 @@ pub struct SyncMetrics {
     /// Of that, the seconds each worker waited for communication.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sim_comm_seconds: Option<Vec<f64>>,
+    /// How many workers sent their message at this merge, for event-triggered rules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub senders: Option<u64>,
     /// Seconds since the run started.
     pub wall_seconds: f64,
 }
@@ -107,6 +110,16 @@ pub struct MetricsWriter {
     bar: Option<ProgressBar>,
 }
 
+/// Which optional columns the metric files carry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Columns {
+    /// The simulated clock's (`sim_seconds`, `sim_comm_seconds`, before `wall_seconds`).
+    pub simulated: bool,
+    /// How many workers sent at each merge (`senders` in `syncs.csv`, after
+    /// `comm_inflight_seconds`), for event-triggered rules.
+    pub senders: bool,
+}
+
 /// The simulated clock's columns of a row (empty when not simulating).
 fn simulated(sim: &Option<Vec<f64>>, comm: &Option<Vec<f64>>) -> String {
     match (sim, comm) {
@@ -140,16 +153,17 @@ fn optional(value: Option<f64>) -> String {
 impl MetricsWriter {
     /// Opens (appending, for resumed runs) the metric files in `folder`. A progress bar over
     /// `total_steps` is shown when `progress` is set and standard error is a terminal;
-    /// otherwise one line per epoch is printed. With `simulated`, the rows carry the simulated
-    /// clock's columns (`sim_seconds`, `sim_comm_seconds`) before `wall_seconds`.
+    /// otherwise one line per epoch is printed. `columns` says which optional columns the rows
+    /// carry.
     pub fn create(
         folder: &Path,
         total_steps: u64,
         done_steps: u64,
         progress: bool,
-        simulated: bool,
+        columns: Columns,
     ) -> std::io::Result<Self> {
-        let sim = if simulated { ",sim_seconds,sim_comm_seconds" } else { "" };
+        let sim = if columns.simulated { ",sim_seconds,sim_comm_seconds" } else { "" };
+        let senders = if columns.senders { ",senders" } else { "" };
         std::fs::create_dir_all(folder)?;
         let bar = (progress && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(total_steps).with_position(done_steps);
@@ -165,7 +179,7 @@ impl MetricsWriter {
             syncs: open(
                 &folder.join("syncs.csv"),
                 &format!(
-                    "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,consensus_distance,bytes_sent_per_worker,consensus_bytes_sent_per_worker,subgroup_bytes_sent_per_worker,comm_wait_seconds,comm_inflight_seconds{sim},wall_seconds"
+                    "epoch,step,syncs,lr,tau,train_loss,worker_train_loss,consensus_distance,bytes_sent_per_worker,consensus_bytes_sent_per_worker,subgroup_bytes_sent_per_worker,comm_wait_seconds,comm_inflight_seconds{senders}{sim},wall_seconds"
                 ),
             )?,
             epochs: open(
@@ -192,7 +206,7 @@ impl MetricsWriter {
         writeln!(self.jsonl)?;
         writeln!(
             self.syncs,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{}{},{:.3}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}{}{},{:.3}",
             m.epoch,
             m.step,
             m.syncs,
@@ -206,6 +220,7 @@ impl MetricsWriter {
             joined(&m.subgroup_bytes_sent_per_worker),
             seconds(&m.comm_wait_seconds),
             seconds(&m.comm_inflight_seconds),
+            m.senders.map_or_else(String::new, |n| format!(",{n}")),
             simulated(&m.sim_seconds, &m.sim_comm_seconds),
             m.wall_seconds
         )?;

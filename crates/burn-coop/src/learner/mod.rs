@@ -20,7 +20,7 @@ use burn::tensor::Device;
 
 pub use checkpoint::{CheckpointError, latest_checkpoint};
 pub use config::LearnerConfig;
-pub use metrics::{EpochMetrics, SyncMetrics};
+pub use metrics::{Columns, EpochMetrics, SyncMetrics};
 pub use spec::{LrSchedule, LrShape, OptimizerSpec};
 pub use task::{CoopTask, Evaluation};
 pub use worker::{WorkerReport, run_worker};

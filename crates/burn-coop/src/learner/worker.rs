@@ -16,7 +16,7 @@ use burn::tensor::{Bytes, Device};
 use super::LearnerError;
 use super::checkpoint::{CheckpointError, Checkpoints, WorkerFiles, WorkerState};
 use super::config::LearnerConfig;
-use super::metrics::{EpochMetrics, MetricsWriter, SyncMetrics};
+use super::metrics::{Columns, EpochMetrics, MetricsWriter, SyncMetrics};
 use super::task::{CoopTask, Evaluation};
 use crate::comm::Communicator;
 use crate::error::CoopError;
@@ -93,8 +93,14 @@ pub fn run_worker<T: CoopTask>(
 
     let mut writer = match rank {
         0 => Some(
-            MetricsWriter::create(&config.output, total_steps, step, config.progress, config.network.is_some())
-                .map_err(|source| LearnerError::Io { path: config.output.clone(), source })?,
+            MetricsWriter::create(
+                &config.output,
+                total_steps,
+                step,
+                config.progress,
+                Columns { simulated: config.network.is_some(), senders: sync.event_triggered() },
+            )
+            .map_err(|source| LearnerError::Io { path: config.output.clone(), source })?,
         ),
         _ => None,
     };
@@ -148,8 +154,8 @@ pub fn run_worker<T: CoopTask>(
 
         if let Some(report) = merged_now {
             let timing = (report.comm_wait_seconds, report.comm_inflight_seconds);
-            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, wait, inflight, sim, sim_comm } =
-                gather(&mut sync, since_sync / since_sync_n.max(1) as f64, timing)?;
+            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, wait, inflight, sim, sim_comm, senders } =
+                gather(&mut sync, since_sync / since_sync_n.max(1) as f64, timing, report.sent)?;
             since_sync = 0.0;
             since_sync_n = 0;
             if let Some(w) = writer.as_mut() {
@@ -169,6 +175,7 @@ pub fn run_worker<T: CoopTask>(
                     comm_inflight_seconds: inflight,
                     sim_seconds: sim,
                     sim_comm_seconds: sim_comm,
+                    senders,
                     wall_seconds: wall(elapsed_before),
                 };
                 w.sync(&metrics).map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
@@ -178,7 +185,7 @@ pub fn run_worker<T: CoopTask>(
         let epoch_ends = step.is_multiple_of(steps_per_epoch);
         if epoch_ends {
             let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, sim, sim_comm, .. } =
-                gather(&mut sync, epoch_sum / epoch_n.max(1) as f64, (0.0, 0.0))?;
+                gather(&mut sync, epoch_sum / epoch_n.max(1) as f64, (0.0, 0.0), None)?;
             epoch_sum = 0.0;
             epoch_n = 0;
             let (average, evaluation) = evaluate_average(task, &model, sync.comm(), &device)?;
@@ -266,16 +273,27 @@ struct Gathered {
     /// Every worker's simulated clock and its communication part, when simulating.
     sim: Option<Vec<f64>>,
     sim_comm: Option<Vec<f64>>,
+    /// How many workers sent at the merge, for event-triggered rules.
+    senders: Option<u64>,
 }
 
 /// Gathers one value per worker, every worker's merge bytes sent, consensus bytes sent and
 /// sub-group bytes sent, and a pair of seconds (`timing`: the last merge's wait and in-flight
-/// time).
-fn gather(sync: &mut Synchronizer, value: f64, timing: (f64, f64)) -> Result<Gathered, LearnerError> {
+/// time) and, for event-triggered rules, whether this worker sent at the merge.
+fn gather(
+    sync: &mut Synchronizer,
+    value: f64,
+    timing: (f64, f64),
+    sent: Option<bool>,
+) -> Result<Gathered, LearnerError> {
     let (rank, workers) = (sync.rank(), sync.world_size());
     let stats = sync.stats();
     let clock = sync.sim_clock();
-    let mut values = vec![0.0; 8 * workers];
+    let triggered = sync.event_triggered();
+    let mut values = vec![0.0; (8 + usize::from(triggered)) * workers];
+    if triggered {
+        values[8 * workers + rank] = f64::from(u8::from(sent == Some(true)));
+    }
     let mine = [
         value,
         stats.traffic.bytes_sent as f64,
@@ -301,6 +319,7 @@ fn gather(sync: &mut Synchronizer, value: f64, timing: (f64, f64)) -> Result<Gat
         inflight: column(5),
         sim: clock.map(|_| column(6)),
         sim_comm: clock.map(|_| column(7)),
+        senders: triggered.then(|| column(8).iter().sum::<f64>() as u64),
     })
 }
 

@@ -6,32 +6,55 @@
 //! FedAvg with full participation (McMahan et al., AISTATS 2017); with τ = 1 it is synchronous
 //! SGD: for SGD with momentum and weight decay, averaging the models after every step gives the
 //! same iterates as averaging the gradients, because every quantity involved is linear in the
-//! gradients. Each worker's distance to the average is measured in the same pass that writes
+//! gradients. With `--compressor C` each worker's change since the last merge travels
+//! compressed and `x ← x_s + (1/m) Σ_j C(x_j − x_s)` (see `ec_local_sgd.rs`, which adds the
+//! error memories). Each worker's distance to the average is measured in the same pass that writes
 //! the average, so the consensus distance costs one scalar.
 
 use serde::{Deserialize, Serialize};
 
+use super::EcLocalSgd;
 use super::kernels::replace_by_mean;
 use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
 use crate::comm::{Communicator, PendingSum, Traffic};
+use crate::compress::Compressor;
 use crate::mixing::MixingMatrix;
 use crate::spec::{RuleConfig, SpecError};
 
-/// `--rule average`: periodic averaging has no settings of its own (the period is the
-/// schedule's).
+/// `--rule average` (the period is the schedule's).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-pub struct AveragingConfig {}
+pub struct AveragingConfig {
+    /// Send each worker's change since the last merge compressed, without error memories (the
+    /// shared `--compressor` flag; default: the dense models). See
+    /// [`EcLocalSgd`](crate::rules::EcLocalSgd) for the same with error feedback.
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressor: Option<Compressor>,
+}
 
 impl RuleConfig for AveragingConfig {
     const NAME: &'static str = "average";
 
     fn build(&self, _world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
-        Ok(Box::new(Averaging::new()))
+        Ok(match self.compressor.filter(|c| !c.is_lossless()) {
+            None => Box::new(Averaging::new()),
+            Some(compressor) => Box::new(EcLocalSgd::without_error_feedback(compressor)),
+        })
     }
 
     fn describe(&self) -> String {
-        "periodic averaging".into()
+        match self.compressor.filter(|c| !c.is_lossless()) {
+            None => "periodic averaging".into(),
+            Some(compressor) => format!("periodic averaging of {compressor}-compressed changes"),
+        }
+    }
+
+    fn run_tag(&self) -> String {
+        match self.compressor.filter(|c| !c.is_lossless()) {
+            None => Self::NAME.into(),
+            Some(compressor) => format!("average-{compressor}").replace(':', ""),
+        }
     }
 }
 
@@ -97,7 +120,7 @@ impl MergeRule for Averaging {
         let pending = self.pending.take().ok_or(RuleError::NotBegun { rule: self.name() })?;
         self.sum = pending.wait()?;
         let local = replace_by_mean(params, &self.sum, ctx.world_size);
-        Ok(MergeOutcome { local_squared_distance: Some(local) })
+        Ok(MergeOutcome { local_squared_distance: Some(local), sent: None })
     }
 
     /// Both phases at once, with a blocking all-reduce (MPI's blocking collectives are faster
@@ -111,7 +134,7 @@ impl MergeRule for Averaging {
         self.sum.resize(params.len(), 0.0);
         comm.all_reduce_sum_into(params, &mut self.sum)?;
         let local = replace_by_mean(params, &self.sum, ctx.world_size);
-        Ok(MergeOutcome { local_squared_distance: Some(local) })
+        Ok(MergeOutcome { local_squared_distance: Some(local), sent: None })
     }
 
     fn measures_consensus(&self) -> bool {

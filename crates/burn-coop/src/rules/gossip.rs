@@ -24,7 +24,7 @@ use super::kernels::{add_scaled, scaled};
 use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
 use crate::comm::Communicator;
 use crate::mixing::MixingMatrix;
-use crate::spec::{RuleConfig, SpecError, serde_name};
+use crate::spec::{RuleConfig, SpecError};
 use crate::topology::{
     Topology, TopologyError, TopologySpec, WeightRule, one_peer_exponential_distance, one_peer_exponential_matrix,
 };
@@ -33,12 +33,14 @@ use crate::topology::{
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct GossipConfig {
-    /// Gossip topology: ring, torus, exponential, complete, one-peer-exponential (default ring).
-    #[arg(long, value_parser = serde_name::<TopologySpec>)]
+    /// Gossip topology: ring, torus, exponential, complete, one-peer-exponential (default ring;
+    /// the shared `--topology` flag).
+    #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub topology: Option<TopologySpec>,
-    /// Gossip weights: metropolis-hastings, best-constant (default metropolis-hastings).
-    #[arg(long, value_parser = serde_name::<WeightRule>)]
+    /// Gossip weights: metropolis-hastings, best-constant (default metropolis-hastings; the
+    /// shared `--weights` flag).
+    #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weights: Option<WeightRule>,
 }
@@ -214,7 +216,7 @@ impl MergeRule for Gossip {
             return Err(RuleError::NotBegun { rule: "gossip" });
         }
         params.copy_from_slice(&self.mixed);
-        Ok(MergeOutcome { local_squared_distance: None })
+        Ok(MergeOutcome { local_squared_distance: None, sent: None })
     }
 
     fn mixing_matrix(&self, _world_size: usize) -> Option<MixingMatrix> {

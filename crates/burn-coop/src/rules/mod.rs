@@ -13,6 +13,8 @@
 //! | [`ElasticOverlap`] (EASGD with its all-reduce hidden behind the next τ steps) | EASGD's `W_α` (the same recurrence) | 1 | `elastic_overlap.rs` | Wang & Joshi, JMLR 2021 |
 //! | [`AsyncAveraging`] (asynchronous local SGD: Hogwild local threads, averaging applied in place as `x + (mean − s)`) | none (`J` with one thread) | 0 | `async_local_sgd.rs` | "Local SGD Meets Asynchrony", ICLR 2021 submission |
 //! | [`Hierarchical`] (groups every merge, everyone every `k`-th) | `diag(J_{m/G}, …)`, then `J` | 0 | `hierarchical.rs` | Lin et al., ICLR 2020; PyTorch's `HierarchicalModelAverager` |
+//! | [`EcLocalSgd`] (local SGD with error-compensated double compression; `average --compressor`: compressed changes without memories) | `J` with the identity compressor | 0 (keeps `x_s` and two error memories) | `ec_local_sgd.rs` | Gao, Xu & Huang, AAAI 2021; Tang et al., ICML 2019 |
+//! | [`Squarm`] (`choco`: compressed gossip to public copies; `squarm`: sent only past a threshold) | `I + γ(W − I)` on the public copies | 0 (keeps the public copies of itself and its neighbours) | `squarm.rs` | Koloskova, Stich & Jaggi, ICML 2019; Singh, Data, George & Diggavi, arXiv 2005.07041 |
 //! | [`DiLoCo`] (outer Nesterov momentum on `x_sync − x̄`; SlowMo) | none (`J` at `lr_outer = 1`, `β = 0`) | 0 (keeps `x_sync` and `u`) | `diloco.rs` | Douillard et al., arXiv 2311.08105; Wang et al., ICLR 2020 |
 //!
 //! A rule runs in two phases, [`MergeRule::begin`] (post the exchange) and
@@ -29,6 +31,7 @@
 pub mod async_local_sgd;
 pub mod averaging;
 pub mod diloco;
+pub mod ec_local_sgd;
 pub mod elastic;
 pub mod elastic_overlap;
 pub mod gossip;
@@ -36,16 +39,46 @@ pub mod hierarchical;
 pub(crate) mod kernels;
 pub mod matcha;
 pub mod overlap;
+pub mod squarm;
 
 pub use async_local_sgd::{AsyncAveraging, AsyncConfig};
 pub use averaging::{Averaging, AveragingConfig, SynchronousConfig};
 pub use diloco::{DiLoCo, DiLoCoConfig};
+pub use ec_local_sgd::{EcLocalSgd, EcLocalSgdConfig};
 pub use elastic::{Elastic, ElasticConfig};
 pub use elastic_overlap::{ElasticOverlap, ElasticOverlapConfig};
 pub use gossip::{Gossip, GossipConfig};
 pub use hierarchical::{Hierarchical, HierarchicalConfig};
 pub use matcha::{Matcha, MatchaConfig};
 pub use overlap::{Overlap, OverlapConfig};
+pub use squarm::{ChocoConfig, Squarm, SquarmConfig};
+
+/// Flags that several rules take, declared once: each is a key of every rule config that has
+/// it (`#[arg(skip)]` there), and giving it to a rule without that key is an error naming the
+/// rules that have it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, clap::Args)]
+pub struct SharedRuleFlags {
+    /// What travels instead of dense values: identity, topk:F, randk:F, sign, qsgd:S, bf16, fp16
+    /// (average, ec-local-sgd, choco, squarm).
+    #[arg(long, value_parser = crate::spec::serde_name::<crate::compress::Compressor>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressor: Option<crate::compress::Compressor>,
+    /// Gossip topology: ring, torus, exponential, complete, one-peer-exponential (default ring;
+    /// gossip, choco, squarm).
+    #[arg(long, value_parser = crate::spec::serde_name::<crate::topology::TopologySpec>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology: Option<crate::topology::TopologySpec>,
+    /// Gossip weights: metropolis-hastings, best-constant (default metropolis-hastings; gossip,
+    /// choco, squarm).
+    #[arg(long, value_parser = crate::spec::serde_name::<crate::topology::WeightRule>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<crate::topology::WeightRule>,
+    /// Consensus step γ of choco and squarm in (0, 1] (default: 1 for lossless and 16-bit
+    /// compressors, 0.8 for sign and qsgd, 0.04 for top-k and rand-k).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consensus_step: Option<f64>,
+}
 
 // The registry: one line per rule (its `--rule` name comes from its config's `NAME`).
 crate::spec::registry! {
@@ -58,6 +91,7 @@ crate::spec::registry! {
     trait RuleConfig;
     default Average;
     dyn BuildRule;
+    shared SharedRuleFlags;
     /// Synchronous SGD: averaging after every step (τ is forced to 1).
     Sync(sync: SynchronousConfig),
     /// Periodic averaging (local SGD).
@@ -78,6 +112,12 @@ crate::spec::registry! {
     ElasticOverlap(elastic_overlap: ElasticOverlapConfig),
     /// Asynchronous local SGD: Hogwild local threads, averaging applied in place.
     Async(asynchronous: AsyncConfig),
+    /// Local SGD with error-compensated double compression of the model changes.
+    EcLocalSgd(ec_local_sgd: EcLocalSgdConfig),
+    /// CHOCO-SGD: gossip of compressed changes to public copies of the models.
+    Choco(choco: ChocoConfig),
+    /// SQuARM-SGD: CHOCO-style compressed gossip that sends only when the model moved enough.
+    Squarm(squarm: SquarmConfig),
 }
 
 use serde::{Deserialize, Serialize};
@@ -169,6 +209,14 @@ pub enum RuleError {
         /// Rule name.
         rule: &'static str,
     },
+    /// A compressed payload from another worker that cannot be decoded.
+    #[error("worker {from}'s compressed message cannot be decoded: {error}")]
+    Payload {
+        /// The sender's rank.
+        from: usize,
+        /// What is wrong with it.
+        error: crate::compress::CompressError,
+    },
     /// Communication failed during the merge.
     #[error(transparent)]
     Comm(#[from] CommError),
@@ -201,6 +249,9 @@ pub struct MergeOutcome {
     /// consensus distance, which the [`Synchronizer`](crate::Synchronizer) reduces with its
     /// other per-merge statistics.
     pub local_squared_distance: Option<f64>,
+    /// Whether this worker sent its message at this merge, for event-triggered rules (which
+    /// skip sending when the model moved too little); `None` for rules that always send.
+    pub sent: Option<bool>,
 }
 
 /// What a local-step hook did to the parameters.
@@ -266,6 +317,12 @@ pub trait MergeRule: Send {
         false
     }
 
+    /// Whether the rule decides at each merge whether to send (event-triggered gossip); its
+    /// [`MergeOutcome::sent`] is then counted over the workers in the metrics.
+    fn event_triggered(&self) -> bool {
+        false
+    }
+
     /// Whether the rule acts on every local step ([`MergeRule::before_local_step`] and
     /// [`MergeRule::after_local_step`]); they are only called, and the parameters only
     /// flattened for them, when it does.
@@ -325,6 +382,9 @@ pub trait MergeRule: Send {
 impl<R: MergeRule + ?Sized> MergeRule for Box<R> {
     fn name(&self) -> &'static str {
         (**self).name()
+    }
+    fn event_triggered(&self) -> bool {
+        (**self).event_triggered()
     }
     fn validate(&self, world_size: usize) -> Result<(), RuleError> {
         (**self).validate(world_size)

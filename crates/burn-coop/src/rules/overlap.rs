@@ -156,7 +156,7 @@ impl MergeRule for Overlap {
         let share = ctx.world_size as f32;
         let payload: Vec<f32> = z.iter().zip(m).map(|(z, m)| (z + -eta * m) / share).collect();
         self.sum.start(payload, comm)?;
-        Ok(MergeOutcome { local_squared_distance: None })
+        Ok(MergeOutcome { local_squared_distance: None, sent: None })
     }
 
     fn record(&self) -> StateRecord {
@@ -327,6 +327,15 @@ mod tests {
             receive: &mut dyn FnMut(usize, &[f32]),
         ) -> Result<(), CommError> {
             self.inner.exchange_directed(send, send_to, receive_from, receive)
+        }
+        fn exchange_bytes(
+            &mut self,
+            send: &[u8],
+            send_to: &[usize],
+            receive_from: &[usize],
+            receive: &mut dyn FnMut(usize, &[u8]),
+        ) -> Result<(), CommError> {
+            self.inner.exchange_bytes(send, send_to, receive_from, receive)
         }
         fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
             self.inner.split(color)

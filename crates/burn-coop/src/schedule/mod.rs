@@ -24,6 +24,10 @@ pub use fixed::{FixedConfig, PeriodicSchedule};
 pub use qsr::{Qsr, QsrConfig};
 
 // The registry: one line per schedule (its `--schedule` name comes from its config's `NAME`).
+/// Flags shared by several schedules (none so far; see [`crate::rules::SharedRuleFlags`]).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, clap::Args)]
+pub struct SharedScheduleFlags {}
+
 crate::spec::registry! {
     /// When a run merges, with the schedule's settings (`kind` names it in JSON).
     spec ScheduleSpec;
@@ -34,6 +38,7 @@ crate::spec::registry! {
     trait ScheduleConfig;
     default Fixed;
     dyn BuildSchedule;
+    shared SharedScheduleFlags;
     /// A fixed period τ, optionally after synchronous warm-up steps.
     Fixed(fixed: FixedConfig),
     /// AdaComm: the period shrinks with the square root of the training loss.

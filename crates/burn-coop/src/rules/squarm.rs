@@ -1,0 +1,640 @@
+//! Compressed gossip to public copies of the models: CHOCO-SGD (`choco`) and its
+//! event-triggered form SQuARM-SGD (`squarm`).
+//!
+//! Every worker keeps public copies `x̂_j` of its own model and of its neighbours' (all start at
+//! the initial model, the same everywhere). At a merge `t`, with `η_t` the learning rate of the
+//! last step and `x_i` the model after the local steps (SQuARM's local steps use Nesterov
+//! momentum: the local optimizer's `--momentum` with `--nesterov`):
+//!
+//! ```text
+//! fire_i = ‖x_i − x̂_i‖² > c_t · η_t²                          (the event trigger)
+//! q_i    = C(x_i − x̂_i)  sent to every neighbour, if fire_i    (else an empty message)
+//! x̂_j   ← x̂_j + q_j     for j = i and every neighbour that sent
+//! x_i    ← x_i + γ Σ_j w_ij (x̂_j − x̂_i)                      (consensus step over the neighbours)
+//! ```
+//!
+//! (Singh, Data, George & Diggavi, "SQuARM-SGD: Communication-Efficient Momentum SGD for
+//! Decentralized Optimization", arXiv 2005.07041, 2020; the threshold sequence grows as
+//! `c_t = c_0 (t+1)^p`, `p < 1`, as in their SPARQ-SGD, arXiv 1910.14280.) With `c_t = 0` every
+//! worker whose model moved sends, and this is CHOCO-SGD (Koloskova, Stich & Jaggi, ICML 2019;
+//! Koloskova, Lin, Stich & Jaggi, ICLR 2020), offered as `--rule choco`. The public copies carry
+//! the error feedback: what a compressed message left out stays in `x_i − x̂_i` and is sent
+//! later. With the identity compressor and `γ = 1` the merge is gossip, `x_i ← Σ_j w_ij x_j`
+//! (checked to rounding).
+//!
+//! The trigger is decided locally, but every worker sends every neighbour a message at every
+//! merge, empty when it did not fire, through [`Communicator::exchange_bytes`]: a neighbour
+//! learns from the empty message that nothing changed, and nobody waits for a message that
+//! will not come. Bytes count the payloads actually sent (an empty message is zero bytes; its
+//! latency is still paid on a simulated network), and each merge's outcome says whether this
+//! worker sent, counted over the workers in the metrics (`senders` in `syncs.csv`).
+
+use serde::{Deserialize, Serialize};
+
+use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
+use crate::comm::Communicator;
+use crate::compress::{CompressContext, Compressor};
+use crate::mixing::MixingMatrix;
+use crate::spec::{RuleConfig, SpecError, serde_name_of};
+use crate::state::StateRecord;
+use crate::topology::{TopologyError, TopologySpec, WeightRule};
+
+/// The compressor of choco and squarm when none is given: scaled sign.
+pub const DEFAULT_COMPRESSOR: Compressor = Compressor::Sign;
+
+/// The consensus step for `compressor` when none is given: about the values of CHOCO-SGD's
+/// ResNet-20 experiments (ICLR 2020) for each family of compressors.
+pub fn default_consensus_step(compressor: Compressor) -> f64 {
+    match compressor {
+        Compressor::Identity | Compressor::Bf16 | Compressor::Fp16 => 1.0,
+        Compressor::Sign | Compressor::Qsgd(_) => 0.8,
+        Compressor::TopK(_) | Compressor::RandK(_) => 0.04,
+    }
+}
+
+/// The settings choco and squarm share (the shared `--compressor`, `--topology`, `--weights`
+/// and `--consensus-step` flags).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ChocoConfig {
+    /// What a message holds (shared `--compressor`; default sign).
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressor: Option<Compressor>,
+    /// The graph (shared `--topology`; default ring).
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology: Option<TopologySpec>,
+    /// The gossip weights (shared `--weights`; default metropolis-hastings).
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<WeightRule>,
+    /// The consensus step γ in (0, 1] (shared `--consensus-step`; default by compressor).
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consensus_step: Option<f64>,
+}
+
+impl ChocoConfig {
+    fn compressor(&self) -> Compressor {
+        self.compressor.unwrap_or(DEFAULT_COMPRESSOR)
+    }
+
+    fn gamma(&self) -> f64 {
+        self.consensus_step.unwrap_or_else(|| default_consensus_step(self.compressor()))
+    }
+
+    fn build_with(&self, world_size: usize, trigger: Trigger) -> Result<Squarm, SpecError> {
+        let gamma = self.gamma();
+        if !(gamma > 0.0 && gamma <= 1.0) {
+            return Err(SpecError::new("consensus-step", gamma.to_string(), "the consensus step must be in (0, 1]"));
+        }
+        let topology = self.topology.unwrap_or_default();
+        let invalid = |error: TopologyError| SpecError::new("topology", serde_name_of(&topology), error);
+        if topology.is_time_varying() {
+            let reason = "compressed gossip keeps public copies of fixed neighbours; use a fixed graph";
+            return Err(SpecError::new("topology", serde_name_of(&topology), reason));
+        }
+        let matrix = topology
+            .build(world_size)
+            .map_err(invalid)?
+            .mixing_matrix(self.weights.unwrap_or_default())
+            .map_err(invalid)?;
+        Ok(Squarm::new(matrix, self.compressor(), gamma, trigger))
+    }
+
+    fn resolved_choco(&self) -> Self {
+        Self {
+            compressor: Some(self.compressor()),
+            topology: Some(self.topology.unwrap_or_default()),
+            weights: Some(self.weights.unwrap_or_default()),
+            consensus_step: Some(self.gamma()),
+        }
+    }
+
+    fn tag(&self, name: &str) -> String {
+        format!("{name}-{}-{}", serde_name_of(&self.topology.unwrap_or_default()), self.compressor()).replace(':', "")
+    }
+}
+
+impl RuleConfig for ChocoConfig {
+    const NAME: &'static str = "choco";
+
+    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+        Ok(Box::new(self.build_with(world_size, Trigger::ALWAYS)?))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "CHOCO-SGD on a {}, {}, consensus step {}",
+            serde_name_of(&self.topology.unwrap_or_default()),
+            self.compressor(),
+            self.gamma()
+        )
+    }
+
+    fn run_tag(&self) -> String {
+        self.tag(Self::NAME)
+    }
+
+    fn resolved(&self) -> Self {
+        self.resolved_choco()
+    }
+}
+
+/// The trigger threshold `c_0` when none is given.
+pub const DEFAULT_TRIGGER_THRESHOLD: f64 = 1000.0;
+
+/// `--rule squarm`: choco's settings and the event trigger's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SquarmConfig {
+    /// What a message holds (shared `--compressor`; default sign).
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressor: Option<Compressor>,
+    /// The graph (shared `--topology`; default ring).
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology: Option<TopologySpec>,
+    /// The gossip weights (shared `--weights`; default metropolis-hastings).
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<WeightRule>,
+    /// The consensus step γ in (0, 1] (shared `--consensus-step`; default by compressor).
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consensus_step: Option<f64>,
+    /// The trigger threshold c_0 ≥ 0: a worker sends when ‖x − x̂‖² > c_t·η² (default 1000).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trigger_threshold: Option<f64>,
+    /// The threshold's growth p in [0, 1): c_t = c_0·(t+1)^p at merge t (default 0, constant).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trigger_growth: Option<f64>,
+}
+
+impl SquarmConfig {
+    /// The compressed gossip's settings.
+    fn gossip(&self) -> ChocoConfig {
+        ChocoConfig {
+            compressor: self.compressor,
+            topology: self.topology,
+            weights: self.weights,
+            consensus_step: self.consensus_step,
+        }
+    }
+
+    fn trigger(&self) -> Result<Trigger, SpecError> {
+        let trigger = Trigger {
+            threshold: self.trigger_threshold.unwrap_or(DEFAULT_TRIGGER_THRESHOLD),
+            growth: self.trigger_growth.unwrap_or(0.0),
+        };
+        if !(trigger.threshold >= 0.0 && trigger.threshold.is_finite()) {
+            let reason = "the trigger threshold must be a finite number ≥ 0";
+            return Err(SpecError::new("trigger-threshold", trigger.threshold.to_string(), reason));
+        }
+        if !(0.0..1.0).contains(&trigger.growth) {
+            let reason = "the threshold's growth exponent must be in [0, 1)";
+            return Err(SpecError::new("trigger-growth", trigger.growth.to_string(), reason));
+        }
+        Ok(trigger)
+    }
+}
+
+impl RuleConfig for SquarmConfig {
+    const NAME: &'static str = "squarm";
+
+    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+        Ok(Box::new(self.gossip().build_with(world_size, self.trigger()?)?))
+    }
+
+    fn describe(&self) -> String {
+        let trigger = self.trigger().unwrap_or(Trigger::ALWAYS);
+        format!(
+            "SQuARM-SGD on a {}, {}, consensus step {}, trigger {}·(t+1)^{}·η²",
+            serde_name_of(&self.gossip().topology.unwrap_or_default()),
+            self.gossip().compressor(),
+            self.gossip().gamma(),
+            trigger.threshold,
+            trigger.growth
+        )
+    }
+
+    fn run_tag(&self) -> String {
+        self.gossip().tag(Self::NAME)
+    }
+
+    fn resolved(&self) -> Self {
+        let gossip = self.gossip().resolved_choco();
+        Self {
+            compressor: gossip.compressor,
+            topology: gossip.topology,
+            weights: gossip.weights,
+            consensus_step: gossip.consensus_step,
+            trigger_threshold: Some(self.trigger_threshold.unwrap_or(DEFAULT_TRIGGER_THRESHOLD)),
+            trigger_growth: Some(self.trigger_growth.unwrap_or(0.0)),
+        }
+    }
+}
+
+/// When a worker sends: `‖x − x̂‖² > threshold · (t+1)^growth · η²`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Trigger {
+    /// `c_0`.
+    pub threshold: f64,
+    /// `p`.
+    pub growth: f64,
+}
+
+impl Trigger {
+    /// Send whenever the model moved (CHOCO-SGD).
+    pub const ALWAYS: Self = Self { threshold: 0.0, growth: 0.0 };
+
+    /// `c_t` at merge `round`.
+    pub fn at(self, round: u64) -> f64 {
+        self.threshold * ((round + 1) as f64).powf(self.growth)
+    }
+}
+
+/// CHOCO-SGD and SQuARM-SGD; see the [module documentation](crate::rules::squarm).
+#[derive(Debug, Clone)]
+pub struct Squarm {
+    matrix: MixingMatrix,
+    compressor: Compressor,
+    gamma: f64,
+    trigger: Trigger,
+    /// Public copies: this worker's first, then its neighbours' in the matrix's order.
+    public: Vec<Vec<f32>>,
+    peers: Vec<usize>,
+    weights: Vec<f64>,
+    change: Vec<f32>,
+    payload: Vec<u8>,
+    decoded: Vec<f32>,
+    sent: Option<bool>,
+}
+
+impl Squarm {
+    /// Compressed gossip with `matrix`'s weights, sending only past `trigger`.
+    pub fn new(matrix: MixingMatrix, compressor: Compressor, gamma: f64, trigger: Trigger) -> Self {
+        Self {
+            matrix,
+            compressor,
+            gamma,
+            trigger,
+            public: Vec::new(),
+            peers: Vec::new(),
+            weights: Vec::new(),
+            change: Vec::new(),
+            payload: Vec::new(),
+            decoded: Vec::new(),
+            sent: None,
+        }
+    }
+
+    /// CHOCO-SGD: compressed gossip that always sends.
+    pub fn choco(matrix: MixingMatrix, compressor: Compressor, gamma: f64) -> Self {
+        Self::new(matrix, compressor, gamma, Trigger::ALWAYS)
+    }
+
+    /// The public copies (this worker's, then its neighbours' in the matrix's order).
+    pub fn public_copies(&self) -> &[Vec<f32>] {
+        &self.public
+    }
+
+    fn event_name(&self) -> &'static str {
+        if self.trigger == Trigger::ALWAYS { "choco" } else { "squarm" }
+    }
+
+    fn bad_state(&self, reason: String) -> RuleError {
+        RuleError::BadState { rule: self.event_name(), reason }
+    }
+
+    /// This worker's neighbours and weights, in the matrix's order (once; a restored rule
+    /// learns them at its first merge).
+    fn find_neighbors(&mut self, rank: usize) {
+        if self.weights.is_empty() {
+            let neighbors = self.matrix.neighbors(rank);
+            self.peers = neighbors.iter().map(|&(j, _)| j).collect();
+            self.weights = neighbors.iter().map(|&(_, w)| w).collect();
+        }
+    }
+}
+
+impl MergeRule for Squarm {
+    fn name(&self) -> &'static str {
+        self.event_name()
+    }
+
+    fn validate(&self, world_size: usize) -> Result<(), RuleError> {
+        if self.matrix.order() == world_size {
+            Ok(())
+        } else {
+            Err(RuleError::WorldSizeMismatch { rule: self.name(), expected: self.matrix.order(), found: world_size })
+        }
+    }
+
+    fn event_triggered(&self) -> bool {
+        self.trigger != Trigger::ALWAYS
+    }
+
+    fn start(&mut self, initial: &[f32], ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        self.find_neighbors(ctx.rank);
+        if self.public.is_empty() {
+            self.public = vec![initial.to_vec(); 1 + self.peers.len()];
+        }
+        Ok(())
+    }
+
+    fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        let n = params.len();
+        self.find_neighbors(ctx.rank);
+        if self.public.len() != 1 + self.peers.len() || self.public.iter().any(|p| p.len() != n) {
+            let lengths: Vec<usize> = self.public.iter().map(Vec::len).collect();
+            let reason = format!(
+                "it keeps public copies of {lengths:?} values for itself and {} neighbours, but the model has {n} values",
+                self.peers.len()
+            );
+            return Err(self.bad_state(reason));
+        }
+        let threshold = self.trigger.at(ctx.round);
+        let lr = match ctx.lr {
+            Some(lr) if lr.is_finite() => lr,
+            _ if threshold == 0.0 => 0.0,
+            _ => {
+                return Err(
+                    self.bad_state("the event trigger needs the learning rate of the step (none was given)".into())
+                );
+            }
+        };
+        self.change.clear();
+        self.change.extend(params.iter().zip(&self.public[0]).map(|(x, h)| x - h));
+        let moved: f64 = self.change.iter().map(|&d| f64::from(d) * f64::from(d)).sum();
+        // CHOCO-SGD always sends; SQuARM-SGD only when the model moved past the threshold.
+        let fire = !self.event_triggered() || moved > threshold * lr * lr;
+        let at = |rank: usize| CompressContext { seed: ctx.seed, round: ctx.round, rank };
+        self.payload.clear();
+        if fire {
+            self.compressor.compress(&self.change, at(ctx.rank), &mut self.payload);
+            self.compressor
+                .decompress(&self.payload, n, at(ctx.rank), &mut self.decoded)
+                .map_err(|error| RuleError::Payload { from: ctx.rank, error })?;
+            self.public[0].iter_mut().zip(&self.decoded).for_each(|(h, q)| *h += q);
+        }
+        let (compressor, peers) = (self.compressor, &self.peers);
+        let (public, decoded) = (&mut self.public, &mut self.decoded);
+        let mut bad = None;
+        comm.exchange_bytes(&self.payload, peers, peers, &mut |k, bytes| {
+            if bytes.is_empty() || bad.is_some() {
+                return;
+            }
+            match compressor.decompress(bytes, n, at(peers[k]), decoded) {
+                Ok(()) => public[k + 1].iter_mut().zip(decoded.iter()).for_each(|(h, q)| *h += q),
+                Err(error) => bad = Some(RuleError::Payload { from: peers[k], error }),
+            }
+        })?;
+        if let Some(error) = bad {
+            return Err(error);
+        }
+        self.sent = Some(fire);
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        params: &mut [f32],
+        _ctx: &SyncContext,
+        _comm: &mut dyn Communicator,
+    ) -> Result<MergeOutcome, RuleError> {
+        let Some(sent) = self.sent.take() else {
+            return Err(RuleError::NotBegun { rule: self.name() });
+        };
+        // x_i += γ Σ_j w_ij (x̂_j − x̂_i), the terms added in the matrix's neighbour order.
+        let gamma = self.gamma as f32;
+        let weights: Vec<f32> = self.weights.iter().map(|&w| w as f32).collect();
+        let (own, neighbors) = self.public.split_first().expect("started");
+        for (k, x) in params.iter_mut().enumerate() {
+            let mut pull = 0.0f32;
+            for (w, copy) in weights.iter().zip(neighbors) {
+                pull += w * (copy[k] - own[k]);
+            }
+            *x += gamma * pull;
+        }
+        let sent = if self.event_triggered() { Some(sent) } else { None };
+        Ok(MergeOutcome { local_squared_distance: None, sent })
+    }
+
+    fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
+        // Every message sent (choco): the payload to each neighbour.
+        if self.event_triggered() {
+            return None;
+        }
+        let links: usize = (0..self.matrix.order()).map(|i| self.matrix.neighbors(i).len()).sum();
+        Some((self.compressor.payload_bytes(values) * links) as f64 / world_size as f64)
+    }
+
+    fn record(&self) -> StateRecord {
+        self.public
+            .iter()
+            .enumerate()
+            .fold(StateRecord::new(), |record, (k, copy)| record.with_buffer(&format!("public-{k}"), copy.clone()))
+    }
+
+    fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
+        let mut public = Vec::new();
+        while let Some(copy) = record.take_buffer(&format!("public-{}", public.len())) {
+            public.push(copy);
+        }
+        self.public = public;
+        super::no_leftovers(self.name(), &record, "`public-0`, `public-1`, …")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::{CollectiveKind, InProcessGroup};
+    use crate::launch::run_group;
+    use crate::rules::Gossip;
+    use crate::testing::{initial_buffer, merge_trajectories, run_one_merge, worker_buffer};
+    use crate::topology::Topology;
+
+    fn ring(m: usize) -> MixingMatrix {
+        Topology::ring(m).unwrap().mixing_matrix(WeightRule::default()).unwrap()
+    }
+
+    /// Every worker's buffer and sends after `merges` merges on a ring of `m`, started from
+    /// [`initial_buffer`] and moved by `step(rank, round)` before each merge.
+    fn run(
+        m: usize,
+        n: usize,
+        merges: u64,
+        make: impl Fn() -> Squarm + Sync,
+        step: impl Fn(usize, u64) -> Vec<f32> + Sync,
+    ) -> Vec<(Vec<f32>, Vec<Option<bool>>)> {
+        let comms = InProcessGroup::new(m).into_communicators();
+        run_group(comms, |rank, mut comm| -> Result<_, RuleError> {
+            let mut rule = make();
+            let mut params = initial_buffer(m, n);
+            let mut ctx = SyncContext { lr: Some(0.1), rank, world_size: m, seed: 5, ..SyncContext::default() };
+            rule.start(&params, &ctx, &mut comm)?;
+            let mut sent = Vec::new();
+            for round in 0..merges {
+                ctx.round = round;
+                params.iter_mut().zip(step(rank, round)).for_each(|(v, s)| *v += s);
+                sent.push(rule.merge(&mut params, &ctx, &mut comm)?.sent);
+            }
+            Ok((params, sent))
+        })
+        .unwrap_or_else(|failure| panic!("a worker failed: {:?}", failure.primary()))
+    }
+
+    /// The same merges computed independently in f64 over the whole group (every public copy
+    /// of every worker, as one vector per worker, since all neighbours hold the same copy of
+    /// a worker), with the compressor applied through its own encode/decode.
+    fn reference(
+        m: usize,
+        n: usize,
+        merges: u64,
+        compressor: Compressor,
+        gamma: f64,
+        trigger: Trigger,
+        step: impl Fn(usize, u64) -> Vec<f32>,
+    ) -> (Vec<Vec<f64>>, Vec<Vec<bool>>) {
+        let w = ring(m);
+        let mut x: Vec<Vec<f64>> =
+            (0..m).map(|_| initial_buffer(m, n).iter().map(|&v| f64::from(v)).collect()).collect();
+        let mut public = x.clone();
+        let mut fired = Vec::new();
+        for round in 0..merges {
+            let mut this_round = Vec::new();
+            for (i, xi) in x.iter_mut().enumerate() {
+                xi.iter_mut().zip(step(i, round)).for_each(|(v, s)| *v = f64::from(*v as f32 + s));
+                let change: Vec<f32> = (0..n).map(|k| (xi[k] - public[i][k]) as f32).collect();
+                let moved: f64 = change.iter().map(|&d| f64::from(d) * f64::from(d)).sum();
+                let fire = moved > trigger.at(round) * 0.1 * 0.1;
+                if fire {
+                    let ctx = CompressContext { seed: 5, round, rank: i };
+                    let (mut payload, mut q) = (Vec::new(), Vec::new());
+                    compressor.compress(&change, ctx, &mut payload);
+                    compressor.decompress(&payload, n, ctx, &mut q).unwrap();
+                    (0..n).for_each(|k| public[i][k] += f64::from(q[k]));
+                }
+                this_round.push(fire);
+            }
+            for (i, xi) in x.iter_mut().enumerate() {
+                for (j, wij) in w.neighbors(i) {
+                    (0..n).for_each(|k| xi[k] += gamma * wij * (public[j][k] - public[i][k]));
+                }
+            }
+            fired.push(this_round);
+        }
+        (x, fired)
+    }
+
+    fn steps(rank: usize, round: u64) -> Vec<f32> {
+        worker_buffer(rank + round as usize, 60).iter().map(|v| v * 0.1).collect()
+    }
+
+    #[test]
+    fn choco_on_a_ring_of_four_follows_the_recurrence() {
+        for (compressor, gamma) in [(Compressor::Sign, 0.8), (Compressor::TopK(0.1), 0.5), (Compressor::Qsgd(4), 0.6)] {
+            let runs = run(4, 60, 6, || Squarm::choco(ring(4), compressor, gamma), steps);
+            let (expected, _) = reference(4, 60, 6, compressor, gamma, Trigger::ALWAYS, steps);
+            for (i, (params, sent)) in runs.iter().enumerate() {
+                assert!(sent.iter().all(Option::is_none), "choco does not report sends");
+                for (got, want) in params.iter().zip(&expected[i]) {
+                    assert!((f64::from(*got) - want).abs() < 1e-4, "{compressor}, worker {i}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn squarm_sends_only_past_the_threshold_and_follows_the_recurrence() {
+        // Workers 0 and 2 barely move (they never fire after the first merges); 1 and 3 do.
+        let uneven = |rank: usize, round: u64| -> Vec<f32> {
+            let scale = if rank % 2 == 0 { 1e-4 } else { 0.1 };
+            worker_buffer(rank + round as usize, 60).iter().map(|v| v * scale).collect()
+        };
+        let trigger = Trigger { threshold: 5.0, growth: 0.5 };
+        let runs = run(4, 60, 6, || Squarm::new(ring(4), Compressor::Sign, 0.8, trigger), uneven);
+        let (expected, fired) = reference(4, 60, 6, Compressor::Sign, 0.8, trigger, uneven);
+        for (i, (params, sent)) in runs.iter().enumerate() {
+            let expected_sent: Vec<Option<bool>> = fired.iter().map(|round| Some(round[i])).collect();
+            assert_eq!(sent, &expected_sent, "worker {i}");
+            for (got, want) in params.iter().zip(&expected[i]) {
+                assert!((f64::from(*got) - want).abs() < 1e-4, "worker {i}: {got} vs {want}");
+            }
+        }
+        assert!(fired.iter().all(|round| !round[0] && !round[2]), "the still workers never fire: {fired:?}");
+        assert!(fired.iter().flatten().any(|&f| f), "the moving workers fire: {fired:?}");
+    }
+
+    #[test]
+    fn a_worker_that_never_fires_sends_empty_messages_and_nobody_waits() {
+        // A threshold nobody reaches: every merge completes, nothing but empty messages moves,
+        // and the models only take their local steps.
+        let trigger = Trigger { threshold: 1e12, growth: 0.0 };
+        for run in run_one_merge(4, 10, |_| Box::new(Squarm::new(ring(4), Compressor::Sign, 0.8, trigger))) {
+            assert_eq!(run.traffic.calls(CollectiveKind::Exchange), 1);
+            assert_eq!(run.traffic.total().bytes_sent, 0);
+            assert_eq!(run.outcome.sent, Some(false));
+        }
+    }
+
+    #[test]
+    fn choco_with_the_identity_and_a_full_step_is_gossip() {
+        let choco = merge_trajectories(4, 5, None, || Box::new(Squarm::choco(ring(4), Compressor::Identity, 1.0)));
+        let gossip = merge_trajectories(4, 5, None, || Box::new(Gossip::new(ring(4))));
+        for (a, b) in choco.iter().flatten().flatten().zip(gossip.iter().flatten().flatten()) {
+            assert!((f32::from_bits(*a) - f32::from_bits(*b)).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn the_public_copies_survive_a_checkpoint_bit_for_bit() {
+        let make = || -> Box<dyn MergeRule> {
+            Box::new(Squarm::new(ring(4), Compressor::TopK(0.2), 0.5, Trigger { threshold: 0.01, growth: 0.2 }))
+        };
+        assert_eq!(merge_trajectories(4, 6, Some(3), make), merge_trajectories(4, 6, None, make));
+    }
+
+    #[test]
+    fn bytes_are_the_payloads_sent_to_each_neighbour() {
+        let make = || -> Box<dyn MergeRule> { Box::new(Squarm::choco(ring(4), Compressor::TopK(0.1), 0.5)) };
+        let measured = crate::testing::measured_bytes_per_merge(4, 100, 2, make);
+        assert_eq!(measured, (2 * (8 + 8 * 10)) as f64);
+        assert_eq!(make().expected_bytes_per_merge(100, 4), Some(measured));
+    }
+
+    #[test]
+    fn bad_settings_and_payloads_are_errors() {
+        let config = ChocoConfig { consensus_step: Some(1.5), ..ChocoConfig::default() };
+        assert_eq!(config.build(4).err().unwrap().option, "consensus-step");
+        let config = ChocoConfig { topology: Some(TopologySpec::OnePeerExponential), ..ChocoConfig::default() };
+        assert_eq!(config.build(4).err().unwrap().option, "topology");
+        let config = SquarmConfig { trigger_growth: Some(1.0), ..SquarmConfig::default() };
+        assert_eq!(config.build(4).err().unwrap().option, "trigger-growth");
+        let config = SquarmConfig { trigger_threshold: Some(-1.0), ..SquarmConfig::default() };
+        assert_eq!(config.build(4).err().unwrap().option, "trigger-threshold");
+
+        // A neighbour speaking another format is named in the error.
+        let comms = InProcessGroup::new(2).into_communicators();
+        let complete = Topology::complete(2).unwrap().mixing_matrix(WeightRule::default()).unwrap();
+        let failure = run_group(comms, |rank, mut comm| -> Result<(), RuleError> {
+            let ctx = SyncContext { rank, world_size: 2, lr: Some(0.1), ..SyncContext::default() };
+            let compressor = if rank == 1 { Compressor::TopK(0.5) } else { Compressor::Sign };
+            let mut rule = Squarm::choco(complete.clone(), compressor, 0.5);
+            rule.start(&[0.0; 4], &ctx, &mut comm)?;
+            rule.merge(&mut [1.0, 2.0, 3.0, 4.0], &ctx, &mut comm).map(|_| ())
+        })
+        .unwrap_err();
+        let message = match &failure.primary().failure {
+            crate::launch::Failure::Error(error) => error.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert!(message.contains("worker 1's compressed message cannot be decoded"), "{message}");
+    }
+}
