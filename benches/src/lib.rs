@@ -21,6 +21,7 @@ pub mod p1_wrapper;
 pub mod p2_merge;
 pub mod p3_learner;
 pub mod p4_overlap;
+pub mod p5_compress;
 pub mod p7_backends;
 pub mod p8_memory;
 pub mod report;
@@ -87,11 +88,12 @@ impl Options {
 /// returns every row.
 pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     type Bench = fn(&Options) -> Result<Vec<Row>, BenchError>;
-    let benches: [(&str, Bench); 6] = [
+    let benches: [(&str, Bench); 7] = [
         ("P1", p1_wrapper::run),
         ("P2", p2_merge::run),
         ("P3", p3_learner::run),
         ("P4", p4_overlap::run),
+        ("P5", p5_compress::run),
         ("P7", p7_backends::run),
         ("P8", p8_memory::run),
     ];

@@ -193,7 +193,9 @@ fn new_rules_and_schedules_run_with_their_defaults_on_threads_and_ranks() {
     // the last bit of a merge to 1e-3 within a few steps, for plain averaging too). Four ranks
     // for the rules that only exchange with neighbours (sums built in a fixed order) and for
     // several anchors (sums of two group members, and of anchors with zeros).
-    let settings: [(&str, &[&str]); 9] = [
+    // The compressed rules gather or exchange byte payloads and add them in rank order: four
+    // ranks agree to the bit.
+    let settings: [(&str, &[&str]); 13] = [
         ("2", &["--rule", "diloco"]),
         ("2", &["--rule", "hierarchical"]),
         ("2", &["--schedule", "adacomm"]),
@@ -203,6 +205,10 @@ fn new_rules_and_schedules_run_with_their_defaults_on_threads_and_ranks() {
         ("4", &["--rule", "matcha"]),
         ("2", &["--rule", "overlap"]),
         ("2", &["--rule", "elastic-overlap"]),
+        ("4", &["--rule", "ec-local-sgd"]),
+        ("4", &["--rule", "average", "--compressor", "qsgd:4"]),
+        ("4", &["--rule", "choco", "--compressor", "topk:0.1"]),
+        ("4", &["--rule", "squarm", "--trigger-threshold", "1"]),
     ];
     for (k, (np, setting)) in settings.into_iter().enumerate() {
         let common = ["train", "--batch-size", "8", "--max-steps", "16", "--lr", "0.02", "--verify", "false"];

@@ -13,7 +13,8 @@ use burn::optim::SgdConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::tensor::Device;
 use burn_coop::comm::Traffic;
-use burn_coop::rules::{ElasticConfig, GossipConfig, HierarchicalConfig};
+use burn_coop::compress::Compressor;
+use burn_coop::rules::{EcLocalSgdConfig, ElasticConfig, GossipConfig, HierarchicalConfig, SquarmConfig};
 use burn_coop::{Averaging, Communicator, CoopError, Elastic, Gossip, LocalSgd, PeriodicSchedule, RuleSpec, Topology};
 use serde::{Deserialize, Serialize};
 
@@ -69,11 +70,18 @@ pub enum Scenario {
     Overlap,
     /// Elastic averaging with its all-reduce overlapped.
     ElasticOverlap,
+    /// Local SGD with error-compensated double compression (top-25% then sign; all-gathers of
+    /// byte payloads).
+    EcLocalSgd,
+    /// CHOCO-SGD on a ring with sign compression (exchanges of byte payloads).
+    Choco,
+    /// SQuARM-SGD on a ring with a threshold some merges do not reach (empty messages).
+    Squarm,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 14] = [
         Scenario::Averaging,
         Scenario::Elastic,
         Scenario::ElasticCommonStart,
@@ -85,6 +93,9 @@ impl Scenario {
         Scenario::Matcha,
         Scenario::Overlap,
         Scenario::ElasticOverlap,
+        Scenario::EcLocalSgd,
+        Scenario::Choco,
+        Scenario::Squarm,
     ];
 
     /// The scenario's name, as used on command lines and in file names.
@@ -101,6 +112,9 @@ impl Scenario {
             Scenario::Matcha => "matcha",
             Scenario::Overlap => "overlap",
             Scenario::ElasticOverlap => "elastic-overlap",
+            Scenario::EcLocalSgd => "ec-local-sgd",
+            Scenario::Choco => "choco",
+            Scenario::Squarm => "squarm",
         }
     }
 
@@ -124,6 +138,16 @@ impl Scenario {
             Scenario::Matcha => RuleSpec::Matcha(Default::default()),
             Scenario::Overlap => RuleSpec::Overlap(Default::default()),
             Scenario::ElasticOverlap => RuleSpec::ElasticOverlap(Default::default()),
+            Scenario::EcLocalSgd => RuleSpec::EcLocalSgd(EcLocalSgdConfig {
+                compressor: Some(Compressor::TopK(0.25)),
+                server_compressor: Some(Compressor::Sign),
+            }),
+            Scenario::Choco => RuleSpec::Choco(Default::default()),
+            Scenario::Squarm => RuleSpec::Squarm(SquarmConfig {
+                trigger_threshold: Some(0.05),
+                trigger_growth: Some(0.5),
+                ..Default::default()
+            }),
             _ => return None,
         };
         Some(spec)

@@ -1,6 +1,7 @@
 //! Every collective of the MPI communicator on every rank, checked against what it must give:
 //! started and blocking sums in flight together, broadcast, all-gather of byte payloads of
-//! different lengths, neighbour exchange on a ring, directed exchange, sub-groups by colour, and
+//! different lengths, neighbour exchange on a ring, directed exchange, exchanges of byte payloads
+//! of different lengths (empty ones included), sub-groups by colour, and
 //! the errors for mismatched calls (also a send that no rank receives). Prints `rank R: all
 //! collectives agree` or exits non-zero naming the first mismatch.
 //!
@@ -51,6 +52,18 @@ fn run(comm: &mut MpiComm) -> Result<(), Box<dyn std::error::Error>> {
     let receive_from: &[usize] = if rank == 0 { &[] } else { &[from] };
     let error = comm.exchange_directed(&[0.0], &[to], receive_from, &mut |_, _| {}).unwrap_err();
     check("unmatched send", matches!(error, CommError::BadNeighbor { rank: 1, neighbor: 0, .. }), &error)?;
+
+    // Byte payloads of any length on a ring, empty ones included (a rule that did not fire),
+    // twice in a row so that a message of one exchange cannot be taken for the next one's.
+    for round in 0..2usize {
+        let payload = vec![(rank + round) as u8; (rank * 3 + round) % 4];
+        let mut got = vec![Vec::new(); 2];
+        comm.exchange_bytes(&payload, &peers, &peers, &mut |k, bytes| got[k] = bytes.to_vec())?;
+        let want: Vec<Vec<u8>> = peers.iter().map(|&j| vec![(j + round) as u8; (j * 3 + round) % 4]).collect();
+        check("exchange of byte payloads", got == want, &got)?;
+    }
+    let error = comm.exchange_bytes(&[1], &[to], receive_from, &mut |_, _| {}).unwrap_err();
+    check("unmatched byte send", matches!(error, CommError::BadNeighbor { rank: 1, neighbor: 0, .. }), &error)?;
 
     let mut group = comm.split(rank % 2)?;
     let mut local = [rank as f64];

@@ -527,6 +527,7 @@ mod tests {
     use std::thread;
 
     use super::*;
+    use crate::comm::Metered;
 
     fn run<R: Send>(world: usize, work: impl Fn(InProcessComm) -> R + Sync) -> Vec<R> {
         let comms = InProcessGroup::new(world).with_timeout(Duration::from_secs(20)).into_communicators();
@@ -623,6 +624,29 @@ mod tests {
         });
         for (rank, received) in results.into_iter().enumerate() {
             assert_eq!(received.unwrap(), vec![(0, ((rank + 1) % 4) as f32)]);
+        }
+    }
+
+    #[test]
+    fn byte_payloads_of_any_length_reach_their_neighbours() {
+        let results = run(4, |mut comm| {
+            let rank = comm.rank();
+            let peers = [(rank + 1) % 4, (rank + 3) % 4];
+            // Worker 2 sends nothing (an empty message); the others send rank + 1 bytes.
+            let payload = if rank == 2 { Vec::new() } else { vec![rank as u8; rank + 1] };
+            let mut received = vec![Vec::new(); 2];
+            let mut metered = Metered::new(comm);
+            metered.exchange_bytes(&payload, &peers, &peers, &mut |k, bytes| received[k] = bytes.to_vec()).unwrap();
+            let one_sided: &[usize] = if rank == 0 { &[1] } else { &[] };
+            let error = metered.exchange_bytes(&[1], one_sided, &[], &mut |_, _| {}).unwrap_err();
+            (received, metered.traffic().total(), error)
+        });
+        for (rank, (received, traffic, error)) in results.into_iter().enumerate() {
+            let expected = |j: usize| if j == 2 { Vec::new() } else { vec![j as u8; j + 1] };
+            assert_eq!(received, vec![expected((rank + 1) % 4), expected((rank + 3) % 4)]);
+            let sent = if rank == 2 { 0 } else { 2 * (rank as u64 + 1) };
+            assert_eq!(traffic.bytes_sent, sent, "rank {rank}: bytes of the messages really sent");
+            assert!(matches!(error, CommError::BadNeighbor { rank: 0, neighbor: 1, .. }), "{error:?}");
         }
     }
 
