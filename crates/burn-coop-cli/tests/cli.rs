@@ -307,3 +307,42 @@ fn a_setting_of_another_rule_is_named() {
         stderr(&output)
     );
 }
+
+#[test]
+fn event_triggered_gossip_counts_its_senders_and_never_waits_for_a_silent_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::generated_cifar(dir.path(), 32);
+    let senders = |threshold: &str| -> Vec<u64> {
+        let out = dir.path().join(format!("squarm-{threshold}"));
+        let args = [
+            &["train", "--rule", "squarm", "--trigger-threshold", threshold, "--workers", "4", "--tau", "2"][..],
+            &["--batch-size", "4", "--max-steps", "8", "--verify", "false"],
+            &["--data", data.to_str().unwrap(), "--output", out.to_str().unwrap()],
+        ]
+        .concat();
+        let output = coop(&args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let text = std::fs::read_to_string(out.join("syncs.csv")).unwrap();
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+        let column = header.iter().position(|h| *h == "senders").expect("a senders column");
+        lines.map(|l| l.split(',').nth(column).unwrap().parse().unwrap()).collect()
+    };
+    // Nobody reaches a huge threshold: four merges of empty messages, and the run completes.
+    assert_eq!(senders("1e12"), vec![0; 4]);
+    // Everybody passes a tiny one.
+    assert_eq!(senders("1e-12"), vec![4; 4]);
+}
+
+#[test]
+fn shared_rule_flags_reach_every_rule_that_has_them_and_only_those() {
+    let output = coop(&["train", "--rule", "gossip", "--compressor", "sign"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("'compressor' is a setting of the average rule, but this run uses gossip"));
+    let output = coop(&["train", "--rule", "elastic", "--topology", "torus"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("'topology' is a setting of the gossip rule, but this run uses elastic"));
+    let output = coop(&["train", "--rule", "choco", "--compressor", "lz4"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("--compressor"), "{}", stderr(&output));
+}
