@@ -178,9 +178,10 @@ impl Compressor {
                     (values.iter().map(|v| f64::from(v.abs())).sum::<f64>() / values.len() as f64) as f32
                 };
                 out.extend_from_slice(&scale.to_le_bytes());
-                let mut bits = BitWriter::new(out);
-                values.iter().for_each(|v| bits.push(u32::from(v.is_sign_negative()), 1));
-                bits.finish();
+                // Eight sign bits a byte, the first value in the lowest bit (BitWriter's order).
+                out.extend(values.chunks(8).map(|chunk| {
+                    chunk.iter().enumerate().fold(0u8, |byte, (b, v)| byte | (u8::from(v.is_sign_negative()) << b))
+                }));
             }
             Self::Qsgd(levels) => {
                 let norm = values.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt() as f32;
@@ -256,8 +257,11 @@ impl Compressor {
             }
             Self::Sign => {
                 let scale = f32_at(0);
-                let mut bits = BitReader::new(&body[4..]);
-                out.iter_mut().for_each(|v| *v = if bits.take(1) == 1 { -scale } else { scale });
+                for (chunk, byte) in out.chunks_mut(8).zip(&body[4..]) {
+                    for (b, v) in chunk.iter_mut().enumerate() {
+                        *v = if (byte >> b) & 1 == 1 { -scale } else { scale };
+                    }
+                }
             }
             Self::Qsgd(levels) => {
                 let norm = f32_at(0);
@@ -274,11 +278,11 @@ impl Compressor {
                     *v = if negative { -magnitude } else { magnitude };
                 }
             }
-            Self::Bf16 => (0..len).for_each(|k| {
-                out[k] = half::bf16::from_le_bytes([body[2 * k], body[2 * k + 1]]).to_f32();
+            Self::Bf16 => out.iter_mut().zip(body.chunks_exact(2)).for_each(|(v, b)| {
+                *v = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
             }),
-            Self::Fp16 => (0..len).for_each(|k| {
-                out[k] = half::f16::from_le_bytes([body[2 * k], body[2 * k + 1]]).to_f32();
+            Self::Fp16 => out.iter_mut().zip(body.chunks_exact(2)).for_each(|(v, b)| {
+                *v = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
             }),
         }
         Ok(())
@@ -340,13 +344,12 @@ impl<'a> BitReader<'a> {
     }
 
     fn take(&mut self, bits: usize) -> u32 {
-        let mut value = 0u32;
-        for b in 0..bits {
-            let bit = (self.bytes[(self.position + b) / 8] >> ((self.position + b) % 8)) & 1;
-            value |= u32::from(bit) << b;
-        }
+        // The (up to five) bytes holding the field, least significant first.
+        let (first, shift) = (self.position / 8, self.position % 8);
+        let last = (self.position + bits).div_ceil(8).min(self.bytes.len());
+        let window = self.bytes[first..last].iter().rev().fold(0u64, |acc, &byte| (acc << 8) | u64::from(byte));
         self.position += bits;
-        value
+        ((window >> shift) & ((1u64 << bits) - 1)) as u32
     }
 }
 
