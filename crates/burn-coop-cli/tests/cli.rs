@@ -336,12 +336,40 @@ fn event_triggered_gossip_counts_its_senders_and_never_waits_for_a_silent_worker
 
 #[test]
 fn shared_rule_flags_reach_every_rule_that_has_them_and_only_those() {
-    let output = coop(&["train", "--rule", "gossip", "--compressor", "sign"]);
-    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
-    assert!(stderr(&output).contains("'compressor' is a setting of the average rule, but this run uses gossip"));
-    let output = coop(&["train", "--rule", "elastic", "--topology", "torus"]);
-    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
-    assert!(stderr(&output).contains("'topology' is a setting of the gossip rule, but this run uses elastic"));
+    let refused = |args: &[&str], message: &str| {
+        let output = coop(&[&["train"][..], args].concat());
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(stderr(&output).contains(message), "{args:?}: {}", stderr(&output));
+    };
+    refused(
+        &["--rule", "gossip", "--compressor", "sign"],
+        "--compressor is a setting of the average, ec-local-sgd, choco, squarm rule, but this run uses gossip",
+    );
+    refused(
+        &["--rule", "elastic", "--topology", "torus"],
+        "--topology is a setting of the gossip, choco, squarm rule, but this run uses elastic",
+    );
+    refused(
+        &["--rule", "gossip", "--consensus-step", "0.5"],
+        "--consensus-step is a setting of the choco, squarm rule, but this run uses gossip",
+    );
+    // A shared flag reaches the rule in use: the resolved configuration says so.
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::generated_cifar(dir.path(), 16);
+    let out = dir.path().join("choco");
+    let args = [
+        &["train", "--rule", "choco", "--consensus-step", "0.3", "--compressor", "topk:0.5", "--topology", "complete"]
+            [..],
+        &["--workers", "3", "--batch-size", "4", "--max-steps", "2", "--verify", "false"],
+        &["--data", data.to_str().unwrap(), "--output", out.to_str().unwrap()],
+    ]
+    .concat();
+    let output = coop(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    for line in ["consensus-step = 0.3", "compressor = \"topk:0.5\"", "topology = \"complete\""] {
+        assert!(config.lines().any(|l| l == line), "{line} in\n{config}");
+    }
     let output = coop(&["train", "--rule", "choco", "--compressor", "lz4"]);
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(stderr(&output).contains("--compressor"), "{}", stderr(&output));

@@ -284,10 +284,6 @@ impl MpiComm {
         self.handle.comm
     }
 
-    /// Exchanges each rank's [`Agreement`] and turns any disagreement into the same error on
-    /// every rank. Every rank's words are left in `self.records`. `peers` (`send_to`,
-    /// `receive_from`, also as bit sets in the words): check only the lengths of the ranks this
-    /// one receives from, and that every rank's sends match the receives of the others.
     /// The agreement of a neighbour exchange: the operation, `len`, and both peer lists
     /// (carried as bit sets for worlds of up to `PEER_BITS` ranks), checked the same way on
     /// every rank.
@@ -298,7 +294,13 @@ impl MpiComm {
         send_to: &[usize],
         receive_from: &[usize],
     ) -> Result<(), CommError> {
-        let bad = send_to.iter().chain(receive_from).copied().find(|&j| j >= self.world_size || j == self.rank);
+        let bad = send_to
+            .iter()
+            .chain(receive_from)
+            .copied()
+            .find(|&j| j >= self.world_size || j == self.rank)
+            .or_else(|| burn_coop::comm::repeated(send_to))
+            .or_else(|| burn_coop::comm::repeated(receive_from));
         let mut words = [0u64; PIGGYBACK];
         if self.world_size <= PEER_BITS {
             let half = PIGGYBACK / 2;
@@ -343,6 +345,10 @@ impl MpiComm {
         Ok(bytes)
     }
 
+    /// Exchanges each rank's [`Agreement`] and turns any disagreement into the same error on
+    /// every rank. Every rank's words are left in `self.records`. `peers` (`send_to`,
+    /// `receive_from`, also as bit sets in the words): check only the lengths of the ranks this
+    /// one receives from, and that every rank's sends match the receives of the others.
     fn agree(&mut self, mine: Agreement<'_>, peers: Option<(&[usize], &[usize])>) -> Result<(), CommError> {
         if !self.check_lengths {
             return match mine.bad_peer {

@@ -257,9 +257,22 @@ macro_rules! registry {
                         }
                     }
                 )+
-                // A shared flag goes through the flat form, which accepts a key of the entry in
-                // use and names the entries that have it otherwise.
+                // A shared flag goes through the flat form, for the entry in use when it has
+                // that key; otherwise the error names every entry that has it.
                 for (key, value) in $crate::spec::to_map(&self.shared) {
+                    let name = spec.name();
+                    let owners: Vec<&str> = [$( (<$Config as $crate::spec::$Trait>::NAME, $crate::spec::field_names::<$Config>()), )+]
+                        .into_iter()
+                        .filter(|(_, keys)| keys.contains(&key.as_str()))
+                        .map(|(owner, _)| owner)
+                        .collect();
+                    let option = $crate::spec::field_names::<$Shared>().iter().find(|k| **k == key).copied().unwrap_or("?");
+                    if !owners.contains(&name.as_str()) {
+                        return Err($crate::spec::SpecError::new(option, value.to_string(), format!(
+                            "--{key} is a setting of the {} {}, but this run uses {}",
+                            owners.join(", "), $what, name.as_str()
+                        )));
+                    }
                     let mut flat = spec.to_flat();
                     flat.insert(key, value);
                     *spec = $Spec::take_from_flat(&mut flat)?;

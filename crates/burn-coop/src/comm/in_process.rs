@@ -651,6 +651,20 @@ mod tests {
     }
 
     #[test]
+    fn a_neighbour_listed_twice_is_rejected_everywhere() {
+        let results = run(3, |mut comm| {
+            let rank = comm.rank();
+            let peers: Vec<usize> = if rank == 0 { vec![1, 2, 1] } else { vec![0] };
+            let others: Vec<usize> = (0..3).filter(|&j| j != rank).collect();
+            let receive = if rank == 0 { others.clone() } else { vec![0] };
+            comm.exchange_bytes(&[1], &peers, &receive, &mut |_, _| {})
+        });
+        for result in &results {
+            assert!(matches!(result, Err(CommError::BadNeighbor { rank: 0, neighbor: 1, .. })), "{result:?}");
+        }
+    }
+
+    #[test]
     fn one_sided_neighbours_are_rejected() {
         let results = run(3, |mut comm| {
             let peers: &[usize] = if comm.rank() == 0 { &[1] } else { &[] };

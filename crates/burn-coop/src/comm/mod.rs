@@ -273,8 +273,9 @@ pub fn check_same_length(send: &[f32], recv: &[f32]) -> Result<(), CommError> {
 
 /// The first worker (in rank order) whose directed neighbours do not match the others', and the
 /// neighbour at fault, given every worker's `(send_to, receive_from)`: `j` in `i`'s
-/// `receive_from` must be exactly the workers `i` in `j`'s `send_to`, and every rank in range and
-/// not the worker itself (for communicator implementations, which see every worker's lists).
+/// `receive_from` must be exactly the workers `i` in `j`'s `send_to`, and every rank in range,
+/// listed once and not the worker itself (for communicator implementations, which see every
+/// worker's lists).
 pub fn first_bad_neighbor<'a>(
     world_size: usize,
     lists: impl Fn(usize) -> (&'a [usize], &'a [usize]),
@@ -283,10 +284,18 @@ pub fn first_bad_neighbor<'a>(
         let (send_to, receive_from) = lists(i);
         let out_of_range = send_to.iter().chain(receive_from).copied().find(|&j| j >= world_size || j == i);
         out_of_range
+            .or_else(|| repeated(send_to))
+            .or_else(|| repeated(receive_from))
             .or_else(|| send_to.iter().copied().find(|&j| !lists(j).1.contains(&i)))
             .or_else(|| receive_from.iter().copied().find(|&j| !lists(j).0.contains(&i)))
             .map(|j| (i, j))
     })
+}
+
+/// The first rank listed twice in `peers`, if any (a repeated peer would send or expect one
+/// message too many, which could be taken for the next exchange's).
+pub fn repeated(peers: &[usize]) -> Option<usize> {
+    peers.iter().enumerate().find(|(k, j)| peers[..*k].contains(j)).map(|(_, &j)| j)
 }
 
 /// Every peer's buffer from [`Communicator::exchange`], copied into `received` (one buffer per

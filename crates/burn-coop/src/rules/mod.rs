@@ -56,7 +56,8 @@ pub use squarm::{ChocoConfig, Squarm, SquarmConfig};
 /// Flags that several rules take, declared once: each is a key of every rule config that has
 /// it (`#[arg(skip)]` there), and giving it to a rule without that key is an error naming the
 /// rules that have it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, rename_all = "kebab-case")]
 pub struct SharedRuleFlags {
     /// What travels instead of dense values: identity, topk:F, randk:F, sign, qsgd:S, bf16, fp16
     /// (average, ec-local-sgd, choco, squarm).

@@ -84,7 +84,7 @@ impl ChocoConfig {
         self.consensus_step.unwrap_or_else(|| default_consensus_step(self.compressor()))
     }
 
-    fn build_with(&self, world_size: usize, trigger: Trigger) -> Result<Squarm, SpecError> {
+    fn build_with(&self, world_size: usize, trigger: Option<Trigger>) -> Result<Squarm, SpecError> {
         let gamma = self.gamma();
         if !(gamma > 0.0 && gamma <= 1.0) {
             return Err(SpecError::new("consensus-step", gamma.to_string(), "the consensus step must be in (0, 1]"));
@@ -100,7 +100,7 @@ impl ChocoConfig {
             .map_err(invalid)?
             .mixing_matrix(self.weights.unwrap_or_default())
             .map_err(invalid)?;
-        Ok(Squarm::new(matrix, self.compressor(), gamma, trigger))
+        Ok(Squarm::with_trigger(matrix, self.compressor(), gamma, trigger))
     }
 
     fn resolved_choco(&self) -> Self {
@@ -121,7 +121,7 @@ impl RuleConfig for ChocoConfig {
     const NAME: &'static str = "choco";
 
     fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
-        Ok(Box::new(self.build_with(world_size, Trigger::ALWAYS)?))
+        Ok(Box::new(self.build_with(world_size, None)?))
     }
 
     fn describe(&self) -> String {
@@ -207,7 +207,7 @@ impl RuleConfig for SquarmConfig {
     const NAME: &'static str = "squarm";
 
     fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
-        Ok(Box::new(self.gossip().build_with(world_size, self.trigger()?)?))
+        Ok(Box::new(self.gossip().build_with(world_size, Some(self.trigger()?))?))
     }
 
     fn describe(&self) -> String {
@@ -249,7 +249,7 @@ pub struct Trigger {
 }
 
 impl Trigger {
-    /// Send whenever the model moved (CHOCO-SGD).
+    /// Send whenever the model moved (the threshold of CHOCO-SGD, seen as SQuARM-SGD).
     pub const ALWAYS: Self = Self { threshold: 0.0, growth: 0.0 };
 
     /// `c_t` at merge `round`.
@@ -264,7 +264,7 @@ pub struct Squarm {
     matrix: MixingMatrix,
     compressor: Compressor,
     gamma: f64,
-    trigger: Trigger,
+    trigger: Option<Trigger>,
     /// Public copies: this worker's first, then its neighbours' in the matrix's order.
     public: Vec<Vec<f32>>,
     peers: Vec<usize>,
@@ -276,8 +276,12 @@ pub struct Squarm {
 }
 
 impl Squarm {
-    /// Compressed gossip with `matrix`'s weights, sending only past `trigger`.
+    /// SQuARM-SGD: compressed gossip with `matrix`'s weights, sending only past `trigger`.
     pub fn new(matrix: MixingMatrix, compressor: Compressor, gamma: f64, trigger: Trigger) -> Self {
+        Self::with_trigger(matrix, compressor, gamma, Some(trigger))
+    }
+
+    fn with_trigger(matrix: MixingMatrix, compressor: Compressor, gamma: f64, trigger: Option<Trigger>) -> Self {
         Self {
             matrix,
             compressor,
@@ -295,7 +299,7 @@ impl Squarm {
 
     /// CHOCO-SGD: compressed gossip that always sends.
     pub fn choco(matrix: MixingMatrix, compressor: Compressor, gamma: f64) -> Self {
-        Self::new(matrix, compressor, gamma, Trigger::ALWAYS)
+        Self::with_trigger(matrix, compressor, gamma, None)
     }
 
     /// The public copies (this worker's, then its neighbours' in the matrix's order).
@@ -304,7 +308,7 @@ impl Squarm {
     }
 
     fn event_name(&self) -> &'static str {
-        if self.trigger == Trigger::ALWAYS { "choco" } else { "squarm" }
+        if self.trigger.is_some() { "squarm" } else { "choco" }
     }
 
     fn bad_state(&self, reason: String) -> RuleError {
@@ -336,7 +340,7 @@ impl MergeRule for Squarm {
     }
 
     fn event_triggered(&self) -> bool {
-        self.trigger != Trigger::ALWAYS
+        self.trigger.is_some()
     }
 
     fn start(&mut self, initial: &[f32], ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
@@ -358,7 +362,7 @@ impl MergeRule for Squarm {
             );
             return Err(self.bad_state(reason));
         }
-        let threshold = self.trigger.at(ctx.round);
+        let threshold = self.trigger.map_or(0.0, |t| t.at(ctx.round));
         let lr = match ctx.lr {
             Some(lr) if lr.is_finite() => lr,
             _ if threshold == 0.0 => 0.0,
@@ -372,7 +376,7 @@ impl MergeRule for Squarm {
         self.change.extend(params.iter().zip(&self.public[0]).map(|(x, h)| x - h));
         let moved: f64 = self.change.iter().map(|&d| f64::from(d) * f64::from(d)).sum();
         // CHOCO-SGD always sends; SQuARM-SGD only when the model moved past the threshold.
-        let fire = !self.event_triggered() || moved > threshold * lr * lr;
+        let fire = self.trigger.is_none() || moved > threshold * lr * lr;
         let at = |rank: usize| CompressContext { seed: ctx.seed, round: ctx.round, rank };
         self.payload.clear();
         if fire {

@@ -23,10 +23,11 @@ pub use adacomm::{AdaComm, AdaCommConfig};
 pub use fixed::{FixedConfig, PeriodicSchedule};
 pub use qsr::{Qsr, QsrConfig};
 
-// The registry: one line per schedule (its `--schedule` name comes from its config's `NAME`).
 /// Flags shared by several schedules (none so far; see [`crate::rules::SharedRuleFlags`]).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, clap::Args)]
 pub struct SharedScheduleFlags {}
+
+// The registry: one line per schedule (its `--schedule` name comes from its config's `NAME`).
 
 crate::spec::registry! {
     /// When a run merges, with the schedule's settings (`kind` names it in JSON).
