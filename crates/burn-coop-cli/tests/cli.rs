@@ -326,7 +326,15 @@ fn event_triggered_gossip_counts_its_senders_and_never_waits_for_a_silent_worker
         let mut lines = text.lines();
         let header: Vec<&str> = lines.next().unwrap().split(',').collect();
         let column = header.iter().position(|h| *h == "senders").expect("a senders column");
-        lines.map(|l| l.split(',').nth(column).unwrap().parse().unwrap()).collect()
+        assert_eq!(header[column + 1], "trigger_statistic");
+        lines
+            .map(|l| {
+                let fields: Vec<&str> = l.split(',').collect();
+                let statistic: f64 = fields[column + 1].parse().unwrap();
+                assert!(statistic.is_finite() && statistic > 0.0, "‖x − x̂‖²/η² = {statistic}");
+                fields[column].parse().unwrap()
+            })
+            .collect()
     };
     // Nobody reaches a huge threshold: four merges of empty messages, and the run completes.
     assert_eq!(senders("1e12"), vec![0; 4]);

@@ -25,7 +25,7 @@ use crate::comm::{CommTime, Communicator, Metered, NetworkModel, SimClock, StepT
 use crate::error::CoopError;
 use crate::params::{BufferPolicy, ParamLayout};
 use crate::rules::kernels::{count_non_finite, distance_to_mean};
-use crate::rules::{HookEffect, MergeRule, SyncContext};
+use crate::rules::{HookEffect, MergeRule, SyncContext, Triggered};
 use crate::schedule::{ScheduleSignal, SyncFeedback, SyncSchedule};
 use crate::state::StateFile;
 
@@ -80,8 +80,8 @@ pub struct SyncReport {
     pub comm_inflight_seconds: f64,
     /// This worker's simulated clock after the merge, when a network is simulated.
     pub sim_clock: Option<SimClock>,
-    /// Whether this worker sent its message, for event-triggered rules.
-    pub sent: Option<bool>,
+    /// What an event-triggered rule decided on this worker (sent or not, and its statistic).
+    pub trigger: Option<Triggered>,
 }
 
 /// Counters of a synchronizer.
@@ -187,7 +187,7 @@ impl Synchronizer {
     }
 
     /// Whether the rule decides at each merge whether to send (its reports carry
-    /// [`SyncReport::sent`]).
+    /// [`SyncReport::trigger`]).
     pub fn event_triggered(&self) -> bool {
         self.rule.event_triggered()
     }
@@ -486,7 +486,7 @@ impl Synchronizer {
             comm_wait_seconds: comm_time.wait_seconds,
             comm_inflight_seconds: comm_time.inflight_seconds,
             sim_clock: self.comm.clock(),
-            sent: outcome.sent,
+            trigger: outcome.trigger,
         };
         self.schedule.after_sync(&SyncFeedback {
             step: report.step,

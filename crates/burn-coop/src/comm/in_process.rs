@@ -629,7 +629,7 @@ mod tests {
 
     #[test]
     fn byte_payloads_of_any_length_reach_their_neighbours() {
-        let results = run(4, |mut comm| {
+        let results = run(4, |comm| {
             let rank = comm.rank();
             let peers = [(rank + 1) % 4, (rank + 3) % 4];
             // Worker 2 sends nothing (an empty message); the others send rank + 1 bytes.

@@ -242,6 +242,7 @@ pub(super) fn run_async_worker<T: CoopTask>(
                             sim_seconds: None,
                             sim_comm_seconds: None,
                             senders: None,
+                            trigger_statistic: None,
                             wall_seconds: started.elapsed().as_secs_f64(),
                         };
                         w.sync(&metrics).map_err(io)?;

@@ -48,6 +48,10 @@ pub struct SyncMetrics {
     /// How many workers sent their message at this merge, for event-triggered rules.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub senders: Option<u64>,
+    /// The event trigger's statistic at this merge, mean over workers (SQuARM-SGD:
+    /// `‖x − x̂‖²/η²`, compared with the threshold `c_t`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trigger_statistic: Option<f64>,
     /// Seconds since the run started.
     pub wall_seconds: f64,
 }
@@ -115,8 +119,9 @@ pub struct MetricsWriter {
 pub struct Columns {
     /// The simulated clock's (`sim_seconds`, `sim_comm_seconds`, before `wall_seconds`).
     pub simulated: bool,
-    /// How many workers sent at each merge (`senders` in `syncs.csv`, after
-    /// `comm_inflight_seconds`), for event-triggered rules.
+    /// How many workers sent at each merge and the trigger's mean statistic (`senders`,
+    /// `trigger_statistic` in `syncs.csv`, after `comm_inflight_seconds`), for event-triggered
+    /// rules.
     pub senders: bool,
 }
 
@@ -163,7 +168,7 @@ impl MetricsWriter {
         columns: Columns,
     ) -> std::io::Result<Self> {
         let sim = if columns.simulated { ",sim_seconds,sim_comm_seconds" } else { "" };
-        let senders = if columns.senders { ",senders" } else { "" };
+        let senders = if columns.senders { ",senders,trigger_statistic" } else { "" };
         std::fs::create_dir_all(folder)?;
         let bar = (progress && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(total_steps).with_position(done_steps);
@@ -220,7 +225,10 @@ impl MetricsWriter {
             joined(&m.subgroup_bytes_sent_per_worker),
             seconds(&m.comm_wait_seconds),
             seconds(&m.comm_inflight_seconds),
-            m.senders.map_or_else(String::new, |n| format!(",{n}")),
+            match (m.senders, m.trigger_statistic) {
+                (Some(n), Some(statistic)) => format!(",{n},{statistic}"),
+                _ => String::new(),
+            },
             simulated(&m.sim_seconds, &m.sim_comm_seconds),
             m.wall_seconds
         )?;

@@ -22,6 +22,7 @@ use crate::comm::Communicator;
 use crate::error::CoopError;
 use crate::local_sgd::InnerStatePolicy;
 use crate::params::{BufferPolicy, ParamLayout};
+use crate::rules::Triggered;
 use crate::rules::kernels::divide;
 use crate::state::StateFile;
 use crate::sync::{StepSignal, Synchronizer};
@@ -154,8 +155,8 @@ pub fn run_worker<T: CoopTask>(
 
         if let Some(report) = merged_now {
             let timing = (report.comm_wait_seconds, report.comm_inflight_seconds);
-            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, wait, inflight, sim, sim_comm, senders } =
-                gather(&mut sync, since_sync / since_sync_n.max(1) as f64, timing, report.sent)?;
+            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, wait, inflight, sim, sim_comm, trigger } =
+                gather(&mut sync, since_sync / since_sync_n.max(1) as f64, timing, report.trigger)?;
             since_sync = 0.0;
             since_sync_n = 0;
             if let Some(w) = writer.as_mut() {
@@ -175,7 +176,8 @@ pub fn run_worker<T: CoopTask>(
                     comm_inflight_seconds: inflight,
                     sim_seconds: sim,
                     sim_comm_seconds: sim_comm,
-                    senders,
+                    senders: trigger.map(|(senders, _)| senders),
+                    trigger_statistic: trigger.map(|(_, statistic)| statistic),
                     wall_seconds: wall(elapsed_before),
                 };
                 w.sync(&metrics).map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
@@ -273,26 +275,28 @@ struct Gathered {
     /// Every worker's simulated clock and its communication part, when simulating.
     sim: Option<Vec<f64>>,
     sim_comm: Option<Vec<f64>>,
-    /// How many workers sent at the merge, for event-triggered rules.
-    senders: Option<u64>,
+    /// How many workers sent at the merge and the trigger's mean statistic, for
+    /// event-triggered rules.
+    trigger: Option<(u64, f64)>,
 }
 
 /// Gathers one value per worker, every worker's merge bytes sent, consensus bytes sent and
 /// sub-group bytes sent, and a pair of seconds (`timing`: the last merge's wait and in-flight
-/// time) and, for event-triggered rules, whether this worker sent at the merge.
+/// time) and, for event-triggered rules, the trigger's decision on this worker at the merge.
 fn gather(
     sync: &mut Synchronizer,
     value: f64,
     timing: (f64, f64),
-    sent: Option<bool>,
+    trigger: Option<Triggered>,
 ) -> Result<Gathered, LearnerError> {
     let (rank, workers) = (sync.rank(), sync.world_size());
     let stats = sync.stats();
     let clock = sync.sim_clock();
     let triggered = sync.event_triggered();
-    let mut values = vec![0.0; (8 + usize::from(triggered)) * workers];
-    if triggered {
-        values[8 * workers + rank] = f64::from(u8::from(sent == Some(true)));
+    let mut values = vec![0.0; (8 + 2 * usize::from(triggered)) * workers];
+    if let (true, Some(trigger)) = (triggered, trigger) {
+        values[8 * workers + rank] = f64::from(u8::from(trigger.sent));
+        values[9 * workers + rank] = trigger.statistic;
     }
     let mine = [
         value,
@@ -319,7 +323,8 @@ fn gather(
         inflight: column(5),
         sim: clock.map(|_| column(6)),
         sim_comm: clock.map(|_| column(7)),
-        senders: triggered.then(|| column(8).iter().sum::<f64>() as u64),
+        trigger: triggered
+            .then(|| (column(8).iter().sum::<f64>() as u64, column(9).iter().sum::<f64>() / workers as f64)),
     })
 }
 

@@ -125,7 +125,7 @@ impl MergeRule for AsyncAveraging {
         let distance = distance_to_mean(&self.snapshot, &sum, ctx.world_size);
         change_to_mean(&mut sum, &self.snapshot, ctx.world_size);
         params.iter_mut().zip(&sum).for_each(|(x, change)| *x += change);
-        Ok(MergeOutcome { local_squared_distance: Some(distance), sent: None })
+        Ok(MergeOutcome { local_squared_distance: Some(distance), trigger: None })
     }
 
     fn measures_consensus(&self) -> bool {

@@ -120,7 +120,7 @@ impl MergeRule for Averaging {
         let pending = self.pending.take().ok_or(RuleError::NotBegun { rule: self.name() })?;
         self.sum = pending.wait()?;
         let local = replace_by_mean(params, &self.sum, ctx.world_size);
-        Ok(MergeOutcome { local_squared_distance: Some(local), sent: None })
+        Ok(MergeOutcome { local_squared_distance: Some(local), trigger: None })
     }
 
     /// Both phases at once, with a blocking all-reduce (MPI's blocking collectives are faster
@@ -134,7 +134,7 @@ impl MergeRule for Averaging {
         self.sum.resize(params.len(), 0.0);
         comm.all_reduce_sum_into(params, &mut self.sum)?;
         let local = replace_by_mean(params, &self.sum, ctx.world_size);
-        Ok(MergeOutcome { local_squared_distance: Some(local), sent: None })
+        Ok(MergeOutcome { local_squared_distance: Some(local), trigger: None })
     }
 
     fn measures_consensus(&self) -> bool {

@@ -152,7 +152,7 @@ impl MergeRule for DiLoCo {
             *z = *x;
         }
         self.sum.clear();
-        Ok(MergeOutcome { local_squared_distance: Some(local), sent: None })
+        Ok(MergeOutcome { local_squared_distance: Some(local), trigger: None })
     }
 
     fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {

@@ -265,7 +265,7 @@ impl MergeRule for EcLocalSgd {
             // `synced` holds the sum: the mean, written as averaging writes it.
             let local = replace_by_mean(params, synced, ctx.world_size);
             synced.copy_from_slice(params);
-            return Ok(MergeOutcome { local_squared_distance: Some(local), sent: None });
+            return Ok(MergeOutcome { local_squared_distance: Some(local), trigger: None });
         }
         params.copy_from_slice(synced);
         Ok(MergeOutcome::default())

@@ -248,7 +248,7 @@ impl Elastic {
         let alpha = self.alpha as f32;
         add_scaled(params, -alpha, &self.diff);
         add_scaled(self.anchor.as_mut().expect("known at a merge"), alpha, &self.sum);
-        MergeOutcome { local_squared_distance: Some(local), sent: None }
+        MergeOutcome { local_squared_distance: Some(local), trigger: None }
     }
 
     /// Starts both sums of a merge with several anchors: `x_i − z_g` in the group, the anchors
@@ -299,7 +299,7 @@ impl Elastic {
             *x -= alpha * d;
             *z += alpha * s + pull * (mean - *z);
         }
-        Ok(MergeOutcome { local_squared_distance: None, sent: None })
+        Ok(MergeOutcome { local_squared_distance: None, trigger: None })
     }
 }
 

@@ -125,7 +125,7 @@ impl MergeRule for ElasticOverlap {
         difference(&mut self.diff, params, anchor);
         add_scaled(params, -alpha, &self.diff);
         self.sum.start(std::mem::take(&mut self.diff), comm)?;
-        Ok(MergeOutcome { local_squared_distance: None, sent: None })
+        Ok(MergeOutcome { local_squared_distance: None, trigger: None })
     }
 
     fn record(&self) -> StateRecord {

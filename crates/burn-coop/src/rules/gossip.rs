@@ -216,7 +216,7 @@ impl MergeRule for Gossip {
             return Err(RuleError::NotBegun { rule: "gossip" });
         }
         params.copy_from_slice(&self.mixed);
-        Ok(MergeOutcome { local_squared_distance: None, sent: None })
+        Ok(MergeOutcome { local_squared_distance: None, trigger: None })
     }
 
     fn mixing_matrix(&self, _world_size: usize) -> Option<MixingMatrix> {

@@ -142,7 +142,7 @@ impl MergeRule for Hierarchical {
         let group = self.group.as_ref().ok_or(RuleError::NotBegun { rule: "hierarchical" })?;
         let members = if self.global { ctx.world_size } else { group.world_size() };
         let local = replace_by_mean(params, &self.sum, members);
-        Ok(MergeOutcome { local_squared_distance: self.global.then_some(local), sent: None })
+        Ok(MergeOutcome { local_squared_distance: self.global.then_some(local), trigger: None })
     }
 
     fn measures_consensus(&self) -> bool {

@@ -233,7 +233,7 @@ impl MergeRule for Matcha {
             return Err(RuleError::NotBegun { rule: "matcha" });
         }
         params.copy_from_slice(&self.mixed);
-        Ok(MergeOutcome { local_squared_distance: None, sent: None })
+        Ok(MergeOutcome { local_squared_distance: None, trigger: None })
     }
 
     fn mixing_second_moment(&self, _world_size: usize) -> Option<MixingMatrix> {

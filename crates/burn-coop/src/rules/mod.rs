@@ -250,9 +250,19 @@ pub struct MergeOutcome {
     /// consensus distance, which the [`Synchronizer`](crate::Synchronizer) reduces with its
     /// other per-merge statistics.
     pub local_squared_distance: Option<f64>,
-    /// Whether this worker sent its message at this merge, for event-triggered rules (which
-    /// skip sending when the model moved too little); `None` for rules that always send.
-    pub sent: Option<bool>,
+    /// What an event-triggered rule (which skips sending when the model moved too little)
+    /// decided at this merge; `None` for rules that always send.
+    pub trigger: Option<Triggered>,
+}
+
+/// An event trigger's decision on one worker at one merge.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Triggered {
+    /// Whether the worker sent its message.
+    pub sent: bool,
+    /// The statistic the trigger compared with its threshold (for SQuARM-SGD `‖x − x̂‖²/η²`,
+    /// compared with `c_t`), for choosing a threshold.
+    pub statistic: f64,
 }
 
 /// What a local-step hook did to the parameters.
@@ -319,7 +329,7 @@ pub trait MergeRule: Send {
     }
 
     /// Whether the rule decides at each merge whether to send (event-triggered gossip); its
-    /// [`MergeOutcome::sent`] is then counted over the workers in the metrics.
+    /// [`MergeOutcome::trigger`] then goes to the metrics (workers that sent, mean statistic).
     fn event_triggered(&self) -> bool {
         false
     }

@@ -156,7 +156,7 @@ impl MergeRule for Overlap {
         let share = ctx.world_size as f32;
         let payload: Vec<f32> = z.iter().zip(m).map(|(z, m)| (z + -eta * m) / share).collect();
         self.sum.start(payload, comm)?;
-        Ok(MergeOutcome { local_squared_distance: None, sent: None })
+        Ok(MergeOutcome { local_squared_distance: None, trigger: None })
     }
 
     fn record(&self) -> StateRecord {

@@ -31,7 +31,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
+use super::{MergeOutcome, MergeRule, RuleError, SyncContext, Triggered};
 use crate::comm::Communicator;
 use crate::compress::{CompressContext, Compressor};
 use crate::mixing::MixingMatrix;
@@ -272,7 +272,7 @@ pub struct Squarm {
     change: Vec<f32>,
     payload: Vec<u8>,
     decoded: Vec<f32>,
-    sent: Option<bool>,
+    decided: Option<Triggered>,
 }
 
 impl Squarm {
@@ -293,7 +293,7 @@ impl Squarm {
             change: Vec::new(),
             payload: Vec::new(),
             decoded: Vec::new(),
-            sent: None,
+            decided: None,
         }
     }
 
@@ -377,6 +377,7 @@ impl MergeRule for Squarm {
         let moved: f64 = self.change.iter().map(|&d| f64::from(d) * f64::from(d)).sum();
         // CHOCO-SGD always sends; SQuARM-SGD only when the model moved past the threshold.
         let fire = self.trigger.is_none() || moved > threshold * lr * lr;
+        let statistic = if lr > 0.0 { moved / (lr * lr) } else { f64::INFINITY };
         let at = |rank: usize| CompressContext { seed: ctx.seed, round: ctx.round, rank };
         self.payload.clear();
         if fire {
@@ -401,7 +402,7 @@ impl MergeRule for Squarm {
         if let Some(error) = bad {
             return Err(error);
         }
-        self.sent = Some(fire);
+        self.decided = Some(Triggered { sent: fire, statistic });
         Ok(())
     }
 
@@ -411,7 +412,7 @@ impl MergeRule for Squarm {
         _ctx: &SyncContext,
         _comm: &mut dyn Communicator,
     ) -> Result<MergeOutcome, RuleError> {
-        let Some(sent) = self.sent.take() else {
+        let Some(decided) = self.decided.take() else {
             return Err(RuleError::NotBegun { rule: self.name() });
         };
         // x_i += γ Σ_j w_ij (x̂_j − x̂_i), the terms added in the matrix's neighbour order.
@@ -425,8 +426,8 @@ impl MergeRule for Squarm {
             }
             *x += gamma * pull;
         }
-        let sent = if self.event_triggered() { Some(sent) } else { None };
-        Ok(MergeOutcome { local_squared_distance: None, sent })
+        let trigger = self.event_triggered().then_some(decided);
+        Ok(MergeOutcome { local_squared_distance: None, trigger })
     }
 
     fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
@@ -487,7 +488,7 @@ mod tests {
             for round in 0..merges {
                 ctx.round = round;
                 params.iter_mut().zip(step(rank, round)).for_each(|(v, s)| *v += s);
-                sent.push(rule.merge(&mut params, &ctx, &mut comm)?.sent);
+                sent.push(rule.merge(&mut params, &ctx, &mut comm)?.trigger.map(|t| t.sent));
             }
             Ok((params, sent))
         })
@@ -584,7 +585,8 @@ mod tests {
         for run in run_one_merge(4, 10, |_| Box::new(Squarm::new(ring(4), Compressor::Sign, 0.8, trigger))) {
             assert_eq!(run.traffic.calls(CollectiveKind::Exchange), 1);
             assert_eq!(run.traffic.total().bytes_sent, 0);
-            assert_eq!(run.outcome.sent, Some(false));
+            let trigger = run.outcome.trigger.expect("squarm reports its decision");
+            assert!(!trigger.sent && trigger.statistic < 1e12, "{trigger:?}");
         }
     }
 
