@@ -564,7 +564,7 @@ mod tests {
     fn squarm_sends_only_past_the_threshold_and_follows_the_recurrence() {
         // Workers 0 and 2 barely move (they never fire after the first merges); 1 and 3 do.
         let uneven = |rank: usize, round: u64| -> Vec<f32> {
-            let scale = if rank % 2 == 0 { 1e-4 } else { 0.1 };
+            let scale = if rank.is_multiple_of(2) { 1e-4 } else { 0.1 };
             worker_buffer(rank + round as usize, 60).iter().map(|v| v * scale).collect()
         };
         let trigger = Trigger { threshold: 5.0, growth: 0.5 };
