@@ -5,7 +5,9 @@
 //! first merge where it reaches the target gives the run's time — simulated seconds when the run
 //! simulated a network (the slowest worker's clock), wall seconds otherwise — and bytes sent per
 //! worker. `--target-loss auto` takes the final training loss (last epoch's mean) of the
-//! synchronous run among them, the seeds' metric; the speed-up is over that run.
+//! synchronous run among them, the seeds' metric; the speed-up is over that run. Each row also
+//! gives the lowest windowed loss the run reached (what a run that falls short got to), its
+//! final test accuracy, and its whole time and bytes.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -64,28 +66,43 @@ fn merges(run: &Run) -> Result<Vec<Merge>, String> {
     Ok(merges)
 }
 
-/// The first merge where the loss averaged over the last `window` steps reaches `target`.
-fn reached(merges: &[Merge], target: f64, window: u64) -> Option<Reached> {
+/// The training loss averaged over the last `window` steps at each merge (`None` until the run
+/// has covered `window` steps).
+fn windowed(merges: &[Merge], window: u64) -> Vec<Option<f64>> {
     let mut previous_step = 0;
     let mut recent: Vec<(u64, f64)> = Vec::new(); // (steps covered, loss)
-    for merge in merges {
-        recent.push((merge.step - previous_step, merge.loss));
-        previous_step = merge.step;
-        let mut covered = 0;
-        let mut weighted = 0.0;
-        for &(steps, loss) in recent.iter().rev() {
-            let take = steps.min(window - covered);
-            weighted += take as f64 * loss;
-            covered += take;
-            if covered == window {
-                break;
+    merges
+        .iter()
+        .map(|merge| {
+            recent.push((merge.step - previous_step, merge.loss));
+            previous_step = merge.step;
+            let mut covered = 0;
+            let mut weighted = 0.0;
+            for &(steps, loss) in recent.iter().rev() {
+                let take = steps.min(window - covered);
+                weighted += take as f64 * loss;
+                covered += take;
+                if covered == window {
+                    break;
+                }
             }
-        }
-        if covered == window && weighted / window as f64 <= target {
-            return Some(Reached { step: merge.step, seconds: merge.seconds, bytes: merge.bytes });
-        }
-    }
-    None
+            (covered == window).then(|| weighted / window as f64)
+        })
+        .collect()
+}
+
+/// The first merge where the loss averaged over the last `window` steps reaches `target`.
+fn reached(merges: &[Merge], target: f64, window: u64) -> Option<Reached> {
+    merges
+        .iter()
+        .zip(windowed(merges, window))
+        .find(|(_, loss)| loss.is_some_and(|l| l <= target))
+        .map(|(merge, _)| Reached { step: merge.step, seconds: merge.seconds, bytes: merge.bytes })
+}
+
+/// The lowest windowed loss a run reached.
+fn best(merges: &[Merge], window: u64) -> Option<f64> {
+    windowed(merges, window).into_iter().flatten().reduce(f64::min)
 }
 
 /// Runs `coop compare`.
@@ -104,28 +121,47 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     };
     let reference = baseline.and_then(|b| reached(&all_merges[b], target, args.window));
     let clock = if runs.iter().all(Run::simulated) { "simulated s" } else { "s" };
-    let mut csv = String::from("run,label,step,seconds,bytes_per_worker,speedup\n");
+    let mut csv = String::from(
+        "run,label,step,seconds,bytes_per_worker,speedup,best_loss,final_test_accuracy,total_seconds,total_bytes_per_worker\n",
+    );
     let mut md = format!(
-        "Target training loss {target:.4} (averaged over {} steps); time in {clock}.\n\n| run | steps | time | sent per worker | speed-up |\n|---|---:|---:|---:|---:|\n",
+        "Target training loss {target:.4} (averaged over {} steps); time in {clock}.\n\n| run | steps to target | time to target | sent to target (per worker) | speed-up | lowest loss | final test accuracy | whole run: time, sent |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
         args.window
     );
+    let optional = |value: Option<f64>| value.map_or_else(String::new, |v| v.to_string());
     for (run, merges) in runs.iter().zip(&all_merges) {
         let name = run.name();
+        let lowest = best(merges, args.window);
+        let accuracy = run.final_accuracy();
+        let last = merges.last();
+        let whole = last.map_or_else(|| "—".into(), |m| format!("{:.1}, {:.1} MB", m.seconds, m.bytes / 1e6));
+        let tail = format!(
+            "{} | {} | {whole}",
+            lowest.map_or_else(|| "—".into(), |l| format!("{l:.4}")),
+            accuracy.map_or_else(|| "—".into(), |a| format!("{:.2}%", 100.0 * a)),
+        );
+        let totals = format!(
+            "{},{},{},{}",
+            optional(lowest),
+            optional(accuracy),
+            optional(last.map(|m| m.seconds)),
+            optional(last.map(|m| m.bytes))
+        );
         match reached(merges, target, args.window) {
             Some(hit) => {
                 let speedup = reference.as_ref().map(|r| r.seconds / hit.seconds);
                 let _ = writeln!(
                     csv,
-                    "{name},{},{},{},{},{}",
+                    "{name},{},{},{},{},{},{totals}",
                     run.label,
                     hit.step,
                     hit.seconds,
                     hit.bytes,
-                    speedup.map_or_else(String::new, |s| s.to_string())
+                    optional(speedup)
                 );
                 let _ = writeln!(
                     md,
-                    "| {} (`{name}`) | {} | {:.1} | {:.1} MB | {} |",
+                    "| {} (`{name}`) | {} | {:.1} | {:.1} MB | {} | {tail} |",
                     run.label,
                     hit.step,
                     hit.seconds,
@@ -134,8 +170,8 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                 );
             }
             None => {
-                let _ = writeln!(csv, "{name},{},,,,", run.label);
-                let _ = writeln!(md, "| {} (`{name}`) | not reached | — | — | — |", run.label);
+                let _ = writeln!(csv, "{name},{},,,,,{totals}", run.label);
+                let _ = writeln!(md, "| {} (`{name}`) | not reached | — | — | — | {tail} |", run.label);
             }
         }
     }
@@ -170,6 +206,7 @@ mod tests {
         assert_eq!(reached(&run, 0.95, 4), Some(Reached { step: 8, seconds: 4.0, bytes: 8.0 }));
         assert_eq!(reached(&run, 1.5, 4).unwrap().step, 6, "(2·2 + 2·1)/4 = 1.5");
         assert_eq!(reached(&run, 0.1, 4), None);
+        assert_eq!(best(&run, 4), Some(0.7), "(2·0.9 + 2·0.5)/4 at step 10");
         // A merge covering more steps than the window counts only the window's share.
         let run = run_of(&[(8, 2.0), (16, 1.0)]);
         assert_eq!(reached(&run, 1.0, 4).unwrap().step, 16);

@@ -130,6 +130,11 @@ impl Run {
         self.epochs.column("train_loss", Reduce::Mean).ok()?.last().copied().flatten()
     }
 
+    /// The average model's test accuracy at the last epoch (a fraction).
+    pub fn final_accuracy(&self) -> Option<f64> {
+        self.epochs.column("test_accuracy", Reduce::Mean).ok()?.last().copied().flatten()
+    }
+
     /// Errors name the run's folder.
     pub fn context<T>(&self, result: Result<T, String>) -> Result<T, String> {
         result.map_err(|e| format!("{}: {e}", self.folder.display()))

@@ -177,6 +177,12 @@ fn compare_reports_time_and_bytes_to_the_synchronous_runs_final_loss() {
     let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
     assert_eq!(rows[0][0], "sync");
     assert_eq!(rows[0][5], "1", "the synchronous run is its own reference");
+    for row in &rows {
+        let accuracy: f64 = row[7].parse().unwrap();
+        assert!((0.0..=1.0).contains(&accuracy), "final test accuracy {accuracy}");
+        let (to_target, whole): (f64, f64) = (row[3].parse().unwrap_or(0.0), row[8].parse().unwrap());
+        assert!(whole >= to_target && whole > 0.0, "the whole run ({whole} s) ends after the target");
+    }
     assert!(std::fs::read_to_string(prefix.with_extension("md")).unwrap().contains("| sync (`sync`) |"));
     let bad = coop(&["compare", local.to_str().unwrap()]);
     assert!(!bad.status.success() && stderr(&bad).contains("needs a synchronous run"), "{}", stderr(&bad));
