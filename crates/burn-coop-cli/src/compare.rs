@@ -69,26 +69,9 @@ fn merges(run: &Run) -> Result<Vec<Merge>, String> {
 /// The training loss averaged over the last `window` steps at each merge (`None` until the run
 /// has covered `window` steps).
 fn windowed(merges: &[Merge], window: u64) -> Vec<Option<f64>> {
-    let mut previous_step = 0;
-    let mut recent: Vec<(u64, f64)> = Vec::new(); // (steps covered, loss)
-    merges
-        .iter()
-        .map(|merge| {
-            recent.push((merge.step - previous_step, merge.loss));
-            previous_step = merge.step;
-            let mut covered = 0;
-            let mut weighted = 0.0;
-            for &(steps, loss) in recent.iter().rev() {
-                let take = steps.min(window - covered);
-                weighted += take as f64 * loss;
-                covered += take;
-                if covered == window {
-                    break;
-                }
-            }
-            (covered == window).then(|| weighted / window as f64)
-        })
-        .collect()
+    let steps: Vec<u64> = merges.iter().map(|m| m.step).collect();
+    let losses: Vec<f64> = merges.iter().map(|m| m.loss).collect();
+    crate::runs::windowed_loss(&steps, &losses, window)
 }
 
 /// The first merge where the loss averaged over the last `window` steps reaches `target`.

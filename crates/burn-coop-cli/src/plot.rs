@@ -52,6 +52,9 @@ pub struct PlotArgs {
     /// The image to write: `.png` or `.svg`.
     #[arg(long, short)]
     pub output: PathBuf,
+    /// Steps the training loss is averaged over (1: each merge's loss as logged).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub window: u64,
 }
 
 impl XAxis {
@@ -102,6 +105,26 @@ impl YAxis {
         let xs = run.context(x.values(table))?;
         let ys = run.context(table.column(column, Reduce::Mean))?;
         Ok(xs.into_iter().zip(ys).filter_map(|(x, y)| Some((x?, y? * scale))).collect())
+    }
+
+    /// The points of one run, the training loss averaged over the last `window` steps.
+    fn smoothed_points(self, run: &Run, x: XAxis, window: u64) -> Result<Vec<(f64, f64)>, String> {
+        if self != Self::TrainLoss || window == 1 {
+            return self.points(run, x);
+        }
+        let xs = run.context(x.values(&run.syncs))?;
+        let steps = run.context(run.syncs.column("step", Reduce::Mean))?;
+        let losses = run.context(run.syncs.column("train_loss", Reduce::Mean))?;
+        let rows: Vec<(f64, u64, f64)> = xs
+            .into_iter()
+            .zip(steps)
+            .zip(losses)
+            .filter_map(|((x, step), loss)| Some((x?, step? as u64, loss?)))
+            .collect();
+        let steps: Vec<u64> = rows.iter().map(|r| r.1).collect();
+        let losses: Vec<f64> = rows.iter().map(|r| r.2).collect();
+        let smoothed = crate::runs::windowed_loss(&steps, &losses, window);
+        Ok(rows.iter().zip(smoothed).filter_map(|(r, loss)| Some((r.0, loss?))).collect())
     }
 }
 
@@ -207,7 +230,7 @@ pub fn run(args: &PlotArgs) -> Result<(), String> {
     let runs: Vec<Run> = args.runs.iter().map(|folder| Run::load(folder)).collect::<Result<_, _>>()?;
     let curves: Vec<Curve> = runs
         .iter()
-        .map(|run| Ok((format!("{} ({})", run.label, run.name()), args.y.points(run, args.x)?)))
+        .map(|run| Ok((format!("{} ({})", run.label, run.name()), args.y.smoothed_points(run, args.x, args.window)?)))
         .collect::<Result<_, String>>()?;
     let title = format!("{} against {}", args.y.label(), args.x.label());
     render(&args.output, (900, 600), &[(title, curves, args.x.label(), args.y.label())])?;

@@ -155,3 +155,30 @@ mod tests {
         assert!(Table::parse("a,b\n1\n", Path::new("t.csv")).is_err(), "a short row is named");
     }
 }
+
+/// The training loss averaged over the last `window` local steps at each merge, from the merges'
+/// steps and their losses (each the mean over the steps since the previous merge, weighted by
+/// those steps); `None` until `window` steps are covered. A window of 1 gives the logged losses.
+pub fn windowed_loss(steps: &[u64], losses: &[f64], window: u64) -> Vec<Option<f64>> {
+    let mut previous_step = 0;
+    let mut recent: Vec<(u64, f64)> = Vec::new(); // (steps covered, loss)
+    steps
+        .iter()
+        .zip(losses)
+        .map(|(&step, &loss)| {
+            recent.push((step.saturating_sub(previous_step), loss));
+            previous_step = step;
+            let mut covered = 0;
+            let mut weighted = 0.0;
+            for &(steps, loss) in recent.iter().rev() {
+                let take = steps.min(window - covered);
+                weighted += take as f64 * loss;
+                covered += take;
+                if covered == window {
+                    break;
+                }
+            }
+            (covered == window).then(|| weighted / window as f64)
+        })
+        .collect()
+}

@@ -192,8 +192,8 @@ fn compare_reports_time_and_bytes_to_the_synchronous_runs_final_loss() {
     let png = dir.path().join("loss.png");
     let svg = dir.path().join("loss.svg");
     for (path, x) in [(&png, "sim-time"), (&svg, "bytes")] {
-        let output =
-            coop(&["plot", sync.to_str().unwrap(), local.to_str().unwrap(), "--x", x, "-o", path.to_str().unwrap()]);
+        let (sync, local, path) = (sync.to_str().unwrap(), local.to_str().unwrap(), path.to_str().unwrap());
+        let output = coop(&["plot", sync, local, "--x", x, "--window", "2", "-o", path]);
         assert!(output.status.success(), "{}", stderr(&output));
     }
     assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
