@@ -141,21 +141,6 @@ impl Run {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn columns_reduce_worker_lists_and_keep_gaps() {
-        let table = Table::parse("step,x,y\n1,1;3,\n2,2;6,0.5\n", Path::new("t.csv")).unwrap();
-        assert_eq!(table.column("x", Reduce::Mean).unwrap(), vec![Some(2.0), Some(4.0)]);
-        assert_eq!(table.column("x", Reduce::Max).unwrap(), vec![Some(3.0), Some(6.0)]);
-        assert_eq!(table.column("y", Reduce::Mean).unwrap(), vec![None, Some(0.5)]);
-        assert!(table.column("z", Reduce::Mean).is_err());
-        assert!(Table::parse("a,b\n1\n", Path::new("t.csv")).is_err(), "a short row is named");
-    }
-}
-
 /// The training loss averaged over the last `window` local steps at each merge, from the merges'
 /// steps and their losses (each the mean over the steps since the previous merge, weighted by
 /// those steps); `None` until `window` steps are covered. A window of 1 gives the logged losses.
@@ -181,4 +166,19 @@ pub fn windowed_loss(steps: &[u64], losses: &[f64], window: u64) -> Vec<Option<f
             (covered == window).then(|| weighted / window as f64)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_reduce_worker_lists_and_keep_gaps() {
+        let table = Table::parse("step,x,y\n1,1;3,\n2,2;6,0.5\n", Path::new("t.csv")).unwrap();
+        assert_eq!(table.column("x", Reduce::Mean).unwrap(), vec![Some(2.0), Some(4.0)]);
+        assert_eq!(table.column("x", Reduce::Max).unwrap(), vec![Some(3.0), Some(6.0)]);
+        assert_eq!(table.column("y", Reduce::Mean).unwrap(), vec![None, Some(0.5)]);
+        assert!(table.column("z", Reduce::Mean).is_err());
+        assert!(Table::parse("a,b\n1\n", Path::new("t.csv")).is_err(), "a short row is named");
+    }
 }
