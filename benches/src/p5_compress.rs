@@ -26,6 +26,7 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let bound = (2 * n * 4) as f64 / bandwidth;
     let compressors = [
         Compressor::TopK(0.01),
+        Compressor::TopKSign(0.01),
         Compressor::RandK(0.01),
         Compressor::Sign,
         Compressor::Qsgd(16),

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `identity` | the values, `f32` little-endian | `4n` |
 //! | `topk:F` | the `k = ⌈F·n⌉` largest magnitudes: `u32` indices (increasing) then `f32` values | `8k` |
+//! | `topk:F+sign` | the `k` largest magnitudes' indices (increasing), their mean magnitude (`f32`) and one sign bit each (sparsify ∘ quantize, as in SPARQ- and SQuARM-SGD) | `4k + 4 + ⌈k/8⌉` |
 //! | `randk:F` | `k = ⌈F·n⌉` values at indices every worker draws alike from the shared seed and the round (Floyd's sampling), so no index travels | `4k` |
 //! | `sign` | the mean magnitude `‖v‖₁/n` (`f32`) and one sign bit per value (scaled sign) | `4 + ⌈n/8⌉` |
 //! | `qsgd:S` | `‖v‖₂` (`f32`) and per value a sign bit and a level in `0..=S`, packed (QSGD, Alistarh et al., NeurIPS 2017: `v_i ≈ ‖v‖₂ · sign(v_i) · ℓ_i/S` with `ℓ_i` rounded up with probability `S|v_i|/‖v‖₂ − ⌊S|v_i|/‖v‖₂⌋`, so the decoded value is unbiased) | `4 + ⌈n(1 + ⌈log₂(S+1)⌉)/8⌉` |
@@ -33,6 +34,9 @@ pub enum Compressor {
     Identity,
     /// The largest magnitudes, with their indices.
     TopK(f64),
+    /// The largest magnitudes' indices and signs, scaled by their mean magnitude (top-k then
+    /// scaled sign: the "sparsify ∘ quantize" of SPARQ- and SQuARM-SGD).
+    TopKSign(f64),
     /// Values at indices drawn from the shared seed.
     RandK(f64),
     /// Scaled sign: one bit per value and the mean magnitude.
@@ -108,6 +112,7 @@ impl Compressor {
         match self {
             Self::Identity => 1,
             Self::TopK(_) => 2,
+            Self::TopKSign(_) => 8,
             Self::RandK(_) => 3,
             Self::Sign => 4,
             Self::Qsgd(_) => 5,
@@ -138,6 +143,7 @@ impl Compressor {
             + match self {
                 Self::Identity => 4 * n,
                 Self::TopK(f) => 8 * Self::kept(f, n),
+                Self::TopKSign(f) => 4 * Self::kept(f, n) + 4 + Self::kept(f, n).div_ceil(8),
                 Self::RandK(f) => 4 * Self::kept(f, n),
                 Self::Sign => 4 + n.div_ceil(8),
                 Self::Qsgd(s) => 4 + (n * Self::qsgd_bits(s)).div_ceil(8),
@@ -154,17 +160,22 @@ impl Compressor {
         match self {
             Self::Identity => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
             Self::TopK(f) => {
-                let k = Self::kept(f, values.len());
-                let mut order: Vec<u32> = (0..values.len() as u32).collect();
-                if k < values.len() {
-                    order.select_nth_unstable_by(k, |&a, &b| {
-                        values[b as usize].abs().total_cmp(&values[a as usize].abs()).then(a.cmp(&b))
-                    });
-                }
-                let mut chosen = order[..k].to_vec();
-                chosen.sort_unstable();
+                let chosen = top_indices(values, Self::kept(f, values.len()));
                 chosen.iter().for_each(|i| out.extend_from_slice(&i.to_le_bytes()));
                 chosen.iter().for_each(|&i| out.extend_from_slice(&values[i as usize].to_le_bytes()));
+            }
+            Self::TopKSign(f) => {
+                let chosen = top_indices(values, Self::kept(f, values.len()));
+                chosen.iter().for_each(|i| out.extend_from_slice(&i.to_le_bytes()));
+                let total: f64 = chosen.iter().map(|&i| f64::from(values[i as usize].abs())).sum();
+                let scale = if chosen.is_empty() { 0.0 } else { (total / chosen.len() as f64) as f32 };
+                out.extend_from_slice(&scale.to_le_bytes());
+                out.extend(chosen.chunks(8).map(|chunk| {
+                    chunk
+                        .iter()
+                        .enumerate()
+                        .fold(0u8, |byte, (b, &i)| byte | (u8::from(values[i as usize].is_sign_negative()) << b))
+                }));
             }
             Self::RandK(f) => {
                 for i in random_indices(values.len(), Self::kept(f, values.len()), ctx) {
@@ -239,15 +250,17 @@ impl Compressor {
             Self::Identity => (0..len).for_each(|k| out[k] = f32_at(k)),
             Self::TopK(f) => {
                 let k = Self::kept(f, len);
-                let mut previous = None;
-                for j in 0..k {
-                    let index = u32::from_le_bytes(body[4 * j..4 * j + 4].try_into().expect("4 bytes")) as usize;
-                    if index >= len || previous.is_some_and(|p| index <= p) {
-                        let reason = format!("index {index} at position {j} (indices increase and stay below {len})");
-                        return Err(CompressError::Malformed { compressor: name, reason });
-                    }
-                    previous = Some(index);
+                for (j, index) in read_indices(body, k, len, &name)?.into_iter().enumerate() {
                     out[index] = f32_at(k + j);
+                }
+            }
+            Self::TopKSign(f) => {
+                let k = Self::kept(f, len);
+                let indices = read_indices(body, k, len, &name)?;
+                let scale = f32_at(k);
+                let signs = &body[4 * k + 4..];
+                for (j, index) in indices.into_iter().enumerate() {
+                    out[index] = if (signs[j / 8] >> (j % 8)) & 1 == 1 { -scale } else { scale };
                 }
             }
             Self::RandK(f) => {
@@ -287,6 +300,33 @@ impl Compressor {
         }
         Ok(())
     }
+}
+
+/// The indices of the `k` largest magnitudes (ties to the lower index), in increasing order.
+fn top_indices(values: &[f32], k: usize) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..values.len() as u32).collect();
+    if k < values.len() {
+        order.select_nth_unstable_by(k, |&a, &b| {
+            values[b as usize].abs().total_cmp(&values[a as usize].abs()).then(a.cmp(&b))
+        });
+    }
+    let mut chosen = order[..k].to_vec();
+    chosen.sort_unstable();
+    chosen
+}
+
+/// The `k` indices at the start of a top-k payload's body, checked: in range and increasing.
+fn read_indices(body: &[u8], k: usize, len: usize, name: &str) -> Result<Vec<usize>, CompressError> {
+    let mut indices = Vec::with_capacity(k);
+    for j in 0..k {
+        let index = u32::from_le_bytes(body[4 * j..4 * j + 4].try_into().expect("4 bytes")) as usize;
+        if index >= len || indices.last().is_some_and(|&p| index <= p) {
+            let reason = format!("index {index} at position {j} (indices increase and stay below {len})");
+            return Err(CompressError::Malformed { compressor: name.to_string(), reason });
+        }
+        indices.push(index);
+    }
+    Ok(indices)
 }
 
 /// `k` distinct indices below `n`, the same on every worker for one seed and round (Floyd's
@@ -358,6 +398,7 @@ impl fmt::Display for Compressor {
         match self {
             Self::Identity => write!(f, "identity"),
             Self::TopK(fraction) => write!(f, "topk:{fraction}"),
+            Self::TopKSign(fraction) => write!(f, "topk:{fraction}+sign"),
             Self::RandK(fraction) => write!(f, "randk:{fraction}"),
             Self::Sign => write!(f, "sign"),
             Self::Qsgd(levels) => write!(f, "qsgd:{levels}"),
@@ -371,6 +412,12 @@ impl FromStr for Compressor {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
+        if let Some(sparsifier) = text.strip_suffix("+sign") {
+            return match sparsifier.parse::<Self>()? {
+                Self::TopK(fraction) => Ok(Self::TopKSign(fraction)),
+                _ => Err(format!("'{text}': only top-k composes with sign (topk:F+sign)")),
+            };
+        }
         let (name, parameter) = match text.split_once(':') {
             Some((name, parameter)) => (name, Some(parameter)),
             None => (text, None),
@@ -394,7 +441,9 @@ impl FromStr for Compressor {
             ("qsgd", None) => Err("qsgd needs its number of levels, e.g. qsgd:16".into()),
             ("bf16", None) => Ok(Self::Bf16),
             ("fp16", None) => Ok(Self::Fp16),
-            _ => Err(format!("unknown compressor '{text}' (identity, topk:F, randk:F, sign, qsgd:S, bf16, fp16)")),
+            _ => Err(format!(
+                "unknown compressor '{text}' (identity, topk:F, topk:F+sign, randk:F, sign, qsgd:S, bf16, fp16)"
+            )),
         }
     }
 }
@@ -433,7 +482,9 @@ mod tests {
     #[test]
     fn every_payload_has_its_exact_size() {
         let n = 1003;
-        for spec in ["identity", "topk:0.01", "randk:0.05", "sign", "qsgd:16", "qsgd:1", "bf16", "fp16"] {
+        for spec in
+            ["identity", "topk:0.01", "topk:0.01+sign", "randk:0.05", "sign", "qsgd:16", "qsgd:1", "bf16", "fp16"]
+        {
             let c: Compressor = spec.parse().unwrap();
             let (payload, _) = round_trip(c, &values(n));
             assert_eq!(payload.len(), c.payload_bytes(n), "{spec}");
@@ -441,6 +492,7 @@ mod tests {
         // Top-1% of ResNet-20's buffer: 1% of the values, each with its index, and the header.
         let resnet20 = 271_098;
         assert_eq!(Compressor::TopK(0.01).payload_bytes(resnet20), 8 + 8 * 2711);
+        assert_eq!(Compressor::TopKSign(0.01).payload_bytes(resnet20), 8 + 4 * 2711 + 4 + 339);
         assert_eq!(Compressor::Sign.payload_bytes(resnet20), 8 + 4 + 33_888);
         assert_eq!(Compressor::Qsgd(16).payload_bytes(resnet20), 8 + 4 + (resnet20 * 6).div_ceil(8));
     }
@@ -456,6 +508,14 @@ mod tests {
         let kept: Vec<usize> = (0..500).filter(|&i| top[i] != 0.0).collect();
         assert_eq!(kept.len(), 5);
         assert!(kept.iter().all(|&i| top[i] == v[i] && v[i].abs() >= magnitudes[4]));
+        // Top-k then sign: the same 5 indices, ± their mean magnitude.
+        let (_, top_sign) = round_trip(Compressor::TopKSign(0.01), &v);
+        let scale = (kept.iter().map(|&i| f64::from(v[i].abs())).sum::<f64>() / 5.0) as f32;
+        assert!((0..500).all(|i| if kept.contains(&i) {
+            top_sign[i] == if v[i] < 0.0 { -scale } else { scale }
+        } else {
+            top_sign[i] == 0.0
+        }));
         // Rand-k: the values at the shared indices, the same indices for every worker's ctx rank.
         let (_, rand) = round_trip(Compressor::RandK(0.1), &v);
         let idx = random_indices(500, 50, CTX);
@@ -513,6 +573,12 @@ mod tests {
         let mut foreign = payload.clone();
         foreign[0] = Compressor::Sign.kind();
         assert!(matches!(decode(&foreign, &mut out), Err(CompressError::WrongKind { .. })));
+        // A top-k-then-sign payload with an index out of range.
+        let mut signs = Vec::new();
+        Compressor::TopKSign(0.05).compress(&v, CTX, &mut signs);
+        signs[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&100u32.to_le_bytes());
+        let result = Compressor::TopKSign(0.05).decompress(&signs, 100, CTX, &mut out);
+        assert!(matches!(result, Err(CompressError::Malformed { .. })), "{result:?}");
         let mut bad_index = payload.clone();
         bad_index[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&500u32.to_le_bytes());
         assert!(matches!(decode(&bad_index, &mut out), Err(CompressError::Malformed { .. })));
@@ -529,10 +595,10 @@ mod tests {
 
     #[test]
     fn specs_parse_and_print() {
-        for spec in ["identity", "topk:0.01", "randk:0.5", "sign", "qsgd:16", "bf16", "fp16"] {
+        for spec in ["identity", "topk:0.01", "topk:0.01+sign", "randk:0.5", "sign", "qsgd:16", "bf16", "fp16"] {
             assert_eq!(spec.parse::<Compressor>().unwrap().to_string(), spec);
         }
-        for bad in ["topk", "topk:0", "topk:2", "qsgd", "qsgd:0", "zip", "sign:3"] {
+        for bad in ["topk", "topk:0", "topk:2", "qsgd", "qsgd:0", "zip", "sign:3", "randk:0.1+sign", "sign+sign"] {
             assert!(bad.parse::<Compressor>().is_err(), "{bad}");
         }
     }

@@ -59,7 +59,8 @@ pub use squarm::{ChocoConfig, Squarm, SquarmConfig};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct SharedRuleFlags {
-    /// What travels instead of dense values: identity, topk:F, randk:F, sign, qsgd:S, bf16, fp16
+    /// What travels instead of dense values: identity, topk:F, topk:F+sign, randk:F, sign, qsgd:S,
+    /// bf16, fp16
     /// (average, ec-local-sgd, choco, squarm).
     #[arg(long, value_parser = crate::spec::serde_name::<crate::compress::Compressor>)]
     #[serde(skip_serializing_if = "Option::is_none")]

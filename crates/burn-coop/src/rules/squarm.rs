@@ -48,7 +48,7 @@ pub fn default_consensus_step(compressor: Compressor) -> f64 {
     match compressor {
         Compressor::Identity | Compressor::Bf16 | Compressor::Fp16 => 1.0,
         Compressor::Sign | Compressor::Qsgd(_) => 0.8,
-        Compressor::TopK(_) | Compressor::RandK(_) => 0.04,
+        Compressor::TopK(_) | Compressor::TopKSign(_) | Compressor::RandK(_) => 0.04,
     }
 }
 
@@ -548,7 +548,13 @@ mod tests {
 
     #[test]
     fn choco_on_a_ring_of_four_follows_the_recurrence() {
-        for (compressor, gamma) in [(Compressor::Sign, 0.8), (Compressor::TopK(0.1), 0.5), (Compressor::Qsgd(4), 0.6)] {
+        let settings = [
+            (Compressor::Sign, 0.8),
+            (Compressor::TopK(0.1), 0.5),
+            (Compressor::TopKSign(0.2), 0.3),
+            (Compressor::Qsgd(4), 0.6),
+        ];
+        for (compressor, gamma) in settings {
             let runs = run(4, 60, 6, || Squarm::choco(ring(4), compressor, gamma), steps);
             let (expected, _) = reference(4, 60, 6, compressor, gamma, Trigger::ALWAYS, steps);
             for (i, (params, sent)) in runs.iter().enumerate() {
