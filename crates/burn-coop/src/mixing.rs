@@ -213,6 +213,13 @@ impl MixingMatrix {
         self.get(rank, rank)
     }
 
+    /// The mean number of neighbours per worker (off-diagonal non-zeros per row): the models a
+    /// gossip merge sends per worker.
+    pub fn mean_degree(&self) -> f64 {
+        let links: usize = (0..self.order()).map(|i| self.neighbors(i).len()).sum();
+        links as f64 / self.order().max(1) as f64
+    }
+
     /// The other workers `rank` mixes with and their weights `W[rank][j]`, in increasing `j`.
     pub fn neighbors(&self, rank: usize) -> Vec<(usize, f64)> {
         self.row(rank).iter().enumerate().filter(|&(j, &w)| j != rank && w != 0.0).map(|(j, &w)| (j, w)).collect()

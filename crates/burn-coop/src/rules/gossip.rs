@@ -238,10 +238,7 @@ impl MergeRule for Gossip {
     fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
         let model = 4.0 * values as f64;
         match &self.graph {
-            GossipGraph::Fixed(matrix) => {
-                let links: usize = (0..matrix.order()).map(|i| matrix.neighbors(i).len()).sum();
-                Some(model * links as f64 / world_size as f64)
-            }
+            GossipGraph::Fixed(matrix) => Some(model * matrix.mean_degree()),
             GossipGraph::OnePeerExponential(_) => Some(if world_size > 1 { model } else { 0.0 }),
         }
     }

@@ -434,13 +434,12 @@ impl MergeRule for Squarm {
         Ok(MergeOutcome { local_squared_distance: None, trigger })
     }
 
-    fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
+    fn expected_bytes_per_merge(&self, values: usize, _world_size: usize) -> Option<f64> {
         // Every message sent (choco): the payload to each neighbour.
         if self.event_triggered() {
             return None;
         }
-        let links: usize = (0..self.matrix.order()).map(|i| self.matrix.neighbors(i).len()).sum();
-        Some((self.compressor.payload_bytes(values) * links) as f64 / world_size as f64)
+        Some(self.compressor.payload_bytes(values) as f64 * self.matrix.mean_degree())
     }
 
     fn record(&self) -> StateRecord {
