@@ -28,7 +28,8 @@ pub struct CompareArgs {
     /// Steps the training loss is averaged over before comparing it with the target.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub window: u64,
-    /// Also write the table as `<PREFIX>.csv` and `<PREFIX>.md`.
+    /// Also write the table as `<PREFIX>.csv` and `<PREFIX>.md` (the extensions are appended:
+    /// `-o compare-0.65` writes `compare-0.65.csv`).
     #[arg(long, short)]
     pub output: Option<PathBuf>,
 }
@@ -161,7 +162,9 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     print!("{md}");
     if let Some(prefix) = &args.output {
         let write = |extension: &str, text: &str| {
-            let path = prefix.with_extension(extension);
+            let mut path = prefix.clone().into_os_string();
+            path.push(format!(".{extension}"));
+            let path = PathBuf::from(path);
             std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
         };
         write("csv", &csv)?;

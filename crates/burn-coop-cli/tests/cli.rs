@@ -162,7 +162,7 @@ fn compare_reports_time_and_bytes_to_the_synchronous_runs_final_loss() {
         out
     };
     let (sync, local) = (train("sync", &["--rule", "sync"]), train("local", &["--tau", "2"]));
-    let prefix = dir.path().join("table");
+    let prefix = dir.path().join("table-0.5");
     let output = coop(&[
         "compare",
         sync.to_str().unwrap(),
@@ -173,7 +173,8 @@ fn compare_reports_time_and_bytes_to_the_synchronous_runs_final_loss() {
         prefix.to_str().unwrap(),
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
-    let csv = std::fs::read_to_string(prefix.with_extension("csv")).unwrap();
+    let written = |extension: &str| std::fs::read_to_string(dir.path().join(format!("table-0.5.{extension}"))).unwrap();
+    let csv = written("csv");
     let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
     assert_eq!(rows[0][0], "sync");
     assert_eq!(rows[0][5], "1", "the synchronous run is its own reference");
@@ -183,7 +184,7 @@ fn compare_reports_time_and_bytes_to_the_synchronous_runs_final_loss() {
         let (to_target, whole): (f64, f64) = (row[3].parse().unwrap_or(0.0), row[8].parse().unwrap());
         assert!(whole >= to_target && whole > 0.0, "the whole run ({whole} s) ends after the target");
     }
-    assert!(std::fs::read_to_string(prefix.with_extension("md")).unwrap().contains("| sync (`sync`) |"));
+    assert!(written("md").contains("| sync (`sync`) |"), "the extension is appended to the prefix");
     let bad = coop(&["compare", local.to_str().unwrap()]);
     assert!(!bad.status.success() && stderr(&bad).contains("needs a synchronous run"), "{}", stderr(&bad));
 
