@@ -167,33 +167,15 @@ impl Compressor {
             Self::TopKSign(f) => {
                 let chosen = top_indices(values, Self::kept(f, values.len()));
                 chosen.iter().for_each(|i| out.extend_from_slice(&i.to_le_bytes()));
-                let total: f64 = chosen.iter().map(|&i| f64::from(values[i as usize].abs())).sum();
-                let scale = if chosen.is_empty() { 0.0 } else { (total / chosen.len() as f64) as f32 };
-                out.extend_from_slice(&scale.to_le_bytes());
-                out.extend(chosen.chunks(8).map(|chunk| {
-                    chunk
-                        .iter()
-                        .enumerate()
-                        .fold(0u8, |byte, (b, &i)| byte | (u8::from(values[i as usize].is_sign_negative()) << b))
-                }));
+                let selected: Vec<f32> = chosen.iter().map(|&i| values[i as usize]).collect();
+                push_scaled_signs(&selected, out);
             }
             Self::RandK(f) => {
                 for i in random_indices(values.len(), Self::kept(f, values.len()), ctx) {
                     out.extend_from_slice(&values[i].to_le_bytes());
                 }
             }
-            Self::Sign => {
-                let scale = if values.is_empty() {
-                    0.0
-                } else {
-                    (values.iter().map(|v| f64::from(v.abs())).sum::<f64>() / values.len() as f64) as f32
-                };
-                out.extend_from_slice(&scale.to_le_bytes());
-                // Eight sign bits a byte, the first value in the lowest bit (BitWriter's order).
-                out.extend(values.chunks(8).map(|chunk| {
-                    chunk.iter().enumerate().fold(0u8, |byte, (b, v)| byte | (u8::from(v.is_sign_negative()) << b))
-                }));
-            }
+            Self::Sign => push_scaled_signs(values, out),
             Self::Qsgd(levels) => {
                 let norm = values.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt() as f32;
                 out.extend_from_slice(&norm.to_le_bytes());
@@ -260,7 +242,7 @@ impl Compressor {
                 let scale = f32_at(k);
                 let signs = &body[4 * k + 4..];
                 for (j, index) in indices.into_iter().enumerate() {
-                    out[index] = if (signs[j / 8] >> (j % 8)) & 1 == 1 { -scale } else { scale };
+                    out[index] = scaled_sign(signs, j, scale);
                 }
             }
             Self::RandK(f) => {
@@ -270,11 +252,7 @@ impl Compressor {
             }
             Self::Sign => {
                 let scale = f32_at(0);
-                for (chunk, byte) in out.chunks_mut(8).zip(&body[4..]) {
-                    for (b, v) in chunk.iter_mut().enumerate() {
-                        *v = if (byte >> b) & 1 == 1 { -scale } else { scale };
-                    }
-                }
+                out.iter_mut().enumerate().for_each(|(j, v)| *v = scaled_sign(&body[4..], j, scale));
             }
             Self::Qsgd(levels) => {
                 let norm = f32_at(0);
@@ -300,6 +278,24 @@ impl Compressor {
         }
         Ok(())
     }
+}
+
+/// Scaled sign of `values`: their mean magnitude (`f32`, summed in `f64`), then eight sign bits a
+/// byte, the first value in the lowest bit (BitWriter's order).
+fn push_scaled_signs(values: &[f32], out: &mut Vec<u8>) {
+    let total: f64 = values.iter().map(|v| f64::from(v.abs())).sum();
+    let scale = if values.is_empty() { 0.0 } else { (total / values.len() as f64) as f32 };
+    out.extend_from_slice(&scale.to_le_bytes());
+    out.extend(
+        values.chunks(8).map(|chunk| {
+            chunk.iter().enumerate().fold(0u8, |byte, (b, v)| byte | (u8::from(v.is_sign_negative()) << b))
+        }),
+    );
+}
+
+/// The `j`-th value of a scaled-sign message: `-scale` where its bit is set, `scale` otherwise.
+fn scaled_sign(bits: &[u8], j: usize, scale: f32) -> f32 {
+    if (bits[j / 8] >> (j % 8)) & 1 == 1 { -scale } else { scale }
 }
 
 /// The indices of the `k` largest magnitudes (ties to the lower index), in increasing order.
