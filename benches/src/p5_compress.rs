@@ -1,7 +1,8 @@
 //! P5: what compressing a merge's message costs in computation.
 //!
-//! For each compressor, one worker's message for ResNet-20 (every weight and BatchNorm buffer,
-//! values drawn from a normal-like spread) is encoded and decoded back into a dense buffer, as a
+//! For each compressor, one worker's message for ResNet-20 (every weight tensor compressed on its
+//! own, the BatchNorm buffers exact, as a training run sends them; values drawn from a
+//! normal-like spread) is encoded and decoded back into a dense buffer, as a
 //! compressed merge does for its own message; the time of both is compared with the least a
 //! dense merge costs this worker in memory traffic: its model read once and written once at the
 //! `memcpy` bandwidth measured in the same run (P2's bound, per worker). A ratio above 1 means
@@ -13,14 +14,17 @@ use std::time::Instant;
 use burn_coop::compress::{CompressContext, Compressor};
 
 use crate::p2_merge::memcpy_bandwidth;
-use crate::setup::{flat_len, fmt_seconds, median, reference_device, resnet};
+use crate::setup::{fmt_seconds, median, reference_device, resnet};
 use crate::{BenchError, Goal, Options, Row};
 
 /// Runs P5.
 pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let scale = options.scale;
     let reps = scale.pick(30, 3);
-    let n = flat_len(&resnet(scale.depth(), &reference_device())?);
+    let segments =
+        burn_coop::ParamLayout::of(&resnet(scale.depth(), &reference_device())?, burn_coop::BufferPolicy::Merge)
+            .segments();
+    let n = segments.len();
     let values: Vec<f32> = (0..n).map(|k| (((k * 7919) % 1000) as f32 / 500.0 - 1.0) * 0.05).collect();
     let bandwidth = memcpy_bandwidth(n, scale.pick(50, 3));
     let bound = (2 * n * 4) as f64 / bandwidth;
@@ -40,8 +44,8 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
         for round in 0..reps as u64 + 2 {
             let ctx = CompressContext { seed: 1, round, rank: 0 };
             let start = Instant::now();
-            compressor.compress(&values, ctx, &mut payload);
-            compressor.decompress(&payload, n, ctx, &mut decoded)?;
+            compressor.compress(&values, &segments, ctx, &mut payload);
+            compressor.decompress(&payload, &segments, ctx, &mut decoded)?;
             std::hint::black_box(&decoded);
             times.push(start.elapsed().as_secs_f64());
         }

@@ -1,6 +1,6 @@
 //! Compressors: what a worker sends instead of its dense `f32` buffer, as compact byte payloads.
 //!
-//! | spec | payload (after an 8-byte header: kind, flags, value count) | bytes for `n` values |
+//! | spec | body of one tensor of `n` values | bytes for `n` values |
 //! |---|---|---|
 //! | `identity` | the values, `f32` little-endian | `4n` |
 //! | `topk:F` | the `k = ⌈F·n⌉` largest magnitudes: `u32` indices (increasing) then `f32` values | `8k` |
@@ -10,9 +10,15 @@
 //! | `qsgd:S` | `‖v‖₂` (`f32`) and per value a sign bit and a level in `0..=S`, packed (QSGD, Alistarh et al., NeurIPS 2017: `v_i ≈ ‖v‖₂ · sign(v_i) · ℓ_i/S` with `ℓ_i` rounded up with probability `S|v_i|/‖v‖₂ − ⌊S|v_i|/‖v‖₂⌋`, so the decoded value is unbiased) | `4 + ⌈n(1 + ⌈log₂(S+1)⌉)/8⌉` |
 //! | `bf16`, `fp16` | each value rounded to nearest-even in 16 bits | `2n` |
 //!
+//! A payload is an 8-byte header (kind, flags, value count) followed by one body per
+//! [`Segment`] of the buffer, in order: each tensor of a model is compressed on its own (its own
+//! scale, norm, top-k share), and exact segments (buffers such as BatchNorm running statistics)
+//! travel as `f32`, `4n` bytes ([`Segments`]). Without a split the buffer is one tensor.
+//!
 //! The metered bytes of a compressed merge are the payloads' real sizes. Random choices
 //! (rand-k's indices, QSGD's rounding) come from [`crate::random::uniform`] with the shared seed,
-//! the merge round and, for QSGD, the worker's rank, so they are reproducible and a resumed run
+//! the merge round, the segment (rand-k) or the value's position (QSGD) and, for QSGD, the
+//! worker's rank, so they are reproducible and a resumed run
 //! draws the same. Decoding checks the header, the value count and the payload's length and
 //! rejects a malformed payload with a [`CompressError`], never a panic.
 
@@ -137,26 +143,54 @@ impl Compressor {
         1 + (u32::BITS - levels.leading_zeros()) as usize
     }
 
-    /// The exact payload size, header included, for a buffer of `n` values.
-    pub fn payload_bytes(self, n: usize) -> usize {
+    /// The exact payload size, header included, for a buffer split into `segments`.
+    pub fn payload_bytes(self, segments: &Segments) -> usize {
         HEADER_BYTES
-            + match self {
-                Self::Identity => 4 * n,
-                Self::TopK(f) => 8 * Self::kept(f, n),
-                Self::TopKSign(f) => 4 * Self::kept(f, n) + 4 + Self::kept(f, n).div_ceil(8),
-                Self::RandK(f) => 4 * Self::kept(f, n),
-                Self::Sign => 4 + n.div_ceil(8),
-                Self::Qsgd(s) => 4 + (n * Self::qsgd_bits(s)).div_ceil(8),
-                Self::Bf16 | Self::Fp16 => 2 * n,
-            }
+            + segments.parts.iter().map(|s| if s.exact { 4 * s.len } else { self.body_bytes(s.len) }).sum::<usize>()
     }
 
-    /// Compresses `values` into `out` (replacing its contents).
-    pub fn compress(self, values: &[f32], ctx: CompressContext, out: &mut Vec<u8>) {
+    /// The bytes one compressed tensor of `n` values takes after the header.
+    fn body_bytes(self, n: usize) -> usize {
+        match self {
+            Self::Identity => 4 * n,
+            Self::TopK(f) => 8 * Self::kept(f, n),
+            Self::TopKSign(f) => 4 * Self::kept(f, n) + 4 + Self::kept(f, n).div_ceil(8),
+            Self::RandK(f) => 4 * Self::kept(f, n),
+            Self::Sign => 4 + n.div_ceil(8),
+            Self::Qsgd(s) => 4 + (n * Self::qsgd_bits(s)).div_ceil(8),
+            Self::Bf16 | Self::Fp16 => 2 * n,
+        }
+    }
+
+    /// Compresses `values`, split into `segments` (which must cover them exactly), into `out`
+    /// (replacing its contents): every tensor on its own, exact segments as `f32`.
+    ///
+    /// # Panics
+    /// If `segments` does not have `values.len()` values (a caller's bug: rules check it first).
+    pub fn compress(self, values: &[f32], segments: &Segments, ctx: CompressContext, out: &mut Vec<u8>) {
+        assert_eq!(
+            segments.len(),
+            values.len(),
+            "segments of {} values for a buffer of {}",
+            segments.len(),
+            values.len()
+        );
         out.clear();
-        out.reserve(self.payload_bytes(values.len()));
+        out.reserve(self.payload_bytes(segments));
         out.extend_from_slice(&[self.kind(), 0, 0, 0]);
         out.extend_from_slice(&(values.len() as u32).to_le_bytes());
+        for (index, (range, segment)) in segments.iter().enumerate() {
+            let part = &values[range.clone()];
+            if segment.exact {
+                part.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+            } else {
+                self.encode_tensor(part, Place { offset: range.start, index }, ctx, out);
+            }
+        }
+    }
+
+    /// Appends one tensor's compressed values (no header).
+    fn encode_tensor(self, values: &[f32], place: Place, ctx: CompressContext, out: &mut Vec<u8>) {
         match self {
             Self::Identity => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
             Self::TopK(f) => {
@@ -171,7 +205,7 @@ impl Compressor {
                 push_scaled_signs(&selected, out);
             }
             Self::RandK(f) => {
-                for i in random_indices(values.len(), Self::kept(f, values.len()), ctx) {
+                for i in random_indices(values.len(), Self::kept(f, values.len()), ctx, place.index) {
                     out.extend_from_slice(&values[i].to_le_bytes());
                 }
             }
@@ -184,8 +218,8 @@ impl Compressor {
                 for (i, v) in values.iter().enumerate() {
                     let scaled = if norm > 0.0 { f64::from(v.abs() / norm) * f64::from(levels) } else { 0.0 };
                     let floor = scaled.floor();
-                    let u =
-                        uniform(ctx.seed ^ 0x5153_4744, ctx.round.wrapping_mul(1 << 20) ^ ctx.rank as u64, i as u64);
+                    let draw = (place.offset + i) as u64;
+                    let u = uniform(ctx.seed ^ 0x5153_4744, ctx.round.wrapping_mul(1 << 20) ^ ctx.rank as u64, draw);
                     let level = (floor as u32 + u32::from(u < scaled - floor)).min(levels);
                     bits.push(u32::from(v.is_sign_negative()), 1);
                     bits.push(level, width);
@@ -197,17 +231,18 @@ impl Compressor {
         }
     }
 
-    /// Decodes `payload` (made by this compressor for a buffer of `len` values) into `out`, a
-    /// dense buffer of `len` values (zeros where nothing was sent).
+    /// Decodes `payload` (made by this compressor for a buffer split into `segments`) into
+    /// `out`, a dense buffer of `segments.len()` values (zeros where nothing was sent).
     pub fn decompress(
         self,
         payload: &[u8],
-        len: usize,
+        segments: &Segments,
         ctx: CompressContext,
         out: &mut Vec<f32>,
     ) -> Result<(), CompressError> {
         let name = self.to_string();
-        let expected = self.payload_bytes(len);
+        let len = segments.len();
+        let expected = self.payload_bytes(segments);
         if payload.len() < HEADER_BYTES {
             return Err(CompressError::Truncated { compressor: name, len: payload.len(), expected });
         }
@@ -224,21 +259,46 @@ impl Compressor {
         if payload.len() > expected {
             return Err(CompressError::TrailingBytes { compressor: name, extra: payload.len() - expected });
         }
-        let body = &payload[HEADER_BYTES..];
-        let f32_at = |k: usize| f32::from_le_bytes(body[4 * k..4 * k + 4].try_into().expect("4 bytes"));
         out.clear();
         out.resize(len, 0.0);
+        let mut at = HEADER_BYTES;
+        for (index, (range, segment)) in segments.iter().enumerate() {
+            let size = if segment.exact { 4 * segment.len } else { self.body_bytes(segment.len) };
+            let (body, part) = (&payload[at..at + size], &mut out[range.clone()]);
+            if segment.exact {
+                part.iter_mut()
+                    .zip(body.chunks_exact(4))
+                    .for_each(|(v, b)| *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            } else {
+                self.decode_tensor(body, part, Place { offset: range.start, index }, ctx, &name)?;
+            }
+            at += size;
+        }
+        Ok(())
+    }
+
+    /// Decodes one tensor's body (of exactly [`Compressor::body_bytes`]) into `out`, zeroed.
+    fn decode_tensor(
+        self,
+        body: &[u8],
+        out: &mut [f32],
+        place: Place,
+        ctx: CompressContext,
+        name: &str,
+    ) -> Result<(), CompressError> {
+        let len = out.len();
+        let f32_at = |k: usize| f32::from_le_bytes(body[4 * k..4 * k + 4].try_into().expect("4 bytes"));
         match self {
             Self::Identity => (0..len).for_each(|k| out[k] = f32_at(k)),
             Self::TopK(f) => {
                 let k = Self::kept(f, len);
-                for (j, index) in read_indices(body, k, len, &name)?.into_iter().enumerate() {
+                for (j, index) in read_indices(body, k, len, name)?.into_iter().enumerate() {
                     out[index] = f32_at(k + j);
                 }
             }
             Self::TopKSign(f) => {
                 let k = Self::kept(f, len);
-                let indices = read_indices(body, k, len, &name)?;
+                let indices = read_indices(body, k, len, name)?;
                 let scale = f32_at(k);
                 let signs = &body[4 * k + 4..];
                 for (j, index) in indices.into_iter().enumerate() {
@@ -246,7 +306,7 @@ impl Compressor {
                 }
             }
             Self::RandK(f) => {
-                for (j, i) in random_indices(len, Self::kept(f, len), ctx).into_iter().enumerate() {
+                for (j, i) in random_indices(len, Self::kept(f, len), ctx, place.index).into_iter().enumerate() {
                     out[i] = f32_at(j);
                 }
             }
@@ -262,8 +322,8 @@ impl Compressor {
                     let negative = bits.take(1) == 1;
                     let level = bits.take(width);
                     if level > levels {
-                        let reason = format!("level {level} of value {i} above {levels}");
-                        return Err(CompressError::Malformed { compressor: name, reason });
+                        let reason = format!("level {level} of value {} above {levels}", place.offset + i);
+                        return Err(CompressError::Malformed { compressor: name.to_string(), reason });
                     }
                     let magnitude = norm * level as f32 / levels as f32;
                     *v = if negative { -magnitude } else { magnitude };
@@ -277,6 +337,90 @@ impl Compressor {
             }),
         }
         Ok(())
+    }
+}
+
+/// Where a tensor sits: the position of its first value in the buffer (QSGD's random draws are
+/// indexed by it) and its rank among the segments (rand-k's draws are).
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    offset: usize,
+    index: usize,
+}
+
+/// One run of consecutive values of a flat buffer: a tensor, compressed on its own, or values
+/// that travel exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    /// Number of values.
+    pub len: usize,
+    /// Whether the values travel as exact `f32` (buffers such as BatchNorm running statistics).
+    pub exact: bool,
+}
+
+/// How a flat buffer splits into the tensors it holds, for compression. Each tensor is
+/// compressed on its own, with its own scale (sign), norm (QSGD) and share of top-k or rand-k
+/// (at least one value each), so a tensor of small values is not drowned by a large one.
+/// Buffers (BatchNorm running means and variances, [`TensorRole::Buffer`](crate::params::TensorRole))
+/// travel exact: a lossy compressor would bias them, and a scaled sign could make a variance
+/// negative. Built from a model with [`ParamLayout::segments`](crate::params::ParamLayout::segments);
+/// a buffer without a split is one tensor ([`Segments::whole`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Segments {
+    parts: Vec<Segment>,
+    len: usize,
+}
+
+impl Segments {
+    /// `segments` in buffer order (empty ones are dropped).
+    pub fn new(segments: impl IntoIterator<Item = Segment>) -> Self {
+        let parts: Vec<Segment> = segments.into_iter().filter(|s| s.len > 0).collect();
+        let len = parts.iter().map(|s| s.len).sum();
+        Self { parts, len }
+    }
+
+    /// One compressed tensor of `len` values.
+    pub fn whole(len: usize) -> Self {
+        Self::new([Segment { len, exact: false }])
+    }
+
+    /// Number of values covered.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no value is covered.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of segments.
+    pub fn count(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Each segment with the range of the buffer it covers, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (std::ops::Range<usize>, Segment)> + '_ {
+        self.parts.iter().scan(0, |start, &segment| {
+            let range = *start..*start + segment.len;
+            *start = range.end;
+            Some((range, segment))
+        })
+    }
+
+    /// The split to use for a buffer of `len` values: `split` when there is one (`None` when it
+    /// covers another number of values), else the whole buffer as one tensor.
+    pub fn resolve(split: Option<&Self>, len: usize) -> Option<Self> {
+        match split {
+            None => Some(Self::whole(len)),
+            Some(split) if split.len == len => Some(split.clone()),
+            Some(_) => None,
+        }
+    }
+
+    /// The ranges of the values a lossy compressor acts on (every segment but the exact ones).
+    pub fn compressed_ranges(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        self.iter().filter(|(_, s)| !s.exact).map(|(range, _)| range)
     }
 }
 
@@ -325,12 +469,13 @@ fn read_indices(body: &[u8], k: usize, len: usize, name: &str) -> Result<Vec<usi
     Ok(indices)
 }
 
-/// `k` distinct indices below `n`, the same on every worker for one seed and round (Floyd's
-/// algorithm), in increasing order.
-fn random_indices(n: usize, k: usize, ctx: CompressContext) -> Vec<usize> {
+/// `k` distinct indices below `n`, the same on every worker for one seed, round and segment
+/// (Floyd's algorithm), in increasing order.
+fn random_indices(n: usize, k: usize, ctx: CompressContext, segment: usize) -> Vec<usize> {
     let mut chosen = std::collections::BTreeSet::new();
     for (step, j) in (n - k..n).enumerate() {
-        let t = (uniform(ctx.seed ^ 0x5241_4e44, ctx.round, step as u64) * (j + 1) as f64) as usize;
+        let draw = step as u64 | (segment as u64) << 40;
+        let t = (uniform(ctx.seed ^ 0x5241_4e44, ctx.round, draw) * (j + 1) as f64) as usize;
         let t = t.min(j);
         if !chosen.insert(t) {
             chosen.insert(j);
@@ -468,10 +613,14 @@ mod tests {
     }
 
     fn round_trip(c: Compressor, v: &[f32]) -> (Vec<u8>, Vec<f32>) {
+        split_round_trip(c, v, &Segments::whole(v.len()))
+    }
+
+    fn split_round_trip(c: Compressor, v: &[f32], segments: &Segments) -> (Vec<u8>, Vec<f32>) {
         let mut payload = Vec::new();
-        c.compress(v, CTX, &mut payload);
+        c.compress(v, segments, CTX, &mut payload);
         let mut out = Vec::new();
-        c.decompress(&payload, v.len(), CTX, &mut out).unwrap();
+        c.decompress(&payload, segments, CTX, &mut out).unwrap();
         (payload, out)
     }
 
@@ -483,14 +632,14 @@ mod tests {
         {
             let c: Compressor = spec.parse().unwrap();
             let (payload, _) = round_trip(c, &values(n));
-            assert_eq!(payload.len(), c.payload_bytes(n), "{spec}");
+            assert_eq!(payload.len(), c.payload_bytes(&Segments::whole(n)), "{spec}");
         }
         // Top-1% of ResNet-20's buffer: 1% of the values, each with its index, and the header.
-        let resnet20 = 271_098;
-        assert_eq!(Compressor::TopK(0.01).payload_bytes(resnet20), 8 + 8 * 2711);
-        assert_eq!(Compressor::TopKSign(0.01).payload_bytes(resnet20), 8 + 4 * 2711 + 4 + 339);
-        assert_eq!(Compressor::Sign.payload_bytes(resnet20), 8 + 4 + 33_888);
-        assert_eq!(Compressor::Qsgd(16).payload_bytes(resnet20), 8 + 4 + (resnet20 * 6).div_ceil(8));
+        let resnet20 = Segments::whole(271_098);
+        assert_eq!(Compressor::TopK(0.01).payload_bytes(&resnet20), 8 + 8 * 2711);
+        assert_eq!(Compressor::TopKSign(0.01).payload_bytes(&resnet20), 8 + 4 * 2711 + 4 + 339);
+        assert_eq!(Compressor::Sign.payload_bytes(&resnet20), 8 + 4 + 33_888);
+        assert_eq!(Compressor::Qsgd(16).payload_bytes(&resnet20), 8 + 4 + (271_098usize * 6).div_ceil(8));
     }
 
     #[test]
@@ -514,8 +663,9 @@ mod tests {
         }));
         // Rand-k: the values at the shared indices, the same indices for every worker's ctx rank.
         let (_, rand) = round_trip(Compressor::RandK(0.1), &v);
-        let idx = random_indices(500, 50, CTX);
-        assert_eq!(idx, random_indices(500, 50, CompressContext { rank: 3, ..CTX }));
+        let idx = random_indices(500, 50, CTX, 0);
+        assert_eq!(idx, random_indices(500, 50, CompressContext { rank: 3, ..CTX }, 0));
+        assert_ne!(idx, random_indices(500, 50, CTX, 1), "another segment draws other indices");
         assert!(idx.windows(2).all(|w| w[0] < w[1]) && idx.len() == 50);
         assert!((0..500).all(|i| if idx.contains(&i) { rand[i] == v[i] } else { rand[i] == 0.0 }));
         // Sign: ± the mean magnitude.
@@ -538,9 +688,9 @@ mod tests {
         for round in 0..rounds {
             let ctx = CompressContext { round, ..CTX };
             let mut payload = Vec::new();
-            Compressor::Qsgd(4).compress(&v, ctx, &mut payload);
+            Compressor::Qsgd(4).compress(&v, &Segments::whole(64), ctx, &mut payload);
             let mut out = Vec::new();
-            Compressor::Qsgd(4).decompress(&payload, 64, ctx, &mut out).unwrap();
+            Compressor::Qsgd(4).decompress(&payload, &Segments::whole(64), ctx, &mut out).unwrap();
             for (m, o) in mean.iter_mut().zip(&out) {
                 let level = f64::from(o.abs()) / norm * 4.0;
                 assert!((level - level.round()).abs() < 1e-4, "a value off the levels: {level}");
@@ -556,24 +706,26 @@ mod tests {
     fn malformed_payloads_are_errors() {
         let v = values(100);
         let c = Compressor::TopK(0.05);
+        let whole = Segments::whole(100);
         let mut payload = Vec::new();
-        c.compress(&v, CTX, &mut payload);
+        c.compress(&v, &whole, CTX, &mut payload);
         let mut out = Vec::new();
-        let decode = |p: &[u8], out: &mut Vec<f32>| c.decompress(p, 100, CTX, out);
+        let decode = |p: &[u8], out: &mut Vec<f32>| c.decompress(p, &whole, CTX, out);
         assert!(matches!(decode(&payload[..5], &mut out), Err(CompressError::Truncated { .. })));
         assert!(matches!(decode(&payload[..payload.len() - 1], &mut out), Err(CompressError::Truncated { .. })));
         let mut longer = payload.clone();
         longer.push(0);
         assert!(matches!(decode(&longer, &mut out), Err(CompressError::TrailingBytes { extra: 1, .. })));
-        assert!(matches!(c.decompress(&payload, 99, CTX, &mut out), Err(CompressError::WrongLength { .. })));
+        let shorter = Segments::whole(99);
+        assert!(matches!(c.decompress(&payload, &shorter, CTX, &mut out), Err(CompressError::WrongLength { .. })));
         let mut foreign = payload.clone();
         foreign[0] = Compressor::Sign.kind();
         assert!(matches!(decode(&foreign, &mut out), Err(CompressError::WrongKind { .. })));
         // A top-k-then-sign payload with an index out of range.
         let mut signs = Vec::new();
-        Compressor::TopKSign(0.05).compress(&v, CTX, &mut signs);
+        Compressor::TopKSign(0.05).compress(&v, &whole, CTX, &mut signs);
         signs[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&100u32.to_le_bytes());
-        let result = Compressor::TopKSign(0.05).decompress(&signs, 100, CTX, &mut out);
+        let result = Compressor::TopKSign(0.05).decompress(&signs, &whole, CTX, &mut out);
         assert!(matches!(result, Err(CompressError::Malformed { .. })), "{result:?}");
         let mut bad_index = payload.clone();
         bad_index[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&500u32.to_le_bytes());
@@ -584,9 +736,56 @@ mod tests {
         assert!(matches!(decode(&repeated, &mut out), Err(CompressError::Malformed { .. })));
         // A QSGD level above S (all ones in a 3-bit field for S = 4).
         let mut q = Vec::new();
-        Compressor::Qsgd(4).compress(&v, CTX, &mut q);
+        Compressor::Qsgd(4).compress(&v, &whole, CTX, &mut q);
         q[HEADER_BYTES + 4] = 0xFF;
-        assert!(matches!(Compressor::Qsgd(4).decompress(&q, 100, CTX, &mut out), Err(CompressError::Malformed { .. })));
+        assert!(matches!(
+            Compressor::Qsgd(4).decompress(&q, &whole, CTX, &mut out),
+            Err(CompressError::Malformed { .. })
+        ));
+        // A split payload whose second tensor's index leaves that tensor (60 values, 3 kept).
+        let split = Segments::new([Segment { len: 40, exact: false }, Segment { len: 60, exact: false }]);
+        c.compress(&v, &split, CTX, &mut payload);
+        let second = HEADER_BYTES + 8 * 2;
+        payload[second..second + 4].copy_from_slice(&60u32.to_le_bytes());
+        assert!(matches!(c.decompress(&payload, &split, CTX, &mut out), Err(CompressError::Malformed { .. })));
+    }
+
+    #[test]
+    fn every_tensor_is_compressed_on_its_own_and_exact_segments_travel_exact() {
+        // Two tensors of very different magnitudes, then a buffer (a running variance).
+        let v = [1.0f32, -1.0, 3.0, 100.0, -100.0, 300.0, 0.5, 0.25];
+        let split = Segments::new([
+            Segment { len: 3, exact: false },
+            Segment { len: 0, exact: false },
+            Segment { len: 3, exact: false },
+            Segment { len: 2, exact: true },
+        ]);
+        assert_eq!((split.len(), split.count()), (8, 3));
+        assert_eq!(split.compressed_ranges().collect::<Vec<_>>(), [0..3, 3..6]);
+        // Sign: each tensor's own mean magnitude (5/3 and 500/3), the buffer untouched.
+        let (payload, sign) = split_round_trip(Compressor::Sign, &v, &split);
+        let (small, large) = ((5.0f64 / 3.0) as f32, (500.0f64 / 3.0) as f32);
+        assert_eq!(sign, [small, -small, small, large, -large, large, 0.5, 0.25]);
+        assert_eq!(payload.len(), 8 + (4 + 1) + (4 + 1) + 4 * 2);
+        assert_eq!(payload.len(), Compressor::Sign.payload_bytes(&split));
+        // One scale for the whole buffer overshoots the small tensor and the buffer's values.
+        let (_, whole) = round_trip(Compressor::Sign, &v);
+        assert_eq!(whole[0], (v.iter().map(|x| f64::from(x.abs())).sum::<f64>() / 8.0) as f32);
+        // QSGD: each tensor's own norm, so the small tensor keeps its relative precision.
+        let (_, q) = split_round_trip(Compressor::Qsgd(1 << 16), &v, &split);
+        assert!(q.iter().zip(&v).all(|(a, b)| (a - b).abs() <= 1e-4 * b.abs().max(1.0)), "{q:?}");
+        assert_eq!(&q[6..], &v[6..]);
+        // Top-k: at least one value from every tensor, the buffer whole.
+        let (payload, top) = split_round_trip(Compressor::TopK(0.01), &v, &split);
+        assert_eq!(top, [0.0, 0.0, 3.0, 0.0, 0.0, 300.0, 0.5, 0.25]);
+        assert_eq!(payload.len(), 8 + 8 + 8 + 4 * 2);
+        // Every compressor round-trips a split buffer with the exact segment untouched.
+        for spec in ["identity", "topk:0.5", "topk:0.5+sign", "randk:0.5", "sign", "qsgd:4", "bf16", "fp16"] {
+            let c: Compressor = spec.parse().unwrap();
+            let (payload, out) = split_round_trip(c, &v, &split);
+            assert_eq!(payload.len(), c.payload_bytes(&split), "{spec}");
+            assert_eq!(&out[6..], &v[6..], "{spec}");
+        }
     }
 
     #[test]

@@ -9,6 +9,8 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::compress::{Segment, Segments};
+
 /// What happens to buffers — float tensors that do not require gradients, such as BatchNorm's
 /// running mean and variance — at a merge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -148,6 +150,17 @@ impl ParamLayout {
     /// Number of values that are trainable parameters.
     pub fn parameter_count(&self) -> usize {
         self.slots.iter().filter(|s| s.role == TensorRole::Parameter).map(Slot::len).sum()
+    }
+
+    /// The flat buffer split into its tensors for compression: one segment per included tensor,
+    /// buffers (BatchNorm running statistics) marked exact.
+    pub fn segments(&self) -> Segments {
+        Segments::new(
+            self.slots
+                .iter()
+                .filter(|slot| slot.offset.is_some())
+                .map(|slot| Segment { len: slot.len(), exact: slot.role == TensorRole::Buffer }),
+        )
     }
 
     /// Copies the module's tensors into `out` (resized to [`ParamLayout::len`]).

@@ -240,7 +240,9 @@ impl Synchronizer {
 
     fn ensure_layout<M: Module>(&mut self, module: &M) {
         if self.layout.is_none() {
-            self.layout = Some(ParamLayout::of(module, self.buffer_policy));
+            let layout = ParamLayout::of(module, self.buffer_policy);
+            self.rule.set_segments(&layout.segments());
+            self.layout = Some(layout);
         }
     }
 

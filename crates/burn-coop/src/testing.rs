@@ -178,6 +178,9 @@ impl<R: MergeRule> MergeRule for TwoPhase<R> {
     fn validate(&self, world_size: usize) -> Result<(), RuleError> {
         self.0.validate(world_size)
     }
+    fn set_segments(&mut self, segments: &crate::compress::Segments) {
+        self.0.set_segments(segments)
+    }
     fn start(&mut self, initial: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
         self.0.start(initial, ctx, comm)
     }

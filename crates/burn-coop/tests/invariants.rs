@@ -451,6 +451,14 @@ fn modules_round_trip_through_flat_buffers() {
     assert_eq!(layout.len(), 42);
     assert_eq!(layout.parameter_count(), 34);
     assert_eq!(ParamLayout::of(&model, BufferPolicy::KeepLocal).len(), 34);
+    // For compression: one segment per tensor, the two running statistics exact.
+    let segments = layout.segments();
+    assert_eq!((segments.len(), segments.count()), (42, 8));
+    let exact: Vec<usize> = segments.iter().filter(|(_, s)| s.exact).map(|(range, _)| range.len()).collect();
+    assert_eq!(exact, [4, 4]);
+    assert_eq!(segments.compressed_ranges().map(|range| range.len()).sum::<usize>(), 34);
+    let local = ParamLayout::of(&model, BufferPolicy::KeepLocal).segments();
+    assert_eq!((local.len(), local.count(), local.compressed_ranges().count()), (34, 6, 6));
     let values: Vec<f32> = (0..42).map(|k| k as f32 * 0.5 - 3.0).collect();
     let model = layout.unflatten(model, &values).unwrap();
     assert_eq!(layout.flatten(&model).unwrap(), values);

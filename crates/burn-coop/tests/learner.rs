@@ -21,11 +21,12 @@ struct Synthetic {
     batch: usize,
     panic_at: Option<(usize, usize)>,
     nan_at: Option<(usize, usize)>,
+    nan_test_loss: bool,
 }
 
 impl Synthetic {
     fn new() -> Self {
-        Self { batches: 6, batch: 8, panic_at: None, nan_at: None }
+        Self { batches: 6, batch: 8, panic_at: None, nan_at: None, nan_test_loss: false }
     }
 
     fn points(&self, seed: usize, n: usize, device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
@@ -71,11 +72,8 @@ impl CoopTask for Synthetic {
         let logits = model.forward(x);
         let loss = CrossEntropyLossConfig::new().init(device).forward(logits.clone(), y.clone());
         let correct = logits.argmax(1).squeeze_dim::<1>(1).equal(y).int().sum().into_scalar::<i64>();
-        Evaluation {
-            loss_sum: f64::from(loss.into_scalar::<f32>()) * chunk as f64,
-            correct: correct as u64,
-            count: chunk as u64,
-        }
+        let loss = if self.nan_test_loss { f32::NAN } else { loss.into_scalar::<f32>() };
+        Evaluation { loss_sum: f64::from(loss) * chunk as f64, correct: correct as u64, count: chunk as u64 }
     }
 }
 
@@ -214,6 +212,20 @@ fn a_panicking_worker_stops_the_run_with_its_message() {
         matches!(&error, LearnerError::WorkerPanicked { worker: 1, message } if message == "data shard of worker 1 is unreadable"),
         "{error}"
     );
+    std::fs::remove_dir_all(&config.output).unwrap();
+}
+
+#[test]
+fn a_nan_test_loss_stops_the_run_with_its_cause() {
+    let config = config("nan-test", RuleSpec::Average(AveragingConfig::default()));
+    let task = Synthetic { nan_test_loss: true, ..Synthetic::new() };
+    let error = run(task, &config).unwrap_err();
+    assert!(matches!(error, LearnerError::NonFiniteTestLoss { step: 6, non_finite: 0, values: 42, .. }), "{error}");
+    assert_eq!(
+        error.to_string(),
+        "the average model's test loss is NaN at step 6: 0 of its 42 values are NaN or infinite (all finite: look at the buffers, e.g. a BatchNorm running variance below zero); the last good checkpoint is kept"
+    );
+    assert!(!config.output.join("epochs.csv").exists() || lines(&config.output.join("epochs.csv")).len() == 1);
     std::fs::remove_dir_all(&config.output).unwrap();
 }
 

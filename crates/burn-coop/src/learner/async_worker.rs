@@ -283,7 +283,7 @@ pub(super) fn run_async_worker<T: CoopTask>(
         values[rank] = epoch_loss;
         values[workers + rank] = comm.traffic().total().bytes_sent as f64;
         comm.inner_mut().all_reduce_f64(&mut values).map_err(CoopError::from)?;
-        let (average, evaluation) = evaluate_average(task, &model, comm.inner_mut(), &device)?;
+        let (average, evaluation) = evaluate_average(task, &model, step, comm.inner_mut(), &device)?;
         let losses = values[..workers].to_vec();
         let metrics = EpochMetrics {
             epoch,

@@ -57,6 +57,22 @@ pub enum LearnerError {
         /// The loss value.
         loss: f64,
     },
+    /// The average model's test loss became NaN or infinite at an epoch's end.
+    #[error(
+        "the average model's test loss is {loss} at step {step}: {non_finite} of its {values} values are NaN or infinite{hint}; the last good checkpoint is kept"
+    )]
+    NonFiniteTestLoss {
+        /// The step (1-based) the epoch ended at.
+        step: u64,
+        /// The test loss.
+        loss: f64,
+        /// Values of the average model (weights and buffers) that are not finite.
+        non_finite: usize,
+        /// Values of the average model.
+        values: usize,
+        /// What to look at when every value is finite.
+        hint: &'static str,
+    },
     /// A worker thread panicked.
     #[error("worker {worker} panicked: {message}")]
     WorkerPanicked {

@@ -190,7 +190,7 @@ pub fn run_worker<T: CoopTask>(
                 gather(&mut sync, epoch_sum / epoch_n.max(1) as f64, (0.0, 0.0), None)?;
             epoch_sum = 0.0;
             epoch_n = 0;
-            let (average, evaluation) = evaluate_average(task, &model, sync.comm(), &device)?;
+            let (average, evaluation) = evaluate_average(task, &model, step, sync.comm(), &device)?;
             let worker_accuracy = if config.eval_workers {
                 let own = task.evaluate(&model.valid(), 0, 1, &device.clone().without_autodiff());
                 let mut accuracies = vec![0.0; workers];
@@ -329,10 +329,12 @@ fn gather(
 }
 
 /// Evaluates the workers' average model x̄ (weights and buffers averaged), each worker on its
-/// share of the test set. Returns x̄ (without autodiff) and the summed evaluation.
+/// share of the test set, after `step` steps. Returns x̄ (without autodiff) and the summed
+/// evaluation, or an error (on every worker alike) when the test loss is not finite.
 pub(super) fn evaluate_average<T: CoopTask>(
     task: &T,
     model: &T::Model,
+    step: u64,
     comm: &mut dyn Communicator,
     device: &Device,
 ) -> Result<(T::Model, Evaluation), LearnerError> {
@@ -347,6 +349,21 @@ pub(super) fn evaluate_average<T: CoopTask>(
     let mut totals = [part.loss_sum, part.correct as f64, part.count as f64];
     comm.all_reduce_f64(&mut totals).map_err(CoopError::from)?;
     let evaluation = Evaluation { loss_sum: totals[0], correct: totals[1] as u64, count: totals[2] as u64 };
+    if !evaluation.loss().is_finite() {
+        let non_finite = mean.iter().filter(|v| !v.is_finite()).count();
+        let hint = if non_finite == 0 {
+            " (all finite: look at the buffers, e.g. a BatchNorm running variance below zero)"
+        } else {
+            ""
+        };
+        return Err(LearnerError::NonFiniteTestLoss {
+            step,
+            loss: evaluation.loss(),
+            non_finite,
+            values: mean.len(),
+            hint,
+        });
+    }
     Ok((average, evaluation))
 }
 

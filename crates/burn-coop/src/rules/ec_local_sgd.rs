@@ -24,6 +24,12 @@
 //! own text was not available to check this placement; this is the placement of
 //! error-feedback momentum SGD, Zheng, Huang & Kwok, NeurIPS 2019.)
 //!
+//! Compression acts on each tensor of the model on its own (its own scale, norm or top-k share)
+//! and leaves buffers (BatchNorm running statistics) exact, as the
+//! [`Synchronizer`](crate::Synchronizer) tells the rule with [`MergeRule::set_segments`]: their
+//! changes travel as `f32`, so they end as plain averaging leaves them (to rounding) and their
+//! error memories stay zero (see [`Segments`]).
+//!
 //! Without error feedback (`average --compressor C`) the memories stay zero:
 //! `x_s ← x_s + (1/m) Σ_j C(x_j − x_s)`, plain averaging of compressed changes.
 //!
@@ -38,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use super::kernels::{divide, replace_by_mean};
 use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
 use crate::comm::{Communicator, Traffic};
-use crate::compress::{CompressContext, Compressor};
+use crate::compress::{CompressContext, Compressor, Segments};
 use crate::spec::{RuleConfig, SpecError, serde_name};
 use crate::state::StateRecord;
 
@@ -96,6 +102,7 @@ pub struct EcLocalSgd {
     worker: Compressor,
     server: Compressor,
     error_feedback: bool,
+    segments: Option<Segments>,
     synced: Option<Vec<f32>>,
     worker_error: Vec<f32>,
     server_error: Vec<f32>,
@@ -123,6 +130,7 @@ impl EcLocalSgd {
             worker,
             server,
             error_feedback,
+            segments: None,
             synced: None,
             worker_error: Vec::new(),
             server_error: Vec::new(),
@@ -162,6 +170,10 @@ impl EcLocalSgd {
     ) -> Result<(), RuleError> {
         let n = params.len();
         let m = ctx.world_size;
+        let Some(segments) = Segments::resolve(self.segments.as_ref(), n) else {
+            let told = self.segments.as_ref().map_or(0, Segments::len);
+            return Err(self.bad_state(format!("it was told of tensors of {told} values but the model has {n}")));
+        };
         let synced = self.synced.as_mut().expect("checked by begin");
         // Memories only where they can hold something (a checkpoint keeps what exists).
         if self.error_feedback {
@@ -177,13 +189,13 @@ impl EcLocalSgd {
             self.meant.extend(params.iter().zip(synced.iter()).map(|(x, z)| x - z));
         }
         let at = |rank: usize| CompressContext { seed: ctx.seed, round: ctx.round, rank };
-        self.worker.compress(&self.meant, at(ctx.rank), &mut self.payload);
+        self.worker.compress(&self.meant, &segments, at(ctx.rank), &mut self.payload);
         let all = comm.all_gather_bytes(&self.payload)?;
         self.mean.clear();
         self.mean.resize(n, 0.0);
         for (j, payload) in all.iter().enumerate() {
             self.worker
-                .decompress(payload, n, at(j), &mut self.decoded)
+                .decompress(payload, &segments, at(j), &mut self.decoded)
                 .map_err(|error| RuleError::Payload { from: j, error })?;
             self.mean.iter_mut().zip(&self.decoded).for_each(|(s, c)| *s += c);
             if j == ctx.rank && self.error_feedback {
@@ -202,9 +214,9 @@ impl EcLocalSgd {
         } else {
             self.meant.extend_from_slice(&self.mean);
         }
-        self.server.compress(&self.meant, at(m), &mut self.payload);
+        self.server.compress(&self.meant, &segments, at(m), &mut self.payload);
         self.server
-            .decompress(&self.payload, n, at(m), &mut self.decoded)
+            .decompress(&self.payload, &segments, at(m), &mut self.decoded)
             .map_err(|error| RuleError::Payload { from: m, error })?;
         if self.error_feedback {
             self.server_error.iter_mut().zip(&self.meant).zip(&self.decoded).for_each(|((e, p), c)| *e = p - c);
@@ -221,6 +233,10 @@ impl MergeRule for EcLocalSgd {
 
     fn validate(&self, _world_size: usize) -> Result<(), RuleError> {
         Ok(())
+    }
+
+    fn set_segments(&mut self, segments: &Segments) {
+        self.segments = Some(segments.clone());
     }
 
     fn start(&mut self, initial: &[f32], _ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
@@ -283,7 +299,8 @@ impl MergeRule for EcLocalSgd {
         Some(if self.lossless() {
             Traffic::ring_all_reduce(4 * values as u64, world_size) as f64
         } else {
-            (world_size.saturating_sub(1) * self.worker.payload_bytes(values)) as f64
+            let split = Segments::resolve(self.segments.as_ref(), values).unwrap_or_else(|| Segments::whole(values));
+            (world_size.saturating_sub(1) * self.worker.payload_bytes(&split)) as f64
         })
     }
 
@@ -313,6 +330,7 @@ impl MergeRule for EcLocalSgd {
 mod tests {
     use super::*;
     use crate::comm::{CollectiveKind, InProcessGroup};
+    use crate::compress::Segment;
     use crate::launch::run_group;
     use crate::rules::Averaging;
     use crate::testing::{initial_buffer, merge_trajectories, worker_buffer};
@@ -341,13 +359,14 @@ mod tests {
     /// The same merges computed independently in f64 from the definitions in the module doc,
     /// with the compressor applied through its own encode/decode (so only the rule's
     /// bookkeeping is under test): the final synchronized model.
-    fn reference(m: usize, n: usize, merges: u64, worker: Compressor, server: Compressor) -> Vec<f64> {
+    fn reference(m: usize, merges: u64, segments: &Segments, worker: Compressor, server: Compressor) -> Vec<f64> {
+        let n = segments.len();
         let apply = |c: Compressor, v: &[f64], rank: usize, round: u64| -> Vec<f64> {
             let ctx = CompressContext { seed: 3, round, rank };
             let values: Vec<f32> = v.iter().map(|&x| x as f32).collect();
             let (mut payload, mut out) = (Vec::new(), Vec::new());
-            c.compress(&values, ctx, &mut payload);
-            c.decompress(&payload, n, ctx, &mut out).unwrap();
+            c.compress(&values, segments, ctx, &mut payload);
+            c.decompress(&payload, segments, ctx, &mut out).unwrap();
             out.iter().map(|&x| f64::from(x)).collect()
         };
         let mut synced: Vec<f64> = initial_buffer(m, n).iter().map(|&v| f64::from(v)).collect();
@@ -376,18 +395,57 @@ mod tests {
     #[test]
     fn follows_the_double_compression_recurrence() {
         let (m, n) = (4, 300);
-        for (worker, server) in [
-            (Compressor::TopK(0.05), Compressor::TopK(0.1)),
-            (Compressor::Sign, Compressor::Sign),
-            (Compressor::RandK(0.2), Compressor::Identity),
+        let split = Segments::new([
+            Segment { len: 100, exact: false },
+            Segment { len: 20, exact: true },
+            Segment { len: 180, exact: false },
+        ]);
+        for (worker, server, segments) in [
+            (Compressor::TopK(0.05), Compressor::TopK(0.1), None),
+            (Compressor::Sign, Compressor::Sign, None),
+            (Compressor::RandK(0.2), Compressor::Identity, None),
+            (Compressor::Sign, Compressor::Sign, Some(&split)),
+            (Compressor::TopK(0.05), Compressor::Qsgd(4), Some(&split)),
         ] {
-            let runs = run(m, n, 6, || EcLocalSgd::new(worker, server));
-            let expected = reference(m, n, 6, worker, server);
+            let runs = run(m, n, 6, || split_rule(EcLocalSgd::new(worker, server), segments));
+            let expected = reference(m, 6, segments.unwrap_or(&Segments::whole(n)), worker, server);
             for (params, _) in &runs {
                 assert_eq!(params, &runs[0].0, "every worker holds the synchronized model");
                 for (got, want) in params.iter().zip(&expected) {
                     assert!((f64::from(*got) - want).abs() < 1e-4, "{worker} / {server}: {got} vs {want}");
                 }
+            }
+        }
+    }
+
+    fn split_rule(mut rule: EcLocalSgd, segments: Option<&Segments>) -> EcLocalSgd {
+        if let Some(segments) = segments {
+            rule.set_segments(segments);
+        }
+        rule
+    }
+
+    #[test]
+    fn buffers_are_averaged_exactly_under_any_compressor() {
+        // Values 40..60 are a buffer (BatchNorm statistics): whatever the compressor does to the
+        // tensors around it, the buffer ends as plain averaging leaves it (to rounding: x_s plus
+        // the mean change rather than the mean model), and no error memory holds any of it.
+        let (m, n) = (4, 100);
+        let split = Segments::new([
+            Segment { len: 40, exact: false },
+            Segment { len: 20, exact: true },
+            Segment { len: 40, exact: false },
+        ]);
+        let plain = run(m, n, 5, || EcLocalSgd::new(Compressor::Identity, Compressor::Identity));
+        for spec in ["sign", "topk:0.01", "topk:0.1+sign", "randk:0.1", "qsgd:2", "bf16"] {
+            let c: Compressor = spec.parse().unwrap();
+            for (params, rule) in run(m, n, 5, || split_rule(EcLocalSgd::new(c, c), Some(&split))) {
+                for k in 40..60 {
+                    let (got, want) = (params[k], plain[0].0[k]);
+                    assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{spec}, value {k}: {got} vs {want}");
+                    assert_eq!((rule.worker_error()[k], rule.server_error()[k]), (0.0, 0.0), "{spec}");
+                }
+                assert!(params[..40].iter().zip(&plain[0].0).any(|(a, b)| a != b), "{spec} compresses the rest");
             }
         }
     }

@@ -286,6 +286,12 @@ pub trait MergeRule: Send {
     /// Checks that the rule can run with `world_size` workers.
     fn validate(&self, world_size: usize) -> Result<(), RuleError>;
 
+    /// Told, before the first merge, how the flat buffer splits into the model's tensors (the
+    /// [`Synchronizer`](crate::Synchronizer) does it when it first sees the module, also after a
+    /// resume). Rules that compress compress each tensor on its own and send buffers exact;
+    /// without it a buffer is one tensor. Others ignore it.
+    fn set_segments(&mut self, _segments: &crate::compress::Segments) {}
+
     /// Called once with the initial parameters (identical on every worker after the initial
     /// broadcast) before the first local step.
     fn start(&mut self, _initial: &[f32], _ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
@@ -400,6 +406,9 @@ impl<R: MergeRule + ?Sized> MergeRule for Box<R> {
     }
     fn validate(&self, world_size: usize) -> Result<(), RuleError> {
         (**self).validate(world_size)
+    }
+    fn set_segments(&mut self, segments: &crate::compress::Segments) {
+        (**self).set_segments(segments)
     }
     fn start(&mut self, initial: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
         (**self).start(initial, ctx, comm)
