@@ -1,7 +1,7 @@
 //! `coop advise`: what Cooperative SGD's theory says about a `coop train` setting, before
 //! training (see [`burn_coop::advisor`]).
 
-use burn_coop::ParamLayout;
+use burn_coop::{MergeRule, ParamLayout};
 use burn_coop::advisor::{AdaCommInputs, Advice};
 use clap::Args;
 
@@ -42,15 +42,20 @@ pub struct AdviseArgs {
 /// Runs `coop advise`.
 pub fn run(args: &AdviseArgs) -> Result<(), String> {
     let config = crate::train::resolve(&args.train);
-    let (rule, schedule) =
+    let (mut rule, schedule) =
         burn_coop::spec::build_pair(&config.rule, &config.schedule, config.workers).map_err(|e| e.to_string())?;
     // The period after any warm-up (an adaptive schedule's first one).
     let tau = schedule.period(u64::MAX / 2);
     let values = match args.params {
         Some(values) => values,
         None => {
-            let model = config.model.init(&DeviceName::default_for_build().open()).map_err(|e| e.to_string())?;
-            ParamLayout::of(&model, config.buffers).len()
+            // On an autodiff device, as in training, so that weights and buffers are told apart.
+            let device = DeviceName::default_for_build().open().autodiff();
+            let model = config.model.init(&device).map_err(|e| e.to_string())?;
+            // The model's tensors, so that a compressed payload counts its per-tensor parts.
+            let layout = ParamLayout::of(&model, config.buffers);
+            rule.set_segments(&layout.segments());
+            layout.len()
         }
     };
     // D: given, or the rule's bytes per merge on the simulated network (`--network`).

@@ -79,6 +79,14 @@ fn advise_prints_the_theory_of_a_setting() {
     ]);
     assert!(close(&adacomm["adacomm_tau_star"], 5f64.sqrt()) && close(&adacomm["seconds_per_step"], 0.2), "{adacomm}");
 
+    // ResNet-20's own tensors: each compressed on its own (2,737 of 269,722 weights kept, with
+    // their indices), its 1,376 BatchNorm statistics exact, the message sent to 3 others.
+    let output = coop(&["advise", "--json", "--rule", "ec-local-sgd", "--compressor", "topk:0.01", "--workers", "4"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let topk: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(close(&topk["model_values"], 271_098.0), "{topk}");
+    assert!(close(&topk["bytes_per_merge"], 3.0 * (8.0 + 8.0 * 2737.0 + 4.0 * 1376.0)), "{topk}");
+
     let table = coop(&["advise", "--rule", "matcha", "--workers", "8", "--params", "1000"]);
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(table.status.success() && text.contains("zeta") && text.contains("bytes per step"), "{text}");
