@@ -1,8 +1,8 @@
 //! `coop advise`: what Cooperative SGD's theory says about a `coop train` setting, before
 //! training (see [`burn_coop::advisor`]).
 
-use burn_coop::{MergeRule, ParamLayout};
 use burn_coop::advisor::{AdaCommInputs, Advice};
+use burn_coop::{MergeRule, ParamLayout};
 use clap::Args;
 
 use crate::config::TrainArgs;
