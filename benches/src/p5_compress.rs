@@ -21,9 +21,9 @@ use crate::{BenchError, Goal, Options, Row};
 pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let scale = options.scale;
     let reps = scale.pick(30, 3);
-    let segments =
-        burn_coop::ParamLayout::of(&resnet(scale.depth(), &reference_device())?, burn_coop::BufferPolicy::Merge)
-            .segments();
+    // On an autodiff device, as in training, so that weights and BatchNorm buffers are told apart.
+    let model = resnet(scale.depth(), &reference_device().autodiff())?;
+    let segments = burn_coop::ParamLayout::of(&model, burn_coop::BufferPolicy::Merge).segments();
     let n = segments.len();
     let values: Vec<f32> = (0..n).map(|k| (((k * 7919) % 1000) as f32 / 500.0 - 1.0) * 0.05).collect();
     let bandwidth = memcpy_bandwidth(n, scale.pick(50, 3));

@@ -153,13 +153,16 @@ impl ParamLayout {
     }
 
     /// The flat buffer split into its tensors for compression: one segment per included tensor,
-    /// buffers (BatchNorm running statistics) marked exact.
+    /// buffers (BatchNorm running statistics) marked exact. A module without any trainable
+    /// tensor (one built on a device without autodiff, where nothing requires gradients) has
+    /// every tensor compressed, rather than all of them sent exact.
     pub fn segments(&self) -> Segments {
+        let trains = self.slots.iter().any(|slot| slot.role == TensorRole::Parameter && slot.offset.is_some());
         Segments::new(
             self.slots
                 .iter()
                 .filter(|slot| slot.offset.is_some())
-                .map(|slot| Segment { len: slot.len(), exact: slot.role == TensorRole::Buffer }),
+                .map(|slot| Segment { len: slot.len(), exact: trains && slot.role == TensorRole::Buffer }),
         )
     }
 

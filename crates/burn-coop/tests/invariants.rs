@@ -459,6 +459,10 @@ fn modules_round_trip_through_flat_buffers() {
     assert_eq!(segments.compressed_ranges().map(|range| range.len()).sum::<usize>(), 34);
     let local = ParamLayout::of(&model, BufferPolicy::KeepLocal).segments();
     assert_eq!((local.len(), local.count(), local.compressed_ranges().count()), (34, 6, 6));
+    // Without autodiff nothing trains: every tensor is compressed rather than all sent exact.
+    let plain = ParamLayout::of(&common::Tiny::new(&burn::tensor::Device::flex()), BufferPolicy::Merge);
+    assert_eq!(plain.parameter_count(), 0);
+    assert_eq!(plain.segments().compressed_ranges().map(|range| range.len()).sum::<usize>(), 42);
     let values: Vec<f32> = (0..42).map(|k| k as f32 * 0.5 - 3.0).collect();
     let model = layout.unflatten(model, &values).unwrap();
     assert_eq!(layout.flatten(&model).unwrap(), values);
