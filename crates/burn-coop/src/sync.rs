@@ -177,7 +177,7 @@ impl Synchronizer {
         })
     }
 
-    /// Simulates `network` (see [`NetworkModel`](crate::comm::NetworkModel)): every worker
+    /// Simulates `network` (see [`NetworkModel`]): every worker
     /// keeps a simulated clock, moved by each local step (`step_time`) and by each collective.
     /// Every worker must simulate the same network, from its first step.
     pub fn with_simulation(mut self, network: NetworkModel, step_time: StepTime) -> Self {

@@ -27,7 +27,7 @@ use crate::spec::{RuleConfig, SpecError};
 pub struct AveragingConfig {
     /// Send each worker's change since the last merge compressed, without error memories (the
     /// shared `--compressor` flag; default: the dense models). See
-    /// [`EcLocalSgd`](crate::rules::EcLocalSgd) for the same with error feedback.
+    /// [`EcLocalSgd`] for the same with error feedback.
     #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compressor: Option<Compressor>,
