@@ -410,10 +410,10 @@ impl Segments {
 
     /// The split to use for a buffer of `len` values: `split` when there is one (`None` when it
     /// covers another number of values), else the whole buffer as one tensor.
-    pub fn resolve(split: Option<&Self>, len: usize) -> Option<Self> {
+    pub fn resolve(split: Option<&Self>, len: usize) -> Option<std::borrow::Cow<'_, Self>> {
         match split {
-            None => Some(Self::whole(len)),
-            Some(split) if split.len == len => Some(split.clone()),
+            None => Some(std::borrow::Cow::Owned(Self::whole(len))),
+            Some(split) if split.len == len => Some(std::borrow::Cow::Borrowed(split)),
             Some(_) => None,
         }
     }

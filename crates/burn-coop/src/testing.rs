@@ -200,6 +200,15 @@ impl<R: MergeRule> MergeRule for TwoPhase<R> {
     }
 }
 
+/// `rule` told of `segments` ([`MergeRule::set_segments`]) when there are some, as the
+/// synchronizer tells it of a model's tensors.
+pub fn with_segments<R: MergeRule>(mut rule: R, segments: Option<&crate::compress::Segments>) -> R {
+    if let Some(segments) = segments {
+        rule.set_segments(segments);
+    }
+    rule
+}
+
 /// Asserts that `make()`'s blocking [`MergeRule::merge`] and its two phases give the same bits
 /// on every worker.
 pub fn check_phases_match_merge<R: MergeRule + 'static>(m: usize, n: usize, make: impl Fn() -> R + Sync) {

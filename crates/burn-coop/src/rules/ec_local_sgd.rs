@@ -39,6 +39,8 @@
 //! all-gather's). The invariant of error feedback, `Σ_rounds c_i + e_i = Σ_rounds Δ_i` (what
 //! was sent plus what is left equals what was meant to be sent), is tested to rounding.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use super::kernels::{divide, replace_by_mean};
@@ -170,10 +172,7 @@ impl EcLocalSgd {
     ) -> Result<(), RuleError> {
         let n = params.len();
         let m = ctx.world_size;
-        let Some(segments) = Segments::resolve(self.segments.as_ref(), n) else {
-            let told = self.segments.as_ref().map_or(0, Segments::len);
-            return Err(self.bad_state(format!("it was told of tensors of {told} values but the model has {n}")));
-        };
+        let segments = super::split_for(self.name(), self.segments.as_ref(), n)?;
         let synced = self.synced.as_mut().expect("checked by begin");
         // Memories only where they can hold something (a checkpoint keeps what exists).
         if self.error_feedback {
@@ -299,7 +298,8 @@ impl MergeRule for EcLocalSgd {
         Some(if self.lossless() {
             Traffic::ring_all_reduce(4 * values as u64, world_size) as f64
         } else {
-            let split = Segments::resolve(self.segments.as_ref(), values).unwrap_or_else(|| Segments::whole(values));
+            let split =
+                Segments::resolve(self.segments.as_ref(), values).unwrap_or(Cow::Owned(Segments::whole(values)));
             (world_size.saturating_sub(1) * self.worker.payload_bytes(&split)) as f64
         })
     }
@@ -333,7 +333,7 @@ mod tests {
     use crate::compress::Segment;
     use crate::launch::run_group;
     use crate::rules::Averaging;
-    use crate::testing::{initial_buffer, merge_trajectories, worker_buffer};
+    use crate::testing::{initial_buffer, merge_trajectories, with_segments, worker_buffer};
 
     /// Every worker's buffer after `merges` merges of `make()`, started from
     /// [`initial_buffer`] and moved by `worker_buffer(rank + k) · 0.1` before merge `k`; also
@@ -407,7 +407,7 @@ mod tests {
             (Compressor::Sign, Compressor::Sign, Some(&split)),
             (Compressor::TopK(0.05), Compressor::Qsgd(4), Some(&split)),
         ] {
-            let runs = run(m, n, 6, || split_rule(EcLocalSgd::new(worker, server), segments));
+            let runs = run(m, n, 6, || with_segments(EcLocalSgd::new(worker, server), segments));
             let expected = reference(m, 6, segments.unwrap_or(&Segments::whole(n)), worker, server);
             for (params, _) in &runs {
                 assert_eq!(params, &runs[0].0, "every worker holds the synchronized model");
@@ -416,13 +416,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    fn split_rule(mut rule: EcLocalSgd, segments: Option<&Segments>) -> EcLocalSgd {
-        if let Some(segments) = segments {
-            rule.set_segments(segments);
-        }
-        rule
     }
 
     #[test]
@@ -439,7 +432,7 @@ mod tests {
         let plain = run(m, n, 5, || EcLocalSgd::new(Compressor::Identity, Compressor::Identity));
         for spec in ["sign", "topk:0.01", "topk:0.1+sign", "randk:0.1", "qsgd:2", "bf16"] {
             let c: Compressor = spec.parse().unwrap();
-            for (params, rule) in run(m, n, 5, || split_rule(EcLocalSgd::new(c, c), Some(&split))) {
+            for (params, rule) in run(m, n, 5, || with_segments(EcLocalSgd::new(c, c), Some(&split))) {
                 for k in 40..60 {
                     let (got, want) = (params[k], plain[0].0[k]);
                     assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{spec}, value {k}: {got} vs {want}");
@@ -556,5 +549,14 @@ mod tests {
         let record = StateRecord::new().with_buffer("synced", vec![0.0; 3]);
         rule.load_record(record).unwrap();
         assert!(matches!(rule.merge(&mut [1.0], &ctx, &mut comm), Err(RuleError::BadState { .. })));
+        // A split of another model is an error naming both sizes, not a panic in the codec.
+        let mut rule = EcLocalSgd::new(Compressor::Sign, Compressor::Sign);
+        rule.set_segments(&Segments::whole(5));
+        rule.start(&[0.0; 3], &ctx, &mut comm).unwrap();
+        let error = rule.merge(&mut [1.0, 2.0, 3.0], &ctx, &mut comm).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the ec-local-sgd rule was told of tensors of 5 values in all, but the model has 3"
+        );
     }
 }

@@ -205,6 +205,16 @@ pub enum RuleError {
         /// What is wrong.
         reason: String,
     },
+    /// The split into tensors given by [`MergeRule::set_segments`] does not fit the model.
+    #[error("the {rule} rule was told of tensors of {told} values in all, but the model has {found}")]
+    SplitMismatch {
+        /// Rule name.
+        rule: &'static str,
+        /// Values the split covers.
+        told: usize,
+        /// Values in the model.
+        found: usize,
+    },
     /// [`MergeRule::finish`] without a [`MergeRule::begin`] before it.
     #[error("the {rule} rule was asked to finish a merge it never began")]
     NotBegun {
@@ -476,6 +486,21 @@ pub fn no_leftovers(rule: &'static str, record: &StateRecord, keeps: &str) -> Re
         let reason = format!("unexpected entries {:?} (the rule keeps {keeps})", record.keys());
         Err(RuleError::BadState { rule, reason })
     }
+}
+
+/// The split of a model of `n` values a compressing rule uses: the one the synchronizer gave
+/// ([`MergeRule::set_segments`]), else the whole buffer as one tensor; an error when the split
+/// given covers another number of values.
+pub(crate) fn split_for<'a>(
+    rule: &'static str,
+    split: Option<&'a crate::compress::Segments>,
+    n: usize,
+) -> Result<std::borrow::Cow<'a, crate::compress::Segments>, RuleError> {
+    crate::compress::Segments::resolve(split, n).ok_or_else(|| RuleError::SplitMismatch {
+        rule,
+        told: split.map_or(0, crate::compress::Segments::len),
+        found: n,
+    })
 }
 
 /// The consensus distance `(1/m) Σ_i ‖x_i − x̄‖²` of the workers' current `params`

@@ -34,6 +34,8 @@
 //! latency is still paid on a simulated network), and each merge's outcome says whether this
 //! worker sent, counted over the workers in the metrics (`senders` in `syncs.csv`).
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use super::{MergeOutcome, MergeRule, RuleError, SyncContext, Triggered};
@@ -379,10 +381,7 @@ impl MergeRule for Squarm {
             );
             return Err(self.bad_state(reason));
         }
-        let Some(segments) = Segments::resolve(self.segments.as_ref(), n) else {
-            let told = self.segments.as_ref().map_or(0, Segments::len);
-            return Err(self.bad_state(format!("it was told of tensors of {told} values but the model has {n}")));
-        };
+        let segments = super::split_for(self.name(), self.segments.as_ref(), n)?;
         let threshold = self.trigger.map_or(0.0, |t| t.at(ctx.round));
         let lr = match ctx.lr {
             Some(lr) if lr.is_finite() => lr,
@@ -461,7 +460,7 @@ impl MergeRule for Squarm {
         if self.event_triggered() {
             return None;
         }
-        let split = Segments::resolve(self.segments.as_ref(), values).unwrap_or_else(|| Segments::whole(values));
+        let split = Segments::resolve(self.segments.as_ref(), values).unwrap_or(Cow::Owned(Segments::whole(values)));
         Some(self.compressor.payload_bytes(&split) as f64 * self.matrix.mean_degree())
     }
 
@@ -489,7 +488,7 @@ mod tests {
     use crate::compress::Segment;
     use crate::launch::run_group;
     use crate::rules::Gossip;
-    use crate::testing::{initial_buffer, merge_trajectories, run_one_merge, worker_buffer};
+    use crate::testing::{initial_buffer, merge_trajectories, run_one_merge, with_segments, worker_buffer};
     use crate::topology::Topology;
 
     fn ring(m: usize) -> MixingMatrix {
@@ -580,13 +579,6 @@ mod tests {
         ])
     }
 
-    fn with_split(mut rule: Squarm, segments: Option<&Segments>) -> Squarm {
-        if let Some(segments) = segments {
-            rule.set_segments(segments);
-        }
-        rule
-    }
-
     #[test]
     fn choco_on_a_ring_of_four_follows_the_recurrence() {
         let settings = [
@@ -597,7 +589,7 @@ mod tests {
         ];
         let split = split();
         for ((compressor, gamma), segments) in settings.into_iter().flat_map(|s| [(s, None), (s, Some(&split))]) {
-            let runs = run(4, 60, 6, || with_split(Squarm::choco(ring(4), compressor, gamma), segments), steps);
+            let runs = run(4, 60, 6, || with_segments(Squarm::choco(ring(4), compressor, gamma), segments), steps);
             let whole = Segments::whole(60);
             let (expected, _) = reference(4, segments.unwrap_or(&whole), 6, compressor, gamma, Trigger::ALWAYS, steps);
             for (i, (params, sent)) in runs.iter().enumerate() {
@@ -619,7 +611,7 @@ mod tests {
         let trigger = Trigger { threshold: 5.0, growth: 0.5 };
         let split = split();
         let runs =
-            run(4, 60, 6, || with_split(Squarm::new(ring(4), Compressor::Sign, 0.8, trigger), Some(&split)), uneven);
+            run(4, 60, 6, || with_segments(Squarm::new(ring(4), Compressor::Sign, 0.8, trigger), Some(&split)), uneven);
         let (expected, fired) = reference(4, &split, 6, Compressor::Sign, 0.8, trigger, uneven);
         for (i, (params, sent)) in runs.iter().enumerate() {
             let expected_sent: Vec<Option<bool>> = fired.iter().map(|round| Some(round[i])).collect();
@@ -638,10 +630,10 @@ mod tests {
         // rounding, whatever compresses the tensors around it.
         let split = split();
         let exact =
-            run(4, 60, 5, || with_split(Squarm::choco(ring(4), Compressor::Identity, 0.8), Some(&split)), steps);
+            run(4, 60, 5, || with_segments(Squarm::choco(ring(4), Compressor::Identity, 0.8), Some(&split)), steps);
         for spec in ["sign", "topk:0.05", "topk:0.1+sign", "randk:0.1", "qsgd:2"] {
             let c: Compressor = spec.parse().unwrap();
-            let runs = run(4, 60, 5, || with_split(Squarm::choco(ring(4), c, 0.8), Some(&split)), steps);
+            let runs = run(4, 60, 5, || with_segments(Squarm::choco(ring(4), c, 0.8), Some(&split)), steps);
             for ((params, _), (plain, _)) in runs.iter().zip(&exact) {
                 for k in 20..30 {
                     assert!((params[k] - plain[k]).abs() <= 1e-6 * plain[k].abs().max(1.0), "{spec}, value {k}");
