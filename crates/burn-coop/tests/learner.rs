@@ -383,3 +383,59 @@ fn asynchronous_local_sgd_trains_with_local_threads_and_merges_in_place() {
     assert!(error.to_string().contains("asynchronous local SGD takes no checkpoints"), "{error}");
     let _ = std::fs::remove_dir_all(&config.output);
 }
+
+/// Every worker's values of `column` in each row of a metrics CSV (`;`-joined per worker).
+fn column(lines: &[String], column: &str) -> Vec<Vec<f64>> {
+    let at = lines[0].split(',').position(|c| c == column).unwrap_or_else(|| panic!("no {column}: {}", lines[0]));
+    lines[1..].iter().map(|l| l.split(',').nth(at).unwrap().split(';').map(|v| v.parse().unwrap()).collect()).collect()
+}
+
+#[test]
+fn asynchronous_local_sgd_on_a_simulated_network_waits_only_at_the_ends_of_epochs() {
+    use burn_coop::comm::{NetworkModel, StepTime, Traffic};
+    use burn_coop::rules::AsyncConfig;
+    // 2 workers, 2 local threads, τ = 2, 6 steps per epoch of 0.1 s, 2 epochs, no latency: the
+    // compute clock reaches merge k of an epoch at base + 0.2k.
+    let values = burn_coop::testing::flat(&Tiny::new(&Device::flex())).len() as u64;
+    let (model, broadcast) = (Traffic::ring_all_reduce(4 * values, 2) as f64, Traffic::broadcast(4 * values, 2) as f64);
+    // (seconds of one all-reduce, merges' sim_seconds, epochs' sim_seconds, epochs' sim_comm_seconds),
+    // by hand, from the end of the initial broadcast.
+    let cases = [
+        // 0.05 s: hidden by the τ steps; only each epoch's last merge is waited for.
+        (0.05, vec![0.25, 0.45, 0.65, 0.9, 1.1, 1.3], [0.65, 1.3], [0.05, 0.1]),
+        // 0.5 s: merges queue behind each other (the snapshot leaves when the previous one has
+        // landed); the steps still run on, and each epoch's end waits for the queue.
+        (0.5, vec![0.7, 1.2, 1.7, 2.4, 2.9, 3.4], [1.7, 3.4], [1.1, 2.2]),
+    ];
+    for (seconds, merges, epochs, waits) in cases {
+        let bandwidth = model / seconds;
+        let mut config = config("async-sim", RuleSpec::Async(AsyncConfig { local_threads: Some(2) }));
+        config.network = Some(NetworkModel::new(bandwidth, 0.0).unwrap());
+        config.step_time = StepTime { fixed: Some(0.1), straggler_mean: None };
+        run(Synthetic::new(), &config).unwrap();
+        let start = broadcast / bandwidth;
+        let close = |got: &[f64], want: f64, what: &str| {
+            for g in got {
+                assert!(
+                    (g - start - want).abs() < 2e-6,
+                    "{what} (all-reduce {seconds} s): {g} against {}",
+                    start + want
+                );
+            }
+        };
+        let syncs = lines(&config.output.join("syncs.csv"));
+        let sim = column(&syncs, "sim_seconds");
+        assert_eq!(sim.len(), merges.len());
+        for (k, (got, want)) in sim.iter().zip(&merges).enumerate() {
+            close(got, *want, &format!("merge {}", k + 1));
+        }
+        let epoch_rows = lines(&config.output.join("epochs.csv"));
+        for (e, (got, want)) in column(&epoch_rows, "sim_seconds").iter().zip(epochs).enumerate() {
+            close(got, want, &format!("end of epoch {e}"));
+        }
+        for (e, (got, want)) in column(&epoch_rows, "sim_comm_seconds").iter().zip(waits).enumerate() {
+            assert!(got.iter().all(|g| (g - want).abs() < 2e-6), "waited by epoch {e}: {got:?} against {want}");
+        }
+        std::fs::remove_dir_all(&config.output).unwrap();
+    }
+}

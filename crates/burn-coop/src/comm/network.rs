@@ -22,6 +22,10 @@
 //! worker's clock moves on with its local steps, and when it asks for the result it waits only
 //! for what is left. Learning the arrivals costs one small all-reduce of the clocks per
 //! collective, outside the simulated time and the byte counts.
+//!
+//! Asynchronous local SGD (`--rule async`) runs its merges on a communication thread beside the
+//! local steps: the learner keeps that thread's clock here and the steps' compute clock apart,
+//! and a worker waits for communication only when an epoch ends before its last merge has landed.
 
 use std::str::FromStr;
 

@@ -10,6 +10,17 @@
 //! so the collectives stay in lockstep. At the end of an epoch the local threads join, and the
 //! shared model is evaluated (the average over workers, as for every rule). The local threads
 //! race by design, so async runs are not reproducible bit for bit and take no checkpoints.
+//!
+//! With a simulated network (`--network`) each worker keeps two timelines. Its compute clock:
+//! the local threads share the worker's device, so every completed step advances it by the step
+//! time, whichever thread took it (`--step-time measured`: by the real time since the previous
+//! completion; stragglers per step as for every rule). Its communication thread's clock: a merge
+//! snapshots the model when the compute clock reaches its step, or later if the previous
+//! all-reduce is still travelling (one collective at a time), and the α–β all-reduce starts when
+//! the last worker's snapshot arrives. The local steps never wait for a merge; only the end of an
+//! epoch does (the threads join and the last merge must have landed), and that wait is the
+//! worker's communication time (`sim_comm_seconds`). A merge's `sim_seconds` is when its average
+//! was applied (the end of its all-reduce); an epoch's is when the worker's next epoch starts.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
@@ -23,7 +34,7 @@ use super::config::LearnerConfig;
 use super::metrics::{Columns, EpochMetrics, MetricsWriter, SyncMetrics};
 use super::task::CoopTask;
 use super::worker::{Steps, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
-use crate::comm::{Communicator, Metered};
+use crate::comm::{Communicator, Metered, SimClock};
 use crate::error::CoopError;
 use crate::params::ParamLayout;
 use crate::rules::async_local_sgd::apply_average_in_place;
@@ -44,6 +55,11 @@ struct Progress {
     epoch_count: u64,
     /// The first failure of a local thread.
     failure: Option<LearnerError>,
+    /// When simulating: the compute clock's seconds since the epoch started, after each step
+    /// completed this epoch (in completion order).
+    compute: Vec<f64>,
+    /// When the last step completed (a measured step lasts from the previous completion).
+    last_completion: Option<Instant>,
 }
 
 /// Runs one worker of asynchronous local SGD with `threads` local threads.
@@ -55,11 +71,6 @@ pub(super) fn run_async_worker<T: CoopTask>(
     threads: usize,
     resume: bool,
 ) -> Result<WorkerReport, LearnerError> {
-    if config.network.is_some() {
-        return Err(LearnerError::Config(
-            "the simulated network clock follows collectives in lockstep with the local steps; asynchronous local SGD's threads have no such order, so it cannot be simulated".into(),
-        ));
-    }
     if resume {
         return Err(LearnerError::Config(
             "asynchronous local SGD takes no checkpoints (its local threads race by design, so no run could continue bit for bit): start it again instead of resuming".into(),
@@ -79,6 +90,10 @@ pub(super) fn run_async_worker<T: CoopTask>(
         plan_steps(task, config, workers)?;
 
     let mut comm = Metered::new(comm);
+    let simulating = config.network.is_some();
+    if let Some(network) = config.network {
+        comm.simulate(network, SimClock::default());
+    }
     let mut locals: Vec<T::Model> = (0..threads).map(|_| init_seeded(task, &device, config.seed)).collect();
     // One layout per local model: a layout knows its module's tensors by id. Every layout
     // visits the same parameters in the same order, so the flat buffers line up.
@@ -93,8 +108,14 @@ pub(super) fn run_async_worker<T: CoopTask>(
 
     let mut writer = match rank {
         0 => Some(
-            MetricsWriter::create(&config.output, total_steps, 0, config.progress, Columns::default())
-                .map_err(|source| LearnerError::Io { path: config.output.clone(), source })?,
+            MetricsWriter::create(
+                &config.output,
+                total_steps,
+                0,
+                config.progress,
+                Columns { simulated: simulating, ..Columns::default() },
+            )
+            .map_err(|source| LearnerError::Io { path: config.output.clone(), source })?,
         ),
         _ => None,
     };
@@ -102,6 +123,11 @@ pub(super) fn run_async_worker<T: CoopTask>(
     let started = Instant::now();
     let (mut step, mut syncs, mut last_epoch) = (0u64, 0u64, None);
     let mut last_distance = None;
+    // The simulated clock: where this epoch's steps start, and how long the worker has waited
+    // for merges at the ends of epochs.
+    let clock_now = |comm: &Metered<_>| comm.clock().map_or(0.0, |c: SimClock| c.now);
+    let mut epoch_base = clock_now(&comm);
+    let mut waited = 0.0;
 
     while step < total_steps {
         let epoch = (step / steps_per_epoch) as usize;
@@ -110,6 +136,7 @@ pub(super) fn run_async_worker<T: CoopTask>(
         let next = AtomicUsize::new(0);
         let stop = AtomicBool::new(false);
         let progress = (Mutex::new(Progress::default()), Condvar::new());
+        let epoch_began = Instant::now();
         let lr_at = |s: u64| config.lr.at(s, steps_per_epoch, planned_steps);
 
         let outcome = std::thread::scope(|scope| -> Result<(), LearnerError> {
@@ -160,6 +187,16 @@ pub(super) fn run_async_worker<T: CoopTask>(
                             match result {
                                 Ok(value) => {
                                     p.done += 1;
+                                    if simulating {
+                                        let now = Instant::now();
+                                        let measured =
+                                            now.duration_since(p.last_completion.unwrap_or(epoch_began)).as_secs_f64();
+                                        p.last_completion = Some(now);
+                                        let at = epoch_start + p.done as u64;
+                                        let seconds = config.step_time.seconds(measured, config.seed, rank, at);
+                                        let total = p.compute.last().copied().unwrap_or(0.0) + seconds;
+                                        p.compute.push(total);
+                                    }
                                     p.loss_sum += value;
                                     p.loss_count += 1;
                                     p.epoch_sum += value;
@@ -185,19 +222,29 @@ pub(super) fn run_async_worker<T: CoopTask>(
             let mut snapshot = Vec::new();
             for merge_step in merges {
                 let (lock, ready) = &progress;
-                let (loss, failed) = {
+                let (loss, failed, computed) = {
                     let mut p = lock.lock().unwrap_or_else(PoisonError::into_inner);
-                    while (p.done as u64) < merge_step - epoch_start && p.failure.is_none() {
+                    let due = (merge_step - epoch_start) as usize;
+                    while p.done < due && p.failure.is_none() {
                         p = ready.wait(p).unwrap_or_else(PoisonError::into_inner);
                     }
                     let loss = p.loss_sum / p.loss_count.max(1) as f64;
                     p.loss_sum = 0.0;
                     p.loss_count = 0;
-                    (loss, p.failure.is_some())
+                    (loss, p.failure.is_some(), p.compute.get(due - 1).copied())
                 };
                 // A failed worker still takes part in the collectives, flagging its failure, so
                 // the others learn of it instead of waiting.
                 let merged = (|| -> Result<(), LearnerError> {
+                    // The snapshot leaves when the compute clock reaches the merge's step, or
+                    // when the previous all-reduce has landed, whichever is later.
+                    if let Some(computed) = computed {
+                        let ready = epoch_base + computed;
+                        let now = clock_now(&comm);
+                        if ready > now {
+                            comm.local_step(ready - now);
+                        }
+                    }
                     shared.read_into(&mut snapshot);
                     let flight = Instant::now();
                     let mut sum = snapshot.clone();
@@ -206,14 +253,16 @@ pub(super) fn run_async_worker<T: CoopTask>(
                     let distance = apply_average_in_place(&shared, &snapshot, sum, workers);
                     syncs += 1;
                     let stats = comm.traffic().total().bytes_sent as f64;
-                    let mut values = vec![0.0; 5 * workers];
+                    let mut values = vec![0.0; 7 * workers];
                     values[rank] = loss;
                     values[workers + rank] = stats;
                     values[2 * workers + rank] = inflight;
                     values[3 * workers + rank] = distance;
                     values[4 * workers + rank] = f64::from(u8::from(failed));
+                    values[5 * workers + rank] = clock_now(&comm);
+                    values[6 * workers + rank] = waited;
                     comm.inner_mut().all_reduce_f64(&mut values).map_err(CoopError::from)?;
-                    if let Some(worker) = values[4 * workers..].iter().position(|&f| f > 0.0)
+                    if let Some(worker) = values[4 * workers..5 * workers].iter().position(|&f| f > 0.0)
                         && !failed
                     {
                         return Err(LearnerError::PeerFailed { worker });
@@ -239,8 +288,8 @@ pub(super) fn run_async_worker<T: CoopTask>(
                             subgroup_bytes_sent_per_worker: vec![0; workers],
                             comm_wait_seconds: vec![0.0; workers],
                             comm_inflight_seconds: values[2 * workers..3 * workers].to_vec(),
-                            sim_seconds: None,
-                            sim_comm_seconds: None,
+                            sim_seconds: simulating.then(|| values[5 * workers..6 * workers].to_vec()),
+                            sim_comm_seconds: simulating.then(|| values[6 * workers..].to_vec()),
                             senders: None,
                             trigger_statistic: None,
                             wall_seconds: started.elapsed().as_secs_f64(),
@@ -275,13 +324,24 @@ pub(super) fn run_async_worker<T: CoopTask>(
         }
         outcome?;
         step = epoch_start + epoch_steps as u64;
+        if simulating {
+            // The threads join: the next epoch starts once both the steps and the last merge
+            // are done; waiting for the merge is communication time.
+            let computed = epoch_base + failure.compute.last().copied().unwrap_or(0.0);
+            let landed = clock_now(&comm);
+            waited += (landed - computed).max(0.0);
+            epoch_base = computed.max(landed);
+            comm.restore_clock(SimClock { now: epoch_base, comm_seconds: waited });
+        }
 
         // End of the epoch: every local thread has joined; the shared buffer is the model.
         let model = layout.unflatten(locals[0].clone(), &shared.to_vec())?;
         let epoch_loss = failure.epoch_sum / failure.epoch_count.max(1) as f64;
-        let mut values = vec![0.0; 2 * workers];
+        let mut values = vec![0.0; 4 * workers];
         values[rank] = epoch_loss;
         values[workers + rank] = comm.traffic().total().bytes_sent as f64;
+        values[2 * workers + rank] = epoch_base;
+        values[3 * workers + rank] = waited;
         comm.inner_mut().all_reduce_f64(&mut values).map_err(CoopError::from)?;
         let (average, evaluation) = evaluate_average(task, &model, step, comm.inner_mut(), &device)?;
         let losses = values[..workers].to_vec();
@@ -297,11 +357,11 @@ pub(super) fn run_async_worker<T: CoopTask>(
             test_accuracy: evaluation.accuracy(),
             worker_test_accuracy: None,
             consensus_distance: last_distance,
-            bytes_sent_per_worker: values[workers..].iter().map(|&b| b as u64).collect(),
+            bytes_sent_per_worker: values[workers..2 * workers].iter().map(|&b| b as u64).collect(),
             consensus_bytes_sent_per_worker: vec![0; workers],
             subgroup_bytes_sent_per_worker: vec![0; workers],
-            sim_seconds: None,
-            sim_comm_seconds: None,
+            sim_seconds: simulating.then(|| values[2 * workers..3 * workers].to_vec()),
+            sim_comm_seconds: simulating.then(|| values[3 * workers..].to_vec()),
             wall_seconds: started.elapsed().as_secs_f64(),
         };
         if let Some(w) = writer.as_mut() {
