@@ -21,6 +21,9 @@
 //! epoch does (the threads join and the last merge must have landed), and that wait is the
 //! worker's communication time (`sim_comm_seconds`). A merge's `sim_seconds` is when its average
 //! was applied (the end of its all-reduce); an epoch's is when the worker's next epoch starts.
+//! The training itself runs on this machine's timing: when the simulated all-reduces queue
+//! behind each other, the real snapshots are fresher than on that network, so the clock tells
+//! when the merges would land, not how much staler they would be.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
