@@ -7,7 +7,8 @@
 //! worker. `--target-loss auto` takes the final training loss (last epoch's mean) of the
 //! synchronous run among them, the seeds' metric; the speed-up is over that run. Each row also
 //! gives the lowest windowed loss the run reached (what a run that falls short got to), its
-//! final test accuracy, and its whole time and bytes.
+//! final test accuracy, and its whole time and bytes (at the end of its last epoch, or of its last
+//! merge while no epoch has finished).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -117,8 +118,8 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
         let name = run.name();
         let lowest = best(merges, args.window);
         let accuracy = run.final_accuracy();
-        let last = merges.last();
-        let whole = last.map_or_else(|| "—".into(), |m| format!("{:.1}, {:.1} MB", m.seconds, m.bytes / 1e6));
+        let last = run.context(run.totals())?.or_else(|| merges.last().map(|m| (m.seconds, m.bytes)));
+        let whole = last.map_or_else(|| "—".into(), |(seconds, bytes)| format!("{seconds:.1}, {:.1} MB", bytes / 1e6));
         let tail = format!(
             "{} | {} | {whole}",
             lowest.map_or_else(|| "—".into(), |l| format!("{l:.4}")),
@@ -128,8 +129,8 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
             "{},{},{},{}",
             optional(lowest),
             optional(accuracy),
-            optional(last.map(|m| m.seconds)),
-            optional(last.map(|m| m.bytes))
+            optional(last.map(|(seconds, _)| seconds)),
+            optional(last.map(|(_, bytes)| bytes))
         );
         match reached(merges, target, args.window) {
             Some(hit) => {

@@ -135,6 +135,18 @@ impl Run {
         self.epochs.column("test_accuracy", Reduce::Mean).ok()?.last().copied().flatten()
     }
 
+    /// The whole run's time (the slowest worker's simulated clock, or wall seconds) and mean
+    /// bytes sent per worker at the end of its last epoch; `None` before an epoch has finished.
+    /// A run may take local steps after its last merge (a period longer than what is left), so
+    /// this can be later than the last merge.
+    pub fn totals(&self) -> Result<Option<(f64, f64)>, String> {
+        let time = if self.simulated() { "sim_seconds" } else { "wall_seconds" };
+        let last = |name: &str, reduce: Reduce| -> Result<Option<f64>, String> {
+            Ok(self.epochs.column(name, reduce)?.last().copied().flatten())
+        };
+        Ok(last(time, Reduce::Max)?.zip(last("bytes_sent_per_worker", Reduce::Mean)?))
+    }
+
     /// Errors name the run's folder.
     pub fn context<T>(&self, result: Result<T, String>) -> Result<T, String> {
         result.map_err(|e| format!("{}: {e}", self.folder.display()))

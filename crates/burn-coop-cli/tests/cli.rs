@@ -191,6 +191,13 @@ fn compare_reports_time_and_bytes_to_the_synchronous_runs_final_loss() {
         assert!((0.0..=1.0).contains(&accuracy), "final test accuracy {accuracy}");
         let (to_target, whole): (f64, f64) = (row[3].parse().unwrap_or(0.0), row[8].parse().unwrap());
         assert!(whole >= to_target && whole > 0.0, "the whole run ({whole} s) ends after the target");
+        // The whole run ends with its last epoch, on the slowest worker's clock.
+        let epochs = std::fs::read_to_string(dir.path().join(row[0]).join("epochs.csv")).unwrap();
+        let header: Vec<&str> = epochs.lines().next().unwrap().split(',').collect();
+        let at = header.iter().position(|&h| h == "sim_seconds").unwrap();
+        let last: Vec<&str> = epochs.lines().last().unwrap().split(',').collect();
+        let end = last[at].split(';').map(|v| v.parse::<f64>().unwrap()).fold(f64::MIN, f64::max);
+        assert_eq!(whole, end, "{}", row[0]);
     }
     assert!(written("md").contains("| sync (`sync`) |"), "the extension is appended to the prefix");
     let bad = coop(&["compare", local.to_str().unwrap()]);
