@@ -76,7 +76,8 @@ impl Table {
 pub struct Run {
     /// The folder.
     pub folder: PathBuf,
-    /// The rule and its period or schedule, for legends (`average τ=8`, `sync`).
+    /// The rule, its compressor if any, and its period or schedule, for legends (`average τ=8`,
+    /// `ec-local-sgd sign τ=8`, `sync`).
     pub label: String,
     /// Whether the run is synchronous SGD.
     pub synchronous: bool,
@@ -101,10 +102,14 @@ impl Run {
         let rule = text("rule").unwrap_or_else(|| "average".into());
         let schedule = text("schedule").unwrap_or_else(|| "fixed".into());
         let tau = table.get("tau").and_then(toml::Value::as_integer);
+        let named = match text("compressor").filter(|c| c != "none") {
+            Some(compressor) => format!("{rule} {compressor}"),
+            None => rule.clone(),
+        };
         let label = match (rule.as_str(), schedule.as_str(), tau) {
             ("sync", _, _) => "sync".to_string(),
-            (rule, "fixed", Some(tau)) => format!("{rule} τ={tau}"),
-            (rule, schedule, _) => format!("{rule} {schedule}"),
+            (_, "fixed", Some(tau)) => format!("{named} τ={tau}"),
+            (_, schedule, _) => format!("{named} {schedule}"),
         };
         let (syncs, path) = read("syncs.csv")?;
         let syncs = Table::parse(&syncs, &path)?;
@@ -192,5 +197,20 @@ mod tests {
         assert_eq!(table.column("y", Reduce::Mean).unwrap(), vec![None, Some(0.5)]);
         assert!(table.column("z", Reduce::Mean).is_err());
         assert!(Table::parse("a,b\n1\n", Path::new("t.csv")).is_err(), "a short row is named");
+    }
+
+    #[test]
+    fn labels_name_the_rule_its_compressor_and_its_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let label = |config: &str| {
+            std::fs::write(dir.path().join("config.toml"), config).unwrap();
+            std::fs::write(dir.path().join("syncs.csv"), "step,train_loss\n8,1.5\n").unwrap();
+            Run::load(dir.path()).unwrap().label
+        };
+        assert_eq!(label("rule = \"sync\"\ntau = 8\n"), "sync");
+        assert_eq!(label("rule = \"average\"\nschedule = \"fixed\"\ntau = 8\n"), "average τ=8");
+        let compressed = "rule = \"ec-local-sgd\"\nschedule = \"fixed\"\ntau = 8\ncompressor = \"topk:0.01\"\n";
+        assert_eq!(label(compressed), "ec-local-sgd topk:0.01 τ=8");
+        assert_eq!(label("rule = \"average\"\nschedule = \"qsr\"\ncompressor = \"none\"\n"), "average qsr");
     }
 }
