@@ -298,8 +298,8 @@ impl MergeRule for EcLocalSgd {
         Some(if self.lossless() {
             Traffic::ring_all_reduce(4 * values as u64, world_size) as f64
         } else {
-            let split =
-                Segments::resolve(self.segments.as_ref(), values).unwrap_or(Cow::Owned(Segments::whole(values)));
+            let split = Segments::resolve(self.segments.as_ref(), values)
+                .unwrap_or_else(|| Cow::Owned(Segments::whole(values)));
             (world_size.saturating_sub(1) * self.worker.payload_bytes(&split)) as f64
         })
     }

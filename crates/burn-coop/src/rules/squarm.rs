@@ -460,7 +460,8 @@ impl MergeRule for Squarm {
         if self.event_triggered() {
             return None;
         }
-        let split = Segments::resolve(self.segments.as_ref(), values).unwrap_or(Cow::Owned(Segments::whole(values)));
+        let split =
+            Segments::resolve(self.segments.as_ref(), values).unwrap_or_else(|| Cow::Owned(Segments::whole(values)));
         Some(self.compressor.payload_bytes(&split) as f64 * self.matrix.mean_degree())
     }
 
