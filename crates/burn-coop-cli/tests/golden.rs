@@ -12,6 +12,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 fn real_cifar() -> Option<PathBuf> {
     let shared =
         PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/datasets/cifar10/cifar-10-binary.tar.gz"));
@@ -38,8 +40,14 @@ fn bytes(row: &[String]) -> Vec<u64> {
     row[8].split(';').map(|b| b.parse().unwrap()).collect()
 }
 
+/// The `coop` binary under test: this build's, or `BURN_COOP_GOLDEN_BIN` (a copy of the binary the
+/// recordings were made with, so that recording can go on while the tree is rebuilt).
+fn coop() -> Command {
+    Command::new(std::env::var_os("BURN_COOP_GOLDEN_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_coop").into()))
+}
+
 fn run(data: &Path, output: &Path, rule: &[&str]) -> String {
-    let status = Command::new(env!("CARGO_BIN_EXE_coop"))
+    let status = coop()
         .args(["train", "--data", data.to_str().unwrap(), "--workers", "4"])
         .args(rule)
         .args(["--batch-size", "8", "--max-steps", "32", "--output", output.to_str().unwrap()])
@@ -99,6 +107,134 @@ fn refactored_merges_reproduce_the_recorded_runs() {
                 assert_eq!(per_merge(&now), per_merge(&before), "{name}: bytes per merge");
                 assert!(first_now.iter().zip(&first_before).all(|(n, b)| n < b), "{name}: a cheaper broadcast");
             }
+        }
+    }
+}
+
+/// Columns that hold wall-clock seconds (they differ from run to run).
+const WALL_COLUMNS: [&str; 3] = ["comm_wait_seconds", "comm_inflight_seconds", "wall_seconds"];
+
+/// A CSV file's rows, without the wall-clock columns, with its header.
+fn without_wall_clock(text: &str) -> Vec<Vec<String>> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let keep: Vec<usize> = (0..header.len()).filter(|&k| !WALL_COLUMNS.contains(&header[k])).collect();
+    let row = |line: &str| {
+        let cells: Vec<&str> = line.split(',').collect();
+        keep.iter().map(|&k| cells[k].to_string()).collect::<Vec<_>>()
+    };
+    std::iter::once(keep.iter().map(|&k| header[k].to_string()).collect()).chain(lines.map(row)).collect()
+}
+
+/// The family's rules and schedules, each a short run. Every one is deterministic, so each must
+/// reproduce its recording bit for bit: losses, learning rates, periods, consensus distances,
+/// bytes of every kind, simulated clocks, trigger decisions. Asynchronous local SGD is not here:
+/// its local threads race by design.
+const FAMILY: [(&str, &[&str]); 22] = [
+    ("sync", &["--rule", "sync"]),
+    ("average-tau4", &["--rule", "average", "--tau", "4"]),
+    ("post-local", &["--rule", "average", "--tau", "4", "--warmup-steps", "8"]),
+    ("elastic-tau4", &["--rule", "elastic", "--tau", "4", "--alpha", "0.25"]),
+    ("elastic-anchors2", &["--rule", "elastic", "--tau", "4", "--anchors", "2"]),
+    ("gossip-ring", &["--rule", "gossip", "--tau", "2", "--topology", "ring", "--consensus-every", "2"]),
+    ("gossip-one-peer", &["--rule", "gossip", "--tau", "2", "--topology", "one-peer-exponential"]),
+    ("matcha", &["--rule", "matcha", "--graph", "complete", "--budget", "0.5", "--tau", "2"]),
+    ("hierarchical", &["--rule", "hierarchical", "--tau", "2", "--groups", "2", "--global-every", "2"]),
+    ("diloco", &["--rule", "diloco", "--tau", "4"]),
+    ("overlap", &["--rule", "overlap"]),
+    ("elastic-overlap", &["--rule", "elastic-overlap", "--tau", "4"]),
+    ("ec-sign", &["--rule", "ec-local-sgd", "--compressor", "sign", "--tau", "4"]),
+    ("average-topk", &["--rule", "average", "--compressor", "topk:0.01", "--tau", "4"]),
+    ("choco-sign", &["--rule", "choco", "--compressor", "sign", "--consensus-step", "0.8", "--tau", "1"]),
+    ("squarm", &["--rule", "squarm", "--trigger-threshold", "150", "--tau", "1"]),
+    ("adacomm", &["--schedule", "adacomm", "--tau0", "4", "--interval", "8"]),
+    ("qsr", &["--schedule", "qsr"]),
+    (
+        "average-simulated",
+        &["--rule", "average", "--tau", "4", "--network", "bandwidth=100Mbit,latency=50us", "--step-time", "0.01"],
+    ),
+    (
+        "overlap-simulated",
+        &["--rule", "overlap", "--network", "bandwidth=100Mbit,latency=50us", "--step-time", "0.01"],
+    ),
+    (
+        "adacomm-simulated",
+        &[
+            "--schedule",
+            "adacomm",
+            "--tau0",
+            "4",
+            "--interval-seconds",
+            "0.1",
+            "--network",
+            "bandwidth=100Mbit,latency=50us",
+            "--step-time",
+            "0.01",
+        ],
+    ),
+    (
+        "gossip-simulated",
+        &["--rule", "gossip", "--tau", "2", "--network", "bandwidth=100Mbit,latency=50us", "--step-time", "0.01"],
+    ),
+];
+
+/// With `BURN_COOP_RECORD_GOLDEN=1` the runs are recorded into `tests/golden/family/` instead of
+/// compared (done once, on the code the refactor starts from).
+#[test]
+fn every_rule_of_the_family_reproduces_its_recording() {
+    let Some(data) = real_cifar() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/family");
+    let record = std::env::var_os("BURN_COOP_RECORD_GOLDEN").is_some();
+    for (name, rule) in FAMILY {
+        let now = run(&data, &dir.path().join(name), rule);
+        let path = folder.join(format!("{name}.syncs.csv"));
+        if record {
+            std::fs::create_dir_all(&folder).unwrap();
+            std::fs::write(&path, &now).unwrap();
+            continue;
+        }
+        let before = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(without_wall_clock(&now), without_wall_clock(&before), "{name}: syncs.csv");
+    }
+}
+
+/// Two epochs on a small generated data set: the end of an epoch (the evaluation of the average
+/// model, the per-worker columns of `epochs.csv`) and the checkpoints reproduce their recording.
+#[test]
+fn epochs_reproduce_their_recording() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::generated_cifar(dir.path(), 40);
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/family");
+    let record = std::env::var_os("BURN_COOP_RECORD_GOLDEN").is_some();
+    let runs: [(&str, &[&str]); 3] = [
+        ("epochs-average", &["--rule", "average", "--tau", "2"]),
+        ("epochs-gossip", &["--rule", "gossip", "--tau", "2", "--eval-workers", "true"]),
+        (
+            "epochs-elastic-simulated",
+            &["--rule", "elastic", "--tau", "2", "--network", "bandwidth=100Mbit,latency=50us", "--step-time", "0.01"],
+        ),
+    ];
+    for (name, rule) in runs {
+        let output = dir.path().join(name);
+        let status = coop()
+            .args(["train", "--data", data.to_str().unwrap(), "--verify", "false", "--workers", "4"])
+            .args(["--batch-size", "8", "--epochs", "2"])
+            .args(rule)
+            .args(["--output", output.to_str().unwrap()])
+            .status()
+            .expect("run coop");
+        assert!(status.success(), "{name}");
+        for file in ["syncs.csv", "epochs.csv"] {
+            let now = std::fs::read_to_string(output.join(file)).unwrap();
+            let path = folder.join(format!("{name}.{file}"));
+            if record {
+                std::fs::create_dir_all(&folder).unwrap();
+                std::fs::write(&path, &now).unwrap();
+                continue;
+            }
+            let before = std::fs::read_to_string(&path).unwrap();
+            assert_eq!(without_wall_clock(&now), without_wall_clock(&before), "{name}: {file}");
         }
     }
 }
