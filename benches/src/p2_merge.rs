@@ -39,7 +39,7 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let n = flat_len(&resnet(scale.depth(), &reference_device())?);
     let rules: [(&str, fn() -> Result<Box<dyn MergeRule>, BenchError>, usize); 3] = [
         ("averaging", || Ok(Box::new(Averaging::new())), WORKERS),
-        ("elastic", || Ok(Box::new(Elastic::optimal(WORKERS))), WORKERS + 1),
+        ("elastic", || Ok(Box::new(Elastic::optimal(WORKERS)?)), WORKERS + 1),
         ("gossip (ring)", || Ok(Box::new(Gossip::on(&Topology::ring(WORKERS)?)?)), WORKERS),
     ];
     let mut rows = Vec::new();

@@ -159,10 +159,10 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let repeats = scale.pick(3, 1);
     let mut none = f64::INFINITY;
     let rules: [(&str, fn() -> Result<Box<dyn MergeRule>, BenchError>, Goal); 3] = [
-        ("Overlap Local-SGD", || Ok(Box::new(burn_coop::rules::Overlap::new(0.6, 0.7))), Goal::AtMost(1.05)),
+        ("Overlap Local-SGD", || Ok(Box::new(burn_coop::rules::Overlap::new(0.6, 0.7)?)), Goal::AtMost(1.05)),
         (
             "elastic averaging overlapped",
-            || Ok(Box::new(burn_coop::rules::ElasticOverlap::new(0.3))),
+            || Ok(Box::new(burn_coop::rules::ElasticOverlap::new(0.3, WORKERS)?)),
             Goal::AtMost(1.05),
         ),
         ("blocking averaging", || Ok(Box::new(Averaging::new())), Goal::Report),

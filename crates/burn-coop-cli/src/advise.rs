@@ -2,7 +2,7 @@
 //! training (see [`burn_coop::advisor`]).
 
 use burn_coop::advisor::{AdaCommInputs, Advice};
-use burn_coop::{MergeRule, ParamLayout};
+use burn_coop::{MatrixForm, MergeRule, ParamLayout};
 use clap::Args;
 
 use crate::config::TrainArgs;
@@ -72,8 +72,9 @@ pub fn run(args: &AdviseArgs) -> Result<(), String> {
         }
         _ => None,
     };
+    let name = config.rule.name().as_str();
     let mut advice =
-        Advice::new(rule.as_ref(), config.workers, tau, config.lr, values).with_runtime(step_time, comm_delay);
+        Advice::new(name, rule.as_ref(), config.workers, tau, config.lr, values).with_runtime(step_time, comm_delay);
     if let Some(inputs) = adacomm {
         advice = advice.with_adacomm(inputs);
     }

@@ -167,9 +167,9 @@ impl Scenario {
             Scenario::Averaging => LocalSgd::new(inner, Averaging::new(), schedule, comm)?,
             Scenario::Elastic => {
                 let anchor: Vec<f32> = (0..flat(&model).len()).map(|k| value(9, k, 7)).collect();
-                LocalSgd::new(inner, Elastic::optimal(m).with_anchor(anchor), schedule, comm)?
+                LocalSgd::new(inner, Elastic::optimal(m)?.with_anchor(anchor), schedule, comm)?
             }
-            Scenario::ElasticCommonStart => LocalSgd::new(inner, Elastic::optimal(m), schedule, comm)?,
+            Scenario::ElasticCommonStart => LocalSgd::new(inner, Elastic::optimal(m)?, schedule, comm)?,
             Scenario::GossipRing => {
                 LocalSgd::new(inner, Gossip::on(&Topology::ring(m)?)?, schedule, comm)?.with_consensus_every(1)
             }

@@ -9,7 +9,8 @@
 //!
 //! The pieces, one concept per module:
 //! - [`topology`] and [`mixing`]: graphs, mixing matrices `W`, validation, `ζ`;
-//! - [`rules`]: the [`MergeRule`] trait (two phases, context, state records) and the rules;
+//! - [`rules`]: the [`MergeRule`] trait (the merge, its context, state records), the theory of
+//!   a rule ([`MatrixForm`]: mixing matrices, bytes per merge) and the rules;
 //! - [`schedule`]: when to merge ([`SyncSchedule`], fed with signals and merge feedback);
 //! - [`spec`]: the registries of rules and schedules (settings for files and flags);
 //! - [`comm`]: the [`Communicator`] that moves data between workers, [`InProcessGroup`] for
@@ -56,7 +57,9 @@ pub use learner::{CoopTask, Learner, LearnerConfig, LearnerError};
 pub use local_sgd::{InnerStatePolicy, LocalSgd, LocalSgdState};
 pub use mixing::{MixingError, MixingMatrix};
 pub use params::{BufferPolicy, ParamLayout};
-pub use rules::{Averaging, Elastic, Gossip, MergeOutcome, MergeRule, RuleError, SyncContext};
+pub use rules::{
+    Averaging, CooperativeRule, Elastic, Gossip, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext,
+};
 pub use schedule::{PeriodicSchedule, ScheduleError, SyncSchedule};
 pub use spec::{RuleSpec, ScheduleSpec, SpecError};
 pub use sync::{CoopStats, StepSignal, SyncReport, SyncState, Synchronizer};

@@ -94,8 +94,8 @@ impl LocalSgd {
     /// Wraps `inner` (any Burn optimizer, e.g. `SgdConfig::new().init()` or
     /// `AdamConfig::new().init()`) with a merge rule, a schedule and this worker's communicator.
     ///
-    /// Fails when the rule cannot run with the communicator's number of workers (e.g. an elastic
-    /// α out of range, or a gossip matrix of the wrong order).
+    /// A rule built for another number of workers than the communicator has fails at the first
+    /// step.
     pub fn new(
         inner: ModuleOptimizer,
         rule: impl MergeRule + 'static,
@@ -210,11 +210,6 @@ impl LocalSgd {
     /// Number of workers.
     pub fn world_size(&self) -> usize {
         self.sync.world_size()
-    }
-
-    /// The merge rule's name.
-    pub fn rule_name(&self) -> &'static str {
-        self.sync.rule_name()
     }
 
     /// The current period between merges.

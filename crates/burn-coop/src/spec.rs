@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 pub use crate::rules::{RuleFlags, RuleName, RuleSpec};
 pub use crate::schedule::{ScheduleFlags, ScheduleName, ScheduleSpec};
 
-use crate::rules::MergeRule;
+use crate::rules::CooperativeRule;
 use crate::schedule::SyncSchedule;
 
 /// A setting that cannot run, named as in a configuration file and on the command line.
@@ -47,8 +47,9 @@ pub trait RuleConfig:
     /// The name used by `--rule` and in files.
     const NAME: &'static str;
 
-    /// The rule for `world_size` workers, after checking every setting against it.
-    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError>;
+    /// The rule for `world_size` workers, after checking every setting against it (the rule
+    /// refuses to run with another number of workers), as a merge rule with its theory.
+    fn build(&self, world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError>;
 
     /// A short human description for logs (`"elastic averaging, alpha = 0.25"`).
     fn describe(&self) -> String;
@@ -287,7 +288,7 @@ pub(crate) use registry;
 /// The object-safe part of [`RuleConfig`], implemented for every rule configuration.
 pub trait BuildRule {
     /// See [`RuleConfig::build`].
-    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError>;
+    fn build(&self, world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError>;
     /// See [`RuleConfig::describe`].
     fn describe(&self) -> String;
     /// See [`RuleConfig::run_tag`].
@@ -299,7 +300,7 @@ pub trait BuildRule {
 }
 
 impl<T: RuleConfig> BuildRule for T {
-    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+    fn build(&self, world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         RuleConfig::build(self, world_size)
     }
     fn describe(&self) -> String {
@@ -340,7 +341,7 @@ impl<T: ScheduleConfig> BuildSchedule for T {
 
 impl RuleSpec {
     /// The rule for `world_size` workers, after checking every setting against it.
-    pub fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+    pub fn build(&self, world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         self.config().build(world_size)
     }
 
@@ -378,7 +379,7 @@ pub fn build_pair(
     rule: &RuleSpec,
     schedule: &ScheduleSpec,
     world_size: usize,
-) -> Result<(Box<dyn MergeRule>, Box<dyn SyncSchedule>), SpecError> {
+) -> Result<(Box<dyn CooperativeRule>, Box<dyn SyncSchedule>), SpecError> {
     let built_rule = rule.build(world_size)?;
     let built_schedule = match rule.forced_period() {
         Some(period) => Box::new(
@@ -571,12 +572,15 @@ mod tests {
 
     #[test]
     fn rules_build_with_their_schedules() {
+        use crate::rules::MatrixForm;
         use crate::schedule::ScheduleSignal;
         use crate::topology::WeightRule;
         let at = |step| ScheduleSignal { step, ..ScheduleSignal::default() };
         let torus =
             |weights| RuleSpec::Gossip(GossipConfig { topology: Some(TopologySpec::Torus), weights: Some(weights) });
-        assert_eq!(torus(WeightRule::MetropolisHastings).build(6).unwrap().name(), "gossip");
+        let gossip = torus(WeightRule::MetropolisHastings);
+        assert!(gossip.build(6).unwrap().mixing_matrix(6).is_some());
+        assert_eq!(gossip.name().as_str(), "gossip");
         assert!(RuleSpec::Elastic(ElasticConfig { alpha: Some(0.9), anchors: None }).build(4).is_err());
         let error = torus(WeightRule::BestConstant).build(7).err().unwrap();
         assert!(error.reason.contains("7 workers cannot form a 2-D torus"), "{error}");

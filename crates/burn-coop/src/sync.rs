@@ -11,7 +11,7 @@
 //! 1. flatten the module (BatchNorm statistics flushed first) and count non-finite values;
 //! 2. measure the consensus distance first when asked and the rule does not measure it itself
 //!    (one all-reduce of the model; its bytes are counted apart);
-//! 3. the rule's [`begin`](crate::MergeRule::begin) and [`finish`](crate::MergeRule::finish);
+//! 3. the rule's [`merge`](crate::MergeRule::merge);
 //! 4. one small statistics collective, when there is something to reduce (the rule's distance,
 //!    the loss a schedule asked for): every worker learns which workers held NaN or infinite
 //!    values, so all stop with the same error. Without it, a worker whose own values are not
@@ -25,7 +25,7 @@ use crate::comm::{CommTime, Communicator, Metered, NetworkModel, SimClock, StepT
 use crate::error::CoopError;
 use crate::params::{BufferPolicy, ParamLayout};
 use crate::rules::kernels::{count_non_finite, distance_to_mean};
-use crate::rules::{HookEffect, MergeRule, SyncContext, Triggered};
+use crate::rules::{MergeRule, SyncContext, Triggered};
 use crate::schedule::{ScheduleSignal, SyncFeedback, SyncSchedule};
 use crate::state::StateFile;
 
@@ -142,7 +142,6 @@ pub struct Synchronizer {
 impl std::fmt::Debug for Synchronizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Synchronizer")
-            .field("rule", &self.rule.name())
             .field("schedule", &self.schedule.name())
             .field("rank", &self.comm.rank())
             .field("world_size", &self.comm.world_size())
@@ -152,14 +151,13 @@ impl std::fmt::Debug for Synchronizer {
 }
 
 impl Synchronizer {
-    /// A synchronizer for this worker. Fails when the rule cannot run with the communicator's
-    /// number of workers (an elastic α out of range, a gossip matrix of the wrong order).
+    /// A synchronizer for this worker. A rule built for another number of workers than the
+    /// communicator has fails when it starts.
     pub fn new(
         rule: impl MergeRule + 'static,
         schedule: impl SyncSchedule + 'static,
         comm: impl Communicator + 'static,
     ) -> Result<Self, CoopError> {
-        rule.validate(comm.world_size())?;
         Ok(Self {
             rule: Box::new(rule),
             schedule: Box::new(schedule),
@@ -275,37 +273,13 @@ impl Synchronizer {
         Ok(layout.unflatten(module, &self.flat)?)
     }
 
-    /// Call before each local step: starts the synchronizer on the first call and runs the
-    /// rule's before-step hook, if it has one.
+    /// Call before each local step: starts the synchronizer on the first call.
     pub fn before_step<M: Module>(&mut self, module: M) -> Result<M, CoopError> {
-        let module = self.start(module)?;
-        if !self.rule.uses_local_steps() {
-            return Ok(module);
-        }
-        self.run_hook(module, |rule, flat, ctx| rule.before_local_step(flat, ctx))
+        self.start(module)
     }
 
-    fn run_hook<M: Module>(
-        &mut self,
-        module: M,
-        hook: impl FnOnce(&mut dyn MergeRule, &mut [f32], &SyncContext) -> Result<HookEffect, crate::rules::RuleError>,
-    ) -> Result<M, CoopError> {
-        self.ensure_layout(&module);
-        let layout = self.layout.take().expect("layout recorded above");
-        let result = (|| {
-            layout.flatten_into(&module, &mut self.flat)?;
-            let ctx = self.context();
-            match hook(self.rule.as_mut(), &mut self.flat, &ctx)? {
-                HookEffect::Unchanged => Ok(module),
-                HookEffect::Changed => Ok(layout.unflatten(module, &self.flat)?),
-            }
-        })();
-        self.layout = Some(layout);
-        result
-    }
-
-    /// Call after each local step: counts it, runs the rule's after-step hook, and merges when
-    /// the schedule says so. Returns the (possibly merged) module and, on a merge, its report.
+    /// Call after each local step: counts it and merges when the schedule says so. Returns the
+    /// (possibly merged) module and, on a merge, its report.
     pub fn after_step<M: Module>(
         &mut self,
         module: M,
@@ -313,11 +287,6 @@ impl Synchronizer {
     ) -> Result<(M, Option<SyncReport>), CoopError> {
         let module = self.start(module)?;
         self.count_step(signal);
-        let module = if self.rule.uses_local_steps() {
-            self.run_hook(module, |rule, flat, ctx| rule.after_local_step(flat, ctx))?
-        } else {
-            module
-        };
         if self.merge_due() {
             let (module, report) = self.sync_now(module)?;
             Ok((module, Some(report)))
@@ -327,14 +296,14 @@ impl Synchronizer {
     }
 
     /// [`Synchronizer::after_step`] for loops that hold their model elsewhere (burn-train's
-    /// learner): `module` is called only when the synchronizer needs the model (a merge, a
-    /// local-step hook, the start). Returns `None` when the model was not touched.
+    /// learner): `module` is called only when the synchronizer needs the model (a merge, the
+    /// start). Returns `None` when the model was not touched.
     pub fn after_step_with<M: Module>(
         &mut self,
         signal: StepSignal,
         module: impl FnOnce() -> M,
     ) -> Result<Option<(M, Option<SyncReport>)>, CoopError> {
-        if !self.state.started || self.rule.uses_local_steps() {
+        if !self.state.started {
             return self.after_step(module(), signal).map(Some);
         }
         self.count_step(signal);
@@ -540,11 +509,6 @@ impl Synchronizer {
         self.comm.world_size()
     }
 
-    /// The merge rule's name.
-    pub fn rule_name(&self) -> &'static str {
-        self.rule.name()
-    }
-
     /// The merge rule.
     pub fn rule(&self) -> &dyn MergeRule {
         self.rule.as_ref()
@@ -600,9 +564,9 @@ mod tests {
     use burn::tensor::Device;
 
     use super::*;
-    use crate::comm::{CollectiveKind, InProcessGroup};
+    use crate::comm::InProcessGroup;
     use crate::launch::{Failure, run_group};
-    use crate::rules::{Averaging, Gossip, RuleError};
+    use crate::rules::{Averaging, Gossip};
     use crate::schedule::PeriodicSchedule;
     use crate::testing::{Tiny, tiny_for, worker_buffer};
     use crate::topology::Topology;
@@ -722,66 +686,6 @@ mod tests {
                 other.failure,
                 Failure::Error(CoopError::Comm(crate::comm::CommError::PeerLost { rank: 2 }))
             ));
-        }
-    }
-
-    /// Adds `1` to every parameter after each local step (a stand-in for a pull towards an anchor).
-    #[derive(Default)]
-    struct Drift {
-        averaging: Averaging,
-        hooks: u64,
-    }
-
-    impl MergeRule for Drift {
-        fn name(&self) -> &'static str {
-            "drift"
-        }
-        fn validate(&self, _: usize) -> Result<(), RuleError> {
-            Ok(())
-        }
-        fn begin(&mut self, p: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
-            self.averaging.begin(p, ctx, comm)
-        }
-        fn finish(
-            &mut self,
-            p: &mut [f32],
-            ctx: &SyncContext,
-            comm: &mut dyn Communicator,
-        ) -> Result<crate::rules::MergeOutcome, RuleError> {
-            self.averaging.finish(p, ctx, comm)
-        }
-        fn uses_local_steps(&self) -> bool {
-            true
-        }
-        fn after_local_step(&mut self, params: &mut [f32], ctx: &SyncContext) -> Result<HookEffect, RuleError> {
-            self.hooks += 1;
-            assert_eq!(ctx.steps_since_sync, ctx.step - 3 * ctx.round);
-            params.iter_mut().for_each(|v| *v += 1.0);
-            Ok(HookEffect::Changed)
-        }
-    }
-
-    #[test]
-    fn local_step_hooks_change_the_model_and_the_state_survives() {
-        let runs = group(2, |rank, comm| {
-            let mut sync = Synchronizer::new(Drift::default(), PeriodicSchedule::every(3).unwrap(), comm)?;
-            let mut model: Tiny = tiny_for(rank, &Device::flex());
-            let start = crate::testing::flat(&model);
-            for _ in 0..2 {
-                model = sync.after_step(model, StepSignal::default())?.0;
-            }
-            let moved = crate::testing::flat(&model);
-            let traffic = sync.traffic_by_kind();
-            Ok((start, moved, traffic.calls(CollectiveKind::Broadcast), sync.state()))
-        });
-        let zero_start = &runs[0].0;
-        for (_, moved, broadcasts, state) in &runs {
-            assert!(
-                moved.iter().zip(zero_start).all(|(m, s)| (m - (s + 2.0)).abs() < 1e-5),
-                "two hooks from worker 0's start"
-            );
-            assert_eq!(*broadcasts, 1);
-            assert_eq!((state.stats.steps, state.stats.syncs, state.steps_since_sync), (2, 0, 2));
         }
     }
 }

@@ -5,7 +5,9 @@
 //! - [`run_one_merge`]: runs one merge of a rule for `m` workers on deterministic buffers and
 //!   returns each worker's merged buffer, outcome, calls and bytes.
 //! - [`check_rule_against_matrix`]: compares one merge with `X · W` for rules that have a mixing
-//!   matrix (anchors included), so a new rule ships with a two-line exactness test.
+//!   matrix ([`MatrixForm`], anchors included), so a new rule ships with a two-line exactness
+//!   test; [`check_rounds_against_matrices`] does the same merge after merge, and
+//!   [`measured_bytes_per_merge`] checks [`MatrixForm::expected_bytes_per_merge`].
 //! - [`Tiny`], [`tiny_for`], [`fixed_grads`] and [`test_value`]: a small model with a BatchNorm
 //!   and deterministic parameters and gradients, shared by the workspace's tests.
 
@@ -21,7 +23,7 @@ use crate::CoopError;
 use crate::comm::{CommError, Communicator, InProcessGroup, Metered, PendingSum, TrafficByKind};
 use crate::launch::run_group;
 use crate::params::{BufferPolicy, ParamLayout, TensorRole};
-use crate::rules::{MergeOutcome, MergeRule, RuleError, SyncContext};
+use crate::rules::{MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext};
 use crate::schedule::PeriodicSchedule;
 use crate::sync::Synchronizer;
 
@@ -166,40 +168,6 @@ impl<C: Communicator> Communicator for RecordingComm<C> {
     }
 }
 
-/// A rule that merges only through its two phases, `begin` then `finish` (the provided
-/// [`MergeRule::merge`] is not overridden), to check that a rule's own blocking `merge` gives
-/// the same bits as its phases.
-pub struct TwoPhase<R>(pub R);
-
-impl<R: MergeRule> MergeRule for TwoPhase<R> {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    fn validate(&self, world_size: usize) -> Result<(), RuleError> {
-        self.0.validate(world_size)
-    }
-    fn set_segments(&mut self, segments: &crate::compress::Segments) {
-        self.0.set_segments(segments)
-    }
-    fn start(&mut self, initial: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        self.0.start(initial, ctx, comm)
-    }
-    fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        self.0.begin(params, ctx, comm)
-    }
-    fn finish(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
-        self.0.finish(params, ctx, comm)
-    }
-    fn record(&self) -> crate::state::StateRecord {
-        self.0.record()
-    }
-}
-
 /// `rule` told of `segments` ([`MergeRule::set_segments`]) when there are some, as the
 /// synchronizer tells it of a model's tensors.
 pub fn with_segments<R: MergeRule>(mut rule: R, segments: Option<&crate::compress::Segments>) -> R {
@@ -209,17 +177,15 @@ pub fn with_segments<R: MergeRule>(mut rule: R, segments: Option<&crate::compres
     rule
 }
 
-/// Asserts that `make()`'s blocking [`MergeRule::merge`] and its two phases give the same bits
-/// on every worker.
-pub fn check_phases_match_merge<R: MergeRule + 'static>(m: usize, n: usize, make: impl Fn() -> R + Sync) {
-    let blocking = run_one_merge(m, n, |_| Box::new(make()));
-    let phased = run_one_merge(m, n, |_| Box::new(TwoPhase(make())));
-    for (a, b) in blocking.iter().zip(&phased) {
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&a.params), bits(&b.params), "worker {}: merge and begin + finish differ", a.rank);
-        assert_eq!(a.outcome, b.outcome, "worker {}", a.rank);
-        assert!(a.error.is_none() && b.error.is_none());
-    }
+/// The errors of `rule` asked to start and then to merge as one of `workers` workers: a rule
+/// built for another number refuses both ([`RuleError::WorldSizeMismatch`]) before any
+/// collective, so a one-worker communicator stands in for the group.
+pub fn refusals<R: MergeRule>(mut rule: R, workers: usize) -> [Option<RuleError>; 2] {
+    let mut comm = InProcessGroup::new(1).with_timeout(Duration::from_secs(60)).into_communicators().remove(0);
+    let ctx = SyncContext { lr: Some(0.1), world_size: workers, ..SyncContext::default() };
+    let start = rule.start(&[0.0; 4], &ctx, &mut comm).err();
+    let merge = rule.merge(&mut [1.0; 4], &ctx, &mut comm).err();
+    [start, merge]
 }
 
 /// One worker's view of [`run_one_merge`].
@@ -253,7 +219,7 @@ pub fn worker_buffer(rank: usize, n: usize) -> Vec<f32> {
 
 /// Runs `start` with [`initial_buffer`] and then one merge of [`worker_buffer`] for `m` workers
 /// on threads, each with the rule `make(rank)` and a [`RecordingComm`].
-pub fn run_one_merge(m: usize, n: usize, make: impl Fn(usize) -> Box<dyn MergeRule> + Sync) -> Vec<MergeRun> {
+pub fn run_one_merge<R: MergeRule>(m: usize, n: usize, make: impl Fn(usize) -> R + Sync) -> Vec<MergeRun> {
     let comms = InProcessGroup::new(m).with_timeout(Duration::from_secs(60)).into_communicators();
     let runs = run_group(comms, |rank, comm| -> Result<MergeRun, RuleError> {
         let mut rule = make(rank);
@@ -279,7 +245,7 @@ pub fn run_one_merge(m: usize, n: usize, make: impl Fn(usize) -> Box<dyn MergeRu
 /// with `Σ_j X[:, j] W[j, i]`, the columns of `X` being the workers' buffers followed by the
 /// rule's `v` anchors, which start at [`initial_buffer`]. Also checks that every worker's
 /// squared distance to the mean, when reported, is right.
-pub fn check_rule_against_matrix(m: usize, n: usize, make: impl Fn() -> Box<dyn MergeRule> + Sync) {
+pub fn check_rule_against_matrix<R: MergeRule + MatrixForm>(m: usize, n: usize, make: impl Fn() -> R + Sync) {
     let w = make().mixing_matrix(m).expect("the rule has a mixing matrix");
     let order = w.order();
     assert!(order >= m, "a mixing matrix for {m} workers has at least {m} rows, got {order}");
@@ -311,11 +277,16 @@ pub fn check_rule_against_matrix(m: usize, n: usize, make: impl Fn() -> Box<dyn 
 
 /// Asserts that `rounds` consecutive merges of a rule follow `X_{k+1} = X_k' W_k` computed
 /// independently in `f64`, with `W_k` the rule's matrix at merge `k`
-/// ([`MergeRule::mixing_matrix_at`]) and its `v` anchor columns (starting at
+/// ([`MatrixForm::mixing_matrix_at`]) and its `v` anchor columns (starting at
 /// [`initial_buffer`], as the workers do) carried along: the rules whose graph changes from merge
 /// to merge, and those whose anchors mix among themselves. Before merge `k` every worker's buffer
 /// moves by [`worker_buffer`]`(rank + k)`, as local steps would; anchors take no steps.
-pub fn check_rounds_against_matrices(m: usize, n: usize, rounds: u64, make: impl Fn() -> Box<dyn MergeRule> + Sync) {
+pub fn check_rounds_against_matrices<R: MergeRule + MatrixForm>(
+    m: usize,
+    n: usize,
+    rounds: u64,
+    make: impl Fn() -> R + Sync,
+) {
     let comms = InProcessGroup::new(m).with_timeout(Duration::from_secs(60)).into_communicators();
     let runs = run_group(comms, |rank, mut comm| -> Result<Vec<Vec<f32>>, RuleError> {
         let mut rule = make();
@@ -376,8 +347,13 @@ pub fn check_rounds_against_matrices(m: usize, n: usize, rounds: u64, make: impl
 
 /// The bytes a worker sent per merge, averaged over the `m` workers and `rounds` merges of a
 /// buffer of `n` values, as [`Metered`] counts them for the rule's own collectives (to check
-/// [`MergeRule::expected_bytes_per_merge`]).
-pub fn measured_bytes_per_merge(m: usize, n: usize, rounds: u64, make: impl Fn() -> Box<dyn MergeRule> + Sync) -> f64 {
+/// [`MatrixForm::expected_bytes_per_merge`]).
+pub fn measured_bytes_per_merge<R: MergeRule + MatrixForm>(
+    m: usize,
+    n: usize,
+    rounds: u64,
+    make: impl Fn() -> R + Sync,
+) -> f64 {
     let comms = InProcessGroup::new(m).with_timeout(Duration::from_secs(60)).into_communicators();
     let sent = run_group(comms, |rank, comm| -> Result<u64, RuleError> {
         let mut rule = make();
@@ -403,11 +379,11 @@ pub fn measured_bytes_per_merge(m: usize, n: usize, rounds: u64, make: impl Fn()
 /// `k`, as local steps would; with `resume_after`, the synchronizer and rule are rebuilt from
 /// their records after that many merges, as a resumed run does. Comparing the two shows that a
 /// rule's state survives a checkpoint bit for bit.
-pub fn merge_trajectories(
+pub fn merge_trajectories<R: MergeRule + 'static>(
     m: usize,
     merges: usize,
     resume_after: Option<usize>,
-    make: impl Fn() -> Box<dyn MergeRule> + Sync,
+    make: impl Fn() -> R + Sync,
 ) -> Vec<Vec<Vec<u32>>> {
     let n = 37;
     let comms = InProcessGroup::new(m).with_timeout(Duration::from_secs(60)).into_communicators();

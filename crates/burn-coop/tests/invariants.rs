@@ -100,7 +100,7 @@ fn gossip_preserves_the_mean_and_shrinks_the_distance() {
 #[test]
 fn elastic_preserves_the_mean_of_workers_and_anchor() {
     let m = 4;
-    let results = merge_buffers(m, || Elastic::new(0.2));
+    let results = merge_buffers(m, || Elastic::new(0.2, m).unwrap());
     let anchor: Vec<f64> = (0..257).map(|k| f64::from(value(0, k, 3))).collect();
     let before: Vec<_> = results.iter().map(|r| r.0.clone()).collect();
     let after: Vec<_> = results.iter().map(|r| r.1.clone()).collect();
@@ -287,7 +287,7 @@ fn buffers_are_merged_or_kept_local_by_policy() {
 fn restored_state_continues_exactly() {
     let run = |interrupt: bool| {
         run_workers(2, move |rank, comm| {
-            let rule = Elastic::new(0.25);
+            let rule = Elastic::new(0.25, 2).unwrap();
             let schedule = PeriodicSchedule::every(2).unwrap();
             let mut optim = LocalSgd::new(sgd_momentum(), rule, schedule, comm).unwrap();
             let mut model = tiny_for(0);
@@ -307,9 +307,13 @@ fn restored_state_continues_exactly() {
                     };
                     let record = burn::optim::OptimizerRecord::from_bytes(optim_bytes).unwrap();
                     let comm = std::mem::replace(&mut optim, placeholder()).into_comm();
-                    optim =
-                        LocalSgd::new(sgd_momentum(), Elastic::new(0.25), PeriodicSchedule::every(2).unwrap(), comm)
-                            .unwrap();
+                    optim = LocalSgd::new(
+                        sgd_momentum(),
+                        Elastic::new(0.25, 2).unwrap(),
+                        PeriodicSchedule::every(2).unwrap(),
+                        comm,
+                    )
+                    .unwrap();
                     optim.load_state(state).unwrap();
                     optim.load_record(record);
                 }

@@ -4,7 +4,9 @@ mod common;
 
 use burn::optim::SgdConfig;
 use burn_coop::state::StateRecord;
-use burn_coop::{Averaging, Elastic, Gossip, LocalSgd, MergeRule, MixingMatrix, PeriodicSchedule, Topology};
+use burn_coop::{
+    Averaging, Elastic, Gossip, LocalSgd, MatrixForm, MergeRule, MixingMatrix, PeriodicSchedule, Topology,
+};
 use common::{assert_close, fixed_grads, flat, run_workers, tiny_for};
 
 const M: usize = 4;
@@ -123,7 +125,7 @@ fn elastic_equals_x_times_w_alpha_with_anchor_column() {
     columns.push(anchor.iter().map(|&v| f64::from(v)).collect());
     let expected = times(&columns, &w);
 
-    let (merged, mut state) = one_merge(|| Elastic::new(alpha).with_anchor(anchor.clone()));
+    let (merged, mut state) = one_merge(|| Elastic::new(alpha, M).unwrap().with_anchor(anchor.clone()));
     for rank in 0..M {
         assert_close(&merged[rank], &expected[rank], 1e-6, &format!("elastic worker {rank}"));
     }
@@ -134,7 +136,7 @@ fn elastic_equals_x_times_w_alpha_with_anchor_column() {
 fn rules_report_their_mixing_matrices() {
     let j = Averaging::new().mixing_matrix(M).unwrap();
     assert!(j.entries().iter().all(|&v| (v - 0.25).abs() < 1e-15));
-    let elastic = Elastic::new(0.3).mixing_matrix(M).unwrap();
+    let elastic = Elastic::new(0.3, M).unwrap().mixing_matrix(M).unwrap();
     assert_eq!(elastic.order(), M + 1);
     assert!((elastic.get(M, M) - (1.0 - 4.0 * 0.3)).abs() < 1e-12);
     // Eigenvalues of W_α: 1, 1 − α (m − 1 times), 1 − (m + 1) α.

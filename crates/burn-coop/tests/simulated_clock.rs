@@ -100,7 +100,7 @@ fn overlap_hides_the_all_reduce_behind_the_local_steps() {
     let step_time = StepTime { fixed: Some(0.1), straggler_mean: None };
     // The all-reduce takes 0.15 s: hidden by the next τ = 2 steps (0.2 s).
     let fast = NetworkModel::new(bytes / 0.15, 0.0).unwrap();
-    let runs = run(4, 2, 10, fast, step_time, || Box::new(Overlap::new(0.6, 0.7)));
+    let runs = run(4, 2, 10, fast, step_time, || Box::new(Overlap::new(0.6, 0.7).unwrap()));
     let first = clock(&runs[0][0].0);
     for (k, (report, _)) in runs[0].iter().enumerate() {
         let c = clock(report);
@@ -109,7 +109,7 @@ fn overlap_hides_the_all_reduce_behind_the_local_steps() {
     }
     // It takes 0.3 s: each merge from the second on waits the 0.1 s the steps did not cover.
     let slow = NetworkModel::new(bytes / 0.3, 0.0).unwrap();
-    let runs = run(4, 2, 10, slow, step_time, || Box::new(Overlap::new(0.6, 0.7)));
+    let runs = run(4, 2, 10, slow, step_time, || Box::new(Overlap::new(0.6, 0.7).unwrap()));
     let first = clock(&runs[0][0].0);
     for (k, (report, _)) in runs[0].iter().enumerate().skip(1) {
         let c = clock(report);

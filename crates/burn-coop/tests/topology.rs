@@ -4,8 +4,8 @@ use std::f64::consts::PI;
 
 use burn::optim::SgdConfig;
 use burn_coop::{
-    Averaging, CoopError, Elastic, Gossip, InProcessGroup, LocalSgd, MixingError, MixingMatrix, PeriodicSchedule,
-    RuleError, ScheduleError, Topology, TopologyError, TopologyKind, WeightRule,
+    Averaging, CoopError, Elastic, Gossip, InProcessGroup, LocalSgd, MatrixForm, MixingError, MixingMatrix,
+    PeriodicSchedule, RuleError, ScheduleError, Topology, TopologyError, TopologyKind, WeightRule,
 };
 
 fn close(a: f64, b: f64) -> bool {
@@ -161,22 +161,25 @@ fn every_topology_error_names_the_problem() {
 }
 
 #[test]
-fn rule_and_schedule_errors_surface_when_the_optimizer_is_built() {
+fn rule_and_schedule_errors_surface_when_built_or_started() {
     assert_eq!(PeriodicSchedule::every(0), Err(ScheduleError::ZeroPeriod));
     let transport = || InProcessGroup::new(4).into_communicators().remove(0);
     let every = || PeriodicSchedule::every(2).unwrap();
     // α must lie in (0, 2/(m+1)) = (0, 0.4) for 4 workers.
     for alpha in [0.0, -0.1, 0.4, 0.5, f64::NAN] {
-        let error = LocalSgd::new(SgdConfig::new().init(), Elastic::new(alpha), every(), transport()).unwrap_err();
+        let error = Elastic::new(alpha, 4).unwrap_err();
         assert!(
-            matches!(error, CoopError::Rule(RuleError::ElasticAlphaOutOfRange { workers: 4, upper, .. }) if (upper - 0.4).abs() < 1e-12),
+            matches!(error, RuleError::ElasticAlphaOutOfRange { workers: 4, upper, .. } if (upper - 0.4).abs() < 1e-12),
             "α = {alpha}: {error}"
         );
     }
-    assert!(LocalSgd::new(SgdConfig::new().init(), Elastic::new(0.39), every(), transport()).is_ok());
-    assert!(LocalSgd::new(SgdConfig::new().init(), Elastic::optimal(4), every(), transport()).is_ok());
+    assert!(LocalSgd::new(SgdConfig::new().init(), Elastic::new(0.39, 4).unwrap(), every(), transport()).is_ok());
+    assert!(LocalSgd::new(SgdConfig::new().init(), Elastic::optimal(4).unwrap(), every(), transport()).is_ok());
+    // A rule built for 5 workers refuses to start with 4.
     let ring5 = Gossip::on(&Topology::ring(5).unwrap()).unwrap();
-    let error = LocalSgd::new(SgdConfig::new().init(), ring5, every(), transport()).unwrap_err();
+    let mut optim = LocalSgd::new(SgdConfig::new().init(), ring5, every(), transport()).unwrap();
+    let error = optim.synchronizer().start_flat(&[0.0; 3]).unwrap_err();
+    assert!(matches!(error, CoopError::Rule(RuleError::WorldSizeMismatch { expected: 5, found: 4, .. })), "{error}");
     assert_eq!(error.to_string(), "the gossip rule was built for 5 workers but the communicator has 4");
     assert!(LocalSgd::new(SgdConfig::new().init(), Averaging::new(), every(), transport()).is_ok());
 }
@@ -184,9 +187,9 @@ fn rule_and_schedule_errors_surface_when_the_optimizer_is_built() {
 #[test]
 fn elastic_optimum_minimizes_zeta() {
     for m in [2, 4, 8] {
-        let best = Elastic::optimal(m);
-        let zeta = |alpha: f64| burn_coop::MergeRule::mixing_matrix(&Elastic::new(alpha), m).unwrap().zeta();
-        let at_best = burn_coop::MergeRule::mixing_matrix(&best, m).unwrap().zeta();
+        let best = Elastic::optimal(m).unwrap();
+        let zeta = |alpha: f64| Elastic::new(alpha, m).unwrap().mixing_matrix(m).unwrap().zeta();
+        let at_best = best.mixing_matrix(m).unwrap().zeta();
         assert!(close(at_best, m as f64 / (m as f64 + 2.0)), "m = {m}: ζ* = {at_best}");
         for alpha in [0.5 * best.alpha(), 0.9 * best.alpha(), 1.1 * best.alpha()] {
             assert!(zeta(alpha) > at_best);

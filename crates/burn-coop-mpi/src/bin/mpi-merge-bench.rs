@@ -81,7 +81,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut averaging = synchronizer(Averaging::new(), true)?;
     let mut averaging_unchecked = synchronizer(Averaging::new(), false)?;
-    let mut elastic = synchronizer(Elastic::optimal(m), true)?;
+    let mut elastic = synchronizer(Elastic::optimal(m)?, true)?;
     let mut all_reduce = MpiComm::from_communicator(&SimpleCommunicator::world())?;
     let ring = if m >= 3 { Some(Topology::ring(m)?) } else { None };
     let mut gossip =

@@ -22,8 +22,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::kernels::{distance_to_mean, divide};
-use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
-use crate::comm::{Communicator, PendingSum, Traffic};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext};
+use crate::comm::{Communicator, Traffic};
 use crate::shared_params::SharedParams;
 use crate::spec::{RuleConfig, SpecError};
 
@@ -47,7 +47,7 @@ impl AsyncConfig {
 impl RuleConfig for AsyncConfig {
     const NAME: &'static str = "async";
 
-    fn build(&self, _world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+    fn build(&self, _world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         if self.threads() == 0 {
             return Err(SpecError::new("local-threads", "0", "a worker needs at least one local thread"));
         }
@@ -72,7 +72,6 @@ impl RuleConfig for AsyncConfig {
 #[derive(Debug, Default)]
 pub struct AsyncAveraging {
     snapshot: Vec<f32>,
-    pending: Option<PendingSum>,
 }
 
 impl AsyncAveraging {
@@ -100,28 +99,18 @@ pub fn apply_average_in_place(shared: &SharedParams, snapshot: &[f32], mut sum: 
 }
 
 impl MergeRule for AsyncAveraging {
-    fn name(&self) -> &'static str {
-        "async"
-    }
-
-    fn validate(&self, _world_size: usize) -> Result<(), RuleError> {
-        Ok(())
-    }
-
-    fn begin(&mut self, params: &[f32], _ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        self.snapshot.clear();
-        self.snapshot.extend_from_slice(params);
-        self.pending = Some(comm.start_all_reduce_sum(params.to_vec())?);
-        Ok(())
-    }
-
-    fn finish(
+    /// Snapshots `params`, starts the all-reduce of the snapshot and waits for it (one thread:
+    /// nothing moves in between), then applies `x ← x + (mean − s)`.
+    fn merge(
         &mut self,
         params: &mut [f32],
         ctx: &SyncContext,
-        _comm: &mut dyn Communicator,
+        comm: &mut dyn Communicator,
     ) -> Result<MergeOutcome, RuleError> {
-        let mut sum = self.pending.take().ok_or(RuleError::NotBegun { rule: "async" })?.wait()?;
+        self.snapshot.clear();
+        self.snapshot.extend_from_slice(params);
+        let pending = comm.start_all_reduce_sum(params.to_vec())?;
+        let mut sum = pending.wait()?;
         let distance = distance_to_mean(&self.snapshot, &sum, ctx.world_size);
         change_to_mean(&mut sum, &self.snapshot, ctx.world_size);
         params.iter_mut().zip(&sum).for_each(|(x, change)| *x += change);
@@ -131,7 +120,9 @@ impl MergeRule for AsyncAveraging {
     fn measures_consensus(&self) -> bool {
         true
     }
+}
 
+impl MatrixForm for AsyncAveraging {
     fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
         Some(Traffic::ring_all_reduce(4 * values as u64, world_size) as f64)
     }

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::EcLocalSgd;
 use super::kernels::replace_by_mean;
-use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
-use crate::comm::{Communicator, PendingSum, Traffic};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext};
+use crate::comm::{Communicator, Traffic};
 use crate::compress::Compressor;
 use crate::mixing::MixingMatrix;
 use crate::spec::{RuleConfig, SpecError};
@@ -36,7 +36,7 @@ pub struct AveragingConfig {
 impl RuleConfig for AveragingConfig {
     const NAME: &'static str = "average";
 
-    fn build(&self, _world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+    fn build(&self, _world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         Ok(match self.compressor.filter(|c| !c.is_lossless()) {
             None => Box::new(Averaging::new()),
             Some(compressor) => Box::new(EcLocalSgd::without_error_feedback(compressor)),
@@ -66,7 +66,7 @@ pub struct SynchronousConfig {}
 impl RuleConfig for SynchronousConfig {
     const NAME: &'static str = "sync";
 
-    fn build(&self, _world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+    fn build(&self, _world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         Ok(Box::new(Averaging::new()))
     }
 
@@ -84,7 +84,6 @@ impl RuleConfig for SynchronousConfig {
 #[derive(Debug, Default)]
 pub struct Averaging {
     sum: Vec<f32>,
-    pending: Option<PendingSum>,
 }
 
 impl Averaging {
@@ -95,36 +94,8 @@ impl Averaging {
 }
 
 impl MergeRule for Averaging {
-    fn name(&self) -> &'static str {
-        "averaging"
-    }
-
-    fn validate(&self, _world_size: usize) -> Result<(), RuleError> {
-        Ok(())
-    }
-
-    fn begin(&mut self, params: &[f32], _ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        let mut send = std::mem::take(&mut self.sum);
-        send.clear();
-        send.extend_from_slice(params);
-        self.pending = Some(comm.start_all_reduce_sum(send)?);
-        Ok(())
-    }
-
-    fn finish(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        _comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
-        let pending = self.pending.take().ok_or(RuleError::NotBegun { rule: self.name() })?;
-        self.sum = pending.wait()?;
-        let local = replace_by_mean(params, &self.sum, ctx.world_size);
-        Ok(MergeOutcome { local_squared_distance: Some(local), trigger: None })
-    }
-
-    /// Both phases at once, with a blocking all-reduce (MPI's blocking collectives are faster
-    /// than its non-blocking ones when nothing overlaps them). Same sums as `begin` + `finish`.
+    /// A blocking all-reduce (MPI's blocking collectives are faster than its non-blocking ones
+    /// when nothing overlaps them), then the mean and this worker's distance to it in one pass.
     fn merge(
         &mut self,
         params: &mut [f32],
@@ -144,7 +115,9 @@ impl MergeRule for Averaging {
     fn reaches_consensus(&self) -> bool {
         true
     }
+}
 
+impl MatrixForm for Averaging {
     fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
         Some(Traffic::ring_all_reduce(4 * values as u64, world_size) as f64)
     }
@@ -157,7 +130,7 @@ impl MergeRule for Averaging {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{check_phases_match_merge, check_rule_against_matrix, run_one_merge};
+    use crate::testing::{check_rule_against_matrix, run_one_merge};
 
     #[test]
     fn expected_bytes_are_the_metered_ones() {
@@ -169,12 +142,6 @@ mod tests {
     fn one_merge_is_x_times_j() {
         check_rule_against_matrix(4, 37, || Box::new(Averaging::new()));
         check_rule_against_matrix(3, 5, || Box::new(Averaging::new()));
-    }
-
-    #[test]
-    fn both_phases_give_the_blocking_merge_bit_for_bit() {
-        check_phases_match_merge(3, 33, Averaging::new);
-        check_phases_match_merge(4, 5000, Averaging::new);
     }
 
     #[test]
@@ -190,10 +157,15 @@ mod tests {
     }
 
     #[test]
-    fn finish_without_begin_is_an_error() {
-        let mut comm = crate::comm::InProcessGroup::new(1).into_communicators().remove(0);
-        let ctx = SyncContext { world_size: 1, ..SyncContext::default() };
-        let error = Averaging::new().finish(&mut [1.0], &ctx, &mut comm).unwrap_err();
-        assert_eq!(error, RuleError::NotBegun { rule: "averaging" });
+    fn a_stateless_rule_refuses_a_record_with_entries() {
+        let mut rule = Averaging::new();
+        assert_eq!(rule.load_record(crate::state::StateRecord::new()), Ok(()));
+        let foreign = crate::state::StateRecord::new().with_buffer("anchor", vec![1.0]);
+        let error = rule.load_record(foreign).unwrap_err();
+        assert_eq!(error, RuleError::UnexpectedState { keys: vec!["anchor".into()] });
+        assert_eq!(
+            error.to_string(),
+            "cannot restore the rule's state: unexpected entries [\"anchor\"] (the rule keeps no state)"
+        );
     }
 }

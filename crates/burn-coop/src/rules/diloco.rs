@@ -20,7 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::kernels::replace_by_mean;
-use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext};
 use crate::comm::Communicator;
 use crate::spec::{RuleConfig, SpecError};
 use crate::state::StateRecord;
@@ -46,7 +46,7 @@ pub struct DiLoCoConfig {
 impl RuleConfig for DiLoCoConfig {
     const NAME: &'static str = "diloco";
 
-    fn build(&self, _world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+    fn build(&self, _world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         let lr = self.outer_lr.unwrap_or(0.7);
         let beta = self.outer_momentum.unwrap_or(0.9);
         Ok(Box::new(DiLoCo::new(lr, beta, self.outer_nesterov.unwrap_or(true))?))
@@ -95,14 +95,6 @@ impl DiLoCo {
 }
 
 impl MergeRule for DiLoCo {
-    fn name(&self) -> &'static str {
-        "diloco"
-    }
-
-    fn validate(&self, _world_size: usize) -> Result<(), RuleError> {
-        Ok(())
-    }
-
     fn start(&mut self, initial: &[f32], _ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
         if self.synced.is_none() {
             self.synced = Some(initial.to_vec());
@@ -110,9 +102,14 @@ impl MergeRule for DiLoCo {
         Ok(())
     }
 
-    fn begin(&mut self, params: &[f32], _ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+    fn merge(
+        &mut self,
+        params: &mut [f32],
+        ctx: &SyncContext,
+        comm: &mut dyn Communicator,
+    ) -> Result<MergeOutcome, RuleError> {
         let synced = self.synced.as_ref().ok_or(RuleError::BadState {
-            rule: "diloco",
+            rule: DiLoCoConfig::NAME,
             reason: "the rule was not started with the initial model".into(),
         })?;
         if synced.len() != params.len() || (!self.momentum.is_empty() && self.momentum.len() != params.len()) {
@@ -122,25 +119,13 @@ impl MergeRule for DiLoCo {
                 self.momentum.len(),
                 params.len()
             );
-            return Err(RuleError::BadState { rule: "diloco", reason });
+            return Err(RuleError::BadState { rule: DiLoCoConfig::NAME, reason });
         }
         self.sum.resize(params.len(), 0.0);
         comm.all_reduce_sum_into(params, &mut self.sum)?;
-        Ok(())
-    }
-
-    fn finish(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        _comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
-        if self.sum.len() != params.len() {
-            return Err(RuleError::NotBegun { rule: "diloco" });
-        }
         // params ← x̄, measuring each worker's distance to it in the same pass.
         let local = replace_by_mean(params, &self.sum, ctx.world_size);
-        let synced = self.synced.as_mut().expect("checked by begin");
+        let synced = self.synced.as_mut().expect("checked above");
         self.momentum.resize(params.len(), 0.0);
         let (lr, beta) = (self.lr as f32, self.beta as f32);
         for ((x, z), u) in params.iter_mut().zip(synced.iter_mut()).zip(self.momentum.iter_mut()) {
@@ -151,12 +136,7 @@ impl MergeRule for DiLoCo {
             *x += (1.0 - lr) * delta - lr * beta * carried;
             *z = *x;
         }
-        self.sum.clear();
         Ok(MergeOutcome { local_squared_distance: Some(local), trigger: None })
-    }
-
-    fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
-        Some(crate::comm::Traffic::ring_all_reduce(4 * values as u64, world_size) as f64)
     }
 
     fn measures_consensus(&self) -> bool {
@@ -181,7 +161,13 @@ impl MergeRule for DiLoCo {
     fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
         self.synced = record.take_buffer("synced");
         self.momentum = record.take_buffer("momentum").unwrap_or_default();
-        super::no_leftovers("diloco", &record, "`synced` and `momentum`")
+        super::no_leftovers(DiLoCoConfig::NAME, &record, "`synced` and `momentum`")
+    }
+}
+
+impl MatrixForm for DiLoCo {
+    fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
+        Some(crate::comm::Traffic::ring_all_reduce(4 * values as u64, world_size) as f64)
     }
 }
 

@@ -44,7 +44,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 
 use super::kernels::{divide, replace_by_mean};
-use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext};
 use crate::comm::{Communicator, Traffic};
 use crate::compress::{CompressContext, Compressor, Segments};
 use crate::spec::{RuleConfig, SpecError, serde_name};
@@ -80,7 +80,7 @@ impl EcLocalSgdConfig {
 impl RuleConfig for EcLocalSgdConfig {
     const NAME: &'static str = "ec-local-sgd";
 
-    fn build(&self, _world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+    fn build(&self, _world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         Ok(Box::new(EcLocalSgd::new(self.workers(), self.server())))
     }
 
@@ -112,7 +112,6 @@ pub struct EcLocalSgd {
     payload: Vec<u8>,
     decoded: Vec<f32>,
     mean: Vec<f32>,
-    begun: bool,
 }
 
 impl EcLocalSgd {
@@ -140,7 +139,6 @@ impl EcLocalSgd {
             payload: Vec::new(),
             decoded: Vec::new(),
             mean: Vec::new(),
-            begun: false,
         }
     }
 
@@ -159,8 +157,14 @@ impl EcLocalSgd {
         &self.server_error
     }
 
+    /// The registry's name of the rule: `ec-local-sgd` with error feedback, `average` (with a
+    /// compressor) without.
+    fn registry_name(&self) -> &'static str {
+        if self.error_feedback { EcLocalSgdConfig::NAME } else { super::AveragingConfig::NAME }
+    }
+
     fn bad_state(&self, reason: String) -> RuleError {
-        RuleError::BadState { rule: self.name(), reason }
+        RuleError::BadState { rule: self.registry_name(), reason }
     }
 
     /// The compressed merge: every payload gathered, the server's side computed, `x_s` moved.
@@ -172,8 +176,8 @@ impl EcLocalSgd {
     ) -> Result<(), RuleError> {
         let n = params.len();
         let m = ctx.world_size;
-        let segments = super::split_for(self.name(), self.segments.as_ref(), n)?;
-        let synced = self.synced.as_mut().expect("checked by begin");
+        let segments = super::split_for(self.registry_name(), self.segments.as_ref(), n)?;
+        let synced = self.synced.as_mut().expect("checked by merge");
         // Memories only where they can hold something (a checkpoint keeps what exists).
         if self.error_feedback {
             self.worker_error.resize(n, 0.0);
@@ -226,14 +230,6 @@ impl EcLocalSgd {
 }
 
 impl MergeRule for EcLocalSgd {
-    fn name(&self) -> &'static str {
-        if self.error_feedback { "ec-local-sgd" } else { "compressed averaging" }
-    }
-
-    fn validate(&self, _world_size: usize) -> Result<(), RuleError> {
-        Ok(())
-    }
-
     fn set_segments(&mut self, segments: &Segments) {
         self.segments = Some(segments.clone());
     }
@@ -245,7 +241,12 @@ impl MergeRule for EcLocalSgd {
         Ok(())
     }
 
-    fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+    fn merge(
+        &mut self,
+        params: &mut [f32],
+        ctx: &SyncContext,
+        comm: &mut dyn Communicator,
+    ) -> Result<MergeOutcome, RuleError> {
         let n = params.len();
         let Some(synced) = &self.synced else {
             return Err(self.bad_state("the rule was not started with the initial model".into()));
@@ -256,33 +257,15 @@ impl MergeRule for EcLocalSgd {
             return Err(self.bad_state(reason));
         }
         if self.lossless() {
+            // The sum of the models in `synced`, then the mean, written as averaging writes it.
             let synced = self.synced.as_mut().expect("checked above");
             comm.all_reduce_sum_into(params, synced)?;
-        } else {
-            self.compressed_merge(params, ctx, comm)?;
-        }
-        self.begun = true;
-        Ok(())
-    }
-
-    fn finish(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        _comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
-        if !std::mem::take(&mut self.begun) {
-            return Err(RuleError::NotBegun { rule: self.name() });
-        }
-        let lossless = self.lossless();
-        let synced = self.synced.as_mut().expect("checked by begin");
-        if lossless {
-            // `synced` holds the sum: the mean, written as averaging writes it.
             let local = replace_by_mean(params, synced, ctx.world_size);
             synced.copy_from_slice(params);
             return Ok(MergeOutcome { local_squared_distance: Some(local), trigger: None });
         }
-        params.copy_from_slice(synced);
+        self.compressed_merge(params, ctx, comm)?;
+        params.copy_from_slice(self.synced.as_ref().expect("checked above"));
         Ok(MergeOutcome::default())
     }
 
@@ -292,16 +275,6 @@ impl MergeRule for EcLocalSgd {
 
     fn reaches_consensus(&self) -> bool {
         true
-    }
-
-    fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
-        Some(if self.lossless() {
-            Traffic::ring_all_reduce(4 * values as u64, world_size) as f64
-        } else {
-            let split = Segments::resolve(self.segments.as_ref(), values)
-                .unwrap_or_else(|| Cow::Owned(Segments::whole(values)));
-            (world_size.saturating_sub(1) * self.worker.payload_bytes(&split)) as f64
-        })
     }
 
     fn record(&self) -> StateRecord {
@@ -322,7 +295,19 @@ impl MergeRule for EcLocalSgd {
         self.synced = record.take_buffer("synced");
         self.worker_error = record.take_buffer("worker-error").unwrap_or_default();
         self.server_error = record.take_buffer("server-error").unwrap_or_default();
-        super::no_leftovers(self.name(), &record, "`synced`, `worker-error` and `server-error`")
+        super::no_leftovers(self.registry_name(), &record, "`synced`, `worker-error` and `server-error`")
+    }
+}
+
+impl MatrixForm for EcLocalSgd {
+    fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
+        Some(if self.lossless() {
+            Traffic::ring_all_reduce(4 * values as u64, world_size) as f64
+        } else {
+            let split = Segments::resolve(self.segments.as_ref(), values)
+                .unwrap_or_else(|| Cow::Owned(Segments::whole(values)));
+            (world_size.saturating_sub(1) * self.worker.payload_bytes(&split)) as f64
+        })
     }
 }
 
@@ -492,7 +477,8 @@ mod tests {
 
     #[test]
     fn the_error_memories_survive_a_checkpoint_bit_for_bit() {
-        let make = || -> Box<dyn MergeRule> { Box::new(EcLocalSgd::new(Compressor::TopK(0.1), Compressor::Sign)) };
+        let make =
+            || -> Box<dyn CooperativeRule> { Box::new(EcLocalSgd::new(Compressor::TopK(0.1), Compressor::Sign)) };
         assert_eq!(merge_trajectories(4, 6, Some(3), make), merge_trajectories(4, 6, None, make));
     }
 

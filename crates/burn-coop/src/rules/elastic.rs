@@ -43,8 +43,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::kernels::{add_scaled, difference, distance_to_mean};
-use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
-use crate::comm::{Communicator, PendingSum};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext, check_world_size};
+use crate::comm::Communicator;
 use crate::mixing::MixingMatrix;
 use crate::spec::{RuleConfig, SpecError};
 use crate::state::StateRecord;
@@ -66,7 +66,7 @@ pub struct ElasticConfig {
 impl RuleConfig for ElasticConfig {
     const NAME: &'static str = "elastic";
 
-    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+    fn build(&self, world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         let anchors = self.anchors.unwrap_or(1) as usize;
         if anchors == 0 || anchors > world_size || !world_size.is_multiple_of(anchors) {
             let reason = format!(
@@ -75,8 +75,7 @@ impl RuleConfig for ElasticConfig {
             return Err(SpecError::new("anchors", anchors.to_string(), reason));
         }
         let alpha = self.alpha.unwrap_or_else(|| optimal_elastic_alpha(world_size, anchors));
-        let rule = Elastic::new(alpha).with_anchors(anchors);
-        rule.validate(world_size).map_err(|error| {
+        let rule = Elastic::generalized(alpha, anchors, world_size).map_err(|error| {
             SpecError::new("alpha", self.alpha.map_or_else(|| "default".into(), |a| a.to_string()), error)
         })?;
         Ok(Box::new(rule))
@@ -144,13 +143,12 @@ pub fn optimal_elastic_alpha(workers: usize, anchors: usize) -> f64 {
 pub struct Elastic {
     alpha: f64,
     anchors: usize,
+    workers: usize,
     anchor: Option<Vec<f32>>,
     diff: Vec<f32>,
     sum: Vec<f32>,
-    pending: Option<PendingSum>,
-    /// With several anchors: this worker's group, and the sum of the anchors in flight.
+    /// With several anchors: this worker's group.
     group: Option<Box<dyn Communicator>>,
-    pending_anchors: Option<PendingSum>,
 }
 
 impl std::fmt::Debug for Elastic {
@@ -158,31 +156,33 @@ impl std::fmt::Debug for Elastic {
         f.debug_struct("Elastic")
             .field("alpha", &self.alpha)
             .field("anchors", &self.anchors)
+            .field("workers", &self.workers)
             .field("anchor_len", &self.anchor.as_ref().map(Vec::len))
             .finish_non_exhaustive()
     }
 }
 
 impl Elastic {
-    /// Elastic averaging with moving rate `alpha`; checked against the number of workers when
-    /// the synchronizer is built (see [`MergeRule::validate`]).
-    pub fn new(alpha: f64) -> Self {
-        Self {
-            alpha,
-            anchors: 1,
-            anchor: None,
-            diff: Vec::new(),
-            sum: Vec::new(),
-            pending: None,
-            group: None,
-            pending_anchors: None,
-        }
+    /// EASGD (one anchor) with moving rate `alpha` for `workers` workers: an error unless
+    /// `0 < α < 2/(m+1)`.
+    pub fn new(alpha: f64, workers: usize) -> Result<Self, RuleError> {
+        Self::generalized(alpha, 1, workers)
     }
 
-    /// The same rule with `v` anchors, each attached to `m/v` consecutive workers (checked
-    /// against the number of workers by [`MergeRule::validate`]).
-    pub fn with_anchors(self, anchors: usize) -> Self {
-        Self { anchors, ..self }
+    /// Generalized elastic averaging: `anchors` anchors `v`, each attached to `m/v` consecutive
+    /// workers of `workers`, with moving rate `alpha`. An error unless `v ≥ 1` divides `m` and
+    /// `0 < α <` [`elastic_alpha_limit`]`(m, v)`.
+    pub fn generalized(alpha: f64, anchors: usize, workers: usize) -> Result<Self, RuleError> {
+        let v = anchors;
+        if v == 0 || v > workers || !workers.is_multiple_of(v) {
+            let reason = format!("{v} anchors for {workers} workers (v ≥ 1 must divide m)");
+            return Err(RuleError::BadState { rule: ElasticConfig::NAME, reason });
+        }
+        let upper = elastic_alpha_limit(workers, v);
+        if !(alpha.is_finite() && alpha > 0.0 && alpha < upper) {
+            return Err(RuleError::ElasticAlphaOutOfRange { alpha, workers, anchors: v, upper });
+        }
+        Ok(Self { alpha, anchors, workers, anchor: None, diff: Vec::new(), sum: Vec::new(), group: None })
     }
 
     /// The number of anchors `v`.
@@ -190,9 +190,9 @@ impl Elastic {
         self.anchors
     }
 
-    /// Elastic averaging with `α = 2/(m+2)`, the value minimizing `ζ(W_α)` for `m` workers.
-    pub fn optimal(workers: usize) -> Self {
-        Self::new(2.0 / (workers as f64 + 2.0))
+    /// EASGD with `α = 2/(m+2)`, the value minimizing `ζ(W_α)` for `m ≥ 1` workers.
+    pub fn optimal(workers: usize) -> Result<Self, RuleError> {
+        Self::new(2.0 / (workers as f64 + 2.0), workers)
     }
 
     /// Elastic averaging starting from a given anchor instead of the initial model.
@@ -225,7 +225,7 @@ impl Elastic {
             Some(anchor) if anchor.len() == n => Ok(()),
             Some(anchor) => {
                 let reason = format!("the anchor has {} values but the model has {n}", anchor.len());
-                Err(RuleError::BadState { rule: "elastic", reason })
+                Err(RuleError::BadState { rule: ElasticConfig::NAME, reason })
             }
             None => {
                 let mut mean = params.to_vec();
@@ -251,24 +251,25 @@ impl Elastic {
         MergeOutcome { local_squared_distance: Some(local), trigger: None }
     }
 
-    /// Starts both sums of a merge with several anchors: `x_i − z_g` in the group, the anchors
-    /// over everyone.
-    fn begin_anchors(
+    /// A merge with several anchors: two sum all-reduces started together, `x_i − z_g` in the
+    /// group and the anchors over everyone, then `x_i ← x_i − α (x_i − z_g)`,
+    /// `z_g ← z_g + α Σ_{j∈g} (x_j − z_g) + (1 − nα)(z̄ − z_g)`.
+    fn merge_anchors(
         &mut self,
-        params: &[f32],
+        params: &mut [f32],
         ctx: &SyncContext,
         comm: &mut dyn Communicator,
-    ) -> Result<(), RuleError> {
+    ) -> Result<MergeOutcome, RuleError> {
         let size = ctx.world_size / self.anchors;
         if self.group.is_none() {
             self.group = Some(comm.split(ctx.rank / size)?);
         }
-        let anchor = self.anchor.as_ref().expect("ensured by begin");
+        let anchor = self.anchor.as_ref().expect("ensured by merge");
         let mut send = std::mem::take(&mut self.sum);
         send.clear();
-        send.extend(params.iter().zip(anchor).map(|(x, z)| x - z));
+        send.extend(params.iter().zip(anchor.iter()).map(|(x, z)| x - z));
         let group = self.group.as_mut().expect("split above");
-        self.pending = Some(group.start_all_reduce_sum(send)?);
+        let pending = group.start_all_reduce_sum(send)?;
         let mut anchors = std::mem::take(&mut self.diff);
         anchors.clear();
         if ctx.rank.is_multiple_of(size) {
@@ -276,20 +277,11 @@ impl Elastic {
         } else {
             anchors.resize(anchor.len(), 0.0);
         }
-        self.pending_anchors = Some(comm.start_all_reduce_sum(anchors)?);
-        Ok(())
-    }
-
-    /// `x_i ← x_i − α (x_i − z_g)`, `z_g ← z_g + α Σ_{j∈g} (x_j − z_g) + (1 − nα)(z̄ − z_g)`.
-    fn finish_anchors(&mut self, params: &mut [f32]) -> Result<MergeOutcome, RuleError> {
-        let (pending, anchors) = match (self.pending.take(), self.pending_anchors.take()) {
-            (Some(pending), Some(anchors)) => (pending, anchors),
-            _ => return Err(RuleError::NotBegun { rule: "elastic" }),
-        };
+        let pending_anchors = comm.start_all_reduce_sum(anchors)?;
         self.sum = pending.wait()?;
-        self.diff = anchors.wait()?;
+        self.diff = pending_anchors.wait()?;
         let group_size = self.group.as_ref().map_or(1, |g| g.world_size());
-        let anchor = self.anchor.as_mut().expect("set by begin");
+        let anchor = self.anchor.as_mut().expect("ensured by merge");
         let alpha = self.alpha as f32;
         let pull = (1.0 - group_size as f64 * self.alpha) as f32;
         let v = self.anchors as f32;
@@ -304,76 +296,28 @@ impl Elastic {
 }
 
 impl MergeRule for Elastic {
-    fn name(&self) -> &'static str {
-        "elastic"
-    }
-
-    fn validate(&self, world_size: usize) -> Result<(), RuleError> {
-        let v = self.anchors;
-        if v == 0 || v > world_size || !world_size.is_multiple_of(v) {
-            let reason = format!("{v} anchors for {world_size} workers (v ≥ 1 must divide m)");
-            return Err(RuleError::BadState { rule: "elastic", reason });
-        }
-        let upper = elastic_alpha_limit(world_size, v);
-        if self.alpha.is_finite() && self.alpha > 0.0 && self.alpha < upper {
-            Ok(())
-        } else {
-            Err(RuleError::ElasticAlphaOutOfRange { alpha: self.alpha, workers: world_size, anchors: v, upper })
-        }
-    }
-
-    fn start(&mut self, initial: &[f32], _ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
+    fn start(&mut self, initial: &[f32], ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        check_world_size(ElasticConfig::NAME, self.workers, ctx)?;
         if self.anchor.is_none() {
             self.anchor = Some(initial.to_vec());
         }
         Ok(())
     }
 
-    fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        self.ensure_anchor(params, ctx, comm)?;
-        if self.anchors > 1 {
-            return self.begin_anchors(params, ctx, comm);
-        }
-        let anchor = self.anchor.as_ref().expect("ensured above");
-        let mut send = std::mem::take(&mut self.sum);
-        send.clear();
-        send.extend(params.iter().zip(anchor).map(|(x, z)| x - z));
-        self.pending = Some(comm.start_all_reduce_sum(send)?);
-        Ok(())
-    }
-
-    fn finish(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        _comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
-        if self.anchors > 1 {
-            return self.finish_anchors(params);
-        }
-        let pending = self.pending.take().ok_or(RuleError::NotBegun { rule: "elastic" })?;
-        self.sum = pending.wait()?;
-        // `d_i = x_i − z` is computed again here rather than kept from `begin`: the merge is
-        // synchronous, so `params` are the ones `begin` saw.
-        let anchor = self.anchor.as_ref().expect("set by begin");
-        difference(&mut self.diff, params, anchor);
-        Ok(self.pull_and_move_anchor(params, ctx.world_size))
-    }
-
-    /// Both phases at once, with a blocking all-reduce of `d_i = x_i − z` kept in a buffer of
-    /// the rule's (MPI's blocking collectives are faster than its non-blocking ones when nothing
-    /// overlaps them). Same bits as `begin` + `finish`.
+    /// One anchor: a blocking all-reduce of `d_i = x_i − z` kept in a buffer of the rule's
+    /// (MPI's blocking collectives are faster than its non-blocking ones when nothing overlaps
+    /// them). Several: see the [module documentation](crate::rules::elastic).
     fn merge(
         &mut self,
         params: &mut [f32],
         ctx: &SyncContext,
         comm: &mut dyn Communicator,
     ) -> Result<MergeOutcome, RuleError> {
-        if self.anchors > 1 {
-            self.begin(params, ctx, comm)?;
-            return self.finish(params, ctx, comm);
-        }
+        check_world_size(ElasticConfig::NAME, self.workers, ctx)?;
         self.ensure_anchor(params, ctx, comm)?;
+        if self.anchors > 1 {
+            return self.merge_anchors(params, ctx, comm);
+        }
         difference(&mut self.diff, params, self.anchor.as_ref().expect("ensured above"));
         self.sum.resize(params.len(), 0.0);
         comm.all_reduce_sum_into(&self.diff, &mut self.sum)?;
@@ -384,6 +328,20 @@ impl MergeRule for Elastic {
         self.anchors == 1
     }
 
+    fn record(&self) -> StateRecord {
+        match &self.anchor {
+            Some(anchor) => StateRecord::new().with_buffer("anchor", anchor.clone()),
+            None => StateRecord::new(),
+        }
+    }
+
+    fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
+        self.anchor = record.take_buffer("anchor");
+        super::no_leftovers(ElasticConfig::NAME, &record, "only `anchor`")
+    }
+}
+
+impl MatrixForm for Elastic {
     fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
         let bytes = 4 * values as u64;
         let global = crate::comm::Traffic::ring_all_reduce(bytes, world_size) as f64;
@@ -412,18 +370,6 @@ impl MergeRule for Elastic {
         }
         Some(MixingMatrix::from_entries_unchecked(order, w))
     }
-
-    fn record(&self) -> StateRecord {
-        match &self.anchor {
-            Some(anchor) => StateRecord::new().with_buffer("anchor", anchor.clone()),
-            None => StateRecord::new(),
-        }
-    }
-
-    fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
-        self.anchor = record.take_buffer("anchor");
-        super::no_leftovers("elastic", &record, "only `anchor`")
-    }
 }
 
 #[cfg(test)]
@@ -437,17 +383,17 @@ mod tests {
     fn one_anchor_is_easgd_bit_for_bit() {
         let config = ElasticConfig { alpha: Some(0.25), anchors: Some(1) };
         let general = trajectories(4, 5, None, || config.build(4).unwrap());
-        let easgd = trajectories(4, 5, None, || Box::new(Elastic::new(0.25)));
+        let easgd = trajectories(4, 5, None, || Elastic::new(0.25, 4).unwrap());
         assert_eq!(general, easgd);
     }
 
     #[test]
     fn several_anchors_follow_the_augmented_matrix_merge_after_merge() {
-        check_rule_against_matrix(4, 23, || Box::new(Elastic::new(0.2).with_anchors(2)));
-        check_rounds_against_matrices(4, 11, 6, || Box::new(Elastic::new(0.2).with_anchors(2)));
-        check_rounds_against_matrices(6, 7, 5, || Box::new(Elastic::new(0.3).with_anchors(3)));
-        check_rounds_against_matrices(4, 9, 4, || Box::new(Elastic::optimal(4)));
-        let w = Elastic::new(0.2).with_anchors(2).mixing_matrix(4).unwrap();
+        check_rule_against_matrix(4, 23, || Box::new(Elastic::generalized(0.2, 2, 4).unwrap()));
+        check_rounds_against_matrices(4, 11, 6, || Box::new(Elastic::generalized(0.2, 2, 4).unwrap()));
+        check_rounds_against_matrices(6, 7, 5, || Box::new(Elastic::generalized(0.3, 3, 6).unwrap()));
+        check_rounds_against_matrices(4, 9, 4, || Box::new(Elastic::optimal(4).unwrap()));
+        let w = Elastic::generalized(0.2, 2, 4).unwrap().mixing_matrix(4).unwrap();
         assert!((w.get(4, 5) - 0.3).abs() < 1e-15 && (w.get(4, 0) - 0.2).abs() < 1e-15 && w.get(4, 2) == 0.0);
     }
 
@@ -460,7 +406,7 @@ mod tests {
     #[test]
     fn zeta_in_closed_form_matches_the_eigenvalues() {
         for (m, v, alpha) in [(4, 1, 0.25), (4, 1, 0.1), (4, 2, 0.2), (6, 3, 0.35), (8, 2, 0.05), (8, 4, 0.4)] {
-            let rule = Elastic::new(alpha).with_anchors(v);
+            let rule = Elastic::generalized(alpha, v, m).unwrap();
             let w = rule.mixing_matrix(m).unwrap();
             let exact = w.zeta();
             let closed = elastic_zeta(alpha, m, v);
@@ -482,7 +428,7 @@ mod tests {
     #[test]
     fn expected_bytes_are_the_metered_ones() {
         for anchors in [1, 2] {
-            let make = || Box::new(Elastic::new(0.2).with_anchors(anchors)) as Box<dyn MergeRule>;
+            let make = || Elastic::generalized(0.2, anchors, 4).unwrap();
             let measured = crate::testing::measured_bytes_per_merge(4, 40, 2, make);
             assert_eq!(make().expected_bytes_per_merge(40, 4), Some(measured), "{anchors} anchors");
         }
@@ -502,22 +448,24 @@ mod tests {
 
     #[test]
     fn one_merge_is_the_augmented_matrix_with_the_anchor() {
-        check_rule_against_matrix(4, 23, || Box::new(Elastic::new(0.25)));
-        check_rule_against_matrix(3, 9, || Box::new(Elastic::optimal(3)));
-    }
-
-    #[test]
-    fn both_phases_give_the_blocking_merge_bit_for_bit() {
-        crate::testing::check_phases_match_merge(4, 5003, || Elastic::new(0.25));
-        crate::testing::check_phases_match_merge(3, 70, || Elastic::optimal(3));
+        check_rule_against_matrix(4, 23, || Elastic::new(0.25, 4).unwrap());
+        check_rule_against_matrix(3, 9, || Box::new(Elastic::optimal(3).unwrap()));
     }
 
     #[test]
     fn alpha_is_checked_against_the_number_of_workers() {
-        assert!(Elastic::new(0.39).validate(4).is_ok());
-        assert!(matches!(Elastic::new(0.4).validate(4), Err(RuleError::ElasticAlphaOutOfRange { workers: 4, .. })));
-        assert!(Elastic::new(0.5).validate(2).is_ok(), "2/(m+1) = 2/3 for two workers");
-        assert!(Elastic::new(f64::NAN).validate(2).is_err());
+        assert!(Elastic::new(0.39, 4).is_ok());
+        assert!(matches!(Elastic::new(0.4, 4), Err(RuleError::ElasticAlphaOutOfRange { workers: 4, .. })));
+        assert!(Elastic::new(0.5, 2).is_ok(), "2/(m+1) = 2/3 for two workers");
+        assert!(Elastic::new(f64::NAN, 2).is_err());
+        let [start, merge] = crate::testing::refusals(Elastic::new(0.2, 4).unwrap(), 3);
+        let mismatch = RuleError::WorldSizeMismatch { rule: "elastic", expected: 4, found: 3 };
+        assert_eq!((start, merge), (Some(mismatch.clone()), Some(mismatch)));
+        let error = Elastic::generalized(0.2, 3, 4).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "cannot restore the elastic rule's state: 3 anchors for 4 workers (v ≥ 1 must divide m)"
+        );
         let error = ElasticConfig { alpha: Some(0.5), anchors: None }.build(4).err().unwrap();
         assert_eq!((error.option, error.value.as_str()), ("alpha", "0.5"));
     }
@@ -525,14 +473,14 @@ mod tests {
     #[test]
     fn a_restored_anchor_of_the_wrong_length_is_an_error() {
         let runs = run_one_merge(2, 6, |_| {
-            let mut rule = Elastic::new(0.3);
+            let mut rule = Elastic::new(0.3, 2).unwrap();
             rule.load_record(StateRecord::new().with_buffer("anchor", vec![0.0; 5])).unwrap();
             Box::new(rule)
         });
         for run in runs {
             assert!(matches!(run.error, Some(RuleError::BadState { rule: "elastic", .. })), "{:?}", run.error);
         }
-        let mut rule = Elastic::new(0.3);
+        let mut rule = Elastic::new(0.3, 2).unwrap();
         let foreign = StateRecord::new().with_buffer("anchor", vec![1.0]).with_scalar("momentum", 1.0);
         assert!(matches!(rule.load_record(foreign), Err(RuleError::BadState { .. })));
     }

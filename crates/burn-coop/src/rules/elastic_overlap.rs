@@ -24,7 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use super::elastic::elastic_alpha_limit;
 use super::kernels::{add_scaled, difference};
-use super::{InFlightSum, MergeOutcome, MergeRule, RuleError, SyncContext};
+use super::{
+    CooperativeRule, InFlightAnchor, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext, check_world_size,
+};
 use crate::comm::Communicator;
 use crate::spec::{RuleConfig, SpecError};
 use crate::state::StateRecord;
@@ -42,10 +44,9 @@ pub struct ElasticOverlapConfig {
 impl RuleConfig for ElasticOverlapConfig {
     const NAME: &'static str = "elastic-overlap";
 
-    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+    fn build(&self, world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         let alpha = self.moving_rate.unwrap_or(2.0 / (world_size as f64 + 2.0));
-        let rule = ElasticOverlap::new(alpha);
-        rule.validate(world_size).map_err(|error| {
+        let rule = ElasticOverlap::new(alpha, world_size).map_err(|error| {
             SpecError::new("moving-rate", self.moving_rate.map_or_else(|| "default".into(), |a| a.to_string()), error)
         })?;
         Ok(Box::new(rule))
@@ -64,87 +65,72 @@ impl RuleConfig for ElasticOverlapConfig {
 #[derive(Debug)]
 pub struct ElasticOverlap {
     alpha: f64,
-    anchor: Option<Vec<f32>>,
-    /// `S_k`, travelling until the next merge.
-    sum: InFlightSum,
+    workers: usize,
+    /// The anchor and `S_k`, travelling until the next merge.
+    anchor: InFlightAnchor,
     diff: Vec<f32>,
 }
 
 impl ElasticOverlap {
-    /// Overlapped elastic averaging with moving rate `alpha`.
-    pub fn new(alpha: f64) -> Self {
-        Self { alpha, anchor: None, sum: InFlightSum::default(), diff: Vec::new() }
+    /// Overlapped elastic averaging with moving rate `alpha` for `workers` workers: an error
+    /// unless `0 < α < 2/(m+1)`.
+    pub fn new(alpha: f64, workers: usize) -> Result<Self, RuleError> {
+        let upper = elastic_alpha_limit(workers, 1);
+        if !(alpha.is_finite() && alpha > 0.0 && alpha < upper) {
+            return Err(RuleError::ElasticAlphaOutOfRange { alpha, workers, anchors: 1, upper });
+        }
+        Ok(Self { alpha, workers, anchor: InFlightAnchor::default(), diff: Vec::new() })
     }
 
     /// The anchor as of the last merge.
     pub fn anchor(&self) -> Option<&[f32]> {
-        self.anchor.as_deref()
+        self.anchor.anchor()
     }
 }
 
 impl MergeRule for ElasticOverlap {
-    fn name(&self) -> &'static str {
-        "elastic-overlap"
-    }
-
-    fn validate(&self, world_size: usize) -> Result<(), RuleError> {
-        let upper = elastic_alpha_limit(world_size, 1);
-        if self.alpha.is_finite() && self.alpha > 0.0 && self.alpha < upper {
-            Ok(())
-        } else {
-            Err(RuleError::ElasticAlphaOutOfRange { alpha: self.alpha, workers: world_size, anchors: 1, upper })
-        }
-    }
-
-    fn start(&mut self, initial: &[f32], _ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        if self.anchor.is_none() {
-            self.anchor = Some(initial.to_vec());
-        }
+    fn start(&mut self, initial: &[f32], ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        check_world_size(ElasticOverlapConfig::NAME, self.workers, ctx)?;
+        self.anchor.start(initial);
         Ok(())
     }
 
-    fn begin(&mut self, _params: &[f32], _ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        Ok(())
-    }
-
-    fn finish(
+    fn merge(
         &mut self,
         params: &mut [f32],
-        _ctx: &SyncContext,
+        ctx: &SyncContext,
         comm: &mut dyn Communicator,
     ) -> Result<MergeOutcome, RuleError> {
-        let anchor = self.anchor.as_mut().ok_or(RuleError::NotBegun { rule: "elastic-overlap" })?;
+        let rule = ElasticOverlapConfig::NAME;
+        check_world_size(rule, self.workers, ctx)?;
+        let anchor = self.anchor.started(rule)?;
         if anchor.len() != params.len() {
             let reason = format!("the anchor has {} values but the model has {}", anchor.len(), params.len());
-            return Err(RuleError::BadState { rule: "elastic-overlap", reason });
+            return Err(RuleError::BadState { rule, reason });
         }
         let alpha = self.alpha as f32;
-        if let Some(sum) = self.sum.collect(comm)? {
+        let sum = self.anchor.collect(comm)?;
+        let anchor = self.anchor.anchor_mut().expect("checked above");
+        if let Some(sum) = sum {
             add_scaled(anchor, alpha, &sum);
         }
         difference(&mut self.diff, params, anchor);
         add_scaled(params, -alpha, &self.diff);
-        self.sum.start(std::mem::take(&mut self.diff), comm)?;
+        self.anchor.start_sum(std::mem::take(&mut self.diff), comm)?;
         Ok(MergeOutcome { local_squared_distance: None, trigger: None })
     }
 
     fn record(&self) -> StateRecord {
-        let mut record = StateRecord::new();
-        if let Some(anchor) = &self.anchor {
-            record = record.with_buffer("anchor", anchor.clone());
-        }
-        if let Some(sent) = self.sum.payload() {
-            record = record.with_buffer("in-flight", sent.clone());
-        }
-        record
+        self.anchor.record_into(StateRecord::new())
     }
 
     fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
-        self.anchor = record.take_buffer("anchor");
-        self.sum.restore(record.take_buffer("in-flight"));
-        super::no_leftovers("elastic-overlap", &record, "only `anchor` and `in-flight`")
+        self.anchor.load(&mut record);
+        super::no_leftovers(ElasticOverlapConfig::NAME, &record, "only `anchor` and `in-flight`")
     }
 }
+
+impl MatrixForm for ElasticOverlap {}
 
 #[cfg(test)]
 mod tests {
@@ -154,8 +140,8 @@ mod tests {
 
     #[test]
     fn the_recurrence_is_easgd_bit_for_bit() {
-        let overlapped = merge_trajectories(4, 6, None, || Box::new(ElasticOverlap::new(0.25)));
-        let blocking = merge_trajectories(4, 6, None, || Box::new(Elastic::new(0.25)));
+        let overlapped = merge_trajectories(4, 6, None, || ElasticOverlap::new(0.25, 4).unwrap());
+        let blocking = merge_trajectories(4, 6, None, || Elastic::new(0.25, 4).unwrap());
         assert_eq!(overlapped, blocking);
     }
 
@@ -169,7 +155,11 @@ mod tests {
     fn bad_settings_are_named() {
         let error = ElasticOverlapConfig { moving_rate: Some(0.5) }.build(4).err().unwrap();
         assert_eq!(error.option, "moving-rate");
-        let mut rule = ElasticOverlap::new(0.2);
+        assert!(matches!(ElasticOverlap::new(0.4, 4), Err(RuleError::ElasticAlphaOutOfRange { workers: 4, .. })));
+        let [start, merge] = crate::testing::refusals(ElasticOverlap::new(0.2, 4).unwrap(), 3);
+        let mismatch = RuleError::WorldSizeMismatch { rule: "elastic-overlap", expected: 4, found: 3 };
+        assert_eq!((start, merge), (Some(mismatch.clone()), Some(mismatch)));
+        let mut rule = ElasticOverlap::new(0.2, 4).unwrap();
         assert!(rule.load_record(StateRecord::new().with_scalar("momentum", 1.0)).is_err());
     }
 }

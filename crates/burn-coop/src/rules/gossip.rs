@@ -21,7 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::kernels::{add_scaled, scaled};
-use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext, check_world_size};
 use crate::comm::Communicator;
 use crate::mixing::MixingMatrix;
 use crate::spec::{RuleConfig, SpecError};
@@ -48,7 +48,7 @@ pub struct GossipConfig {
 impl RuleConfig for GossipConfig {
     const NAME: &'static str = "gossip";
 
-    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+    fn build(&self, world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         let topology = self.topology.unwrap_or_default();
         if topology.is_time_varying() {
             if let Some(weights) = self.weights {
@@ -92,7 +92,6 @@ pub struct Gossip {
     weights: Vec<f64>,
     send_to: Vec<usize>,
     mixed: Vec<f32>,
-    begun: bool,
 }
 
 /// The graph of a gossip merge.
@@ -116,7 +115,7 @@ impl Gossip {
     }
 
     fn with_graph(graph: GossipGraph) -> Self {
-        Self { graph, peers: Vec::new(), weights: Vec::new(), send_to: Vec::new(), mixed: Vec::new(), begun: false }
+        Self { graph, peers: Vec::new(), weights: Vec::new(), send_to: Vec::new(), mixed: Vec::new() }
     }
 
     /// Gossip on a topology with its Metropolis–Hastings weights.
@@ -185,40 +184,27 @@ pub(crate) fn mix_with_neighbors(
 }
 
 impl MergeRule for Gossip {
-    fn name(&self) -> &'static str {
-        "gossip"
+    fn start(&mut self, _initial: &[f32], ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        check_world_size(GossipConfig::NAME, self.order(), ctx)
     }
 
-    fn validate(&self, world_size: usize) -> Result<(), RuleError> {
-        if self.order() == world_size {
-            Ok(())
-        } else {
-            Err(RuleError::WorldSizeMismatch { rule: "gossip", expected: self.order(), found: world_size })
-        }
-    }
-
-    fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+    fn merge(
+        &mut self,
+        params: &mut [f32],
+        ctx: &SyncContext,
+        comm: &mut dyn Communicator,
+    ) -> Result<MergeOutcome, RuleError> {
+        check_world_size(GossipConfig::NAME, self.order(), ctx)?;
         let self_weight = self.neighbors_at(ctx.rank, ctx.round);
         // `W_ii x_i`, then `+ W_ij x_j` for each neighbour as its model arrives, in the order
         // of the matrix's neighbour list.
         mix_with_neighbors(params, self_weight, &self.send_to, &self.peers, &self.weights, comm, &mut self.mixed)?;
-        self.begun = true;
-        Ok(())
-    }
-
-    fn finish(
-        &mut self,
-        params: &mut [f32],
-        _ctx: &SyncContext,
-        _comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
-        if !std::mem::take(&mut self.begun) {
-            return Err(RuleError::NotBegun { rule: "gossip" });
-        }
         params.copy_from_slice(&self.mixed);
         Ok(MergeOutcome { local_squared_distance: None, trigger: None })
     }
+}
 
+impl MatrixForm for Gossip {
     fn mixing_matrix(&self, _world_size: usize) -> Option<MixingMatrix> {
         self.matrix().cloned()
     }
@@ -311,7 +297,7 @@ mod tests {
     #[test]
     fn expected_bytes_are_the_metered_ones() {
         let torus = Topology::torus(2, 3).unwrap().mixing_matrix(WeightRule::BestConstant).unwrap();
-        let rules: [Box<dyn Fn() -> Box<dyn MergeRule> + Sync>; 2] = [
+        let rules: [Box<dyn Fn() -> Box<dyn CooperativeRule> + Sync>; 2] = [
             Box::new(move || Box::new(Gossip::new(torus.clone()))),
             Box::new(|| Box::new(Gossip::one_peer_exponential(6))),
         ];
@@ -323,7 +309,13 @@ mod tests {
 
     #[test]
     fn a_matrix_for_other_workers_is_rejected() {
-        assert_eq!(ring(4).validate(5), Err(RuleError::WorldSizeMismatch { rule: "gossip", expected: 4, found: 5 }));
+        let mismatch = RuleError::WorldSizeMismatch { rule: "gossip", expected: 4, found: 5 };
+        assert_eq!(crate::testing::refusals(ring(4), 5), [Some(mismatch.clone()), Some(mismatch)]);
+        let mismatch = RuleError::WorldSizeMismatch { rule: "gossip", expected: 8, found: 5 };
+        assert_eq!(
+            crate::testing::refusals(Gossip::one_peer_exponential(8), 5),
+            [Some(mismatch.clone()), Some(mismatch)]
+        );
         let error = GossipConfig { topology: Some(TopologySpec::Torus), weights: None }.build(7).err().unwrap();
         assert_eq!(error.option, "topology");
         assert!(error.reason.contains("7 workers cannot form a 2-D torus"), "{}", error.reason);

@@ -21,7 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::kernels::replace_by_mean;
-use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext, check_world_size};
 use crate::comm::{Communicator, Traffic};
 use crate::mixing::MixingMatrix;
 use crate::spec::{RuleConfig, SpecError};
@@ -43,7 +43,7 @@ pub struct HierarchicalConfig {
 impl RuleConfig for HierarchicalConfig {
     const NAME: &'static str = "hierarchical";
 
-    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+    fn build(&self, world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         let groups = self.groups.unwrap_or(2) as usize;
         let every = self.global_every.unwrap_or(4);
         if groups == 0 || !world_size.is_multiple_of(groups) {
@@ -53,7 +53,9 @@ impl RuleConfig for HierarchicalConfig {
         if every == 0 {
             return Err(SpecError::new("global-every", "0", "the global average needs a period of at least 1 merge"));
         }
-        Ok(Box::new(Hierarchical::new(groups, every)))
+        let rule = Hierarchical::new(groups, every, world_size)
+            .map_err(|error| SpecError::new("groups", groups.to_string(), error))?;
+        Ok(Box::new(rule))
     }
 
     fn describe(&self) -> String {
@@ -77,9 +79,9 @@ impl RuleConfig for HierarchicalConfig {
 pub struct Hierarchical {
     groups: usize,
     global_every: u64,
+    workers: usize,
     group: Option<Box<dyn Communicator>>,
     sum: Vec<f32>,
-    global: bool,
 }
 
 impl std::fmt::Debug for Hierarchical {
@@ -87,68 +89,58 @@ impl std::fmt::Debug for Hierarchical {
         f.debug_struct("Hierarchical")
             .field("groups", &self.groups)
             .field("global_every", &self.global_every)
+            .field("workers", &self.workers)
             .field("split", &self.group.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl Hierarchical {
-    /// `groups` groups of consecutive ranks, a global average every `global_every` merges.
-    pub fn new(groups: usize, global_every: u64) -> Self {
-        Self { groups, global_every, group: None, sum: Vec::new(), global: false }
-    }
-
-    /// The merge's level; splits the group communicator on the first merge.
-    fn prepare(&mut self, ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        if self.group.is_none() {
-            let size = ctx.world_size / self.groups;
-            self.group = Some(comm.split(ctx.rank / size)?);
+    /// `groups` groups of consecutive ranks among `workers` workers, a global average every
+    /// `global_every` merges: an error unless the groups divide the workers and
+    /// `global_every ≥ 1`.
+    pub fn new(groups: usize, global_every: u64, workers: usize) -> Result<Self, RuleError> {
+        if !(groups > 0 && workers.is_multiple_of(groups) && global_every > 0) {
+            let reason = format!("{groups} groups, global every {global_every} merges, for {workers} workers");
+            return Err(RuleError::BadState { rule: HierarchicalConfig::NAME, reason });
         }
-        self.global = (ctx.round + 1).is_multiple_of(self.global_every);
-        Ok(())
+        Ok(Self { groups, global_every, workers, group: None, sum: Vec::new() })
     }
 }
 
 impl MergeRule for Hierarchical {
-    fn name(&self) -> &'static str {
-        "hierarchical"
+    fn start(&mut self, _initial: &[f32], ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        check_world_size(HierarchicalConfig::NAME, self.workers, ctx)
     }
 
-    fn validate(&self, world_size: usize) -> Result<(), RuleError> {
-        if self.groups > 0 && world_size.is_multiple_of(self.groups) && self.global_every > 0 {
-            Ok(())
-        } else {
-            let reason =
-                format!("{} groups, global every {} merges, for {world_size} workers", self.groups, self.global_every);
-            Err(RuleError::BadState { rule: "hierarchical", reason })
-        }
-    }
-
-    fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        self.prepare(ctx, comm)?;
-        self.sum.resize(params.len(), 0.0);
-        let level: &mut dyn Communicator =
-            if self.global { comm } else { self.group.as_mut().expect("split").as_mut() };
-        level.all_reduce_sum_into(params, &mut self.sum)?;
-        Ok(())
-    }
-
-    fn finish(
+    /// Splits the group communicator on the first merge, then averages at this merge's level.
+    fn merge(
         &mut self,
         params: &mut [f32],
         ctx: &SyncContext,
-        _comm: &mut dyn Communicator,
+        comm: &mut dyn Communicator,
     ) -> Result<MergeOutcome, RuleError> {
-        let group = self.group.as_ref().ok_or(RuleError::NotBegun { rule: "hierarchical" })?;
-        let members = if self.global { ctx.world_size } else { group.world_size() };
+        check_world_size(HierarchicalConfig::NAME, self.workers, ctx)?;
+        if self.group.is_none() {
+            let size = ctx.world_size / self.groups;
+            self.group = Some(comm.split(ctx.rank / size)?);
+        }
+        let global = (ctx.round + 1).is_multiple_of(self.global_every);
+        self.sum.resize(params.len(), 0.0);
+        let group = self.group.as_mut().expect("split above");
+        let members = if global { ctx.world_size } else { group.world_size() };
+        let level: &mut dyn Communicator = if global { comm } else { group.as_mut() };
+        level.all_reduce_sum_into(params, &mut self.sum)?;
         let local = replace_by_mean(params, &self.sum, members);
-        Ok(MergeOutcome { local_squared_distance: self.global.then_some(local), trigger: None })
+        Ok(MergeOutcome { local_squared_distance: global.then_some(local), trigger: None })
     }
 
     fn measures_consensus(&self) -> bool {
         true
     }
+}
 
+impl MatrixForm for Hierarchical {
     fn mixing_second_moment(&self, world_size: usize) -> Option<MixingMatrix> {
         // k − 1 group merges (block-diagonal J_{m/G}, its own square) and one global J per cycle.
         let size = world_size / self.groups.max(1);
@@ -184,7 +176,11 @@ mod tests {
 
     /// Every worker's buffer after each of `merges` merges of `rule()` (the buffer moved a little
     /// before each merge, as local steps would).
-    fn trajectories(m: usize, merges: usize, rule: impl Fn() -> Box<dyn MergeRule> + Sync) -> Vec<Vec<Vec<u32>>> {
+    fn trajectories<R: MergeRule + 'static>(
+        m: usize,
+        merges: usize,
+        rule: impl Fn() -> R + Sync,
+    ) -> Vec<Vec<Vec<u32>>> {
         let comms = InProcessGroup::new(m).into_communicators();
         run_group(comms, |rank, comm| -> Result<_, crate::CoopError> {
             let mut sync = Synchronizer::new(rule(), PeriodicSchedule::every(1).unwrap(), comm)?;
@@ -204,7 +200,7 @@ mod tests {
     fn one_group_is_averaging_bit_for_bit() {
         let hierarchical =
             trajectories(4, 5, || HierarchicalConfig { groups: Some(1), global_every: Some(3) }.build(4).unwrap());
-        let averaging = trajectories(4, 5, || Box::new(Averaging::new()));
+        let averaging = trajectories(4, 5, Averaging::new);
         assert_eq!(hierarchical, averaging);
     }
 
@@ -273,5 +269,14 @@ mod tests {
         assert_eq!(error.option, "groups");
         let error = HierarchicalConfig { groups: Some(2), global_every: Some(0) }.build(4).err().unwrap();
         assert_eq!(error.option, "global-every");
+        let error = Hierarchical::new(3, 2, 4).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "cannot restore the hierarchical rule's state: 3 groups, global every 2 merges, for 4 workers"
+        );
+        assert!(Hierarchical::new(0, 2, 4).is_err() && Hierarchical::new(2, 0, 4).is_err());
+        let mismatch = RuleError::WorldSizeMismatch { rule: "hierarchical", expected: 4, found: 6 };
+        let refused = crate::testing::refusals(Hierarchical::new(2, 2, 4).unwrap(), 6);
+        assert_eq!(refused, [Some(mismatch.clone()), Some(mismatch)]);
     }
 }

@@ -35,7 +35,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::gossip::mix_with_neighbors;
-use super::{MergeOutcome, MergeRule, RuleError, SyncContext};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext, check_world_size};
 use crate::comm::Communicator;
 use crate::mixing::MixingMatrix;
 use crate::spec::{RuleConfig, SpecError, serde_name};
@@ -61,7 +61,7 @@ pub struct MatchaConfig {
 impl RuleConfig for MatchaConfig {
     const NAME: &'static str = "matcha";
 
-    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+    fn build(&self, world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         let graph = self.graph.unwrap_or_default();
         let budget = self.budget.unwrap_or(0.5);
         if !(budget > 0.0 && budget <= 1.0) {
@@ -101,7 +101,6 @@ pub struct Matcha {
     peers: Vec<usize>,
     weights: Vec<f64>,
     mixed: Vec<f32>,
-    begun: bool,
 }
 
 impl Matcha {
@@ -126,7 +125,6 @@ impl Matcha {
             peers: Vec::new(),
             weights: Vec::new(),
             mixed: Vec::new(),
-            begun: false,
         }
     }
 
@@ -193,49 +191,33 @@ impl Matcha {
 }
 
 impl MergeRule for Matcha {
-    fn name(&self) -> &'static str {
-        "matcha"
+    fn start(&mut self, _initial: &[f32], ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        check_world_size(MatchaConfig::NAME, self.workers, ctx)
     }
 
-    fn validate(&self, world_size: usize) -> Result<(), RuleError> {
-        if self.workers == world_size {
-            Ok(())
-        } else {
-            Err(RuleError::WorldSizeMismatch { rule: "matcha", expected: self.workers, found: world_size })
-        }
-    }
-
-    fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+    fn merge(
+        &mut self,
+        params: &mut [f32],
+        ctx: &SyncContext,
+        comm: &mut dyn Communicator,
+    ) -> Result<MergeOutcome, RuleError> {
+        check_world_size(MatchaConfig::NAME, self.workers, ctx)?;
         let active = self.active(ctx.seed, ctx.round);
         self.partners(ctx.rank, &active);
-        let self_weight = 1.0 - self.alpha * self.peers.len() as f64;
         if active.contains(&true) {
+            let self_weight = 1.0 - self.alpha * self.peers.len() as f64;
             let peers = std::mem::take(&mut self.peers);
             let result = mix_with_neighbors(params, self_weight, &peers, &peers, &self.weights, comm, &mut self.mixed);
             self.peers = peers;
             result?;
-        } else {
-            // Every worker drew the same empty set: nothing moves.
-            self.mixed.clear();
-            self.mixed.extend_from_slice(params);
+            params.copy_from_slice(&self.mixed);
         }
-        self.begun = true;
-        Ok(())
-    }
-
-    fn finish(
-        &mut self,
-        params: &mut [f32],
-        _ctx: &SyncContext,
-        _comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
-        if !std::mem::take(&mut self.begun) {
-            return Err(RuleError::NotBegun { rule: "matcha" });
-        }
-        params.copy_from_slice(&self.mixed);
+        // Otherwise every worker drew the same empty set: nothing moves.
         Ok(MergeOutcome { local_squared_distance: None, trigger: None })
     }
+}
 
+impl MatrixForm for Matcha {
     fn mixing_second_moment(&self, _world_size: usize) -> Option<MixingMatrix> {
         Some(self.expected_gram())
     }
@@ -561,7 +543,7 @@ mod tests {
         check_rounds_against_matrices(4, 5, 8, || MatchaConfig::default().build(4).unwrap());
         let matcha = Matcha::from_matchings(8, paper_graph(), 0.5);
         let active = matcha.active(7, 0);
-        for run in run_one_merge(8, 10, |_| Box::new(matcha.clone())) {
+        for run in run_one_merge(8, 10, |_| matcha.clone()) {
             let partners = matcha
                 .matchings()
                 .iter()
@@ -574,7 +556,7 @@ mod tests {
 
     #[test]
     fn expected_bytes_are_the_mean_of_the_metered_ones() {
-        let make = || Box::new(Matcha::from_matchings(8, paper_graph(), 0.5)) as Box<dyn MergeRule>;
+        let make = || Matcha::from_matchings(8, paper_graph(), 0.5);
         let measured = crate::testing::measured_bytes_per_merge(8, 10, 400, make);
         let expected = make().expected_bytes_per_merge(10, 8).unwrap();
         assert!((measured / expected - 1.0).abs() < 0.05, "measured {measured}, expected {expected}");
@@ -635,9 +617,8 @@ mod tests {
         }
         let error = MatchaConfig { graph: Some(TopologySpec::Torus), budget: None }.build(7).err().unwrap();
         assert_eq!(error.option, "graph");
-        assert_eq!(
-            Matcha::from_matchings(4, vec![vec![(0, 1)]], 0.5).validate(5),
-            Err(RuleError::WorldSizeMismatch { rule: "matcha", expected: 4, found: 5 })
-        );
+        let mismatch = RuleError::WorldSizeMismatch { rule: "matcha", expected: 4, found: 5 };
+        let refused = crate::testing::refusals(Matcha::from_matchings(4, vec![vec![(0, 1)]], 0.5), 5);
+        assert_eq!(refused, [Some(mismatch.clone()), Some(mismatch)]);
     }
 }

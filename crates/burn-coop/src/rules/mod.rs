@@ -17,14 +17,20 @@
 //! | [`Squarm`] (`choco`: compressed gossip to public copies; `squarm`: sent only past a threshold) | `I + γ(W − I)` on the public copies | 0 (keeps the public copies of itself and its neighbours) | `squarm.rs` | Koloskova, Stich & Jaggi, ICML 2019; Singh, Data, George & Diggavi, arXiv 2005.07041 |
 //! | [`DiLoCo`] (outer Nesterov momentum on `x_sync − x̄`; SlowMo) | none (`J` at `lr_outer = 1`, `β = 0`) | 0 (keeps `x_sync` and `u`) | `diloco.rs` | Douillard et al., arXiv 2311.08105; Wang et al., ICLR 2020 |
 //!
-//! A rule runs in two phases, [`MergeRule::begin`] (post the exchange) and
-//! [`MergeRule::finish`] (complete it and write this worker's merged model), so a rule may let
-//! its communication travel while the next local steps run; [`MergeRule::merge`] runs both at
-//! once. Rules that act on every local step (a pull towards an anchor, an error-feedback
-//! residual) implement the local-step hooks. A rule's state is a [`StateRecord`].
+//! A rule is a [`MergeRule`]: [`MergeRule::merge`] replaces this worker's flat parameters by
+//! their merged value, talking to the other workers only through the communicator; a rule
+//! whose communication travels during the next local steps (Overlap Local-SGD, overlapped
+//! EASGD) starts it in one merge and collects it in the next, inside `merge`. What the theory
+//! says about a rule (its mixing matrix, per merge or in expectation, and the bytes of a merge)
+//! is a separate trait, [`MatrixForm`], which the advisor and the test kit use; the registry
+//! builds a [`CooperativeRule`], both at once. A rule's state is a [`StateRecord`]. A rule
+//! whose validity depends on the number of workers is built for that number (its constructor
+//! checks every setting against it) and refuses to run with another.
 //!
-//! Adding a rule: a file here with its config (implementing [`RuleConfig`](crate::spec::RuleConfig)),
-//! its update written in the module doc with the paper's reference, and its tests (see
+//! Adding a rule: a file here with its config (implementing [`RuleConfig`](crate::spec::RuleConfig),
+//! whose `build` checks every setting), the rule implementing [`MergeRule`] (`merge`;
+//! `record`/`load_record` when it keeps buffers) and [`MatrixForm`] (empty when it is no mixing
+//! matrix), its update written in the module doc with the paper's reference, and its tests (see
 //! [`crate::testing`]); here, a `mod` line, a `pub use` line, one registry line and a row in the
 //! table above; a row in the README's rule table.
 
@@ -36,6 +42,7 @@ pub mod elastic;
 pub mod elastic_overlap;
 pub mod gossip;
 pub mod hierarchical;
+mod in_flight;
 pub(crate) mod kernels;
 pub mod matcha;
 pub mod overlap;
@@ -52,6 +59,8 @@ pub use hierarchical::{Hierarchical, HierarchicalConfig};
 pub use matcha::{Matcha, MatchaConfig};
 pub use overlap::{Overlap, OverlapConfig};
 pub use squarm::{ChocoConfig, Squarm, SquarmConfig};
+
+use in_flight::InFlightAnchor;
 
 /// Flags that several rules take, declared once: each is a key of every rule config that has
 /// it (`#[arg(skip)]` there), and giving it to a rule without that key is an error naming the
@@ -124,51 +133,9 @@ crate::spec::registry! {
 
 use serde::{Deserialize, Serialize};
 
-use crate::comm::{CommError, Communicator, PendingSum};
+use crate::comm::{CommError, Communicator};
 use crate::mixing::MixingMatrix;
 use crate::state::StateRecord;
-
-/// A sum all-reduce a rule starts at one merge and collects at the next (overlapped rules),
-/// with the payload kept so that a checkpoint taken while it travels can start it again: a
-/// resumed run re-issues the same all-reduce at its first merge and continues bit for bit.
-#[derive(Debug, Default)]
-pub(crate) struct InFlightSum {
-    sent: Option<Vec<f32>>,
-    pending: Option<PendingSum>,
-}
-
-impl InFlightSum {
-    /// Starts the all-reduce of `payload`.
-    pub(crate) fn start(&mut self, payload: Vec<f32>, comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        self.sent = Some(payload.clone());
-        self.pending = Some(comm.start_all_reduce_sum(payload)?);
-        Ok(())
-    }
-
-    /// The sum started at the previous merge (started again first after a resume), if any.
-    pub(crate) fn collect(&mut self, comm: &mut dyn Communicator) -> Result<Option<Vec<f32>>, RuleError> {
-        if self.pending.is_none()
-            && let Some(sent) = &self.sent
-        {
-            self.pending = Some(comm.start_all_reduce_sum(sent.clone())?);
-        }
-        Ok(match self.pending.take() {
-            Some(pending) => Some(pending.wait()?),
-            None => None,
-        })
-    }
-
-    /// This worker's payload of the sum in flight, for a checkpoint.
-    pub(crate) fn payload(&self) -> Option<&Vec<f32>> {
-        self.sent.as_ref()
-    }
-
-    /// Restores a checkpoint's payload (started again at the next [`InFlightSum::collect`]).
-    pub(crate) fn restore(&mut self, payload: Option<Vec<f32>>) {
-        self.sent = payload;
-        self.pending = None;
-    }
-}
 
 /// Why a rule cannot run.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -215,11 +182,11 @@ pub enum RuleError {
         /// Values in the model.
         found: usize,
     },
-    /// [`MergeRule::finish`] without a [`MergeRule::begin`] before it.
-    #[error("the {rule} rule was asked to finish a merge it never began")]
-    NotBegun {
-        /// Rule name.
-        rule: &'static str,
+    /// A restored record with entries for a rule that keeps no state.
+    #[error("cannot restore the rule's state: unexpected entries {keys:?} (the rule keeps no state)")]
+    UnexpectedState {
+        /// The entries the record holds.
+        keys: Vec<String>,
     },
     /// A compressed payload from another worker that cannot be decoded.
     #[error("worker {from}'s compressed message cannot be decoded: {error}")]
@@ -276,26 +243,11 @@ pub struct Triggered {
     pub statistic: f64,
 }
 
-/// What a local-step hook did to the parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HookEffect {
-    /// The parameters are unchanged.
-    Unchanged,
-    /// The hook wrote new parameters, which go back into the module.
-    Changed,
-}
-
 /// One synchronization rule of Cooperative SGD, applied to a worker's flat parameter buffer.
 ///
 /// All workers call the same methods at the same steps; the rule talks to the others only
 /// through the communicator, so it runs unchanged over threads or MPI.
 pub trait MergeRule: Send {
-    /// A short name for logs and metrics (`"averaging"`, `"elastic"`, `"gossip"`).
-    fn name(&self) -> &'static str;
-
-    /// Checks that the rule can run with `world_size` workers.
-    fn validate(&self, world_size: usize) -> Result<(), RuleError>;
-
     /// Told, before the first merge, how the flat buffer splits into the model's tensors (the
     /// [`Synchronizer`](crate::Synchronizer) does it when it first sees the module, also after a
     /// resume). Rules that compress compress each tensor on its own and send buffers exact;
@@ -303,35 +255,21 @@ pub trait MergeRule: Send {
     fn set_segments(&mut self, _segments: &crate::compress::Segments) {}
 
     /// Called once with the initial parameters (identical on every worker after the initial
-    /// broadcast) before the first local step.
+    /// broadcast) before the first local step. A rule built for a number of workers fails here
+    /// with [`RuleError::WorldSizeMismatch`] when the communicator has another.
     fn start(&mut self, _initial: &[f32], _ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
         Ok(())
     }
 
-    /// Posts this worker's part of the exchange for the current parameters. It may return
-    /// before the exchange completes (the rule keeps what is in flight).
-    fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError>;
-
-    /// Completes the exchange started by [`MergeRule::begin`] and writes this worker's merged
-    /// model into `params` (the parameters as they are now, which for an overlapping rule may
-    /// have moved on since `begin`).
-    fn finish(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError>;
-
-    /// Both phases at once: replaces `params` by its merged value.
+    /// Replaces `params` by this worker's merged model. A rule whose communication overlaps the
+    /// local steps collects here what it started at the previous merge and starts what the next
+    /// one collects.
     fn merge(
         &mut self,
         params: &mut [f32],
         ctx: &SyncContext,
         comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
-        self.begin(params, ctx, comm)?;
-        self.finish(params, ctx, comm)
-    }
+    ) -> Result<MergeOutcome, RuleError>;
 
     /// Whether the rule measures `‖x_i − x̄‖²` itself at every merge (no extra communication);
     /// others have the consensus distance measured only when asked.
@@ -351,88 +289,24 @@ pub trait MergeRule: Send {
         false
     }
 
-    /// Whether the rule acts on every local step ([`MergeRule::before_local_step`] and
-    /// [`MergeRule::after_local_step`]); they are only called, and the parameters only
-    /// flattened for them, when it does.
-    fn uses_local_steps(&self) -> bool {
-        false
-    }
-
-    /// Called before each local step with the current parameters.
-    fn before_local_step(&mut self, _params: &mut [f32], _ctx: &SyncContext) -> Result<HookEffect, RuleError> {
-        Ok(HookEffect::Unchanged)
-    }
-
-    /// Called after each local step (before any merge of that step) with the new parameters.
-    fn after_local_step(&mut self, _params: &mut [f32], _ctx: &SyncContext) -> Result<HookEffect, RuleError> {
-        Ok(HookEffect::Unchanged)
-    }
-
-    /// The rule's mixing matrix for `world_size` workers (`(m+v) × (m+v)` with `v` anchors),
-    /// for rules that are one.
-    fn mixing_matrix(&self, _world_size: usize) -> Option<MixingMatrix> {
-        None
-    }
-
-    /// `E[W_kᵀ W_k]` over the rule's merges (its cycle, or its random draws), whose
-    /// second-largest eigenvalue is `ζ²` for the theory of time-varying graphs; by default
-    /// `WᵀW` of [`MergeRule::mixing_matrix`]. `None` for rules that are not mixing matrices.
-    fn mixing_second_moment(&self, world_size: usize) -> Option<MixingMatrix> {
-        self.mixing_matrix(world_size).map(|w| w.gram())
-    }
-
-    /// The bytes a worker sends in one merge of a model of `values` `f32`, averaged over the
-    /// workers and over the rule's cycle (or expected over its random draws), as
-    /// [`Metered`](crate::comm::Metered) counts them (without the few scalars of statistics a
-    /// synchronizer adds). `None` when the rule does not say.
-    fn expected_bytes_per_merge(&self, _values: usize, _world_size: usize) -> Option<f64> {
-        None
-    }
-
-    /// The rule's mixing matrix at the merge `ctx` describes (its round, the shared seed, the
-    /// world size), for rules whose matrix changes from merge to merge (time-varying or random
-    /// graphs); the fixed one by default.
-    fn mixing_matrix_at(&self, ctx: &SyncContext) -> Option<MixingMatrix> {
-        self.mixing_matrix(ctx.world_size)
-    }
-
     /// The rule's state to checkpoint.
     fn record(&self) -> StateRecord {
         StateRecord::new()
     }
 
-    /// Restores state produced by [`MergeRule::record`].
+    /// Restores state produced by [`MergeRule::record`]; a rule that keeps none refuses any
+    /// entry ([`RuleError::UnexpectedState`]).
     fn load_record(&mut self, record: StateRecord) -> Result<(), RuleError> {
-        no_leftovers(self.name(), &record, "no state")
+        if record.is_empty() { Ok(()) } else { Err(RuleError::UnexpectedState { keys: record.keys() }) }
     }
 }
 
 impl<R: MergeRule + ?Sized> MergeRule for Box<R> {
-    fn name(&self) -> &'static str {
-        (**self).name()
-    }
-    fn event_triggered(&self) -> bool {
-        (**self).event_triggered()
-    }
-    fn validate(&self, world_size: usize) -> Result<(), RuleError> {
-        (**self).validate(world_size)
-    }
     fn set_segments(&mut self, segments: &crate::compress::Segments) {
         (**self).set_segments(segments)
     }
     fn start(&mut self, initial: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
         (**self).start(initial, ctx, comm)
-    }
-    fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        (**self).begin(params, ctx, comm)
-    }
-    fn finish(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
-        (**self).finish(params, ctx, comm)
     }
     fn merge(
         &mut self,
@@ -448,15 +322,52 @@ impl<R: MergeRule + ?Sized> MergeRule for Box<R> {
     fn reaches_consensus(&self) -> bool {
         (**self).reaches_consensus()
     }
-    fn uses_local_steps(&self) -> bool {
-        (**self).uses_local_steps()
+    fn event_triggered(&self) -> bool {
+        (**self).event_triggered()
     }
-    fn before_local_step(&mut self, params: &mut [f32], ctx: &SyncContext) -> Result<HookEffect, RuleError> {
-        (**self).before_local_step(params, ctx)
+    fn record(&self) -> StateRecord {
+        (**self).record()
     }
-    fn after_local_step(&mut self, params: &mut [f32], ctx: &SyncContext) -> Result<HookEffect, RuleError> {
-        (**self).after_local_step(params, ctx)
+    fn load_record(&mut self, record: StateRecord) -> Result<(), RuleError> {
+        (**self).load_record(record)
     }
+}
+
+/// What Cooperative SGD's theory knows of a rule: its mixing matrix, per merge or in
+/// expectation, and the bytes of a merge. Used by the [advisor](crate::advisor) and the
+/// [test kit](crate::testing), never by a merge; a rule that is no mixing matrix implements it
+/// empty (every answer `None`).
+pub trait MatrixForm {
+    /// The rule's mixing matrix for `world_size` workers (`(m+v) × (m+v)` with `v` anchors),
+    /// for rules that are one.
+    fn mixing_matrix(&self, _world_size: usize) -> Option<MixingMatrix> {
+        None
+    }
+
+    /// The rule's mixing matrix at the merge `ctx` describes (its round, the shared seed, the
+    /// world size), for rules whose matrix changes from merge to merge (time-varying or random
+    /// graphs); the fixed one by default.
+    fn mixing_matrix_at(&self, ctx: &SyncContext) -> Option<MixingMatrix> {
+        self.mixing_matrix(ctx.world_size)
+    }
+
+    /// `E[W_kᵀ W_k]` over the rule's merges (its cycle, or its random draws), whose
+    /// second-largest eigenvalue is `ζ²` for the theory of time-varying graphs; by default
+    /// `WᵀW` of [`MatrixForm::mixing_matrix`]. `None` for rules that are not mixing matrices.
+    fn mixing_second_moment(&self, world_size: usize) -> Option<MixingMatrix> {
+        self.mixing_matrix(world_size).map(|w| w.gram())
+    }
+
+    /// The bytes a worker sends in one merge of a model of `values` `f32`, averaged over the
+    /// workers and over the rule's cycle (or expected over its random draws), as
+    /// [`Metered`](crate::comm::Metered) counts them (without the few scalars of statistics a
+    /// synchronizer adds). `None` when the rule does not say.
+    fn expected_bytes_per_merge(&self, _values: usize, _world_size: usize) -> Option<f64> {
+        None
+    }
+}
+
+impl<R: MatrixForm + ?Sized> MatrixForm for Box<R> {
     fn mixing_matrix(&self, world_size: usize) -> Option<MixingMatrix> {
         (**self).mixing_matrix(world_size)
     }
@@ -469,16 +380,26 @@ impl<R: MergeRule + ?Sized> MergeRule for Box<R> {
     fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
         (**self).expected_bytes_per_merge(values, world_size)
     }
-    fn record(&self) -> StateRecord {
-        (**self).record()
-    }
-    fn load_record(&mut self, record: StateRecord) -> Result<(), RuleError> {
-        (**self).load_record(record)
+}
+
+/// A merge rule together with its theory: what the registry builds
+/// ([`RuleSpec::build`](crate::spec::RuleSpec::build)), usable as a [`MergeRule`] (a
+/// `Box<dyn CooperativeRule>` is one) and as a [`MatrixForm`].
+pub trait CooperativeRule: MergeRule + MatrixForm {}
+
+impl<R: MergeRule + MatrixForm + ?Sized> CooperativeRule for R {}
+
+/// The error of a rule built for `built_for` workers asked to run with `ctx.world_size`.
+pub(crate) fn check_world_size(rule: &'static str, built_for: usize, ctx: &SyncContext) -> Result<(), RuleError> {
+    if ctx.world_size == built_for {
+        Ok(())
+    } else {
+        Err(RuleError::WorldSizeMismatch { rule, expected: built_for, found: ctx.world_size })
     }
 }
 
-/// The error for a restored record that still holds entries after a rule took what it keeps
-/// (`keeps` names them, for the message).
+/// The error for a restored record that still holds entries after the rule registered as
+/// `rule` took what it keeps (`keeps` names them, for the message).
 pub fn no_leftovers(rule: &'static str, record: &StateRecord, keeps: &str) -> Result<(), RuleError> {
     if record.is_empty() {
         Ok(())

@@ -21,7 +21,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{InFlightSum, MergeOutcome, MergeRule, RuleError, SyncContext};
+use super::{CooperativeRule, InFlightAnchor, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext};
 use crate::comm::Communicator;
 use crate::spec::{RuleConfig, SpecError};
 use crate::state::StateRecord;
@@ -43,7 +43,7 @@ pub struct OverlapConfig {
 impl RuleConfig for OverlapConfig {
     const NAME: &'static str = "overlap";
 
-    fn build(&self, _world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
+    fn build(&self, _world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         let (pull, momentum) = (self.pull.unwrap_or(0.6), self.anchor_momentum.unwrap_or(0.7));
         if !(pull > 0.0 && pull <= 1.0) {
             return Err(SpecError::new("pull", pull.to_string(), "the pull towards the anchor lies in (0, 1]"));
@@ -51,7 +51,8 @@ impl RuleConfig for OverlapConfig {
         if !(0.0..1.0).contains(&momentum) {
             return Err(SpecError::new("anchor-momentum", momentum.to_string(), "the anchor momentum lies in [0, 1)"));
         }
-        Ok(Box::new(Overlap::new(pull, momentum)))
+        let rule = Overlap::new(pull, momentum).map_err(|error| SpecError::new("pull", pull.to_string(), error))?;
+        Ok(Box::new(rule))
     }
 
     fn describe(&self) -> String {
@@ -76,69 +77,53 @@ impl RuleConfig for OverlapConfig {
 pub struct Overlap {
     pull: f64,
     anchor_momentum: f64,
-    anchor: Option<Vec<f32>>,
+    /// The anchor and the next anchor's sum, travelling until the next merge.
+    anchor: InFlightAnchor,
     momentum: Option<Vec<f32>>,
-    /// The next anchor's sum, travelling until the next merge.
-    sum: InFlightSum,
 }
 
 impl Overlap {
-    /// Overlap Local-SGD with pull `α` and anchor momentum `γ`.
-    pub fn new(pull: f64, anchor_momentum: f64) -> Self {
-        Self { pull, anchor_momentum, anchor: None, momentum: None, sum: InFlightSum::default() }
+    /// Overlap Local-SGD with pull `α` in (0, 1] and anchor momentum `γ` in [0, 1).
+    pub fn new(pull: f64, anchor_momentum: f64) -> Result<Self, RuleError> {
+        if !(pull > 0.0 && pull <= 1.0 && (0.0..1.0).contains(&anchor_momentum)) {
+            let reason = format!("pull {pull} must lie in (0, 1], anchor momentum {anchor_momentum} in [0, 1)");
+            return Err(RuleError::BadState { rule: OverlapConfig::NAME, reason });
+        }
+        Ok(Self { pull, anchor_momentum, anchor: InFlightAnchor::default(), momentum: None })
     }
 
     /// The anchor as of the last merge.
     pub fn anchor(&self) -> Option<&[f32]> {
-        self.anchor.as_deref()
+        self.anchor.anchor()
     }
 }
 
 impl MergeRule for Overlap {
-    fn name(&self) -> &'static str {
-        "overlap"
-    }
-
-    fn validate(&self, _world_size: usize) -> Result<(), RuleError> {
-        if self.pull > 0.0 && self.pull <= 1.0 && (0.0..1.0).contains(&self.anchor_momentum) {
-            Ok(())
-        } else {
-            let reason =
-                format!("pull {} must lie in (0, 1], anchor momentum {} in [0, 1)", self.pull, self.anchor_momentum);
-            Err(RuleError::BadState { rule: "overlap", reason })
-        }
-    }
-
     fn start(&mut self, initial: &[f32], _ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        if self.anchor.is_none() {
-            self.anchor = Some(initial.to_vec());
-        }
+        self.anchor.start(initial);
         Ok(())
     }
 
-    fn begin(&mut self, _params: &[f32], _ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
-        Ok(())
-    }
-
-    fn finish(
+    fn merge(
         &mut self,
         params: &mut [f32],
         ctx: &SyncContext,
         comm: &mut dyn Communicator,
     ) -> Result<MergeOutcome, RuleError> {
+        let rule = OverlapConfig::NAME;
         let lr = ctx.lr.filter(|lr| lr.is_finite() && *lr > 0.0).ok_or_else(|| RuleError::BadState {
-            rule: "overlap",
+            rule,
             reason: "the anchor momentum needs the learning rate of the step (none was given)".into(),
         })?;
         let n = params.len();
-        if self.anchor.as_ref().is_some_and(|z| z.len() != n) || self.momentum.as_ref().is_some_and(|m| m.len() != n) {
+        if self.anchor.anchor().is_some_and(|z| z.len() != n) || self.momentum.as_ref().is_some_and(|m| m.len() != n) {
             let reason = format!("the anchor or its momentum does not have the model's {n} values");
-            return Err(RuleError::BadState { rule: "overlap", reason });
+            return Err(RuleError::BadState { rule, reason });
         }
-        if let Some(sum) = self.sum.collect(comm)? {
-            self.anchor = Some(sum);
+        if let Some(sum) = self.anchor.collect(comm)? {
+            self.anchor.set_anchor(sum);
         }
-        let z = self.anchor.as_ref().ok_or(RuleError::NotBegun { rule: "overlap" })?;
+        let z = self.anchor.started(rule)?;
         let (alpha, keep) = (self.pull as f32, 1.0 - self.pull as f32);
         params.iter_mut().zip(z).for_each(|(x, z)| *x = *x * keep + alpha * z);
         let (eta, inv_eta) = (lr as f32, (1.0 / lr) as f32);
@@ -155,28 +140,26 @@ impl MergeRule for Overlap {
         let m = self.momentum.as_ref().expect("set above");
         let share = ctx.world_size as f32;
         let payload: Vec<f32> = z.iter().zip(m).map(|(z, m)| (z + -eta * m) / share).collect();
-        self.sum.start(payload, comm)?;
+        self.anchor.start_sum(payload, comm)?;
         Ok(MergeOutcome { local_squared_distance: None, trigger: None })
     }
 
     fn record(&self) -> StateRecord {
-        let mut record = StateRecord::new();
-        let sent = self.sum.payload().cloned();
-        for (name, buffer) in [("anchor", &self.anchor), ("momentum", &self.momentum), ("in-flight", &sent)] {
-            if let Some(buffer) = buffer {
-                record = record.with_buffer(name, buffer.clone());
-            }
-        }
-        record
+        let record = match &self.momentum {
+            Some(momentum) => StateRecord::new().with_buffer("momentum", momentum.clone()),
+            None => StateRecord::new(),
+        };
+        self.anchor.record_into(record)
     }
 
     fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
-        self.anchor = record.take_buffer("anchor");
+        self.anchor.load(&mut record);
         self.momentum = record.take_buffer("momentum");
-        self.sum.restore(record.take_buffer("in-flight"));
-        super::no_leftovers("overlap", &record, "only `anchor`, `momentum` and `in-flight`")
+        super::no_leftovers(OverlapConfig::NAME, &record, "only `anchor`, `momentum` and `in-flight`")
     }
+}
 
+impl MatrixForm for Overlap {
     fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
         Some(crate::comm::Traffic::ring_all_reduce(4 * values as u64, world_size) as f64)
     }
@@ -240,13 +223,13 @@ mod tests {
 
     #[test]
     fn merges_follow_the_recurrence() {
-        let got = merge_trajectories(4, 6, None, || Box::new(Overlap::new(0.6, 0.7)));
+        let got = merge_trajectories(4, 6, None, || Box::new(Overlap::new(0.6, 0.7).unwrap()));
         close(&got, &independent(4, 6, 0.6, 0.7));
     }
 
     #[test]
     fn without_anchor_momentum_the_anchor_is_the_mean_of_the_pulled_models() {
-        let got = merge_trajectories(4, 4, None, || Box::new(Overlap::new(0.5, 0.0)));
+        let got = merge_trajectories(4, 4, None, || Box::new(Overlap::new(0.5, 0.0).unwrap()));
         close(&got, &independent(4, 4, 0.5, 0.0));
         // The anchor each merge pulls towards is the mean of the models the previous merge left.
         let (x1, x2): (Vec<f64>, Vec<f64>) = (0..4)
@@ -380,14 +363,14 @@ mod tests {
 
     #[test]
     fn the_sum_travels_during_the_local_steps() {
-        for result in run_gated(4, 2, 5, || Box::new(Overlap::new(0.6, 0.7))) {
+        for result in run_gated(4, 2, 5, || Box::new(Overlap::new(0.6, 0.7).unwrap())) {
             assert!(result.is_ok(), "{result:?}");
         }
-        for result in run_gated(4, 2, 5, || Box::new(crate::rules::ElasticOverlap::new(0.2))) {
+        for result in run_gated(4, 2, 5, || Box::new(crate::rules::ElasticOverlap::new(0.2, 4).unwrap())) {
             assert!(result.is_ok(), "{result:?}");
         }
         // A blocking rule waits for its sum at once: the gate catches it.
-        let blocking = run_gated(4, 2, 2, || Box::new(crate::rules::Elastic::new(0.2)));
+        let blocking = run_gated(4, 2, 2, || Box::new(crate::rules::Elastic::new(0.2, 4).unwrap()));
         assert!(blocking.iter().all(Result::is_err));
     }
 
@@ -395,7 +378,7 @@ mod tests {
     fn a_worker_lost_while_the_sum_travels_fails_the_others() {
         let comms = InProcessGroup::new(3).into_communicators();
         let results = run_group(comms, |rank, mut comm| -> Result<Result<(), RuleError>, RuleError> {
-            let mut rule = Overlap::new(0.6, 0.7);
+            let mut rule = Overlap::new(0.6, 0.7).unwrap();
             let mut params = worker_buffer(rank, 9);
             let mut ctx =
                 SyncContext { step: 2, round: 0, steps_since_sync: 2, lr: Some(0.1), rank, world_size: 3, seed: 1 };
@@ -423,9 +406,15 @@ mod tests {
         assert_eq!(OverlapConfig { pull: Some(1.5), anchor_momentum: None }.build(4).err().unwrap().option, "pull");
         let error = OverlapConfig { pull: None, anchor_momentum: Some(1.0) }.build(4).err().unwrap();
         assert_eq!(error.option, "anchor-momentum");
+        let error = Overlap::new(0.6, 1.0).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "cannot restore the overlap rule's state: pull 0.6 must lie in (0, 1], anchor momentum 1 in [0, 1)"
+        );
+        assert!(Overlap::new(0.0, 0.7).is_err() && Overlap::new(f64::NAN, 0.7).is_err());
         let comms = InProcessGroup::new(1).into_communicators();
         let missing_lr = run_group(comms, |_, mut comm| -> Result<MergeOutcome, RuleError> {
-            let mut rule = Overlap::new(0.6, 0.7);
+            let mut rule = Overlap::new(0.6, 0.7).unwrap();
             let ctx = SyncContext { step: 2, round: 0, steps_since_sync: 2, lr: None, rank: 0, world_size: 1, seed: 1 };
             rule.start(&[1.0], &ctx, &mut comm)?;
             rule.merge(&mut [1.0], &ctx, &mut comm)

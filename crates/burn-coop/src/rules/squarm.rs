@@ -38,7 +38,7 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
-use super::{MergeOutcome, MergeRule, RuleError, SyncContext, Triggered};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext, Triggered};
 use crate::comm::Communicator;
 use crate::compress::{CompressContext, Compressor, Segments};
 use crate::mixing::MixingMatrix;
@@ -59,30 +59,69 @@ pub fn default_consensus_step(compressor: Compressor) -> f64 {
     }
 }
 
-/// The settings choco and squarm share (the shared `--compressor`, `--topology`, `--weights`
-/// and `--consensus-step` flags).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ChocoConfig {
-    /// What a message holds (shared `--compressor`; default sign).
-    #[arg(skip)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compressor: Option<Compressor>,
-    /// The graph (shared `--topology`; default ring).
-    #[arg(skip)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub topology: Option<TopologySpec>,
-    /// The gossip weights (shared `--weights`; default metropolis-hastings).
-    #[arg(skip)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub weights: Option<WeightRule>,
-    /// The consensus step γ in (0, 1] (shared `--consensus-step`; default by compressor).
-    #[arg(skip)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub consensus_step: Option<f64>,
+/// Declares a config struct with the settings choco and squarm share (the shared
+/// `--compressor`, `--topology`, `--weights` and `--consensus-step` flags, keys of each config
+/// that reach it through [`SharedRuleFlags`](super::SharedRuleFlags)), then the struct's own
+/// fields; and the struct's [`GossipSettings`], read and written back.
+macro_rules! compressed_gossip_config {
+    ($(#[$meta:meta])* pub struct $Name:ident { $($own:tt)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+        #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+        pub struct $Name {
+            /// What a message holds (shared `--compressor`; default sign).
+            #[arg(skip)]
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pub compressor: Option<Compressor>,
+            /// The graph (shared `--topology`; default ring).
+            #[arg(skip)]
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pub topology: Option<TopologySpec>,
+            /// The gossip weights (shared `--weights`; default metropolis-hastings).
+            #[arg(skip)]
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pub weights: Option<WeightRule>,
+            /// The consensus step γ in (0, 1] (shared `--consensus-step`; default by compressor).
+            #[arg(skip)]
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pub consensus_step: Option<f64>,
+            $($own)*
+        }
+
+        impl $Name {
+            /// The compressed gossip's settings.
+            fn gossip(&self) -> GossipSettings {
+                GossipSettings {
+                    compressor: self.compressor,
+                    topology: self.topology,
+                    weights: self.weights,
+                    consensus_step: self.consensus_step,
+                }
+            }
+
+            /// The same config with the compressed gossip's settings `gossip`.
+            fn with_gossip(&self, gossip: GossipSettings) -> Self {
+                let mut config = self.clone();
+                config.compressor = gossip.compressor;
+                config.topology = gossip.topology;
+                config.weights = gossip.weights;
+                config.consensus_step = gossip.consensus_step;
+                config
+            }
+        }
+    };
 }
 
-impl ChocoConfig {
+/// The settings of compressed gossip, as choco and squarm take them.
+#[derive(Debug, Clone, Copy)]
+struct GossipSettings {
+    compressor: Option<Compressor>,
+    topology: Option<TopologySpec>,
+    weights: Option<WeightRule>,
+    consensus_step: Option<f64>,
+}
+
+impl GossipSettings {
     fn compressor(&self) -> Compressor {
         self.compressor.unwrap_or(DEFAULT_COMPRESSOR)
     }
@@ -91,7 +130,8 @@ impl ChocoConfig {
         self.consensus_step.unwrap_or_else(|| default_consensus_step(self.compressor()))
     }
 
-    fn build_with(&self, world_size: usize, trigger: Option<Trigger>) -> Result<Squarm, SpecError> {
+    /// The rule for `world_size` workers, after checking every setting.
+    fn build(&self, world_size: usize, trigger: Option<Trigger>) -> Result<Squarm, SpecError> {
         let gamma = self.gamma();
         if !(gamma > 0.0 && gamma <= 1.0) {
             return Err(SpecError::new("consensus-step", gamma.to_string(), "the consensus step must be in (0, 1]"));
@@ -110,7 +150,8 @@ impl ChocoConfig {
         Ok(Squarm::with_trigger(matrix, self.compressor(), gamma, trigger))
     }
 
-    fn resolved_choco(&self) -> Self {
+    /// Every default written out.
+    fn resolved(&self) -> Self {
         Self {
             compressor: Some(self.compressor()),
             topology: Some(self.topology.unwrap_or_default()),
@@ -119,33 +160,43 @@ impl ChocoConfig {
         }
     }
 
-    fn tag(&self, name: &str) -> String {
-        format!("{name}-{}-{}", serde_name_of(&self.topology.unwrap_or_default()), self.compressor()).replace(':', "")
-    }
-}
-
-impl RuleConfig for ChocoConfig {
-    const NAME: &'static str = "choco";
-
-    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
-        Ok(Box::new(self.build_with(world_size, None)?))
-    }
-
-    fn describe(&self) -> String {
+    /// `"{algorithm} on a {graph}, {compressor}, consensus step {γ}"`.
+    fn describe(&self, algorithm: &str) -> String {
         format!(
-            "CHOCO-SGD on a {}, {}, consensus step {}",
+            "{algorithm} on a {}, {}, consensus step {}",
             serde_name_of(&self.topology.unwrap_or_default()),
             self.compressor(),
             self.gamma()
         )
     }
 
+    fn tag(&self, name: &str) -> String {
+        format!("{name}-{}-{}", serde_name_of(&self.topology.unwrap_or_default()), self.compressor()).replace(':', "")
+    }
+}
+
+compressed_gossip_config! {
+    /// `--rule choco`: compressed gossip that always sends.
+    pub struct ChocoConfig {}
+}
+
+impl RuleConfig for ChocoConfig {
+    const NAME: &'static str = "choco";
+
+    fn build(&self, world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
+        Ok(Box::new(self.gossip().build(world_size, None)?))
+    }
+
+    fn describe(&self) -> String {
+        self.gossip().describe("CHOCO-SGD")
+    }
+
     fn run_tag(&self) -> String {
-        self.tag(Self::NAME)
+        self.gossip().tag(Self::NAME)
     }
 
     fn resolved(&self) -> Self {
-        self.resolved_choco()
+        self.with_gossip(self.gossip().resolved())
     }
 }
 
@@ -158,47 +209,21 @@ impl RuleConfig for ChocoConfig {
 /// `--trigger-threshold` for another model or period.
 pub const DEFAULT_TRIGGER_THRESHOLD: f64 = 150.0;
 
-/// `--rule squarm`: choco's settings and the event trigger's.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-pub struct SquarmConfig {
-    /// What a message holds (shared `--compressor`; default sign).
-    #[arg(skip)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compressor: Option<Compressor>,
-    /// The graph (shared `--topology`; default ring).
-    #[arg(skip)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub topology: Option<TopologySpec>,
-    /// The gossip weights (shared `--weights`; default metropolis-hastings).
-    #[arg(skip)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub weights: Option<WeightRule>,
-    /// The consensus step γ in (0, 1] (shared `--consensus-step`; default by compressor).
-    #[arg(skip)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub consensus_step: Option<f64>,
-    /// The trigger threshold c_0 ≥ 0: a worker sends when ‖x − x̂‖² > c_t·η² (default 150, see `trigger_statistic` in syncs.csv).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub trigger_threshold: Option<f64>,
-    /// The threshold's growth p in [0, 1): c_t = c_0·(t+1)^p at merge t (default 0, constant).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub trigger_growth: Option<f64>,
+compressed_gossip_config! {
+    /// `--rule squarm`: choco's settings and the event trigger's.
+    pub struct SquarmConfig {
+        /// The trigger threshold c_0 ≥ 0: a worker sends when ‖x − x̂‖² > c_t·η² (default 150, see `trigger_statistic` in syncs.csv).
+        #[arg(long)]
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub trigger_threshold: Option<f64>,
+        /// The threshold's growth p in [0, 1): c_t = c_0·(t+1)^p at merge t (default 0, constant).
+        #[arg(long)]
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub trigger_growth: Option<f64>,
+    }
 }
 
 impl SquarmConfig {
-    /// The compressed gossip's settings.
-    fn gossip(&self) -> ChocoConfig {
-        ChocoConfig {
-            compressor: self.compressor,
-            topology: self.topology,
-            weights: self.weights,
-            consensus_step: self.consensus_step,
-        }
-    }
-
     fn trigger(&self) -> Result<Trigger, SpecError> {
         let trigger = Trigger {
             threshold: self.trigger_threshold.unwrap_or(DEFAULT_TRIGGER_THRESHOLD),
@@ -219,20 +244,13 @@ impl SquarmConfig {
 impl RuleConfig for SquarmConfig {
     const NAME: &'static str = "squarm";
 
-    fn build(&self, world_size: usize) -> Result<Box<dyn MergeRule>, SpecError> {
-        Ok(Box::new(self.gossip().build_with(world_size, Some(self.trigger()?))?))
+    fn build(&self, world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
+        Ok(Box::new(self.gossip().build(world_size, Some(self.trigger()?))?))
     }
 
     fn describe(&self) -> String {
         let trigger = self.trigger().unwrap_or(Trigger::ALWAYS);
-        format!(
-            "SQuARM-SGD on a {}, {}, consensus step {}, trigger {}·(t+1)^{}·η²",
-            serde_name_of(&self.gossip().topology.unwrap_or_default()),
-            self.gossip().compressor(),
-            self.gossip().gamma(),
-            trigger.threshold,
-            trigger.growth
-        )
+        format!("{}, trigger {}·(t+1)^{}·η²", self.gossip().describe("SQuARM-SGD"), trigger.threshold, trigger.growth)
     }
 
     fn run_tag(&self) -> String {
@@ -240,14 +258,10 @@ impl RuleConfig for SquarmConfig {
     }
 
     fn resolved(&self) -> Self {
-        let gossip = self.gossip().resolved_choco();
         Self {
-            compressor: gossip.compressor,
-            topology: gossip.topology,
-            weights: gossip.weights,
-            consensus_step: gossip.consensus_step,
             trigger_threshold: Some(self.trigger_threshold.unwrap_or(DEFAULT_TRIGGER_THRESHOLD)),
             trigger_growth: Some(self.trigger_growth.unwrap_or(0.0)),
+            ..self.with_gossip(self.gossip().resolved())
         }
     }
 }
@@ -286,7 +300,6 @@ pub struct Squarm {
     change: Vec<f32>,
     payload: Vec<u8>,
     decoded: Vec<f32>,
-    decided: Option<Triggered>,
 }
 
 impl Squarm {
@@ -308,7 +321,6 @@ impl Squarm {
             change: Vec::new(),
             payload: Vec::new(),
             decoded: Vec::new(),
-            decided: None,
         }
     }
 
@@ -322,12 +334,13 @@ impl Squarm {
         &self.public
     }
 
-    fn event_name(&self) -> &'static str {
-        if self.trigger.is_some() { "squarm" } else { "choco" }
+    /// The registry's name of the rule: `squarm` with a trigger, `choco` without.
+    fn registry_name(&self) -> &'static str {
+        if self.trigger.is_some() { SquarmConfig::NAME } else { ChocoConfig::NAME }
     }
 
     fn bad_state(&self, reason: String) -> RuleError {
-        RuleError::BadState { rule: self.event_name(), reason }
+        RuleError::BadState { rule: self.registry_name(), reason }
     }
 
     /// This worker's neighbours and weights, in the matrix's order (once; a restored rule
@@ -342,18 +355,6 @@ impl Squarm {
 }
 
 impl MergeRule for Squarm {
-    fn name(&self) -> &'static str {
-        self.event_name()
-    }
-
-    fn validate(&self, world_size: usize) -> Result<(), RuleError> {
-        if self.matrix.order() == world_size {
-            Ok(())
-        } else {
-            Err(RuleError::WorldSizeMismatch { rule: self.name(), expected: self.matrix.order(), found: world_size })
-        }
-    }
-
     fn event_triggered(&self) -> bool {
         self.trigger.is_some()
     }
@@ -363,6 +364,7 @@ impl MergeRule for Squarm {
     }
 
     fn start(&mut self, initial: &[f32], ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        super::check_world_size(self.registry_name(), self.matrix.order(), ctx)?;
         self.find_neighbors(ctx.rank);
         if self.public.is_empty() {
             self.public = vec![initial.to_vec(); 1 + self.peers.len()];
@@ -370,7 +372,13 @@ impl MergeRule for Squarm {
         Ok(())
     }
 
-    fn begin(&mut self, params: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+    fn merge(
+        &mut self,
+        params: &mut [f32],
+        ctx: &SyncContext,
+        comm: &mut dyn Communicator,
+    ) -> Result<MergeOutcome, RuleError> {
+        super::check_world_size(self.registry_name(), self.matrix.order(), ctx)?;
         let n = params.len();
         self.find_neighbors(ctx.rank);
         if self.public.len() != 1 + self.peers.len() || self.public.iter().any(|p| p.len() != n) {
@@ -381,7 +389,7 @@ impl MergeRule for Squarm {
             );
             return Err(self.bad_state(reason));
         }
-        let segments = super::split_for(self.name(), self.segments.as_ref(), n)?;
+        let segments = super::split_for(self.registry_name(), self.segments.as_ref(), n)?;
         let threshold = self.trigger.map_or(0.0, |t| t.at(ctx.round));
         let lr = match ctx.lr {
             Some(lr) if lr.is_finite() => lr,
@@ -427,19 +435,6 @@ impl MergeRule for Squarm {
         if let Some(error) = bad {
             return Err(error);
         }
-        self.decided = Some(Triggered { sent: fire, statistic });
-        Ok(())
-    }
-
-    fn finish(
-        &mut self,
-        params: &mut [f32],
-        _ctx: &SyncContext,
-        _comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
-        let Some(decided) = self.decided.take() else {
-            return Err(RuleError::NotBegun { rule: self.name() });
-        };
         // x_i += γ Σ_j w_ij (x̂_j − x̂_i), the terms added in the matrix's neighbour order.
         let gamma = self.gamma as f32;
         let weights: Vec<f32> = self.weights.iter().map(|&w| w as f32).collect();
@@ -451,18 +446,8 @@ impl MergeRule for Squarm {
             }
             *x += gamma * pull;
         }
-        let trigger = self.event_triggered().then_some(decided);
+        let trigger = self.event_triggered().then_some(Triggered { sent: fire, statistic });
         Ok(MergeOutcome { local_squared_distance: None, trigger })
-    }
-
-    fn expected_bytes_per_merge(&self, values: usize, _world_size: usize) -> Option<f64> {
-        // Every message sent (choco): the payload to each neighbour.
-        if self.event_triggered() {
-            return None;
-        }
-        let split =
-            Segments::resolve(self.segments.as_ref(), values).unwrap_or_else(|| Cow::Owned(Segments::whole(values)));
-        Some(self.compressor.payload_bytes(&split) as f64 * self.matrix.mean_degree())
     }
 
     fn record(&self) -> StateRecord {
@@ -478,7 +463,19 @@ impl MergeRule for Squarm {
             public.push(copy);
         }
         self.public = public;
-        super::no_leftovers(self.name(), &record, "`public-0`, `public-1`, …")
+        super::no_leftovers(self.registry_name(), &record, "`public-0`, `public-1`, …")
+    }
+}
+
+impl MatrixForm for Squarm {
+    fn expected_bytes_per_merge(&self, values: usize, _world_size: usize) -> Option<f64> {
+        // Every message sent (choco): the payload to each neighbour.
+        if self.event_triggered() {
+            return None;
+        }
+        let split =
+            Segments::resolve(self.segments.as_ref(), values).unwrap_or_else(|| Cow::Owned(Segments::whole(values)));
+        Some(self.compressor.payload_bytes(&split) as f64 * self.matrix.mean_degree())
     }
 }
 
@@ -668,7 +665,7 @@ mod tests {
 
     #[test]
     fn the_public_copies_survive_a_checkpoint_bit_for_bit() {
-        let make = || -> Box<dyn MergeRule> {
+        let make = || -> Box<dyn CooperativeRule> {
             Box::new(Squarm::new(ring(4), Compressor::TopK(0.2), 0.5, Trigger { threshold: 0.01, growth: 0.2 }))
         };
         assert_eq!(merge_trajectories(4, 6, Some(3), make), merge_trajectories(4, 6, None, make));
@@ -676,7 +673,7 @@ mod tests {
 
     #[test]
     fn bytes_are_the_payloads_sent_to_each_neighbour() {
-        let make = || -> Box<dyn MergeRule> { Box::new(Squarm::choco(ring(4), Compressor::TopK(0.1), 0.5)) };
+        let make = || -> Box<dyn CooperativeRule> { Box::new(Squarm::choco(ring(4), Compressor::TopK(0.1), 0.5)) };
         let measured = crate::testing::measured_bytes_per_merge(4, 100, 2, make);
         assert_eq!(measured, (2 * (8 + 8 * 10)) as f64);
         assert_eq!(make().expected_bytes_per_merge(100, 4), Some(measured));
@@ -692,6 +689,11 @@ mod tests {
         assert_eq!(config.build(4).err().unwrap().option, "trigger-growth");
         let config = SquarmConfig { trigger_threshold: Some(-1.0), ..SquarmConfig::default() };
         assert_eq!(config.build(4).err().unwrap().option, "trigger-threshold");
+
+        // A rule built for four workers refuses three.
+        let mismatch = RuleError::WorldSizeMismatch { rule: "choco", expected: 4, found: 3 };
+        let refused = crate::testing::refusals(Squarm::choco(ring(4), Compressor::Sign, 0.5), 3);
+        assert_eq!(refused, [Some(mismatch.clone()), Some(mismatch)]);
 
         // A neighbour speaking another format is named in the error.
         let comms = InProcessGroup::new(2).into_communicators();
