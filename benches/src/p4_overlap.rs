@@ -45,59 +45,18 @@ impl PendingOp for DelayedSum {
 }
 
 impl<C: Communicator> Communicator for Delayed<C> {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.inner.world_size()
-    }
-    fn all_reduce_sum(&mut self, values: &mut [f32]) -> Result<(), CommError> {
-        let sum = self.start_all_reduce_sum(values.to_vec())?.wait()?;
-        values.copy_from_slice(&sum);
-        Ok(())
-    }
-    fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
-        recv.copy_from_slice(&self.start_all_reduce_sum(send.to_vec())?.wait()?);
-        Ok(())
-    }
+    // The blocking sums are left to the trait's defaults, which start a sum here and wait on it:
+    // they are delayed too.
+    burn_coop::forward_communicator!(self.inner =>
+        rank, world_size, all_reduce_f64, broadcast, all_gather_bytes, exchange, exchange_directed, exchange_bytes, split,
+        barrier
+    );
+
     fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
         let len = values.len();
         let ready_at = Instant::now() + self.delay;
         let inner = self.inner.start_all_reduce_sum(values)?;
         Ok(PendingSum::new(Box::new(DelayedSum { inner, ready_at }), len))
-    }
-    fn all_reduce_f64(&mut self, values: &mut [f64]) -> Result<(), CommError> {
-        self.inner.all_reduce_f64(values)
-    }
-    fn broadcast(&mut self, values: &mut [f32], root: usize) -> Result<(), CommError> {
-        self.inner.broadcast(values, root)
-    }
-    fn all_gather_bytes(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
-        self.inner.all_gather_bytes(payload)
-    }
-    fn exchange_directed(
-        &mut self,
-        send: &[f32],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: &mut dyn FnMut(usize, &[f32]),
-    ) -> Result<(), CommError> {
-        self.inner.exchange_directed(send, send_to, receive_from, receive)
-    }
-    fn exchange_bytes(
-        &mut self,
-        send: &[u8],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: &mut dyn FnMut(usize, &[u8]),
-    ) -> Result<(), CommError> {
-        self.inner.exchange_bytes(send, send_to, receive_from, receive)
-    }
-    fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
-        self.inner.split(color)
-    }
-    fn barrier(&mut self) -> Result<(), CommError> {
-        self.inner.barrier()
     }
 }
 

@@ -58,7 +58,7 @@ use std::ffi::{c_int, c_void};
 use std::fmt;
 use std::sync::Arc;
 
-use burn_coop::comm::{CommError, Communicator, PendingOp, PendingSum};
+use burn_coop::comm::{CommError, Communicator, PendingOp, PendingSum, Receive};
 use mpi::ffi;
 use mpi::raw::AsRaw;
 use mpi::topology::SimpleCommunicator;
@@ -676,7 +676,7 @@ impl Communicator for MpiComm {
         send: &[f32],
         send_to: &[usize],
         receive_from: &[usize],
-        receive: &mut dyn FnMut(usize, &[f32]),
+        receive: Receive<'_, f32>,
     ) -> Result<(), CommError> {
         let n = count(send.len(), "exchange")?;
         self.agree_on_neighbors("exchange", send.len(), send_to, receive_from)?;
@@ -749,7 +749,7 @@ impl Communicator for MpiComm {
         send: &[u8],
         send_to: &[usize],
         receive_from: &[usize],
-        receive: &mut dyn FnMut(usize, &[u8]),
+        receive: Receive<'_, u8>,
     ) -> Result<(), CommError> {
         let n = count(send.len(), "exchange_bytes")?;
         // Lengths differ from worker to worker: the agreement checks the operation and the

@@ -20,7 +20,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::CoopError;
-use crate::comm::{CommError, Communicator, InProcessGroup, Metered, PendingSum, TrafficByKind};
+use crate::comm::{CommError, Communicator, InProcessGroup, Metered, PendingSum, Receive, TrafficByKind};
 use crate::launch::run_group;
 use crate::params::{BufferPolicy, ParamLayout, TensorRole};
 use crate::rules::{MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext};
@@ -89,34 +89,37 @@ impl<C: Communicator> RecordingComm<C> {
     fn note(&self, update: impl FnOnce(&mut CallLog)) {
         update(&mut self.log.lock().unwrap_or_else(PoisonError::into_inner));
     }
+
+    /// Notes a sum all-reduce of `values` values.
+    fn note_sum(&self, values: usize) {
+        self.note(|l| {
+            l.all_reduce += 1;
+            l.all_reduce_values += values as u64;
+        });
+    }
+
+    /// Notes a neighbour exchange that sends to `peers` ranks.
+    fn note_exchange(&self, peers: usize) {
+        self.note(|l| {
+            l.exchange += 1;
+            l.exchange_peers += peers as u64;
+        });
+    }
 }
 
 impl<C: Communicator> Communicator for RecordingComm<C> {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.inner.world_size()
-    }
+    crate::forward_communicator!(self.inner => rank, world_size);
+
     fn all_reduce_sum(&mut self, values: &mut [f32]) -> Result<(), CommError> {
-        self.note(|l| {
-            l.all_reduce += 1;
-            l.all_reduce_values += values.len() as u64;
-        });
+        self.note_sum(values.len());
         self.inner.all_reduce_sum(values)
     }
     fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
-        self.note(|l| {
-            l.all_reduce += 1;
-            l.all_reduce_values += send.len() as u64;
-        });
+        self.note_sum(send.len());
         self.inner.all_reduce_sum_into(send, recv)
     }
     fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
-        self.note(|l| {
-            l.all_reduce += 1;
-            l.all_reduce_values += values.len() as u64;
-        });
+        self.note_sum(values.len());
         self.inner.start_all_reduce_sum(values)
     }
     fn all_reduce_f64(&mut self, values: &mut [f64]) -> Result<(), CommError> {
@@ -131,17 +134,18 @@ impl<C: Communicator> Communicator for RecordingComm<C> {
         self.note(|l| l.all_gather += 1);
         self.inner.all_gather_bytes(payload)
     }
+    fn exchange(&mut self, send: &[f32], peers: &[usize], receive: Receive<'_, f32>) -> Result<(), CommError> {
+        self.note_exchange(peers.len());
+        self.inner.exchange(send, peers, receive)
+    }
     fn exchange_directed(
         &mut self,
         send: &[f32],
         send_to: &[usize],
         receive_from: &[usize],
-        receive: &mut dyn FnMut(usize, &[f32]),
+        receive: Receive<'_, f32>,
     ) -> Result<(), CommError> {
-        self.note(|l| {
-            l.exchange += 1;
-            l.exchange_peers += send_to.len() as u64;
-        });
+        self.note_exchange(send_to.len());
         self.inner.exchange_directed(send, send_to, receive_from, receive)
     }
     fn exchange_bytes(
@@ -149,12 +153,9 @@ impl<C: Communicator> Communicator for RecordingComm<C> {
         send: &[u8],
         send_to: &[usize],
         receive_from: &[usize],
-        receive: &mut dyn FnMut(usize, &[u8]),
+        receive: Receive<'_, u8>,
     ) -> Result<(), CommError> {
-        self.note(|l| {
-            l.exchange += 1;
-            l.exchange_peers += send_to.len() as u64;
-        });
+        self.note_exchange(send_to.len());
         self.inner.exchange_bytes(send, send_to, receive_from, receive)
     }
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{CommError, Communicator, PendingOp, PendingSum};
+use super::{CommError, Communicator, PendingOp, PendingSum, Receive};
 
 /// Builder for a group of in-process workers.
 ///
@@ -443,7 +443,7 @@ impl Communicator for InProcessComm {
         send: &[f32],
         send_to: &[usize],
         receive_from: &[usize],
-        receive: &mut dyn FnMut(usize, &[f32]),
+        receive: Receive<'_, f32>,
     ) -> Result<(), CommError> {
         let payload = Payload::Exchange {
             values: self.copy_of(send),
@@ -476,7 +476,7 @@ impl Communicator for InProcessComm {
         send: &[u8],
         send_to: &[usize],
         receive_from: &[usize],
-        receive: &mut dyn FnMut(usize, &[u8]),
+        receive: Receive<'_, u8>,
     ) -> Result<(), CommError> {
         let payload = Payload::ExchangeBytes {
             bytes: send.to_vec(),

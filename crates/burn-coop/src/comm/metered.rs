@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::network::{NetworkModel, SMALL_COLLECTIVE_VALUES, SimClock};
-use super::{CommError, Communicator, PendingOp, PendingSum};
+use super::{CommError, Communicator, PendingOp, PendingSum, Receive};
 
 /// Bytes this worker has sent and received.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,7 +245,6 @@ impl<C: Communicator> Metered<C> {
         Ok(Some(start + network.seconds(kind, bytes, world, degree, small)))
     }
 
-    /// A blocking collective: the simulated clock waits for its end.
     /// Records a neighbour exchange of `sent` and `received` bytes and advances the simulated
     /// clock: messages go out and come in at once on a full-duplex link, so it pays as many
     /// latencies as the larger of the two lists.
@@ -264,6 +263,28 @@ impl<C: Communicator> Metered<C> {
         self.simulate_blocking(CollectiveKind::Exchange, sent, Some(&peers), false)
     }
 
+    /// Runs a neighbour exchange through `call`, handing it `receive` behind a count of the bytes
+    /// received, then records it: `send`'s bytes once per rank in `send_to`, and the bytes
+    /// received ([`Metered::exchanged`]).
+    fn metered_exchange<T>(
+        &mut self,
+        send: &[T],
+        send_to: &[usize],
+        receive_from: &[usize],
+        receive: Receive<'_, T>,
+        call: impl FnOnce(&mut C, Receive<'_, T>) -> Result<(), CommError>,
+    ) -> Result<(), CommError> {
+        let mut got = 0;
+        self.timed(|inner| {
+            call(inner, &mut |k, values| {
+                got += size_of_val(values) as u64;
+                receive(k, values)
+            })
+        })?;
+        self.exchanged(size_of_val(send) as u64 * send_to.len() as u64, got, send_to, receive_from)
+    }
+
+    /// A blocking collective: the simulated clock waits for its end.
     fn simulate_blocking(
         &mut self,
         kind: CollectiveKind,
@@ -332,13 +353,7 @@ impl PendingOp for TimedSum {
 }
 
 impl<C: Communicator> Communicator for Metered<C> {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-
-    fn world_size(&self) -> usize {
-        self.inner.world_size()
-    }
+    crate::forward_communicator!(self.inner => rank, world_size);
 
     fn all_reduce_sum(&mut self, values: &mut [f32]) -> Result<(), CommError> {
         self.timed(|inner| inner.all_reduce_sum(values))?;
@@ -387,21 +402,20 @@ impl<C: Communicator> Communicator for Metered<C> {
         Ok(all)
     }
 
+    fn exchange(&mut self, send: &[f32], peers: &[usize], receive: Receive<'_, f32>) -> Result<(), CommError> {
+        self.metered_exchange(send, peers, peers, receive, |inner, receive| inner.exchange(send, peers, receive))
+    }
+
     fn exchange_directed(
         &mut self,
         send: &[f32],
         send_to: &[usize],
         receive_from: &[usize],
-        receive: &mut dyn FnMut(usize, &[f32]),
+        receive: Receive<'_, f32>,
     ) -> Result<(), CommError> {
-        let mut got = 0;
-        self.timed(|inner| {
-            inner.exchange_directed(send, send_to, receive_from, &mut |k, values| {
-                got += 4 * values.len() as u64;
-                receive(k, values)
-            })
-        })?;
-        self.exchanged(4 * send.len() as u64 * send_to.len() as u64, got, send_to, receive_from)
+        self.metered_exchange(send, send_to, receive_from, receive, |inner, receive| {
+            inner.exchange_directed(send, send_to, receive_from, receive)
+        })
     }
 
     fn exchange_bytes(
@@ -409,16 +423,11 @@ impl<C: Communicator> Communicator for Metered<C> {
         send: &[u8],
         send_to: &[usize],
         receive_from: &[usize],
-        receive: &mut dyn FnMut(usize, &[u8]),
+        receive: Receive<'_, u8>,
     ) -> Result<(), CommError> {
-        let mut got = 0;
-        self.timed(|inner| {
-            inner.exchange_bytes(send, send_to, receive_from, &mut |k, bytes| {
-                got += bytes.len() as u64;
-                receive(k, bytes)
-            })
-        })?;
-        self.exchanged(send.len() as u64 * send_to.len() as u64, got, send_to, receive_from)
+        self.metered_exchange(send, send_to, receive_from, receive, |inner, receive| {
+            inner.exchange_bytes(send, send_to, receive_from, receive)
+        })
     }
 
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {

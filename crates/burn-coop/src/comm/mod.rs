@@ -15,6 +15,23 @@
 //! | neighbour exchange of bytes | [`Communicator::exchange_bytes`] | | a payload of any length (zero: nothing sent) to some peers, one from others |
 //! | sub-groups | [`Communicator::split`] | | ranks with the same colour form a new group |
 //! | barrier | [`Communicator::barrier`] | | nothing |
+//!
+//! # Writing a wrapper
+//!
+//! A wrapper holds an inner communicator and changes some collectives (it counts, logs, delays
+//! or gates them). It writes those methods itself and lists the others in
+//! [`forward_communicator!`](crate::forward_communicator), which writes each as a call of the
+//! same method on the inner communicator: `forward_communicator!(self.inner => rank, barrier);`
+//! inside the `impl Communicator` block ([`Metered`] lists `rank` and `world_size` only; `Box`
+//! lists all thirteen methods, on `**self`). The compiler names a required method neither written
+//! nor listed, but not a provided one ([`Communicator::all_reduce_sum`],
+//! [`Communicator::all_reduce_sum_into`], [`Communicator::exchange`]): left out, it runs the
+//! trait's default on the wrapper (a started sum and a wait; a directed exchange) instead of the
+//! inner communicator's own version, and the in-process and MPI communicators have their own
+//! blocking sums. So list the provided methods too, unless the wrapper means them to go through
+//! its own methods: one that holds back started sums writes
+//! [`Communicator::start_all_reduce_sum`] alone and leaves both blocking sums to the defaults, so
+//! that they are held back too.
 
 mod in_process;
 mod metered;
@@ -163,6 +180,11 @@ impl PendingOp for Ready {
     }
 }
 
+/// What a neighbour exchange hands every buffer it received to, as `receive(k, values)`: `k` is
+/// the sender's index in the list of ranks received from, and `values` its buffer (`f32` values,
+/// or the bytes of a payload), read where it arrived.
+pub type Receive<'a, T> = &'a mut dyn FnMut(usize, &[T]);
+
 /// A worker's handle on the group of workers it trains with. It moves data and nothing else.
 ///
 /// All workers must call the same collectives in the same order with buffers of the same
@@ -209,12 +231,7 @@ pub trait Communicator: Send {
     /// be symmetric: `j` lists this worker whenever this worker lists `j`. Every worker calls it,
     /// also those with no peers this time. The same as [`Communicator::exchange_directed`] with
     /// `peers` both ways.
-    fn exchange(
-        &mut self,
-        send: &[f32],
-        peers: &[usize],
-        receive: &mut dyn FnMut(usize, &[f32]),
-    ) -> Result<(), CommError> {
+    fn exchange(&mut self, send: &[f32], peers: &[usize], receive: Receive<'_, f32>) -> Result<(), CommError> {
         self.exchange_directed(send, peers, peers, receive)
     }
 
@@ -230,7 +247,7 @@ pub trait Communicator: Send {
         send: &[f32],
         send_to: &[usize],
         receive_from: &[usize],
-        receive: &mut dyn FnMut(usize, &[f32]),
+        receive: Receive<'_, f32>,
     ) -> Result<(), CommError>;
 
     /// Sends the byte payload `send` to every rank in `send_to` and hands the payload of every
@@ -246,7 +263,7 @@ pub trait Communicator: Send {
         send: &[u8],
         send_to: &[usize],
         receive_from: &[usize],
-        receive: &mut dyn FnMut(usize, &[u8]),
+        receive: Receive<'_, u8>,
     ) -> Result<(), CommError>;
 
     /// Splits the group: workers passing the same `color` form a new group, ranked in the order
@@ -314,60 +331,212 @@ pub fn exchange_into(
 }
 
 impl<C: Communicator + ?Sized> Communicator for Box<C> {
-    fn rank(&self) -> usize {
-        (**self).rank()
+    crate::forward_communicator!(**self =>
+        rank, world_size, all_reduce_sum, all_reduce_sum_into, start_all_reduce_sum, all_reduce_f64, broadcast,
+        all_gather_bytes, exchange, exchange_directed, exchange_bytes, split, barrier
+    );
+}
+
+/// Writes [`Communicator`](crate::comm::Communicator) methods that forward to an inner
+/// communicator, inside an `impl Communicator` block: the methods a wrapper does not change (see
+/// [writing a wrapper](crate::comm#writing-a-wrapper)).
+///
+/// `forward_communicator!(self.inner => rank, world_size, ...)` writes each listed method as a
+/// call of the same method on the field `inner` (any field: `self.0` in a tuple struct), and
+/// `forward_communicator!(**self => ...)` on what `self` points to. List the provided methods
+/// (`all_reduce_sum`, `all_reduce_sum_into`, `exchange`) too, unless they are meant to run the
+/// trait's default through the wrapper's own methods.
+///
+/// ```
+/// use burn_coop::comm::{CommError, Communicator, InProcessGroup};
+///
+/// /// Counts the barriers it takes part in.
+/// struct CountBarriers<C> {
+///     inner: C,
+///     barriers: usize,
+/// }
+///
+/// impl<C: Communicator> Communicator for CountBarriers<C> {
+///     burn_coop::forward_communicator!(self.inner =>
+///         rank, world_size, all_reduce_sum, all_reduce_sum_into, start_all_reduce_sum, all_reduce_f64,
+///         broadcast, all_gather_bytes, exchange, exchange_directed, exchange_bytes, split
+///     );
+///
+///     fn barrier(&mut self) -> Result<(), CommError> {
+///         self.barriers += 1;
+///         self.inner.barrier()
+///     }
+/// }
+///
+/// let inner = InProcessGroup::new(1).into_communicators().remove(0);
+/// let mut comm = CountBarriers { inner, barriers: 0 };
+/// comm.barrier()?;
+/// let mut values = [1.0, 2.0];
+/// comm.all_reduce_sum(&mut values)?;
+/// assert_eq!((comm.barriers, values), (1, [1.0, 2.0]));
+/// # Ok::<(), CommError>(())
+/// ```
+#[macro_export]
+macro_rules! forward_communicator {
+    ($this:ident . $field:tt => $($method:ident),+ $(,)?) => {
+        $($crate::forward_communicator!(@method [$this] [$this.$field] $method);)+
+    };
+    (* * $this:ident => $($method:ident),+ $(,)?) => {
+        $($crate::forward_communicator!(@method [$this] [**$this] $method);)+
+    };
+    // Every method of `Communicator`: its arguments and what it returns (in a `Result`, but for
+    // the two that take `&self`).
+    (@method $this:tt $to:tt rank) => {
+        $crate::forward_communicator!(@shared $this $to rank);
+    };
+    (@method $this:tt $to:tt world_size) => {
+        $crate::forward_communicator!(@shared $this $to world_size);
+    };
+    (@method $this:tt $to:tt all_reduce_sum) => {
+        $crate::forward_communicator!(@mut $this $to all_reduce_sum(values: &mut [f32]) -> ());
+    };
+    (@method $this:tt $to:tt all_reduce_sum_into) => {
+        $crate::forward_communicator!(@mut $this $to all_reduce_sum_into(send: &[f32], recv: &mut [f32]) -> ());
+    };
+    (@method $this:tt $to:tt start_all_reduce_sum) => {
+        $crate::forward_communicator!(
+            @mut $this $to start_all_reduce_sum(values: ::std::vec::Vec<f32>) -> $crate::comm::PendingSum
+        );
+    };
+    (@method $this:tt $to:tt all_reduce_f64) => {
+        $crate::forward_communicator!(@mut $this $to all_reduce_f64(values: &mut [f64]) -> ());
+    };
+    (@method $this:tt $to:tt broadcast) => {
+        $crate::forward_communicator!(@mut $this $to broadcast(values: &mut [f32], root: usize) -> ());
+    };
+    (@method $this:tt $to:tt all_gather_bytes) => {
+        $crate::forward_communicator!(
+            @mut $this $to all_gather_bytes(payload: &[u8]) -> ::std::vec::Vec<::std::vec::Vec<u8>>
+        );
+    };
+    (@method $this:tt $to:tt exchange) => {
+        $crate::forward_communicator!(
+            @mut $this $to exchange(send: &[f32], peers: &[usize], receive: $crate::comm::Receive<'_, f32>) -> ()
+        );
+    };
+    (@method $this:tt $to:tt exchange_directed) => {
+        $crate::forward_communicator!(@directed $this $to exchange_directed f32);
+    };
+    (@method $this:tt $to:tt exchange_bytes) => {
+        $crate::forward_communicator!(@directed $this $to exchange_bytes u8);
+    };
+    (@method $this:tt $to:tt split) => {
+        $crate::forward_communicator!(
+            @mut $this $to split(color: usize) -> ::std::boxed::Box<dyn $crate::comm::Communicator>
+        );
+    };
+    (@method $this:tt $to:tt barrier) => {
+        $crate::forward_communicator!(@mut $this $to barrier() -> ());
+    };
+    (@method $this:tt $to:tt $other:ident) => {
+        compile_error!(concat!("`", stringify!($other), "` is not a method of `Communicator`"));
+    };
+    // The two directed exchanges differ only in the values they carry.
+    (@directed $this:tt $to:tt $method:ident $value:ty) => {
+        $crate::forward_communicator!(@mut $this $to $method(
+            send: &[$value],
+            send_to: &[usize],
+            receive_from: &[usize],
+            receive: $crate::comm::Receive<'_, $value>
+        ) -> ());
+    };
+    (@shared [$this:ident] [$($to:tt)+] $method:ident) => {
+        fn $method(&$this) -> usize {
+            $crate::comm::Communicator::$method(&$($to)+)
+        }
+    };
+    (@mut [$this:ident] [$($to:tt)+] $method:ident($($arg:ident: $type:ty),*) -> $output:ty) => {
+        fn $method(&mut $this, $($arg: $type),*) -> ::core::result::Result<$output, $crate::comm::CommError> {
+            $crate::comm::Communicator::$method(&mut $($to)+, $($arg),*)
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::testing::RecordingComm;
+
+    /// A communicator with its own versions of the provided methods, which note that they ran.
+    struct Probe {
+        inner: InProcessComm,
+        ran: Arc<Mutex<Vec<&'static str>>>,
     }
-    fn world_size(&self) -> usize {
-        (**self).world_size()
+
+    impl Communicator for Probe {
+        crate::forward_communicator!(self.inner =>
+            rank, world_size, start_all_reduce_sum, all_reduce_f64, broadcast, all_gather_bytes, exchange_directed,
+            exchange_bytes, split, barrier
+        );
+
+        fn all_reduce_sum(&mut self, values: &mut [f32]) -> Result<(), CommError> {
+            self.ran.lock().unwrap().push("all_reduce_sum");
+            self.inner.all_reduce_sum(values)
+        }
+        fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
+            self.ran.lock().unwrap().push("all_reduce_sum_into");
+            self.inner.all_reduce_sum_into(send, recv)
+        }
+        fn exchange(&mut self, send: &[f32], peers: &[usize], receive: Receive<'_, f32>) -> Result<(), CommError> {
+            self.ran.lock().unwrap().push("exchange");
+            self.inner.exchange(send, peers, receive)
+        }
     }
-    fn all_reduce_sum(&mut self, values: &mut [f32]) -> Result<(), CommError> {
-        (**self).all_reduce_sum(values)
+
+    /// Calls the provided methods on `wrap(probe)` and returns those of the probe that ran.
+    fn reached<W: Communicator>(wrap: impl FnOnce(Probe) -> W) -> Vec<&'static str> {
+        let ran = Arc::default();
+        let inner = InProcessGroup::new(1).into_communicators().remove(0);
+        let mut comm = wrap(Probe { inner, ran: Arc::clone(&ran) });
+        let mut values = [1.0, 2.0];
+        comm.all_reduce_sum(&mut values).unwrap();
+        comm.all_reduce_sum_into(&[3.0, 4.0], &mut values).unwrap();
+        comm.exchange(&values, &[], &mut |_, _| unreachable!("no peers")).unwrap();
+        assert_eq!(values, [3.0, 4.0]);
+        ran.lock().unwrap().clone()
     }
-    fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
-        (**self).all_reduce_sum_into(send, recv)
+
+    #[test]
+    fn wrappers_forward_the_provided_methods_to_the_inner_versions() {
+        let all = ["all_reduce_sum", "all_reduce_sum_into", "exchange"];
+        assert_eq!(reached(Box::new), all);
+        assert_eq!(reached(|probe| Box::new(probe) as Box<dyn Communicator>), all);
+        assert_eq!(reached(Metered::new), all);
+        assert_eq!(reached(RecordingComm::new), all);
     }
-    fn start_all_reduce_sum(&mut self, values: Vec<f32>) -> Result<PendingSum, CommError> {
-        (**self).start_all_reduce_sum(values)
-    }
-    fn all_reduce_f64(&mut self, values: &mut [f64]) -> Result<(), CommError> {
-        (**self).all_reduce_f64(values)
-    }
-    fn broadcast(&mut self, values: &mut [f32], root: usize) -> Result<(), CommError> {
-        (**self).broadcast(values, root)
-    }
-    fn all_gather_bytes(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
-        (**self).all_gather_bytes(payload)
-    }
-    fn exchange(
-        &mut self,
-        send: &[f32],
-        peers: &[usize],
-        receive: &mut dyn FnMut(usize, &[f32]),
-    ) -> Result<(), CommError> {
-        (**self).exchange(send, peers, receive)
-    }
-    fn exchange_directed(
-        &mut self,
-        send: &[f32],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: &mut dyn FnMut(usize, &[f32]),
-    ) -> Result<(), CommError> {
-        (**self).exchange_directed(send, send_to, receive_from, receive)
-    }
-    fn exchange_bytes(
-        &mut self,
-        send: &[u8],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: &mut dyn FnMut(usize, &[u8]),
-    ) -> Result<(), CommError> {
-        (**self).exchange_bytes(send, send_to, receive_from, receive)
-    }
-    fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
-        (**self).split(color)
-    }
-    fn barrier(&mut self) -> Result<(), CommError> {
-        (**self).barrier()
+
+    #[test]
+    fn metered_counts_a_symmetric_exchange_as_a_directed_one() {
+        let traffic = std::thread::scope(|scope| {
+            let comms = InProcessGroup::new(3).into_communicators();
+            let workers: Vec<_> = comms
+                .into_iter()
+                .map(|comm| {
+                    scope.spawn(move || {
+                        let mut comm = Metered::new(comm);
+                        let rank = comm.rank();
+                        let peers: Vec<usize> = (0..3).filter(|&j| j != rank).collect();
+                        let mut got = Vec::new();
+                        comm.exchange(&[rank as f32; 5], &peers, &mut |k, values| got.push((k, values[0]))).unwrap();
+                        comm.exchange_directed(&[rank as f32; 5], &peers, &peers, &mut |_, _| {}).unwrap();
+                        assert_eq!(got, peers.iter().enumerate().map(|(k, &j)| (k, j as f32)).collect::<Vec<_>>());
+                        comm.traffic()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect::<Vec<_>>()
+        });
+        for traffic in traffic {
+            // Twice five f32 to each of two peers, and as many back.
+            assert_eq!(traffic.calls(CollectiveKind::Exchange), 2);
+            assert_eq!(traffic.of(CollectiveKind::Exchange), Traffic { bytes_sent: 80, bytes_received: 80 });
+        }
     }
 }
