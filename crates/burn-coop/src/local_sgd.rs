@@ -150,7 +150,7 @@ impl LocalSgd {
         grads: GradientsParams,
     ) -> Result<M, CoopError> {
         let lr = lr.into();
-        let signal = StepSignal { lr: Some(lr.base()), loss: None, seconds: None };
+        let signal = StepSignal { lr: Some(lr.base()), ..StepSignal::default() };
         let module = self.sync.before_step(module)?;
         let module = self.inner.step(lr, module, grads);
         let (module, report) = self.sync.after_step(module, signal)?;
@@ -172,6 +172,24 @@ impl LocalSgd {
         let module = self.sync.before_step(module)?;
         let module = self.inner.step(lr, module, grads);
         let (module, report) = self.sync.after_step(module, StepSignal::new(lr, loss))?;
+        if report.is_some() {
+            self.after_merge();
+        }
+        Ok((module, report))
+    }
+
+    /// One optimizer step described by `signal` (its learning rate, this worker's loss, its
+    /// timing), followed by a merge when the schedule says so; returns the merge's report.
+    pub fn step_with<M: Module>(
+        &mut self,
+        signal: StepSignal,
+        module: M,
+        grads: GradientsParams,
+    ) -> Result<(M, Option<SyncReport>), CoopError> {
+        let lr = signal.lr.unwrap_or_default();
+        let module = self.sync.before_step(module)?;
+        let module = self.inner.step(lr, module, grads);
+        let (module, report) = self.sync.after_step(module, signal)?;
         if report.is_some() {
             self.after_merge();
         }

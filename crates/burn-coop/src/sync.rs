@@ -38,12 +38,20 @@ pub struct StepSignal {
     pub loss: Option<f64>,
     /// The seconds the step really took (for the simulated clock's measured step time).
     pub seconds: Option<f64>,
+    /// When the step began, when `seconds` is not given: the step lasts until the synchronizer
+    /// sees it (after the inner optimizer's update).
+    pub started: Option<std::time::Instant>,
 }
 
 impl StepSignal {
     /// A step with a learning rate and a loss.
     pub fn new(lr: f64, loss: f64) -> Self {
-        Self { lr: Some(lr), loss: Some(loss), seconds: None }
+        Self { lr: Some(lr), loss: Some(loss), seconds: None, started: None }
+    }
+
+    /// The same signal, timed from `started` to the moment the synchronizer counts the step.
+    pub fn timed_from(self, started: std::time::Instant) -> Self {
+        Self { started: Some(started), ..self }
     }
 
     /// The same signal with the seconds the step took.
@@ -53,7 +61,7 @@ impl StepSignal {
 }
 
 /// What one synchronization did.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SyncReport {
     /// The local step (1-based) the merge followed.
     pub step: u64,
@@ -82,6 +90,131 @@ pub struct SyncReport {
     pub sim_clock: Option<SimClock>,
     /// What an event-triggered rule decided on this worker (sent or not, and its statistic).
     pub trigger: Option<Triggered>,
+    /// Every worker's columns, when asked for with [`Synchronizer::with_worker_columns`].
+    pub workers: Option<WorkerColumns>,
+}
+
+/// Every worker's entries of the learner's `syncs.csv` row for a merge, gathered in the merge's
+/// one statistics collective when asked for ([`Synchronizer::with_worker_columns`]).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct WorkerColumns {
+    /// Each worker's mean training loss since the previous merge.
+    pub losses: Vec<f64>,
+    /// Bytes each worker has sent for merges so far (this merge included).
+    pub bytes_sent: Vec<u64>,
+    /// Bytes each worker has sent so far only to measure the consensus distance.
+    pub consensus_bytes_sent: Vec<u64>,
+    /// Of `bytes_sent`, those each worker sent inside its sub-group.
+    pub subgroup_bytes_sent: Vec<u64>,
+    /// Seconds each worker was blocked in this merge's collectives.
+    pub wait_seconds: Vec<f64>,
+    /// Seconds each worker's collectives started at earlier merges travelled while it computed.
+    pub inflight_seconds: Vec<f64>,
+    /// Each worker's simulated clock after the merge, when a network is simulated.
+    pub sim_seconds: Option<Vec<f64>>,
+    /// Of that, the seconds each worker waited for communication.
+    pub sim_comm_seconds: Option<Vec<f64>>,
+    /// For event-triggered rules: how many workers sent, and the trigger's mean statistic.
+    pub trigger: Option<(u64, f64)>,
+}
+
+/// Columns of [`WorkerColumns`] every row has; event-triggered rules add two.
+const COLUMNS: usize = 8;
+
+impl WorkerColumns {
+    /// The columns from the reduced `values` (column `k` of worker `r` at `k · world + r`).
+    fn from_sums(values: &[f64], world: usize, mine: &ColumnEntries) -> Self {
+        let column = |k: usize| values[k * world..(k + 1) * world].to_vec();
+        let whole = |k: usize| column(k).into_iter().map(|b| b as u64).collect();
+        Self {
+            losses: column(0),
+            bytes_sent: whole(1),
+            consensus_bytes_sent: whole(2),
+            subgroup_bytes_sent: whole(3),
+            wait_seconds: column(4),
+            inflight_seconds: column(5),
+            sim_seconds: mine.clock.map(|_| column(6)),
+            sim_comm_seconds: mine.clock.map(|_| column(7)),
+            trigger: mine
+                .trigger
+                .map(|_| (column(8).iter().sum::<f64>() as u64, column(9).iter().sum::<f64>() / world as f64)),
+        }
+    }
+}
+
+/// This worker's entries of [`WorkerColumns`].
+struct ColumnEntries {
+    loss: f64,
+    bytes_sent: u64,
+    consensus_bytes_sent: u64,
+    subgroup_bytes_sent: u64,
+    wait: CommTime,
+    clock: Option<SimClock>,
+    trigger: Option<Triggered>,
+}
+
+impl ColumnEntries {
+    /// Laid out for the sum over workers: column `k` of worker `rank` at `k · world + rank`.
+    fn to_values(&self, rank: usize, world: usize) -> Vec<f64> {
+        let mut mine = vec![
+            self.loss,
+            self.bytes_sent as f64,
+            self.consensus_bytes_sent as f64,
+            self.subgroup_bytes_sent as f64,
+            self.wait.wait_seconds,
+            self.wait.inflight_seconds,
+            self.clock.map_or(0.0, |c| c.now),
+            self.clock.map_or(0.0, |c| c.comm_seconds),
+        ];
+        if let Some(trigger) = self.trigger {
+            mine.extend([f64::from(u8::from(trigger.sent)), trigger.statistic]);
+        }
+        let mut values = vec![0.0; (COLUMNS + 2 * usize::from(self.trigger.is_some())) * world];
+        for (k, v) in mine.into_iter().enumerate() {
+            values[k * world + rank] = v;
+        }
+        values
+    }
+}
+
+/// What this merge's statistics collective carries.
+struct StatisticsPlan {
+    /// The consensus distance is measured by an all-reduce of the model (rules that do not
+    /// measure it themselves, every `consensus_every` merges).
+    measure: bool,
+    /// The schedule asked for the mean loss (and the simulated clock).
+    wants_loss: bool,
+    /// The rule's and schedule's statistics travel (and are counted as traffic).
+    reduce: bool,
+    /// Every worker's columns travel too (the learner's `syncs.csv`).
+    columns: bool,
+}
+
+impl StatisticsPlan {
+    /// The values the rule's and schedule's statistics take: the non-finite counts, the
+    /// distance, then the loss and the clock when the schedule wants them.
+    fn counted_values(&self, world: usize, clock: bool) -> usize {
+        world + 1 + usize::from(self.wants_loss) + usize::from(clock)
+    }
+}
+
+/// This worker's share of a merge's statistics.
+struct Statistics {
+    non_finite: usize,
+    local_distance: Option<f64>,
+    clock: Option<SimClock>,
+    trigger: Option<Triggered>,
+    /// Seconds of communication of this merge before its statistics collective.
+    wait: CommTime,
+}
+
+/// What a merge's statistics collective gave back.
+#[derive(Default)]
+struct Reduced {
+    consensus_distance: Option<f64>,
+    mean_loss: Option<f64>,
+    sim_seconds: Option<f64>,
+    workers: Option<WorkerColumns>,
 }
 
 /// Counters of a synchronizer.
@@ -137,6 +270,7 @@ pub struct Synchronizer {
     lr: Option<f64>,
     last_report: Option<SyncReport>,
     step_time: StepTime,
+    worker_columns: bool,
 }
 
 impl std::fmt::Debug for Synchronizer {
@@ -172,6 +306,7 @@ impl Synchronizer {
             lr: None,
             last_report: None,
             step_time: StepTime::default(),
+            worker_columns: false,
         })
     }
 
@@ -217,6 +352,14 @@ impl Synchronizer {
     /// brings another (for callers of [`Synchronizer::merge_flat`], which take no steps).
     pub fn set_lr(&mut self, lr: f64) {
         self.lr = Some(lr);
+    }
+
+    /// Gathers every worker's columns of a `syncs.csv` row (losses since the last merge, bytes,
+    /// seconds, simulated clocks, trigger decisions) in each merge's one statistics collective:
+    /// [`SyncReport::workers`]. Those values are bookkeeping, not the rule's traffic, so they are
+    /// not counted in the bytes (the learner turns this on).
+    pub fn with_worker_columns(self) -> Self {
+        Self { worker_columns: true, ..self }
     }
 
     /// The seed shared by every worker, handed to the rule in its [`SyncContext`].
@@ -317,8 +460,8 @@ impl Synchronizer {
 
     fn count_step(&mut self, signal: StepSignal) {
         self.state.stats.steps += 1;
-        let seconds =
-            self.step_time.seconds(signal.seconds.unwrap_or(0.0), self.seed, self.comm.rank(), self.state.stats.steps);
+        let measured = signal.seconds.or_else(|| signal.started.map(|s| s.elapsed().as_secs_f64())).unwrap_or(0.0);
+        let seconds = self.step_time.seconds(measured, self.seed, self.comm.rank(), self.state.stats.steps);
         self.comm.local_step(seconds);
         self.state.steps_since_sync += 1;
         self.lr = signal.lr.or(self.lr);
@@ -376,102 +519,155 @@ impl Synchronizer {
 
     fn merge_flat_buffer(&mut self) -> Result<SyncReport, CoopError> {
         let ctx = self.context();
-        let (rank, world) = (ctx.rank, ctx.world_size);
         let non_finite = count_non_finite(&self.flat);
-        let measure = !self.rule.measures_consensus()
-            && self.consensus_every > 0
-            && (self.state.stats.syncs + 1).is_multiple_of(self.consensus_every);
-        let wants_loss = self.schedule.wants_loss();
-        let reduce = self.rule.measures_consensus() || measure || wants_loss;
-        if !reduce && non_finite > 0 {
-            return Err(self.non_finite(rank, non_finite));
+        let plan = self.statistics_plan();
+        if !plan.reduce && non_finite > 0 {
+            return Err(self.non_finite(ctx.rank, non_finite));
         }
 
         let start = self.comm.traffic();
         let start_time = self.comm.time();
-        let mut local_distance = None;
-        if measure {
-            let mut sum = self.flat.clone();
-            self.comm.all_reduce_sum(&mut sum)?;
-            local_distance = Some(distance_to_mean(&self.flat, &sum, world));
-        }
+        let measured = if plan.measure { Some(self.measure_consensus(ctx.world_size)?) } else { None };
         let before_rule = self.comm.traffic();
         let outcome = self.rule.merge(&mut self.flat, &ctx, &mut self.comm)?;
         let after_rule = self.comm.traffic();
-        local_distance = outcome.local_squared_distance.or(local_distance);
-
-        let (mut consensus_distance, mut mean_loss, mut sim_seconds) = (None, None, None);
-        if reduce {
-            // Non-finite counts per rank, the distance, then the loss and the simulated clock when
-            // the schedule wants them.
-            let clock = self.comm.clock().filter(|_| wants_loss);
-            let mut values = vec![0.0; world + 3];
-            values[rank] = non_finite as f64;
-            values[world] = local_distance.unwrap_or(0.0);
-            values[world + 1] = self.state.loss_sum / self.state.loss_count.max(1) as f64;
-            values[world + 2] = clock.map_or(0.0, |c| c.now);
-            let used = world + 1 + usize::from(wants_loss) + usize::from(clock.is_some());
-            self.comm.all_reduce_f64(&mut values[..used])?;
-            sim_seconds = clock.map(|_| values[world + 2] / world as f64);
-            if let Some(bad_rank) = values[..world].iter().position(|&count| count > 0.0) {
-                return Err(CoopError::NonFiniteParameters {
-                    rank: bad_rank,
-                    step: self.state.stats.steps,
-                    count: values[bad_rank] as usize,
-                    total: self.flat.len(),
-                });
-            }
-            consensus_distance = local_distance.map(|_| values[world] / world as f64);
-            mean_loss = wants_loss.then(|| values[world + 1] / world as f64);
+        let local_distance = outcome.local_squared_distance.or(measured);
+        // The schedule's clock is read before the statistics collective, which it pays for.
+        let clock = self.comm.clock().filter(|_| plan.wants_loss);
+        if plan.reduce {
+            self.comm.charge_scalars(plan.counted_values(ctx.world_size, clock.is_some()))?;
         }
         let end = self.comm.traffic();
 
         // The statistics collective belongs to the merge when the rule measures for free or the
         // schedule asked for the loss; otherwise it exists only for the measurement.
-        let (merge_traffic, consensus_traffic) = if measure && !wants_loss {
+        let (merge_traffic, consensus_traffic) = if plan.measure && !plan.wants_loss {
             let mut measuring = before_rule.total().since(start.total());
             measuring.add(end.total().since(after_rule.total()));
             (after_rule.total().since(before_rule.total()), measuring)
         } else {
             (end.total().since(before_rule.total()), before_rule.total().since(start.total()))
         };
+        let subgroup_traffic = end.in_subgroups().since(start.in_subgroups());
         let stats = &mut self.state.stats;
         stats.syncs += 1;
         stats.traffic.add(merge_traffic);
         stats.consensus_traffic.add(consensus_traffic);
-        let subgroup_traffic = end.in_subgroups().since(start.in_subgroups());
         stats.subgroup_traffic.add(subgroup_traffic);
+
+        let mine = Statistics {
+            non_finite,
+            local_distance,
+            clock,
+            trigger: outcome.trigger,
+            wait: self.comm.time().since(start_time),
+        };
+        let reduced = self.reduce_statistics(&plan, &mine)?;
         let comm_time = self.comm.time().since(start_time);
-        if consensus_distance.is_some() {
-            stats.last_consensus_distance = consensus_distance;
+        let stats = &mut self.state.stats;
+        if reduced.consensus_distance.is_some() {
+            stats.last_consensus_distance = reduced.consensus_distance;
         }
         let report = SyncReport {
             step: stats.steps,
             syncs: stats.syncs,
-            consensus_distance,
+            consensus_distance: reduced.consensus_distance,
             bytes_sent: merge_traffic.bytes_sent,
             bytes_received: merge_traffic.bytes_received,
             consensus_bytes_sent: consensus_traffic.bytes_sent,
             subgroup_bytes_sent: subgroup_traffic.bytes_sent,
-            mean_loss,
+            mean_loss: reduced.mean_loss,
             comm_wait_seconds: comm_time.wait_seconds,
             comm_inflight_seconds: comm_time.inflight_seconds,
             sim_clock: self.comm.clock(),
             trigger: outcome.trigger,
+            workers: reduced.workers,
         };
         self.schedule.after_sync(&SyncFeedback {
             step: report.step,
             syncs: report.syncs,
             lr: self.lr,
-            mean_loss,
-            consensus_distance,
-            sim_seconds,
+            mean_loss: reduced.mean_loss,
+            consensus_distance: reduced.consensus_distance,
+            sim_seconds: reduced.sim_seconds,
         });
         self.state.steps_since_sync = 0;
         self.state.loss_sum = 0.0;
         self.state.loss_count = 0;
-        self.last_report = Some(report);
+        self.last_report = Some(report.clone());
         Ok(report)
+    }
+
+    /// What this merge's statistics collective carries.
+    fn statistics_plan(&self) -> StatisticsPlan {
+        let measure = !self.rule.measures_consensus()
+            && self.consensus_every > 0
+            && (self.state.stats.syncs + 1).is_multiple_of(self.consensus_every);
+        let wants_loss = self.schedule.wants_loss();
+        let reduce = self.rule.measures_consensus() || measure || wants_loss;
+        StatisticsPlan { measure, wants_loss, reduce, columns: self.worker_columns }
+    }
+
+    /// `‖x_i − x̄‖²` for a rule that does not measure it itself: one all-reduce of the model.
+    fn measure_consensus(&mut self, world: usize) -> Result<f64, CoopError> {
+        let mut sum = self.flat.clone();
+        self.comm.all_reduce_sum(&mut sum)?;
+        Ok(distance_to_mean(&self.flat, &sum, world))
+    }
+
+    /// The merge's one statistics collective: every worker's non-finite count, the consensus
+    /// distance, the loss and the simulated clock the schedule asked for, and, when the learner
+    /// asked for them, every worker's columns of `syncs.csv`. Only the rule's and the schedule's
+    /// values are counted as traffic (they were charged before); the columns are bookkeeping.
+    fn reduce_statistics(&mut self, plan: &StatisticsPlan, mine: &Statistics) -> Result<Reduced, CoopError> {
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let mut reduced = Reduced::default();
+        if !plan.reduce && !plan.columns {
+            return Ok(reduced);
+        }
+        let local_loss = self.state.loss_sum / self.state.loss_count.max(1) as f64;
+        let mut values = vec![0.0; world + 3];
+        values[rank] = mine.non_finite as f64;
+        values[world] = mine.local_distance.unwrap_or(0.0);
+        values[world + 1] = local_loss;
+        values[world + 2] = mine.clock.map_or(0.0, |c| c.now);
+        let columns = plan.columns.then(|| self.column_entries(local_loss, mine));
+        if let Some(columns) = &columns {
+            values.extend(columns.to_values(rank, world));
+        }
+        if plan.columns {
+            self.comm.all_reduce_f64_uncharged(&mut values)?;
+        } else {
+            let used = plan.counted_values(world, mine.clock.is_some());
+            self.comm.all_reduce_f64_uncharged(&mut values[..used])?;
+        }
+        if plan.reduce
+            && let Some(bad_rank) = values[..world].iter().position(|&count| count > 0.0)
+        {
+            return Err(self.non_finite(bad_rank, values[bad_rank] as usize));
+        }
+        if plan.reduce {
+            reduced.sim_seconds = mine.clock.map(|_| values[world + 2] / world as f64);
+            reduced.consensus_distance = mine.local_distance.map(|_| values[world] / world as f64);
+            reduced.mean_loss = plan.wants_loss.then(|| values[world + 1] / world as f64);
+        }
+        reduced.workers = columns.map(|c| WorkerColumns::from_sums(&values[world + 3..], world, &c));
+        Ok(reduced)
+    }
+
+    /// This worker's entries of the learner's columns, taken after the merge's traffic and
+    /// simulated time were counted.
+    fn column_entries(&self, local_loss: f64, mine: &Statistics) -> ColumnEntries {
+        let stats = &self.state.stats;
+        ColumnEntries {
+            loss: local_loss,
+            bytes_sent: stats.traffic.bytes_sent,
+            consensus_bytes_sent: stats.consensus_traffic.bytes_sent,
+            subgroup_bytes_sent: stats.subgroup_traffic.bytes_sent,
+            wait: mine.wait,
+            clock: self.comm.clock(),
+            trigger: self.rule.event_triggered().then(|| mine.trigger.unwrap_or_default()),
+        }
     }
 
     fn non_finite(&self, rank: usize, count: usize) -> CoopError {

@@ -81,6 +81,12 @@ impl<C: Communicator> RecordingComm<C> {
         self.log.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
+    /// A handle on the call log that outlives the communicator (for callers that hand the
+    /// communicator over, such as a worker loop).
+    pub fn log(&self) -> Arc<Mutex<CallLog>> {
+        Arc::clone(&self.log)
+    }
+
     /// Bytes so far, by kind.
     pub fn traffic(&self) -> TrafficByKind {
         self.inner.traffic()

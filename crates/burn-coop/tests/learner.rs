@@ -439,3 +439,33 @@ fn asynchronous_local_sgd_on_a_simulated_network_waits_only_at_the_ends_of_epoch
         std::fs::remove_dir_all(&config.output).unwrap();
     }
 }
+
+#[test]
+fn a_merge_of_the_learner_takes_one_statistics_collective() {
+    use burn_coop::comm::InProcessGroup;
+    use burn_coop::launch::run_group;
+    use burn_coop::testing::RecordingComm;
+
+    // One epoch of 6 steps, τ = 2: three merges. Averaging measures the consensus distance, so
+    // the rule's statistics and every worker's syncs.csv columns travel together, once a merge;
+    // the epoch's end adds the epoch's columns and the evaluation's sums.
+    for (name, rule) in [
+        ("count-average", RuleSpec::Average(AveragingConfig::default())),
+        ("count-gossip", RuleSpec::Gossip(GossipConfig::default())),
+    ] {
+        let config = LearnerConfig { epochs: 1, ..config(name, rule) };
+        let comms: Vec<_> = InProcessGroup::new(2).into_communicators().into_iter().map(RecordingComm::new).collect();
+        let logs: Vec<_> = comms.iter().map(RecordingComm::log).collect();
+        let reports = run_group(comms, |_, comm| {
+            burn_coop::learner::run_worker(&Synthetic::new(), &config, &Device::flex(), comm, false)
+        })
+        .unwrap_or_else(|failure| panic!("{:?}", failure.primary()));
+        for (report, log) in reports.iter().zip(&logs) {
+            assert_eq!(report.syncs, 3, "{name}");
+            let calls = log.lock().unwrap().clone();
+            assert_eq!(calls.scalars, 3 + 2, "{name}: one statistics collective per merge, two at the epoch's end");
+        }
+        let rows = lines(&config.output.join("syncs.csv"));
+        assert_eq!(rows.len(), 1 + 3, "{name}");
+    }
+}

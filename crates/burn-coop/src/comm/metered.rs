@@ -300,6 +300,21 @@ impl<C: Communicator> Metered<C> {
         Ok(())
     }
 
+    /// Counts, and moves the simulated clock for, a sum all-reduce of `values` `f64` that then
+    /// travels inside a larger collective run with [`Metered::all_reduce_f64_uncharged`] (the
+    /// synchronizer's statistics, which carry the learner's bookkeeping columns beside them).
+    pub fn charge_scalars(&mut self, values: usize) -> Result<(), CommError> {
+        let bytes = Traffic::ring_all_reduce(8 * values as u64, self.inner.world_size());
+        self.record(CollectiveKind::Scalars, bytes, bytes);
+        self.simulate_blocking(CollectiveKind::Scalars, bytes, None, values <= SMALL_COLLECTIVE_VALUES)
+    }
+
+    /// A sum all-reduce of `f64` whose bytes were counted with [`Metered::charge_scalars`] (or
+    /// are not the merge's): only its seconds are added to the waits.
+    pub fn all_reduce_f64_uncharged(&mut self, values: &mut [f64]) -> Result<(), CommError> {
+        self.timed(|inner| inner.all_reduce_f64(values))
+    }
+
     /// The communicator underneath (its calls are not counted).
     pub fn inner_mut(&mut self) -> &mut C {
         &mut self.inner

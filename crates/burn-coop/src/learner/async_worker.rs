@@ -35,8 +35,8 @@ use burn::tensor::Device;
 use super::LearnerError;
 use super::config::LearnerConfig;
 use super::metrics::{Columns, EpochMetrics, MetricsWriter, SyncMetrics};
+use super::shared::{Steps, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
 use super::task::CoopTask;
-use super::worker::{Steps, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
 use crate::comm::{Communicator, Metered, SimClock};
 use crate::error::CoopError;
 use crate::params::ParamLayout;
@@ -178,11 +178,7 @@ pub(super) fn run_async_worker<T: CoopTask>(
                                 Ok(value)
                             });
                             let result = std::panic::catch_unwind(step).unwrap_or_else(|panic| {
-                                let message = panic
-                                    .downcast_ref::<String>()
-                                    .cloned()
-                                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                                    .unwrap_or_else(|| "a local thread panicked".into());
+                                let message = crate::launch::panic_message(panic.as_ref());
                                 Err(LearnerError::WorkerPanicked { worker: rank, message })
                             });
                             let (lock, ready) = progress;
@@ -346,7 +342,7 @@ pub(super) fn run_async_worker<T: CoopTask>(
         values[2 * workers + rank] = epoch_base;
         values[3 * workers + rank] = waited;
         comm.inner_mut().all_reduce_f64(&mut values).map_err(CoopError::from)?;
-        let (average, evaluation) = evaluate_average(task, &model, step, comm.inner_mut(), &device)?;
+        let (average, evaluation) = evaluate_average(task, &model, step, comm.inner_mut(), &device, false)?;
         let losses = values[..workers].to_vec();
         let metrics = EpochMetrics {
             epoch,

@@ -17,32 +17,13 @@ use super::LearnerError;
 use super::checkpoint::{CheckpointError, Checkpoints, WorkerFiles, WorkerState};
 use super::config::LearnerConfig;
 use super::metrics::{Columns, EpochMetrics, MetricsWriter, SyncMetrics};
-use super::task::{CoopTask, Evaluation};
+use super::shared::{Steps, WallClock, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
+use super::task::CoopTask;
 use crate::comm::Communicator;
 use crate::error::CoopError;
-use crate::local_sgd::InnerStatePolicy;
+use crate::local_sgd::{LocalSgd, LocalSgdState};
 use crate::params::{BufferPolicy, ParamLayout};
-use crate::rules::Triggered;
-use crate::rules::kernels::divide;
-use crate::state::StateFile;
-use crate::sync::{StepSignal, Synchronizer};
-
-/// What a worker's run produced.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkerReport {
-    /// This worker's rank.
-    pub rank: usize,
-    /// Global steps done (including those before a resume).
-    pub steps: u64,
-    /// Merges done.
-    pub syncs: u64,
-    /// Bytes this worker sent.
-    pub bytes_sent: u64,
-    /// The last epoch's metrics (identical on every worker), if an epoch ended.
-    pub last_epoch: Option<EpochMetrics>,
-    /// This worker's final flat parameters (weights and buffers, in visiting order).
-    pub final_parameters: Vec<f32>,
-}
+use crate::sync::{StepSignal, SyncReport, Synchronizer};
 
 /// Runs one worker: `comm` decides its rank among the workers. With `resume`, continues
 /// from the newest checkpoint in the output folder. Rank 0 writes metrics and publishes
@@ -59,8 +40,7 @@ pub fn run_worker<T: CoopTask>(
     }
     let (rank, workers) = (comm.rank(), comm.world_size());
     let device = device.clone().autodiff();
-    let Steps { per_epoch: steps_per_epoch, planned: planned_steps, total: total_steps } =
-        plan_steps(task, config, workers)?;
+    let steps = plan_steps(task, config, workers)?;
     let checkpoints = Checkpoints::in_output(&config.output);
 
     let (rule, schedule) = crate::spec::build_pair(&config.rule, &config.schedule, workers)?;
@@ -68,181 +48,59 @@ pub fn run_worker<T: CoopTask>(
     let mut sync = Synchronizer::new(rule, schedule, comm)?
         .with_buffer_policy(config.buffers)
         .with_consensus_every(config.consensus_every)
-        .with_seed(config.seed);
+        .with_seed(config.seed)
+        .with_worker_columns();
     if let Some(network) = config.network {
         sync = sync.with_simulation(network, config.step_time);
     }
-    let pristine = config.optimizer.build();
-    let mut optim = pristine.clone();
-    let (mut step, mut elapsed_before) = (0u64, 0.0);
+    // The engine: the inner optimizer and the synchronizer, with one set of counters (its step
+    // count is the run's) and the inner-state policy applied at merges.
+    let mut optim = LocalSgd::with_synchronizer(config.optimizer.build(), sync).with_inner_state(config.inner_state);
+    let mut elapsed_before = 0.0;
     if resume {
         let dir = checkpoints.latest()?.ok_or_else(|| CheckpointError::Missing(checkpoints.root().to_path_buf()))?;
         let files = Checkpoints::read_worker(&dir, rank, workers)?;
-        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(files.model))
-            .map_err(|e| LearnerError::Record(format!("{}: {e:?}", dir.display())))?;
-        model = model.load_record(record);
-        let record = OptimizerRecord::from_bytes(Bytes::from_bytes_vec(files.optimizer))
-            .map_err(|e| LearnerError::Record(format!("{}: {e:?}", dir.display())))?;
-        optim = optim.load_record(record);
-        sync.load(files.state.sync, files.records).map_err(|error| CheckpointError::Corrupt {
-            path: dir.join(format!("worker-{rank}.coop.bin")),
-            cause: error.to_string(),
-        })?;
-        step = files.state.step;
         elapsed_before = files.state.elapsed_seconds;
+        model = restore(model, &mut optim, files, &dir, rank)?;
     }
 
     let mut writer = match rank {
         0 => Some(
             MetricsWriter::create(
                 &config.output,
-                total_steps,
-                step,
+                steps.total,
+                optim.stats().steps,
                 config.progress,
-                Columns { simulated: config.network.is_some(), senders: sync.event_triggered() },
+                Columns { simulated: config.network.is_some(), senders: optim.synchronizer().event_triggered() },
             )
             .map_err(|source| LearnerError::Io { path: config.output.clone(), source })?,
         ),
         _ => None,
     };
-    let started = Instant::now();
-    let wall = |elapsed_before: f64| elapsed_before + started.elapsed().as_secs_f64();
-    let (mut since_sync, mut since_sync_n, mut epoch_sum, mut epoch_n) = (0.0, 0u64, 0.0, 0u64);
-    let mut first_bad_loss: Option<(u64, f64)> = None;
+    let clock = WallClock { started: Instant::now(), before: elapsed_before };
+    let mut run =
+        StepRun { task, config, device: &device, rank, workers, steps, clock, epoch_loss: (0.0, 0), bad_loss: None };
     let mut last_epoch = None;
-    let mut lr;
-    let mut last_checkpoint = step;
-
-    while step < total_steps {
-        let epoch = (step / steps_per_epoch) as usize;
-        let index = (step % steps_per_epoch) as usize;
-        lr = config.lr.at(step, steps_per_epoch, planned_steps);
-        let step_started = Instant::now();
-        let batch = task.train_batch(rank, workers, epoch, index, &device);
-        let loss = task.loss(&model, batch);
-        let loss_value = f64::from(loss.clone().into_scalar::<f32>());
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        step += 1;
-        if !loss_value.is_finite() && first_bad_loss.is_none() {
-            first_bad_loss = Some((step, loss_value));
+    let mut last_checkpoint = optim.stats().steps;
+    while optim.stats().steps < steps.total {
+        let epoch = (optim.stats().steps / steps.per_epoch) as usize;
+        let (trained, epoch_loss) = run.train_epoch(epoch, model, &mut optim, writer.as_mut())?;
+        model = trained;
+        let step = optim.stats().steps;
+        let epoch_ends = step.is_multiple_of(steps.per_epoch);
+        if let Some(epoch_loss) = epoch_loss.filter(|_| epoch_ends) {
+            last_epoch = Some(run.end_epoch(epoch, epoch_loss, &model, &mut optim, writer.as_mut())?);
         }
-        let stepped = sync.before_step(model).and_then(|model| {
-            let model = optim.step(lr, model, grads);
-            let seconds = step_started.elapsed().as_secs_f64();
-            sync.after_step(model, StepSignal::new(lr, loss_value).with_seconds(seconds))
-        });
-        let merged_now = match stepped {
-            Ok((stepped_model, report)) => {
-                model = stepped_model;
-                report
-            }
-            Err(CoopError::NonFiniteParameters { rank: bad, .. }) if bad == rank && first_bad_loss.is_some() => {
-                let (step, loss) = first_bad_loss.expect("checked above");
-                return Err(LearnerError::NonFiniteLoss { worker: rank, step, loss });
-            }
-            Err(error) => return Err(error.into()),
-        };
-        if merged_now.is_some() && config.inner_state == InnerStatePolicy::Reset {
-            optim = pristine.clone();
-        }
-        since_sync += loss_value;
-        since_sync_n += 1;
-        epoch_sum += loss_value;
-        epoch_n += 1;
-        if let Some(w) = &writer {
-            w.step(epoch, loss_value, lr);
-        }
-
-        if let Some(report) = merged_now {
-            let timing = (report.comm_wait_seconds, report.comm_inflight_seconds);
-            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, wait, inflight, sim, sim_comm, trigger } =
-                gather(&mut sync, since_sync / since_sync_n.max(1) as f64, timing, report.trigger)?;
-            since_sync = 0.0;
-            since_sync_n = 0;
-            if let Some(w) = writer.as_mut() {
-                let metrics = SyncMetrics {
-                    epoch,
-                    step,
-                    syncs: report.syncs,
-                    lr,
-                    tau: sync.period(),
-                    train_loss: losses.iter().sum::<f64>() / workers as f64,
-                    worker_train_loss: losses,
-                    consensus_distance: report.consensus_distance,
-                    bytes_sent_per_worker: bytes,
-                    consensus_bytes_sent_per_worker: consensus_bytes,
-                    subgroup_bytes_sent_per_worker: subgroup_bytes,
-                    comm_wait_seconds: wait,
-                    comm_inflight_seconds: inflight,
-                    sim_seconds: sim,
-                    sim_comm_seconds: sim_comm,
-                    senders: trigger.map(|(senders, _)| senders),
-                    trigger_statistic: trigger.map(|(_, statistic)| statistic),
-                    wall_seconds: wall(elapsed_before),
-                };
-                w.sync(&metrics).map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
-            }
-        }
-
-        let epoch_ends = step.is_multiple_of(steps_per_epoch);
-        if epoch_ends {
-            let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, sim, sim_comm, .. } =
-                gather(&mut sync, epoch_sum / epoch_n.max(1) as f64, (0.0, 0.0), None)?;
-            epoch_sum = 0.0;
-            epoch_n = 0;
-            let (average, evaluation) = evaluate_average(task, &model, step, sync.comm(), &device)?;
-            let worker_accuracy = if config.eval_workers {
-                let own = task.evaluate(&model.valid(), 0, 1, &device.clone().without_autodiff());
-                let mut accuracies = vec![0.0; workers];
-                accuracies[rank] = own.accuracy();
-                sync.comm().all_reduce_f64(&mut accuracies).map_err(CoopError::from)?;
-                Some(accuracies)
-            } else {
-                None
-            };
-            let stats = sync.stats();
-            let metrics = EpochMetrics {
-                epoch,
-                step,
-                syncs: stats.syncs,
-                lr,
-                tau: sync.period(),
-                train_loss: losses.iter().sum::<f64>() / workers as f64,
-                worker_train_loss: losses,
-                test_loss: evaluation.loss(),
-                test_accuracy: evaluation.accuracy(),
-                worker_test_accuracy: worker_accuracy,
-                consensus_distance: stats.last_consensus_distance,
-                bytes_sent_per_worker: bytes,
-                consensus_bytes_sent_per_worker: consensus_bytes,
-                subgroup_bytes_sent_per_worker: subgroup_bytes,
-                sim_seconds: sim,
-                sim_comm_seconds: sim_comm,
-                wall_seconds: wall(elapsed_before),
-            };
-            if let Some(w) = writer.as_mut() {
-                w.epoch(&metrics).map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
-                save_average(&average, &config.output)?;
-            }
-            last_epoch = Some(metrics);
-        }
-
-        let checkpoint_due = (merged_now.is_some()
-            && config.checkpoint_every > 0
-            && sync.stats().syncs.is_multiple_of(config.checkpoint_every))
-            || epoch_ends;
-        if checkpoint_due && step != last_checkpoint {
+        if step != last_checkpoint && (epoch_ends || run.checkpoint_due(&optim)) {
             let state = WorkerState {
                 rank,
                 workers,
                 step,
-                epochs_done: (step / steps_per_epoch) as usize,
-                sync: sync.state(),
-                elapsed_seconds: wall(elapsed_before),
+                epochs_done: (step / steps.per_epoch) as usize,
+                sync: optim.synchronizer().state(),
+                elapsed_seconds: clock.now(),
             };
-            let records = sync.records();
-            let optimizer = optim.to_record();
-            checkpoint(&checkpoints, &model, optimizer, &mut sync, state, records, config.keep_checkpoints)?;
+            checkpoint(&checkpoints, &model, &mut optim, state, config.keep_checkpoints)?;
             last_checkpoint = step;
             if let Some(w) = &writer {
                 w.note(&format!("checkpoint at step {step} written to {}", checkpoints.root().display()));
@@ -252,11 +110,11 @@ pub fn run_worker<T: CoopTask>(
     if let Some(w) = &writer {
         w.finish();
     }
-    let stats = sync.stats();
+    let stats = optim.stats();
     let layout = ParamLayout::of(&model, BufferPolicy::Merge);
     Ok(WorkerReport {
         rank,
-        steps: step,
+        steps: stats.steps,
         syncs: stats.syncs,
         bytes_sent: stats.traffic.bytes_sent,
         last_epoch,
@@ -264,50 +122,216 @@ pub fn run_worker<T: CoopTask>(
     })
 }
 
-/// One value per worker and every worker's counters, gathered from all workers.
+/// Restores a worker's model, optimizer and synchronizer from a checkpoint's files.
+fn restore<M: Module>(
+    model: M,
+    optim: &mut LocalSgd,
+    files: WorkerFiles,
+    dir: &Path,
+    rank: usize,
+) -> Result<M, LearnerError> {
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(files.model))
+        .map_err(|e| LearnerError::Record(format!("{}: {e:?}", dir.display())))?;
+    let model = model.load_record(record);
+    let record = OptimizerRecord::from_bytes(Bytes::from_bytes_vec(files.optimizer))
+        .map_err(|e| LearnerError::Record(format!("{}: {e:?}", dir.display())))?;
+    optim.load_record(record);
+    optim.load_state(LocalSgdState { sync: files.state.sync, records: files.records }).map_err(|error| {
+        CheckpointError::Corrupt { path: dir.join(format!("worker-{rank}.coop.bin")), cause: error.to_string() }
+    })?;
+    Ok(model)
+}
+
+/// One worker's run of local steps: what every epoch of it needs.
+struct StepRun<'a, T: CoopTask> {
+    task: &'a T,
+    config: &'a LearnerConfig,
+    device: &'a Device,
+    rank: usize,
+    workers: usize,
+    steps: Steps,
+    clock: WallClock,
+    /// This worker's losses over the epoch so far: their sum and number.
+    epoch_loss: (f64, u64),
+    /// The first non-finite loss (its step and value), which names the cause when the
+    /// parameters then turn non-finite.
+    bad_loss: Option<(u64, f64)>,
+}
+
+impl<T: CoopTask> StepRun<'_, T> {
+    /// The steps of `epoch` (to its end, or to the run's last step), with the merges the
+    /// schedule picks, each recorded in `syncs.csv`. Returns the model and, when the epoch
+    /// ended, this worker's mean loss over it.
+    fn train_epoch(
+        &mut self,
+        epoch: usize,
+        mut model: T::Model,
+        optim: &mut LocalSgd,
+        mut writer: Option<&mut MetricsWriter>,
+    ) -> Result<(T::Model, Option<f64>), LearnerError> {
+        let (config, steps) = (self.config, self.steps);
+        loop {
+            let step = optim.stats().steps;
+            let index = (step % steps.per_epoch) as usize;
+            let lr = config.lr.at(step, steps.per_epoch, steps.planned);
+            let started = Instant::now();
+            let batch = self.task.train_batch(self.rank, self.workers, epoch, index, self.device);
+            let loss = self.task.loss(&model, batch);
+            let loss_value = f64::from(loss.clone().into_scalar::<f32>());
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            if !loss_value.is_finite() && self.bad_loss.is_none() {
+                self.bad_loss = Some((step + 1, loss_value));
+            }
+            let signal = StepSignal::new(lr, loss_value).timed_from(started);
+            let report = match optim.step_with(signal, model, grads) {
+                Ok((stepped, report)) => {
+                    model = stepped;
+                    report
+                }
+                Err(CoopError::NonFiniteParameters { rank: bad, .. })
+                    if bad == self.rank && self.bad_loss.is_some() =>
+                {
+                    let (step, loss) = self.bad_loss.expect("checked above");
+                    return Err(LearnerError::NonFiniteLoss { worker: self.rank, step, loss });
+                }
+                Err(error) => return Err(error.into()),
+            };
+            self.epoch_loss.0 += loss_value;
+            self.epoch_loss.1 += 1;
+            if let Some(w) = writer.as_deref() {
+                w.step(epoch, loss_value, lr);
+            }
+            let step = optim.stats().steps;
+            if let (Some(report), Some(w)) = (report, writer.as_deref_mut()) {
+                let metrics = sync_metrics(epoch, lr, optim.period(), &report, self.clock.now());
+                w.sync(&metrics).map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
+            }
+            if step.is_multiple_of(steps.per_epoch) {
+                let (sum, count) = std::mem::take(&mut self.epoch_loss);
+                return Ok((model, Some(sum / count.max(1) as f64)));
+            }
+            if step >= steps.total || self.checkpoint_due(optim) {
+                return Ok((model, None));
+            }
+        }
+    }
+
+    /// Whether a merge just ran that `checkpoint_every` asks a checkpoint after.
+    fn checkpoint_due(&self, optim: &LocalSgd) -> bool {
+        let stats = optim.stats();
+        self.config.checkpoint_every > 0
+            && optim.last_sync().is_some_and(|report| report.step == stats.steps)
+            && stats.syncs.is_multiple_of(self.config.checkpoint_every)
+    }
+
+    /// The end of an epoch: every worker's loss and counters, the average model evaluated (and
+    /// each worker's own, when asked), `epochs.csv`, the average model saved.
+    fn end_epoch(
+        &mut self,
+        epoch: usize,
+        epoch_loss: f64,
+        model: &T::Model,
+        optim: &mut LocalSgd,
+        writer: Option<&mut MetricsWriter>,
+    ) -> Result<EpochMetrics, LearnerError> {
+        let (config, workers, step) = (self.config, self.workers, optim.stats().steps);
+        let sync = optim.synchronizer();
+        let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, sim, sim_comm } = gather(sync, epoch_loss)?;
+        // Right after a merge that left every worker with the same model (weights and buffers),
+        // that model is the average: nothing to all-reduce.
+        let agreed = sync.rule().reaches_consensus()
+            && config.buffers == BufferPolicy::Merge
+            && sync.last_sync().is_some_and(|report| report.step == step);
+        let (average, evaluation) = evaluate_average(self.task, model, step, sync.comm(), self.device, agreed)?;
+        let worker_accuracy = if config.eval_workers {
+            let own = self.task.evaluate(&model.valid(), 0, 1, &self.device.clone().without_autodiff());
+            let mut accuracies = vec![0.0; workers];
+            accuracies[self.rank] = own.accuracy();
+            sync.comm().all_reduce_f64(&mut accuracies).map_err(CoopError::from)?;
+            Some(accuracies)
+        } else {
+            None
+        };
+        let stats = sync.stats();
+        let metrics = EpochMetrics {
+            epoch,
+            step,
+            syncs: stats.syncs,
+            lr: config.lr.at(step - 1, self.steps.per_epoch, self.steps.planned),
+            tau: sync.period(),
+            train_loss: losses.iter().sum::<f64>() / workers as f64,
+            worker_train_loss: losses,
+            test_loss: evaluation.loss(),
+            test_accuracy: evaluation.accuracy(),
+            worker_test_accuracy: worker_accuracy,
+            consensus_distance: stats.last_consensus_distance,
+            bytes_sent_per_worker: bytes,
+            consensus_bytes_sent_per_worker: consensus_bytes,
+            subgroup_bytes_sent_per_worker: subgroup_bytes,
+            sim_seconds: sim,
+            sim_comm_seconds: sim_comm,
+            wall_seconds: self.clock.now(),
+        };
+        if let Some(w) = writer {
+            w.epoch(&metrics).map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
+            save_average(&average, &config.output)?;
+        }
+        Ok(metrics)
+    }
+}
+
+/// A merge's row of `syncs.csv`, from its report's columns (every worker's).
+fn sync_metrics(epoch: usize, lr: f64, tau: u64, report: &SyncReport, wall_seconds: f64) -> SyncMetrics {
+    let columns = report.workers.clone().unwrap_or_default();
+    let workers = columns.losses.len().max(1);
+    SyncMetrics {
+        epoch,
+        step: report.step,
+        syncs: report.syncs,
+        lr,
+        tau,
+        train_loss: columns.losses.iter().sum::<f64>() / workers as f64,
+        worker_train_loss: columns.losses,
+        consensus_distance: report.consensus_distance,
+        bytes_sent_per_worker: columns.bytes_sent,
+        consensus_bytes_sent_per_worker: columns.consensus_bytes_sent,
+        subgroup_bytes_sent_per_worker: columns.subgroup_bytes_sent,
+        comm_wait_seconds: columns.wait_seconds,
+        comm_inflight_seconds: columns.inflight_seconds,
+        sim_seconds: columns.sim_seconds,
+        sim_comm_seconds: columns.sim_comm_seconds,
+        senders: columns.trigger.map(|(senders, _)| senders),
+        trigger_statistic: columns.trigger.map(|(_, statistic)| statistic),
+        wall_seconds,
+    }
+}
+
+/// One value per worker and every worker's counters, gathered from all workers at an epoch's end.
 struct Gathered {
     losses: Vec<f64>,
     bytes: Vec<u64>,
     consensus_bytes: Vec<u64>,
     subgroup_bytes: Vec<u64>,
-    wait: Vec<f64>,
-    inflight: Vec<f64>,
     /// Every worker's simulated clock and its communication part, when simulating.
     sim: Option<Vec<f64>>,
     sim_comm: Option<Vec<f64>>,
-    /// How many workers sent at the merge and the trigger's mean statistic, for
-    /// event-triggered rules.
-    trigger: Option<(u64, f64)>,
 }
 
-/// Gathers one value per worker, every worker's merge bytes sent, consensus bytes sent and
-/// sub-group bytes sent, and a pair of seconds (`timing`: the last merge's wait and in-flight
-/// time) and, for event-triggered rules, the trigger's decision on this worker at the merge.
-fn gather(
-    sync: &mut Synchronizer,
-    value: f64,
-    timing: (f64, f64),
-    trigger: Option<Triggered>,
-) -> Result<Gathered, LearnerError> {
+/// Gathers one value per worker (its epoch's loss), every worker's merge bytes sent, consensus
+/// bytes sent and sub-group bytes sent, and its simulated clock.
+fn gather(sync: &mut Synchronizer, value: f64) -> Result<Gathered, LearnerError> {
     let (rank, workers) = (sync.rank(), sync.world_size());
     let stats = sync.stats();
     let clock = sync.sim_clock();
-    let triggered = sync.event_triggered();
-    let mut values = vec![0.0; (8 + 2 * usize::from(triggered)) * workers];
-    if let (true, Some(trigger)) = (triggered, trigger) {
-        values[8 * workers + rank] = f64::from(u8::from(trigger.sent));
-        values[9 * workers + rank] = trigger.statistic;
-    }
     let mine = [
         value,
         stats.traffic.bytes_sent as f64,
         stats.consensus_traffic.bytes_sent as f64,
         stats.subgroup_traffic.bytes_sent as f64,
-        timing.0,
-        timing.1,
         clock.map_or(0.0, |c| c.now),
         clock.map_or(0.0, |c| c.comm_seconds),
     ];
+    let mut values = vec![0.0; mine.len() * workers];
     for (k, v) in mine.into_iter().enumerate() {
         values[k * workers + rank] = v;
     }
@@ -319,61 +343,9 @@ fn gather(
         bytes: whole(1),
         consensus_bytes: whole(2),
         subgroup_bytes: whole(3),
-        wait: column(4),
-        inflight: column(5),
-        sim: clock.map(|_| column(6)),
-        sim_comm: clock.map(|_| column(7)),
-        trigger: triggered
-            .then(|| (column(8).iter().sum::<f64>() as u64, column(9).iter().sum::<f64>() / workers as f64)),
+        sim: clock.map(|_| column(4)),
+        sim_comm: clock.map(|_| column(5)),
     })
-}
-
-/// Evaluates the workers' average model x̄ (weights and buffers averaged), each worker on its
-/// share of the test set, after `step` steps. Returns x̄ (without autodiff) and the summed
-/// evaluation, or an error (on every worker alike) when the test loss is not finite.
-pub(super) fn evaluate_average<T: CoopTask>(
-    task: &T,
-    model: &T::Model,
-    step: u64,
-    comm: &mut dyn Communicator,
-    device: &Device,
-) -> Result<(T::Model, Evaluation), LearnerError> {
-    let layout = ParamLayout::of(model, BufferPolicy::Merge);
-    let mut mean = layout.flatten(model)?;
-    comm.all_reduce_sum(&mut mean).map_err(CoopError::from)?;
-    divide(&mut mean, comm.world_size());
-    // `valid` gives a copy with its own BatchNorm state, so the worker's model is untouched.
-    let average = layout.unflatten(model.valid(), &mean)?;
-    let (rank, workers) = (comm.rank(), comm.world_size());
-    let part = task.evaluate(&average, rank, workers, &device.clone().without_autodiff());
-    let mut totals = [part.loss_sum, part.correct as f64, part.count as f64];
-    comm.all_reduce_f64(&mut totals).map_err(CoopError::from)?;
-    let evaluation = Evaluation { loss_sum: totals[0], correct: totals[1] as u64, count: totals[2] as u64 };
-    if !evaluation.loss().is_finite() {
-        let non_finite = mean.iter().filter(|v| !v.is_finite()).count();
-        let hint = if non_finite == 0 {
-            " (all finite: look at the buffers, e.g. a BatchNorm running variance below zero)"
-        } else {
-            ""
-        };
-        return Err(LearnerError::NonFiniteTestLoss {
-            step,
-            loss: evaluation.loss(),
-            non_finite,
-            values: mean.len(),
-            hint,
-        });
-    }
-    Ok((average, evaluation))
-}
-
-/// Writes the average model to `<output>/model-average.bpk` through a temporary file.
-pub(super) fn save_average<M: Module>(model: &M, output: &Path) -> Result<(), LearnerError> {
-    let bytes = model.clone().into_record().into_bytes().map_err(|e| LearnerError::Record(format!("{e:?}")))?;
-    let path = output.join("model-average.bpk");
-    let temporary = output.join("model-average.bpk.tmp");
-    std::fs::write(&temporary, &*bytes).map_err(|source| LearnerError::Io { path: temporary.clone(), source })?;
-    std::fs::rename(&temporary, &path).map_err(|source| LearnerError::Io { path, source })
 }
 
 /// Every worker writes its files; after a barrier rank 0 publishes the checkpoint; a second
@@ -381,10 +353,8 @@ pub(super) fn save_average<M: Module>(model: &M, output: &Path) -> Result<(), Le
 fn checkpoint<M: Module>(
     checkpoints: &Checkpoints,
     model: &M,
-    optimizer: OptimizerRecord,
-    sync: &mut Synchronizer,
+    optim: &mut LocalSgd,
     state: WorkerState,
-    records: StateFile,
     keep: usize,
 ) -> Result<(), LearnerError> {
     let step = state.step;
@@ -392,58 +362,15 @@ fn checkpoint<M: Module>(
     crate::params::flush_buffers(model);
     let files = WorkerFiles {
         model: model.clone().into_record().into_bytes().map_err(record)?.to_vec(),
-        optimizer: optimizer.into_bytes().map_err(record)?.to_vec(),
+        optimizer: optim.to_record().into_bytes().map_err(record)?.to_vec(),
         state,
-        records,
+        records: optim.synchronizer().records(),
     };
     checkpoints.write_worker(step, &files)?;
-    sync.comm().barrier().map_err(CoopError::from)?;
-    if sync.rank() == 0 {
+    optim.comm().barrier().map_err(CoopError::from)?;
+    if optim.rank() == 0 {
         checkpoints.commit(step, keep)?;
     }
-    sync.comm().barrier().map_err(CoopError::from)?;
+    optim.comm().barrier().map_err(CoopError::from)?;
     Ok(())
-}
-
-/// A run's step counts.
-pub(super) struct Steps {
-    /// Steps per epoch (the smallest shard's batches, so every worker takes as many).
-    pub per_epoch: u64,
-    /// Steps of all the epochs.
-    pub planned: u64,
-    /// Steps this run takes (`max_steps` may stop it earlier).
-    pub total: u64,
-}
-
-/// Checks the number of workers against the configuration and plans the steps.
-pub(super) fn plan_steps<T: CoopTask>(task: &T, config: &LearnerConfig, workers: usize) -> Result<Steps, LearnerError> {
-    if workers != config.workers {
-        return Err(LearnerError::Config(format!(
-            "the configuration asks for {} workers but the communicator has {workers}",
-            config.workers
-        )));
-    }
-    let per_epoch = (0..workers).map(|w| task.batches_per_epoch(w, workers)).min().unwrap_or(0) as u64;
-    if per_epoch == 0 {
-        return Err(LearnerError::Config(
-            "a worker has no training batch: its data shard is smaller than a batch".into(),
-        ));
-    }
-    let planned = per_epoch * config.epochs as u64;
-    Ok(Steps { per_epoch, planned, total: config.max_steps.map_or(planned, |max| max.min(planned)) })
-}
-
-/// Seeding and initializing happen under one process-wide lock: workers on threads share the
-/// device's random generator, and the model must not depend on how their threads interleave.
-static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// A model initialized from `seed`: the same seed gives the same weights in every run.
-pub(super) fn init_seeded<T: CoopTask>(task: &T, device: &Device, seed: u64) -> T::Model {
-    let _guard = INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    device.seed(seed);
-    let model = task.init_model(device);
-    // Parameters are initialized lazily: touch them all while the lock is held.
-    crate::params::flush_buffers(&model);
-    let _ = ParamLayout::of(&model, BufferPolicy::Merge);
-    model
 }

@@ -97,7 +97,7 @@ impl<M: LearnerModel> Worker<M> {
         let lr = self.learner.lr_current().base();
         self.learner.optimizer_step(grads);
         let learner = &self.learner;
-        let signal = StepSignal { lr: Some(lr), loss: None, seconds: None };
+        let signal = StepSignal { lr: Some(lr), ..StepSignal::default() };
         if let Some((model, report)) = self.sync.after_step_with(signal, || learner.model())? {
             self.learner.load_model(model.into_record());
             if report.is_some() {
