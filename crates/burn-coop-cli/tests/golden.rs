@@ -153,10 +153,7 @@ const FAMILY: [(&str, &[&str]); 22] = [
         "average-simulated",
         &["--rule", "average", "--tau", "4", "--network", "bandwidth=100Mbit,latency=50us", "--step-time", "0.01"],
     ),
-    (
-        "overlap-simulated",
-        &["--rule", "overlap", "--network", "bandwidth=100Mbit,latency=50us", "--step-time", "0.01"],
-    ),
+    ("overlap-simulated", &["--rule", "overlap", "--network", "bandwidth=100Mbit,latency=50us", "--step-time", "0.01"]),
     (
         "adacomm-simulated",
         &[

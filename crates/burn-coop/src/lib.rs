@@ -26,7 +26,7 @@
 //! - [`learner`]: replicas trained together, with metrics, evaluation and checkpoints;
 //! - [`launch()`] / [`launch::run_group`]: one thread per worker, failures reported cause first;
 //! - [`advisor`]: what the theory says about a setting (`ζ`, error floor, bytes, AdaComm's `τ*`);
-//! - [`testing`]: a test kit for rule authors.
+//! - `testing` (feature `test-util`): a test kit for rule authors.
 
 pub mod advisor;
 pub mod comm;
@@ -45,6 +45,7 @@ pub mod spec;
 mod spectrum;
 pub mod state;
 pub mod sync;
+#[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 pub mod topology;
 #[cfg(feature = "burn-train")]

@@ -486,17 +486,4 @@ pub fn flat<M: Module>(module: &M) -> Vec<f32> {
     ParamLayout::of(module, BufferPolicy::Merge).flatten(module).expect("the layout was made from this module")
 }
 
-/// A hash (FNV-1a over the bit patterns) of all a module's float tensors, parameters and
-/// buffers, in visiting order. It does not depend on autodiff, so a trained model and its
-/// `valid()` copy have the same fingerprint; equal fingerprints mean bit-identical models.
-pub fn parameter_fingerprint<M: Module>(module: &M) -> Result<u64, crate::params::LayoutError> {
-    let flat = ParamLayout::of(module, BufferPolicy::Merge).flatten(module)?;
-    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
-    for value in flat {
-        for byte in value.to_bits().to_le_bytes() {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    Ok(hash)
-}
+pub use crate::params::parameter_fingerprint;

@@ -315,3 +315,15 @@ fn an_invalid_configuration_fails_before_training() {
     assert!(error.contains("τ"), "{error}");
     assert!(strategy.last_run().is_none());
 }
+
+#[test]
+fn asynchronous_local_sgd_is_refused_with_the_reason() {
+    let device = Device::flex().autodiff();
+    let model = Classifier::new(&device);
+    let rule = RuleSpec::Async(burn_coop::rules::AsyncConfig::default());
+    let strategy = Arc::new(LocalSgdStrategy::new(2, vec![Device::flex()]).rule(rule));
+    let result = train("async", model, &strategy, points(64, 7), 1);
+    let error = result.error.expect("async is refused").to_string();
+    assert!(error.contains("local threads") && error.contains("rule"), "{error}");
+    assert!(strategy.last_run().is_none());
+}

@@ -106,7 +106,7 @@ pub struct WorkerRun {
     pub batches: u64,
     /// Steps, merges, traffic and consensus distance of this worker's [`Synchronizer`].
     pub coop: CoopStats,
-    /// [`parameter_fingerprint`](crate::testing::parameter_fingerprint) of the worker's final model. Equal fingerprints mean that the
+    /// [`parameter_fingerprint`](crate::params::parameter_fingerprint) of the worker's final model. Equal fingerprints mean that the
     /// workers ended with bit-identical models.
     pub parameter_fingerprint: u64,
 }
@@ -187,6 +187,11 @@ impl LocalSgdStrategy {
     /// One synchronizer per worker, started on the initial model (identical on every worker,
     /// so there is no broadcast), so that an elastic anchor starts there on every worker.
     fn synchronizers<M: Module>(&self, model: &M) -> Result<Vec<Synchronizer>, CoopError> {
+        if let RuleSpec::Async(_) = self.rule {
+            // Its local threads are the learner's: here each worker runs one training loop.
+            let reason = "asynchronous local SGD runs local threads inside each worker, which only the cooperative learner (`coop train`, `Learner`) provides; use `average` with burn-train";
+            return Err(crate::spec::SpecError::new("rule", "async", reason).into());
+        }
         InProcessGroup::new(self.workers)
             .into_communicators()
             .into_iter()

@@ -9,10 +9,9 @@ use burn::train::{Interrupter, Learner as TrainLearner, LearnerModel, TrainLoade
 
 use super::WorkerRun;
 use crate::error::CoopError;
-use crate::params::{BufferPolicy, ParamLayout};
+use crate::params::{BufferPolicy, ParamLayout, parameter_fingerprint};
 use crate::rules::kernels::divide;
 use crate::sync::{StepSignal, Synchronizer};
-use crate::testing::parameter_fingerprint;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum EpochEnd {
