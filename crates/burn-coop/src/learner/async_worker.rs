@@ -35,7 +35,7 @@ use burn::tensor::Device;
 use super::LearnerError;
 use super::config::LearnerConfig;
 use super::metrics::{Columns, EpochMetrics, MetricsWriter, SyncMetrics};
-use super::shared::{Steps, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
+use super::shared::{Steps, WallClock, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
 use super::task::CoopTask;
 use crate::comm::{Communicator, Metered, SimClock};
 use crate::error::CoopError;
@@ -89,11 +89,9 @@ pub(super) fn run_async_worker<T: CoopTask>(
     };
     let (rank, workers) = (comm.rank(), comm.world_size());
     let device = device.clone().autodiff();
-    let Steps { per_epoch: steps_per_epoch, planned: planned_steps, total: total_steps } =
-        plan_steps(task, config, workers)?;
+    let steps = plan_steps(task, config, workers)?;
 
-    let mut comm = Metered::new(comm);
-    let simulating = config.network.is_some();
+    let mut comm: Metered<Box<dyn Communicator>> = Metered::new(Box::new(comm));
     if let Some(network) = config.network {
         comm.simulate(network, SimClock::default());
     }
@@ -101,211 +99,233 @@ pub(super) fn run_async_worker<T: CoopTask>(
     // One layout per local model: a layout knows its module's tensors by id. Every layout
     // visits the same parameters in the same order, so the flat buffers line up.
     let layouts: Vec<ParamLayout> = locals.iter().map(|m| ParamLayout::of(m, config.buffers)).collect();
-    let layout = &layouts[0];
-    let mut flat = layout.flatten(&locals[0])?;
+    let mut flat = layouts[0].flatten(&locals[0])?;
     if workers > 1 {
         comm.broadcast(&mut flat, 0).map_err(CoopError::from)?;
     }
     let shared = SharedParams::new(&flat);
     let mut optimizers: Vec<_> = (0..threads).map(|_| config.optimizer.build()).collect();
-
-    let mut writer = match rank {
+    let writer = match rank {
         0 => Some(
             MetricsWriter::create(
                 &config.output,
-                total_steps,
+                steps.total,
                 0,
                 config.progress,
-                Columns { simulated: simulating, ..Columns::default() },
+                Columns { simulated: config.network.is_some(), ..Columns::default() },
             )
             .map_err(|source| LearnerError::Io { path: config.output.clone(), source })?,
         ),
         _ => None,
     };
-    let io = |source| LearnerError::Io { path: config.output.clone(), source };
-    let started = Instant::now();
-    let (mut step, mut syncs, mut last_epoch) = (0u64, 0u64, None);
-    let mut last_distance = None;
-    // The simulated clock: where this epoch's steps start, and how long the worker has waited
-    // for merges at the ends of epochs.
-    let clock_now = |comm: &Metered<_>| comm.clock().map_or(0.0, |c: SimClock| c.now);
-    let mut epoch_base = clock_now(&comm);
-    let mut waited = 0.0;
+    let epoch_base = clock_now(&comm);
+    let mut run = AsyncRun {
+        local: LocalSteps { task, config, device: &device, rank, workers, steps, shared: &shared },
+        config,
+        rank,
+        workers,
+        tau,
+        layouts: &layouts,
+        shared: &shared,
+        comm,
+        writer,
+        clock: WallClock { started: Instant::now(), before: 0.0 },
+        syncs: 0,
+        last_distance: None,
+        epoch_base,
+        waited: 0.0,
+    };
+    let (mut step, mut last_epoch) = (0u64, None);
+    while step < steps.total {
+        let epoch = (step / steps.per_epoch) as usize;
+        let epoch_steps = (steps.total - step).min(steps.per_epoch) as usize;
+        let progress = run.train_epoch(epoch, step, epoch_steps, &mut locals, &mut optimizers)?;
+        step += epoch_steps as u64;
+        last_epoch = Some(run.end_epoch(epoch, step, &progress, &locals[0])?);
+    }
+    if let Some(w) = &run.writer {
+        w.finish();
+    }
+    Ok(WorkerReport {
+        rank,
+        steps: step,
+        syncs: run.syncs,
+        bytes_sent: run.comm.traffic().total().bytes_sent,
+        last_epoch,
+        final_parameters: shared.to_vec(),
+    })
+}
 
-    while step < total_steps {
-        let epoch = (step / steps_per_epoch) as usize;
-        let epoch_start = step;
-        let epoch_steps = (total_steps - epoch_start).min(steps_per_epoch) as usize;
-        let next = AtomicUsize::new(0);
-        let stop = AtomicBool::new(false);
-        let progress = (Mutex::new(Progress::default()), Condvar::new());
-        let epoch_began = Instant::now();
-        let lr_at = |s: u64| config.lr.at(s, steps_per_epoch, planned_steps);
+/// The simulated clock's time (0 when not simulating).
+fn clock_now(comm: &Metered<Box<dyn Communicator>>) -> f64 {
+    comm.clock().map_or(0.0, |c| c.now)
+}
 
+/// What the local threads share (read only).
+struct LocalSteps<'a, T: CoopTask> {
+    task: &'a T,
+    config: &'a LearnerConfig,
+    device: &'a Device,
+    rank: usize,
+    workers: usize,
+    steps: Steps,
+    shared: &'a SharedParams,
+}
+
+impl<T: CoopTask> Clone for LocalSteps<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T: CoopTask> Copy for LocalSteps<'_, T> {}
+
+/// One worker of asynchronous local SGD: what its epochs share.
+struct AsyncRun<'a, T: CoopTask> {
+    local: LocalSteps<'a, T>,
+    config: &'a LearnerConfig,
+    rank: usize,
+    workers: usize,
+    tau: u64,
+    layouts: &'a [ParamLayout],
+    shared: &'a SharedParams,
+    comm: Metered<Box<dyn Communicator>>,
+    writer: Option<MetricsWriter>,
+    clock: WallClock,
+    syncs: u64,
+    last_distance: Option<f64>,
+    /// The simulated clock: where this epoch's steps start, and how long the worker has waited
+    /// for merges at the ends of epochs.
+    epoch_base: f64,
+    waited: f64,
+}
+
+/// An epoch's shared counters between the local threads and the communication thread.
+struct EpochSync {
+    next: AtomicUsize,
+    stop: AtomicBool,
+    progress: (Mutex<Progress>, Condvar),
+    began: Instant,
+}
+
+impl<T: CoopTask> LocalSteps<'_, T> {
+    fn lr_at(&self, step: u64) -> f64 {
+        self.config.lr.at(step, self.steps.per_epoch, self.steps.planned)
+    }
+
+    /// A local thread: takes the epoch's next batch until none is left (or a failure stops
+    /// every thread), adding each step's change to the shared buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn local_thread(
+        &self,
+        epoch: usize,
+        epoch_start: u64,
+        epoch_steps: usize,
+        state: &EpochSync,
+        mut model: T::Model,
+        mut optim: burn::optim::ModuleOptimizer,
+        layout: &ParamLayout,
+    ) -> (T::Model, burn::optim::ModuleOptimizer) {
+        let (mut read, mut after) = (Vec::new(), Vec::new());
+        loop {
+            let index = state.next.fetch_add(1, Ordering::SeqCst);
+            if index >= epoch_steps || state.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            // A panic inside a step (the task's code) becomes this worker's failure, so the
+            // communication thread is told instead of waiting for a step that will never come.
+            let step = std::panic::AssertUnwindSafe(|| -> Result<f64, LearnerError> {
+                self.shared.read_into(&mut read);
+                let current = layout.unflatten(model.clone(), &read)?;
+                let batch = self.task.train_batch(self.rank, self.workers, epoch, index, self.device);
+                let loss = self.task.loss(&current, batch);
+                let value = f64::from(loss.clone().into_scalar::<f32>());
+                if !value.is_finite() {
+                    let at = epoch_start + index as u64 + 1;
+                    return Err(LearnerError::NonFiniteLoss { worker: self.rank, step: at, loss: value });
+                }
+                let grads = GradientsParams::from_grads(loss.backward(), &current);
+                model = optim.step(self.lr_at(epoch_start + index as u64), current, grads);
+                layout.flatten_into(&model, &mut after)?;
+                after.iter_mut().zip(&read).for_each(|(a, r)| *a -= r);
+                self.shared.add(&after);
+                Ok(value)
+            });
+            let result = std::panic::catch_unwind(step).unwrap_or_else(|panic| {
+                let message = crate::launch::panic_message(panic.as_ref());
+                Err(LearnerError::WorkerPanicked { worker: self.rank, message })
+            });
+            self.record_step(epoch_start, state, result);
+        }
+        (model, optim)
+    }
+
+    /// Records a completed step (its loss and, when simulating, the compute clock) or the
+    /// thread's failure, and wakes the communication thread.
+    fn record_step(&self, epoch_start: u64, state: &EpochSync, result: Result<f64, LearnerError>) {
+        let (lock, ready) = &state.progress;
+        let mut p = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        match result {
+            Ok(value) => {
+                p.done += 1;
+                if self.config.network.is_some() {
+                    let now = Instant::now();
+                    let measured = now.duration_since(p.last_completion.unwrap_or(state.began)).as_secs_f64();
+                    p.last_completion = Some(now);
+                    let at = epoch_start + p.done as u64;
+                    let seconds = self.config.step_time.seconds(measured, self.config.seed, self.rank, at);
+                    let total = p.compute.last().copied().unwrap_or(0.0) + seconds;
+                    p.compute.push(total);
+                }
+                p.loss_sum += value;
+                p.loss_count += 1;
+                p.epoch_sum += value;
+                p.epoch_count += 1;
+            }
+            Err(error) => {
+                p.failure.get_or_insert(error);
+                state.stop.store(true, Ordering::SeqCst);
+            }
+        }
+        ready.notify_all();
+    }
+}
+
+impl<T: CoopTask> AsyncRun<'_, T> {
+    fn lr_at(&self, step: u64) -> f64 {
+        self.local.lr_at(step)
+    }
+
+    /// One epoch: the local threads take its steps while this thread merges every τ of them.
+    /// Returns the epoch's progress once every thread has joined.
+    fn train_epoch(
+        &mut self,
+        epoch: usize,
+        epoch_start: u64,
+        epoch_steps: usize,
+        locals: &mut Vec<T::Model>,
+        optimizers: &mut Vec<burn::optim::ModuleOptimizer>,
+    ) -> Result<Progress, LearnerError> {
+        let shared_state = EpochSync {
+            next: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            progress: (Mutex::new(Progress::default()), Condvar::new()),
+            began: Instant::now(),
+        };
+        let local = self.local;
+        let layouts = self.layouts;
         let outcome = std::thread::scope(|scope| -> Result<(), LearnerError> {
             let handles: Vec<_> = locals
                 .drain(..)
                 .zip(optimizers.drain(..))
-                .zip(&layouts)
-                .map(|((mut model, mut optim), layout)| {
-                    let (next, stop, progress, shared, device) = (&next, &stop, &progress, &shared, &device);
-                    scope.spawn(move || {
-                        let mut read = Vec::new();
-                        let mut after = Vec::new();
-                        loop {
-                            let index = next.fetch_add(1, Ordering::SeqCst);
-                            if index >= epoch_steps || stop.load(Ordering::SeqCst) {
-                                break;
-                            }
-                            // A panic inside a step (the task's code) becomes this worker's failure,
-                            // so the communication thread is told instead of waiting for a step
-                            // that will never complete.
-                            let step = std::panic::AssertUnwindSafe(|| -> Result<f64, LearnerError> {
-                                shared.read_into(&mut read);
-                                let current = layout.unflatten(model.clone(), &read)?;
-                                let batch = task.train_batch(rank, workers, epoch, index, device);
-                                let loss = task.loss(&current, batch);
-                                let value = f64::from(loss.clone().into_scalar::<f32>());
-                                if !value.is_finite() {
-                                    let at = epoch_start + index as u64 + 1;
-                                    return Err(LearnerError::NonFiniteLoss { worker: rank, step: at, loss: value });
-                                }
-                                let grads = GradientsParams::from_grads(loss.backward(), &current);
-                                model = optim.step(lr_at(epoch_start + index as u64), current, grads);
-                                layout.flatten_into(&model, &mut after)?;
-                                after.iter_mut().zip(&read).for_each(|(a, r)| *a -= r);
-                                shared.add(&after);
-                                Ok(value)
-                            });
-                            let result = std::panic::catch_unwind(step).unwrap_or_else(|panic| {
-                                let message = crate::launch::panic_message(panic.as_ref());
-                                Err(LearnerError::WorkerPanicked { worker: rank, message })
-                            });
-                            let (lock, ready) = progress;
-                            let mut p = lock.lock().unwrap_or_else(PoisonError::into_inner);
-                            match result {
-                                Ok(value) => {
-                                    p.done += 1;
-                                    if simulating {
-                                        let now = Instant::now();
-                                        let measured =
-                                            now.duration_since(p.last_completion.unwrap_or(epoch_began)).as_secs_f64();
-                                        p.last_completion = Some(now);
-                                        let at = epoch_start + p.done as u64;
-                                        let seconds = config.step_time.seconds(measured, config.seed, rank, at);
-                                        let total = p.compute.last().copied().unwrap_or(0.0) + seconds;
-                                        p.compute.push(total);
-                                    }
-                                    p.loss_sum += value;
-                                    p.loss_count += 1;
-                                    p.epoch_sum += value;
-                                    p.epoch_count += 1;
-                                }
-                                Err(error) => {
-                                    p.failure.get_or_insert(error);
-                                    stop.store(true, Ordering::SeqCst);
-                                }
-                            }
-                            ready.notify_all();
-                        }
-                        (model, optim)
-                    })
+                .zip(layouts)
+                .map(|((model, optim), layout)| {
+                    let (state, local) = (&shared_state, &local);
+                    scope
+                        .spawn(move || local.local_thread(epoch, epoch_start, epoch_steps, state, model, optim, layout))
                 })
                 .collect();
-
-            // The communication thread: a merge every τ completed steps of this worker.
-            let first = (epoch_start / tau + 1) * tau;
-            let merges: Vec<u64> =
-                (0..).map(|k| first + k * tau).take_while(|&s| s <= epoch_start + epoch_steps as u64).collect();
-            let mut result = Ok(());
-            let mut snapshot = Vec::new();
-            for merge_step in merges {
-                let (lock, ready) = &progress;
-                let (loss, failed, computed) = {
-                    let mut p = lock.lock().unwrap_or_else(PoisonError::into_inner);
-                    let due = (merge_step - epoch_start) as usize;
-                    while p.done < due && p.failure.is_none() {
-                        p = ready.wait(p).unwrap_or_else(PoisonError::into_inner);
-                    }
-                    let loss = p.loss_sum / p.loss_count.max(1) as f64;
-                    p.loss_sum = 0.0;
-                    p.loss_count = 0;
-                    (loss, p.failure.is_some(), p.compute.get(due - 1).copied())
-                };
-                // A failed worker still takes part in the collectives, flagging its failure, so
-                // the others learn of it instead of waiting.
-                let merged = (|| -> Result<(), LearnerError> {
-                    // The snapshot leaves when the compute clock reaches the merge's step, or
-                    // when the previous all-reduce has landed, whichever is later.
-                    if let Some(computed) = computed {
-                        let ready = epoch_base + computed;
-                        let now = clock_now(&comm);
-                        if ready > now {
-                            comm.local_step(ready - now);
-                        }
-                    }
-                    shared.read_into(&mut snapshot);
-                    let flight = Instant::now();
-                    let mut sum = snapshot.clone();
-                    comm.all_reduce_sum(&mut sum).map_err(CoopError::from)?;
-                    let inflight = flight.elapsed().as_secs_f64();
-                    let distance = apply_average_in_place(&shared, &snapshot, sum, workers);
-                    syncs += 1;
-                    let stats = comm.traffic().total().bytes_sent as f64;
-                    let mut values = vec![0.0; 7 * workers];
-                    values[rank] = loss;
-                    values[workers + rank] = stats;
-                    values[2 * workers + rank] = inflight;
-                    values[3 * workers + rank] = distance;
-                    values[4 * workers + rank] = f64::from(u8::from(failed));
-                    values[5 * workers + rank] = clock_now(&comm);
-                    values[6 * workers + rank] = waited;
-                    comm.inner_mut().all_reduce_f64(&mut values).map_err(CoopError::from)?;
-                    if let Some(worker) = values[4 * workers..5 * workers].iter().position(|&f| f > 0.0)
-                        && !failed
-                    {
-                        return Err(LearnerError::PeerFailed { worker });
-                    }
-                    let losses = values[..workers].to_vec();
-                    let consensus = values[3 * workers..4 * workers].iter().sum::<f64>() / workers as f64;
-                    last_distance = Some(consensus);
-                    if let Some(w) = writer.as_mut() {
-                        for _ in 0..tau {
-                            w.step(epoch, loss, lr_at(merge_step - 1));
-                        }
-                        let metrics = SyncMetrics {
-                            epoch,
-                            step: merge_step,
-                            syncs,
-                            lr: lr_at(merge_step - 1),
-                            tau,
-                            train_loss: losses.iter().sum::<f64>() / workers as f64,
-                            worker_train_loss: losses,
-                            consensus_distance: Some(consensus),
-                            bytes_sent_per_worker: values[workers..2 * workers].iter().map(|&b| b as u64).collect(),
-                            consensus_bytes_sent_per_worker: vec![0; workers],
-                            subgroup_bytes_sent_per_worker: vec![0; workers],
-                            comm_wait_seconds: vec![0.0; workers],
-                            comm_inflight_seconds: values[2 * workers..3 * workers].to_vec(),
-                            sim_seconds: simulating.then(|| values[5 * workers..6 * workers].to_vec()),
-                            sim_comm_seconds: simulating.then(|| values[6 * workers..].to_vec()),
-                            senders: None,
-                            trigger_statistic: None,
-                            wall_seconds: started.elapsed().as_secs_f64(),
-                        };
-                        w.sync(&metrics).map_err(io)?;
-                    }
-                    Ok(())
-                })();
-                if let Err(error) = merged {
-                    stop.store(true, Ordering::SeqCst);
-                    result = Err(error);
-                    break;
-                }
-                if failed {
-                    break;
-                }
-            }
+            let mut result = self.merges(epoch, epoch_start, epoch_steps, &shared_state);
             for handle in handles {
                 match handle.join() {
                     Ok((model, optim)) => {
@@ -317,67 +337,189 @@ pub(super) fn run_async_worker<T: CoopTask>(
             }
             result
         });
-        let failure = progress.0.into_inner().unwrap_or_else(PoisonError::into_inner);
-        if let Some(error) = failure.failure {
+        let mut progress = shared_state.progress.0.into_inner().unwrap_or_else(PoisonError::into_inner);
+        if let Some(error) = progress.failure.take() {
             return Err(error);
         }
         outcome?;
-        step = epoch_start + epoch_steps as u64;
-        if simulating {
+        if self.config.network.is_some() {
             // The threads join: the next epoch starts once both the steps and the last merge
             // are done; waiting for the merge is communication time.
-            let computed = epoch_base + failure.compute.last().copied().unwrap_or(0.0);
-            let landed = clock_now(&comm);
-            waited += (landed - computed).max(0.0);
-            epoch_base = computed.max(landed);
-            comm.restore_clock(SimClock { now: epoch_base, comm_seconds: waited });
+            let computed = self.epoch_base + progress.compute.last().copied().unwrap_or(0.0);
+            let landed = clock_now(&self.comm);
+            self.waited += (landed - computed).max(0.0);
+            self.epoch_base = computed.max(landed);
+            self.comm.restore_clock(SimClock { now: self.epoch_base, comm_seconds: self.waited });
         }
+        Ok(progress)
+    }
 
-        // End of the epoch: every local thread has joined; the shared buffer is the model.
-        let model = layout.unflatten(locals[0].clone(), &shared.to_vec())?;
-        let epoch_loss = failure.epoch_sum / failure.epoch_count.max(1) as f64;
-        let mut values = vec![0.0; 4 * workers];
-        values[rank] = epoch_loss;
-        values[workers + rank] = comm.traffic().total().bytes_sent as f64;
-        values[2 * workers + rank] = epoch_base;
-        values[3 * workers + rank] = waited;
-        comm.inner_mut().all_reduce_f64(&mut values).map_err(CoopError::from)?;
-        let (average, evaluation) = evaluate_average(task, &model, step, comm.inner_mut(), &device, false)?;
-        let losses = values[..workers].to_vec();
+    /// The communication thread: a merge every τ completed steps of this worker.
+    fn merges(
+        &mut self,
+        epoch: usize,
+        epoch_start: u64,
+        epoch_steps: usize,
+        state: &EpochSync,
+    ) -> Result<(), LearnerError> {
+        let tau = self.tau;
+        let first = (epoch_start / tau + 1) * tau;
+        let merges: Vec<u64> =
+            (0..).map(|k| first + k * tau).take_while(|&s| s <= epoch_start + epoch_steps as u64).collect();
+        for merge_step in merges {
+            let (lock, ready) = &state.progress;
+            let (loss, failed, computed) = {
+                let mut p = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                let due = (merge_step - epoch_start) as usize;
+                while p.done < due && p.failure.is_none() {
+                    p = ready.wait(p).unwrap_or_else(PoisonError::into_inner);
+                }
+                let loss = p.loss_sum / p.loss_count.max(1) as f64;
+                p.loss_sum = 0.0;
+                p.loss_count = 0;
+                (loss, p.failure.is_some(), p.compute.get(due - 1).copied())
+            };
+            // A failed worker still takes part in the collectives, flagging its failure, so the
+            // others learn of it instead of waiting.
+            if let Err(error) = self.merge(epoch, merge_step, loss, failed, computed) {
+                state.stop.store(true, Ordering::SeqCst);
+                return Err(error);
+            }
+            if failed {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// One merge: the snapshot all-reduced, its average applied in place, every worker's
+    /// statistics (and failure flag) in one collective, the row of `syncs.csv`.
+    fn merge(
+        &mut self,
+        epoch: usize,
+        merge_step: u64,
+        loss: f64,
+        failed: bool,
+        computed: Option<f64>,
+    ) -> Result<(), LearnerError> {
+        let (rank, workers) = (self.rank, self.workers);
+        // The snapshot leaves when the compute clock reaches the merge's step, or when the
+        // previous all-reduce has landed, whichever is later.
+        if let Some(computed) = computed {
+            let ready = self.epoch_base + computed;
+            let now = clock_now(&self.comm);
+            if ready > now {
+                self.comm.local_step(ready - now);
+            }
+        }
+        let snapshot = self.shared.to_vec();
+        let flight = Instant::now();
+        let mut sum = snapshot.clone();
+        self.comm.all_reduce_sum(&mut sum).map_err(CoopError::from)?;
+        let inflight = flight.elapsed().as_secs_f64();
+        let distance = apply_average_in_place(self.shared, &snapshot, sum, workers);
+        self.syncs += 1;
+        let mine = [
+            loss,
+            self.comm.traffic().total().bytes_sent as f64,
+            inflight,
+            distance,
+            f64::from(u8::from(failed)),
+            clock_now(&self.comm),
+            self.waited,
+        ];
+        let mut values = vec![0.0; mine.len() * workers];
+        for (k, v) in mine.into_iter().enumerate() {
+            values[k * workers + rank] = v;
+        }
+        self.comm.inner_mut().all_reduce_f64(&mut values).map_err(CoopError::from)?;
+        if let Some(worker) = values[4 * workers..5 * workers].iter().position(|&f| f > 0.0)
+            && !failed
+        {
+            return Err(LearnerError::PeerFailed { worker });
+        }
+        let column = |k: usize| values[k * workers..(k + 1) * workers].to_vec();
+        let losses = column(0);
+        let consensus = column(3).iter().sum::<f64>() / workers as f64;
+        self.last_distance = Some(consensus);
+        let simulating = self.config.network.is_some();
+        let lr = self.lr_at(merge_step - 1);
+        let (tau, syncs, wall) = (self.tau, self.syncs, self.clock.now());
+        if let Some(w) = self.writer.as_mut() {
+            for _ in 0..tau {
+                w.step(epoch, loss, lr);
+            }
+            let metrics = SyncMetrics {
+                epoch,
+                step: merge_step,
+                syncs,
+                lr,
+                tau,
+                train_loss: losses.iter().sum::<f64>() / workers as f64,
+                worker_train_loss: losses,
+                consensus_distance: Some(consensus),
+                bytes_sent_per_worker: column(1).into_iter().map(|b| b as u64).collect(),
+                consensus_bytes_sent_per_worker: vec![0; workers],
+                subgroup_bytes_sent_per_worker: vec![0; workers],
+                comm_wait_seconds: vec![0.0; workers],
+                comm_inflight_seconds: column(2),
+                sim_seconds: simulating.then(|| column(5)),
+                sim_comm_seconds: simulating.then(|| column(6)),
+                senders: None,
+                trigger_statistic: None,
+                wall_seconds: wall,
+            };
+            w.sync(&metrics).map_err(|source| LearnerError::Io { path: self.config.output.clone(), source })?;
+        }
+        Ok(())
+    }
+
+    /// The end of an epoch: every local thread has joined and the shared buffer is the model;
+    /// every worker's loss and counters, the average model evaluated, `epochs.csv`.
+    fn end_epoch(
+        &mut self,
+        epoch: usize,
+        step: u64,
+        progress: &Progress,
+        local: &T::Model,
+    ) -> Result<EpochMetrics, LearnerError> {
+        let (rank, workers) = (self.rank, self.workers);
+        let model = self.layouts[0].unflatten(local.clone(), &self.shared.to_vec())?;
+        let epoch_loss = progress.epoch_sum / progress.epoch_count.max(1) as f64;
+        let mine = [epoch_loss, self.comm.traffic().total().bytes_sent as f64, self.epoch_base, self.waited];
+        let mut values = vec![0.0; mine.len() * workers];
+        for (k, v) in mine.into_iter().enumerate() {
+            values[k * workers + rank] = v;
+        }
+        self.comm.inner_mut().all_reduce_f64(&mut values).map_err(CoopError::from)?;
+        let (average, evaluation) =
+            evaluate_average(self.local.task, &model, step, self.comm.inner_mut().as_mut(), self.local.device, false)?;
+        let column = |k: usize| values[k * workers..(k + 1) * workers].to_vec();
+        let losses = column(0);
+        let simulating = self.config.network.is_some();
         let metrics = EpochMetrics {
             epoch,
             step,
-            syncs,
-            lr: lr_at(step - 1),
-            tau,
+            syncs: self.syncs,
+            lr: self.lr_at(step - 1),
+            tau: self.tau,
             train_loss: losses.iter().sum::<f64>() / workers as f64,
             worker_train_loss: losses,
             test_loss: evaluation.loss(),
             test_accuracy: evaluation.accuracy(),
             worker_test_accuracy: None,
-            consensus_distance: last_distance,
-            bytes_sent_per_worker: values[workers..2 * workers].iter().map(|&b| b as u64).collect(),
+            consensus_distance: self.last_distance,
+            bytes_sent_per_worker: column(1).into_iter().map(|b| b as u64).collect(),
             consensus_bytes_sent_per_worker: vec![0; workers],
             subgroup_bytes_sent_per_worker: vec![0; workers],
-            sim_seconds: simulating.then(|| values[2 * workers..3 * workers].to_vec()),
-            sim_comm_seconds: simulating.then(|| values[3 * workers..].to_vec()),
-            wall_seconds: started.elapsed().as_secs_f64(),
+            sim_seconds: simulating.then(|| column(2)),
+            sim_comm_seconds: simulating.then(|| column(3)),
+            wall_seconds: self.clock.now(),
         };
-        if let Some(w) = writer.as_mut() {
-            w.epoch(&metrics).map_err(io)?;
-            save_average(&average, &config.output)?;
+        if let Some(w) = self.writer.as_mut() {
+            w.epoch(&metrics).map_err(|source| LearnerError::Io { path: self.config.output.clone(), source })?;
+            save_average(&average, &self.config.output)?;
         }
-        last_epoch = Some(metrics);
+        Ok(metrics)
     }
-    if let Some(w) = &writer {
-        w.finish();
-    }
-    Ok(WorkerReport {
-        rank,
-        steps: step,
-        syncs,
-        bytes_sent: comm.traffic().total().bytes_sent,
-        last_epoch,
-        final_parameters: shared.to_vec(),
-    })
 }
