@@ -313,7 +313,7 @@ fn a_setting_of_another_rule_is_named() {
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(
         stderr(&output).contains(
-            "invalid value '0.3' for '--alpha': --alpha is a setting of the elastic rule, but this run uses gossip"
+            "invalid value '0.3' for '--alpha': --alpha is a setting of the elastic, elastic-overlap rules, but this run uses gossip"
         ),
         "{}",
         stderr(&output)
@@ -373,15 +373,15 @@ fn shared_rule_flags_reach_every_rule_that_has_them_and_only_those() {
     };
     refused(
         &["--rule", "gossip", "--compressor", "sign"],
-        "--compressor is a setting of the average, ec-local-sgd, choco, squarm rule, but this run uses gossip",
+        "--compressor is a setting of the average, ec-local-sgd, choco, squarm rules, but this run uses gossip",
     );
     refused(
         &["--rule", "elastic", "--topology", "torus"],
-        "--topology is a setting of the gossip, choco, squarm rule, but this run uses elastic",
+        "--topology is a setting of the gossip, choco, squarm rules, but this run uses elastic",
     );
     refused(
         &["--rule", "gossip", "--consensus-step", "0.5"],
-        "--consensus-step is a setting of the choco, squarm rule, but this run uses gossip",
+        "--consensus-step is a setting of the choco, squarm rules, but this run uses gossip",
     );
     // A shared flag reaches the rule in use: the resolved configuration says so.
     let dir = tempfile::tempdir().unwrap();

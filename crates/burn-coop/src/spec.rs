@@ -270,8 +270,8 @@ macro_rules! registry {
                     let option = $crate::spec::field_names::<$Shared>().iter().find(|k| **k == key).copied().unwrap_or("?");
                     if !owners.contains(&name.as_str()) {
                         return Err($crate::spec::SpecError::new(option, value.to_string(), format!(
-                            "--{key} is a setting of the {} {}, but this run uses {}",
-                            owners.join(", "), $what, name.as_str()
+                            "--{key} is a setting of the {} {}{}, but this run uses {}",
+                            owners.join(", "), $what, if owners.len() > 1 { "s" } else { "" }, name.as_str()
                         )));
                     }
                     let mut flat = spec.to_flat();
@@ -543,7 +543,9 @@ mod tests {
         let cli = Cli::parse_from(["coop", "--rule", "average", "--alpha", "0.2"]);
         let error = cli.rule.apply(&mut spec).unwrap_err();
         assert!(
-            error.to_string().contains("--alpha is a setting of the elastic rule, but this run uses average"),
+            error
+                .to_string()
+                .contains("--alpha is a setting of the elastic, elastic-overlap rules, but this run uses average"),
             "{error}"
         );
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::{LrSchedule, OptimizerSpec};
+use super::optimizer::{LrSchedule, OptimizerSpec};
 use crate::comm::{NetworkModel, StepTime};
 use crate::local_sgd::InnerStatePolicy;
 use crate::params::BufferPolicy;

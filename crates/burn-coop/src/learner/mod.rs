@@ -10,8 +10,8 @@ mod async_worker;
 mod checkpoint;
 mod config;
 mod metrics;
+mod optimizer;
 mod shared;
-mod spec;
 mod task;
 mod worker;
 
@@ -22,8 +22,8 @@ use burn::tensor::Device;
 pub use checkpoint::{CheckpointError, latest_checkpoint};
 pub use config::LearnerConfig;
 pub use metrics::{Columns, EpochMetrics, SyncMetrics};
+pub use optimizer::{LrSchedule, LrShape, OptimizerSpec};
 pub use shared::WorkerReport;
-pub use spec::{LrSchedule, LrShape, OptimizerSpec};
 pub use task::{CoopTask, Evaluation};
 pub use worker::run_worker;
 

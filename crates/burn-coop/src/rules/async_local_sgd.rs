@@ -22,7 +22,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::kernels::{distance_to_mean, divide};
-use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, SyncContext};
 use crate::comm::{Communicator, Traffic};
 use crate::shared_params::SharedParams;
 use crate::spec::{RuleConfig, SpecError};
@@ -101,12 +101,7 @@ pub fn apply_average_in_place(shared: &SharedParams, snapshot: &[f32], mut sum: 
 impl MergeRule for AsyncAveraging {
     /// Snapshots `params`, starts the all-reduce of the snapshot and waits for it (one thread:
     /// nothing moves in between), then applies `x ← x + (mean − s)`.
-    fn merge(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
+    fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
         self.snapshot.clear();
         self.snapshot.extend_from_slice(params);
         let pending = comm.start_all_reduce_sum(params.to_vec())?;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::EcLocalSgd;
 use super::kernels::replace_by_mean;
-use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, SyncContext};
 use crate::comm::{Communicator, Traffic};
 use crate::compress::Compressor;
 use crate::mixing::MixingMatrix;
@@ -96,12 +96,7 @@ impl Averaging {
 impl MergeRule for Averaging {
     /// A blocking all-reduce (MPI's blocking collectives are faster than its non-blocking ones
     /// when nothing overlaps them), then the mean and this worker's distance to it in one pass.
-    fn merge(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
+    fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
         self.sum.resize(params.len(), 0.0);
         comm.all_reduce_sum_into(params, &mut self.sum)?;
         let local = replace_by_mean(params, &self.sum, ctx.world_size);
@@ -162,7 +157,7 @@ mod tests {
         assert_eq!(rule.load_record(crate::state::StateRecord::new()), Ok(()));
         let foreign = crate::state::StateRecord::new().with_buffer("anchor", vec![1.0]);
         let error = rule.load_record(foreign).unwrap_err();
-        assert_eq!(error, RuleError::UnexpectedState { keys: vec!["anchor".into()] });
+        assert_eq!(error, crate::rules::RuleError::UnexpectedState { keys: vec!["anchor".into()] });
         assert_eq!(
             error.to_string(),
             "cannot restore the rule's state: unexpected entries [\"anchor\"] (the rule keeps no state)"

@@ -20,7 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::kernels::replace_by_mean;
-use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext};
 use crate::comm::Communicator;
 use crate::spec::{RuleConfig, SpecError};
 use crate::state::StateRecord;
@@ -102,12 +102,7 @@ impl MergeRule for DiLoCo {
         Ok(())
     }
 
-    fn merge(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
+    fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
         let synced = self.synced.as_ref().ok_or(RuleError::BadState {
             rule: DiLoCoConfig::NAME,
             reason: "the rule was not started with the initial model".into(),

@@ -44,7 +44,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 
 use super::kernels::{divide, replace_by_mean};
-use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext};
 use crate::comm::{Communicator, Traffic};
 use crate::compress::{CompressContext, Compressor, Segments};
 use crate::spec::{RuleConfig, SpecError, serde_name};
@@ -241,12 +241,7 @@ impl MergeRule for EcLocalSgd {
         Ok(())
     }
 
-    fn merge(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
+    fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
         let n = params.len();
         let Some(synced) = &self.synced else {
             return Err(self.bad_state("the rule was not started with the initial model".into()));

@@ -43,7 +43,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::kernels::{add_scaled, difference, distance_to_mean};
-use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext, check_world_size};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext, check_world_size};
 use crate::comm::Communicator;
 use crate::mixing::MixingMatrix;
 use crate::spec::{RuleConfig, SpecError};
@@ -53,8 +53,9 @@ use crate::state::StateRecord;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ElasticConfig {
-    /// Elastic moving rate α, in (0, 2/(m+1)) (default 2/(m+2), which minimizes ζ).
-    #[arg(long, value_parser = crate::spec::positive_f64)]
+    /// Elastic moving rate α, in (0, 2/(m+1)) (shared `--alpha`; default 2/(m+2), which
+    /// minimizes ζ).
+    #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
     /// Number of anchors v, dividing the number of workers (default 1: EASGD).
@@ -307,12 +308,7 @@ impl MergeRule for Elastic {
     /// One anchor: a blocking all-reduce of `d_i = x_i − z` kept in a buffer of the rule's
     /// (MPI's blocking collectives are faster than its non-blocking ones when nothing overlaps
     /// them). Several: see the [module documentation](crate::rules::elastic).
-    fn merge(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
+    fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
         check_world_size(ElasticConfig::NAME, self.workers, ctx)?;
         self.ensure_anchor(params, ctx, comm)?;
         if self.anchors > 1 {

@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use super::elastic::elastic_alpha_limit;
 use super::kernels::{add_scaled, difference};
 use super::{
-    CooperativeRule, InFlightAnchor, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext, check_world_size,
+    CooperativeRule, InFlightAnchor, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext,
+    check_world_size,
 };
 use crate::comm::Communicator;
 use crate::spec::{RuleConfig, SpecError};
@@ -35,25 +36,26 @@ use crate::state::StateRecord;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ElasticOverlapConfig {
-    /// Elastic moving rate α of `elastic-overlap`, in (0, 2/(m+1)) (default 2/(m+2)).
-    #[arg(long, value_parser = crate::spec::positive_f64)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub moving_rate: Option<f64>,
+    /// Elastic moving rate α, in (0, 2/(m+1)) (shared `--alpha`, also read from the key
+    /// `moving-rate` of older files; default 2/(m+2)).
+    #[arg(skip)]
+    #[serde(alias = "moving-rate", skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
 }
 
 impl RuleConfig for ElasticOverlapConfig {
     const NAME: &'static str = "elastic-overlap";
 
     fn build(&self, world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
-        let alpha = self.moving_rate.unwrap_or(2.0 / (world_size as f64 + 2.0));
+        let alpha = self.alpha.unwrap_or(2.0 / (world_size as f64 + 2.0));
         let rule = ElasticOverlap::new(alpha, world_size).map_err(|error| {
-            SpecError::new("moving-rate", self.moving_rate.map_or_else(|| "default".into(), |a| a.to_string()), error)
+            SpecError::new("alpha", self.alpha.map_or_else(|| "default".into(), |a| a.to_string()), error)
         })?;
         Ok(Box::new(rule))
     }
 
     fn describe(&self) -> String {
-        match self.moving_rate {
+        match self.alpha {
             Some(alpha) => format!("elastic averaging overlapped with the local steps, alpha = {alpha}"),
             None => "elastic averaging overlapped with the local steps".into(),
         }
@@ -95,12 +97,7 @@ impl MergeRule for ElasticOverlap {
         Ok(())
     }
 
-    fn merge(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
+    fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
         let rule = ElasticOverlapConfig::NAME;
         check_world_size(rule, self.workers, ctx)?;
         let anchor = self.anchor.started(rule)?;
@@ -153,8 +150,8 @@ mod tests {
 
     #[test]
     fn bad_settings_are_named() {
-        let error = ElasticOverlapConfig { moving_rate: Some(0.5) }.build(4).err().unwrap();
-        assert_eq!(error.option, "moving-rate");
+        let error = ElasticOverlapConfig { alpha: Some(0.5) }.build(4).err().unwrap();
+        assert_eq!(error.option, "alpha");
         assert!(matches!(ElasticOverlap::new(0.4, 4), Err(RuleError::ElasticAlphaOutOfRange { workers: 4, .. })));
         let [start, merge] = crate::testing::refusals(ElasticOverlap::new(0.2, 4).unwrap(), 3);
         let mismatch = RuleError::WorldSizeMismatch { rule: "elastic-overlap", expected: 4, found: 3 };

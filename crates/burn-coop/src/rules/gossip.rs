@@ -21,7 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::kernels::{add_scaled, scaled};
-use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext, check_world_size};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext, check_world_size};
 use crate::comm::Communicator;
 use crate::mixing::MixingMatrix;
 use crate::spec::{RuleConfig, SpecError};
@@ -188,12 +188,7 @@ impl MergeRule for Gossip {
         check_world_size(GossipConfig::NAME, self.order(), ctx)
     }
 
-    fn merge(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
+    fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
         check_world_size(GossipConfig::NAME, self.order(), ctx)?;
         let self_weight = self.neighbors_at(ctx.rank, ctx.round);
         // `W_ii x_i`, then `+ W_ij x_j` for each neighbour as its model arrives, in the order

@@ -21,7 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::kernels::replace_by_mean;
-use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext, check_world_size};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext, check_world_size};
 use crate::comm::{Communicator, Traffic};
 use crate::mixing::MixingMatrix;
 use crate::spec::{RuleConfig, SpecError};
@@ -114,12 +114,7 @@ impl MergeRule for Hierarchical {
     }
 
     /// Splits the group communicator on the first merge, then averages at this merge's level.
-    fn merge(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
+    fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
         check_world_size(HierarchicalConfig::NAME, self.workers, ctx)?;
         if self.group.is_none() {
             let size = ctx.world_size / self.groups;

@@ -35,7 +35,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::gossip::mix_with_neighbors;
-use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext, check_world_size};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext, check_world_size};
 use crate::comm::Communicator;
 use crate::mixing::MixingMatrix;
 use crate::spec::{RuleConfig, SpecError, serde_name};
@@ -195,12 +195,7 @@ impl MergeRule for Matcha {
         check_world_size(MatchaConfig::NAME, self.workers, ctx)
     }
 
-    fn merge(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
+    fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
         check_world_size(MatchaConfig::NAME, self.workers, ctx)?;
         let active = self.active(ctx.seed, ctx.round);
         self.partners(ctx.rank, &active);

@@ -68,6 +68,11 @@ use in_flight::InFlightAnchor;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct SharedRuleFlags {
+    /// Elastic moving rate α in (0, 2/(m+1)), default 2/(m+2) (elastic, elastic-overlap;
+    /// `--moving-rate` is its former name for elastic-overlap).
+    #[arg(long, alias = "moving-rate", value_parser = crate::spec::positive_f64)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
     /// What travels instead of dense values: identity, topk:F, topk:F+sign, randk:F, sign, qsgd:S,
     /// bf16, fp16
     /// (average, ec-local-sgd, choco, squarm).
@@ -243,6 +248,9 @@ pub struct Triggered {
     pub statistic: f64,
 }
 
+/// What [`MergeRule::merge`] returns: what the merge measured on this worker, or why it failed.
+pub type Merged = Result<MergeOutcome, RuleError>;
+
 /// One synchronization rule of Cooperative SGD, applied to a worker's flat parameter buffer.
 ///
 /// All workers call the same methods at the same steps; the rule talks to the others only
@@ -264,12 +272,7 @@ pub trait MergeRule: Send {
     /// Replaces `params` by this worker's merged model. A rule whose communication overlaps the
     /// local steps collects here what it started at the previous merge and starts what the next
     /// one collects.
-    fn merge(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError>;
+    fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged;
 
     /// Whether the rule measures `‖x_i − x̄‖²` itself at every merge (no extra communication);
     /// others have the consensus distance measured only when asked.
@@ -308,12 +311,7 @@ impl<R: MergeRule + ?Sized> MergeRule for Box<R> {
     fn start(&mut self, initial: &[f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Result<(), RuleError> {
         (**self).start(initial, ctx, comm)
     }
-    fn merge(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
+    fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
         (**self).merge(params, ctx, comm)
     }
     fn measures_consensus(&self) -> bool {

@@ -21,7 +21,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{CooperativeRule, InFlightAnchor, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext};
+use super::{CooperativeRule, InFlightAnchor, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext};
 use crate::comm::Communicator;
 use crate::spec::{RuleConfig, SpecError};
 use crate::state::StateRecord;
@@ -104,12 +104,7 @@ impl MergeRule for Overlap {
         Ok(())
     }
 
-    fn merge(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
+    fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
         let rule = OverlapConfig::NAME;
         let lr = ctx.lr.filter(|lr| lr.is_finite() && *lr > 0.0).ok_or_else(|| RuleError::BadState {
             rule,

@@ -38,7 +38,7 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
-use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext, Triggered};
+use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext, Triggered};
 use crate::comm::Communicator;
 use crate::compress::{CompressContext, Compressor, Segments};
 use crate::mixing::MixingMatrix;
@@ -372,12 +372,7 @@ impl MergeRule for Squarm {
         Ok(())
     }
 
-    fn merge(
-        &mut self,
-        params: &mut [f32],
-        ctx: &SyncContext,
-        comm: &mut dyn Communicator,
-    ) -> Result<MergeOutcome, RuleError> {
+    fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
         super::check_world_size(self.registry_name(), self.matrix.order(), ctx)?;
         let n = params.len();
         self.find_neighbors(ctx.rank);
