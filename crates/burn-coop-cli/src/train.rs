@@ -163,14 +163,14 @@ fn print_summary(summary: &TrainingSummary) {
         println!("stopped before the end of the first epoch; output in {}", summary.output.display());
         return;
     };
-    let sent = last.bytes_sent_per_worker.iter().sum::<u64>() as f64 / last.bytes_sent_per_worker.len() as f64;
+    let sent = last.at.bytes_sent_per_worker.iter().sum::<u64>() as f64 / last.at.bytes_sent_per_worker.len() as f64;
     println!(
         "final test accuracy {:.2}% (loss {:.4}) after {} steps and {} merges in {:.0} s; {:.1} MB sent per worker; output in {}",
         100.0 * last.test_accuracy,
         last.test_loss,
-        last.step,
-        last.syncs,
-        last.wall_seconds,
+        last.at.step,
+        last.at.syncs,
+        last.at.wall_seconds,
         sent / 1e6,
         summary.output.display()
     );

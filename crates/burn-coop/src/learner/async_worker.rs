@@ -34,7 +34,7 @@ use burn::tensor::Device;
 
 use super::LearnerError;
 use super::config::LearnerConfig;
-use super::metrics::{Columns, EpochMetrics, MetricsWriter, SyncMetrics};
+use super::metrics::{Columns, EpochMetrics, MetricsWriter, RunPoint, SyncMetrics};
 use super::shared::{Steps, WallClock, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
 use super::task::CoopTask;
 use crate::comm::{Communicator, Metered, SimClock};
@@ -450,24 +450,26 @@ impl<T: CoopTask> AsyncRun<'_, T> {
                 w.step(epoch, loss, lr);
             }
             let metrics = SyncMetrics {
-                epoch,
-                step: merge_step,
-                syncs,
-                lr,
-                tau,
-                train_loss: losses.iter().sum::<f64>() / workers as f64,
-                worker_train_loss: losses,
-                consensus_distance: Some(consensus),
-                bytes_sent_per_worker: column(1).into_iter().map(|b| b as u64).collect(),
-                consensus_bytes_sent_per_worker: vec![0; workers],
-                subgroup_bytes_sent_per_worker: vec![0; workers],
+                at: RunPoint {
+                    epoch,
+                    step: merge_step,
+                    syncs,
+                    lr,
+                    tau,
+                    train_loss: losses.iter().sum::<f64>() / workers as f64,
+                    worker_train_loss: losses,
+                    consensus_distance: Some(consensus),
+                    bytes_sent_per_worker: column(1).into_iter().map(|b| b as u64).collect(),
+                    consensus_bytes_sent_per_worker: vec![0; workers],
+                    subgroup_bytes_sent_per_worker: vec![0; workers],
+                    sim_seconds: simulating.then(|| column(5)),
+                    sim_comm_seconds: simulating.then(|| column(6)),
+                    wall_seconds: wall,
+                },
                 comm_wait_seconds: vec![0.0; workers],
                 comm_inflight_seconds: column(2),
-                sim_seconds: simulating.then(|| column(5)),
-                sim_comm_seconds: simulating.then(|| column(6)),
                 senders: None,
                 trigger_statistic: None,
-                wall_seconds: wall,
             };
             w.sync(&metrics).map_err(|source| LearnerError::Io { path: self.config.output.clone(), source })?;
         }
@@ -498,23 +500,25 @@ impl<T: CoopTask> AsyncRun<'_, T> {
         let losses = column(0);
         let simulating = self.config.network.is_some();
         let metrics = EpochMetrics {
-            epoch,
-            step,
-            syncs: self.syncs,
-            lr: self.lr_at(step - 1),
-            tau: self.tau,
-            train_loss: losses.iter().sum::<f64>() / workers as f64,
-            worker_train_loss: losses,
+            at: RunPoint {
+                epoch,
+                step,
+                syncs: self.syncs,
+                lr: self.lr_at(step - 1),
+                tau: self.tau,
+                train_loss: losses.iter().sum::<f64>() / workers as f64,
+                worker_train_loss: losses,
+                consensus_distance: self.last_distance,
+                bytes_sent_per_worker: column(1).into_iter().map(|b| b as u64).collect(),
+                consensus_bytes_sent_per_worker: vec![0; workers],
+                subgroup_bytes_sent_per_worker: vec![0; workers],
+                sim_seconds: simulating.then(|| column(2)),
+                sim_comm_seconds: simulating.then(|| column(3)),
+                wall_seconds: self.clock.now(),
+            },
             test_loss: evaluation.loss(),
             test_accuracy: evaluation.accuracy(),
             worker_test_accuracy: None,
-            consensus_distance: self.last_distance,
-            bytes_sent_per_worker: column(1).into_iter().map(|b| b as u64).collect(),
-            consensus_bytes_sent_per_worker: vec![0; workers],
-            subgroup_bytes_sent_per_worker: vec![0; workers],
-            sim_seconds: simulating.then(|| column(2)),
-            sim_comm_seconds: simulating.then(|| column(3)),
-            wall_seconds: self.clock.now(),
         };
         if let Some(w) = self.writer.as_mut() {
             w.epoch(&metrics).map_err(|source| LearnerError::Io { path: self.config.output.clone(), source })?;

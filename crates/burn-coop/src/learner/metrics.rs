@@ -7,12 +7,13 @@ use std::path::Path;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-/// Measured at one merge.
+/// What a row of `syncs.csv` and a row of `epochs.csv` both hold: where the run is, its losses
+/// and its counters.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SyncMetrics {
-    /// Epoch (0-based) the merge happened in.
+pub struct RunPoint {
+    /// Epoch (0-based).
     pub epoch: usize,
-    /// Global step (1-based) the merge followed.
+    /// Global steps done (the step a merge followed, 1-based).
     pub step: u64,
     /// Merges so far.
     pub syncs: u64,
@@ -20,11 +21,11 @@ pub struct SyncMetrics {
     pub lr: f64,
     /// Period between merges.
     pub tau: u64,
-    /// Mean training loss over workers since the previous merge.
+    /// Mean training loss over workers (since the previous merge, or over the epoch).
     pub train_loss: f64,
-    /// Each worker's mean training loss since the previous merge.
+    /// Each worker's mean training loss (since the previous merge, or over the epoch).
     pub worker_train_loss: Vec<f64>,
-    /// Consensus distance before the merge.
+    /// Consensus distance (before this merge, or at the epoch's last merge).
     pub consensus_distance: Option<f64>,
     /// Bytes each worker has sent so far for merges.
     pub bytes_sent_per_worker: Vec<u64>,
@@ -34,17 +35,27 @@ pub struct SyncMetrics {
     /// Of `bytes_sent_per_worker`, the bytes each worker has sent inside its sub-group (the
     /// group level of hierarchical averaging; 0 for flat rules).
     pub subgroup_bytes_sent_per_worker: Vec<u64>,
-    /// Seconds each worker was blocked in this merge's collectives.
-    pub comm_wait_seconds: Vec<f64>,
-    /// Seconds the collectives each worker waited on at this merge had travelled while it
-    /// computed (overlapping rules).
-    pub comm_inflight_seconds: Vec<f64>,
     /// Each worker's simulated clock, when a network is simulated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sim_seconds: Option<Vec<f64>>,
     /// Of that, the seconds each worker waited for communication.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sim_comm_seconds: Option<Vec<f64>>,
+    /// Seconds since the run started.
+    pub wall_seconds: f64,
+}
+
+/// Measured at one merge.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SyncMetrics {
+    /// Where the run is, its losses and counters.
+    #[serde(flatten)]
+    pub at: RunPoint,
+    /// Seconds each worker was blocked in this merge's collectives.
+    pub comm_wait_seconds: Vec<f64>,
+    /// Seconds the collectives each worker waited on at this merge had travelled while it
+    /// computed (overlapping rules).
+    pub comm_inflight_seconds: Vec<f64>,
     /// How many workers sent their message at this merge, for event-triggered rules.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub senders: Option<u64>,
@@ -52,51 +63,20 @@ pub struct SyncMetrics {
     /// `‖x − x̂‖²/η²`, compared with the threshold `c_t`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trigger_statistic: Option<f64>,
-    /// Seconds since the run started.
-    pub wall_seconds: f64,
 }
 
 /// Measured at the end of an epoch.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EpochMetrics {
-    /// Epoch (0-based).
-    pub epoch: usize,
-    /// Global steps done.
-    pub step: u64,
-    /// Merges so far.
-    pub syncs: u64,
-    /// Learning rate of the last step.
-    pub lr: f64,
-    /// Period between merges.
-    pub tau: u64,
-    /// Mean training loss over workers and the epoch's steps.
-    pub train_loss: f64,
-    /// Each worker's mean training loss over the epoch.
-    pub worker_train_loss: Vec<f64>,
+    /// Where the run is, its losses over the epoch and its counters.
+    #[serde(flatten)]
+    pub at: RunPoint,
     /// Test loss of the average model x̄.
     pub test_loss: f64,
     /// Test accuracy of the average model x̄.
     pub test_accuracy: f64,
     /// Test accuracy of each worker's own model, when evaluated.
     pub worker_test_accuracy: Option<Vec<f64>>,
-    /// Consensus distance at the last merge.
-    pub consensus_distance: Option<f64>,
-    /// Bytes each worker has sent so far for merges.
-    pub bytes_sent_per_worker: Vec<u64>,
-    /// Bytes each worker has sent so far only to measure the consensus distance (gossip with
-    /// `consensus_every`), apart from the rule's own bytes.
-    pub consensus_bytes_sent_per_worker: Vec<u64>,
-    /// Of `bytes_sent_per_worker`, the bytes each worker has sent inside its sub-group (the
-    /// group level of hierarchical averaging; 0 for flat rules).
-    pub subgroup_bytes_sent_per_worker: Vec<u64>,
-    /// Each worker's simulated clock, when a network is simulated.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sim_seconds: Option<Vec<f64>>,
-    /// Of that, the seconds each worker waited for communication.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sim_comm_seconds: Option<Vec<f64>>,
-    /// Seconds since the run started.
-    pub wall_seconds: f64,
 }
 
 #[derive(Serialize)]
@@ -212,25 +192,25 @@ impl MetricsWriter {
         writeln!(
             self.syncs,
             "{},{},{},{},{},{},{},{},{},{},{},{},{}{}{},{:.3}",
-            m.epoch,
-            m.step,
-            m.syncs,
-            m.lr,
-            m.tau,
-            m.train_loss,
-            joined(&m.worker_train_loss),
-            optional(m.consensus_distance),
-            joined(&m.bytes_sent_per_worker),
-            joined(&m.consensus_bytes_sent_per_worker),
-            joined(&m.subgroup_bytes_sent_per_worker),
+            m.at.epoch,
+            m.at.step,
+            m.at.syncs,
+            m.at.lr,
+            m.at.tau,
+            m.at.train_loss,
+            joined(&m.at.worker_train_loss),
+            optional(m.at.consensus_distance),
+            joined(&m.at.bytes_sent_per_worker),
+            joined(&m.at.consensus_bytes_sent_per_worker),
+            joined(&m.at.subgroup_bytes_sent_per_worker),
             seconds(&m.comm_wait_seconds),
             seconds(&m.comm_inflight_seconds),
             match (m.senders, m.trigger_statistic) {
                 (Some(n), Some(statistic)) => format!(",{n},{statistic}"),
                 _ => String::new(),
             },
-            simulated(&m.sim_seconds, &m.sim_comm_seconds),
-            m.wall_seconds
+            simulated(&m.at.sim_seconds, &m.at.sim_comm_seconds),
+            m.at.wall_seconds
         )?;
         self.jsonl.flush()?;
         self.syncs.flush()
@@ -243,35 +223,37 @@ impl MetricsWriter {
         writeln!(
             self.epochs,
             "{},{},{},{},{},{},{},{},{},{},{},{},{},{}{},{:.3}",
-            m.epoch,
-            m.step,
-            m.syncs,
-            m.lr,
-            m.tau,
-            m.train_loss,
-            joined(&m.worker_train_loss),
+            m.at.epoch,
+            m.at.step,
+            m.at.syncs,
+            m.at.lr,
+            m.at.tau,
+            m.at.train_loss,
+            joined(&m.at.worker_train_loss),
             m.test_loss,
             m.test_accuracy,
             m.worker_test_accuracy.as_deref().map_or_else(String::new, joined),
-            optional(m.consensus_distance),
-            joined(&m.bytes_sent_per_worker),
-            joined(&m.consensus_bytes_sent_per_worker),
-            joined(&m.subgroup_bytes_sent_per_worker),
-            simulated(&m.sim_seconds, &m.sim_comm_seconds),
-            m.wall_seconds
+            optional(m.at.consensus_distance),
+            joined(&m.at.bytes_sent_per_worker),
+            joined(&m.at.consensus_bytes_sent_per_worker),
+            joined(&m.at.subgroup_bytes_sent_per_worker),
+            simulated(&m.at.sim_seconds, &m.at.sim_comm_seconds),
+            m.at.wall_seconds
         )?;
         self.jsonl.flush()?;
         self.epochs.flush()?;
         let line = format!(
             "epoch {:>3}  step {:>6}  train loss {:.4}  test loss {:.4}  test acc {:.2}%  consensus {}  sent/worker {:.1} MB  {:.0} s",
-            m.epoch + 1,
-            m.step,
-            m.train_loss,
+            m.at.epoch + 1,
+            m.at.step,
+            m.at.train_loss,
             m.test_loss,
             100.0 * m.test_accuracy,
-            m.consensus_distance.map_or_else(|| "-".into(), |c| format!("{c:.3e}")),
-            m.bytes_sent_per_worker.iter().sum::<u64>() as f64 / m.bytes_sent_per_worker.len().max(1) as f64 / 1e6,
-            m.wall_seconds
+            m.at.consensus_distance.map_or_else(|| "-".into(), |c| format!("{c:.3e}")),
+            m.at.bytes_sent_per_worker.iter().sum::<u64>() as f64
+                / m.at.bytes_sent_per_worker.len().max(1) as f64
+                / 1e6,
+            m.at.wall_seconds
         );
         match &self.bar {
             Some(bar) => bar.println(line),

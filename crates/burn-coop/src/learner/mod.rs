@@ -21,7 +21,7 @@ use burn::tensor::Device;
 
 pub use checkpoint::{CheckpointError, latest_checkpoint};
 pub use config::LearnerConfig;
-pub use metrics::{Columns, EpochMetrics, SyncMetrics};
+pub use metrics::{Columns, EpochMetrics, RunPoint, SyncMetrics};
 pub use optimizer::{LrSchedule, LrShape, OptimizerSpec};
 pub use shared::WorkerReport;
 pub use task::{CoopTask, Evaluation};

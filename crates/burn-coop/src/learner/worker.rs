@@ -16,7 +16,7 @@ use burn::tensor::{Bytes, Device};
 use super::LearnerError;
 use super::checkpoint::{CheckpointError, Checkpoints, WorkerFiles, WorkerState};
 use super::config::LearnerConfig;
-use super::metrics::{Columns, EpochMetrics, MetricsWriter, SyncMetrics};
+use super::metrics::{Columns, EpochMetrics, MetricsWriter, RunPoint, SyncMetrics};
 use super::shared::{Steps, WallClock, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
 use super::task::CoopTask;
 use crate::comm::Communicator;
@@ -254,23 +254,25 @@ impl<T: CoopTask> StepRun<'_, T> {
         };
         let stats = sync.stats();
         let metrics = EpochMetrics {
-            epoch,
-            step,
-            syncs: stats.syncs,
-            lr: config.lr.at(step - 1, self.steps.per_epoch, self.steps.planned),
-            tau: sync.period(),
-            train_loss: losses.iter().sum::<f64>() / workers as f64,
-            worker_train_loss: losses,
+            at: RunPoint {
+                epoch,
+                step,
+                syncs: stats.syncs,
+                lr: config.lr.at(step - 1, self.steps.per_epoch, self.steps.planned),
+                tau: sync.period(),
+                train_loss: losses.iter().sum::<f64>() / workers as f64,
+                worker_train_loss: losses,
+                consensus_distance: stats.last_consensus_distance,
+                bytes_sent_per_worker: bytes,
+                consensus_bytes_sent_per_worker: consensus_bytes,
+                subgroup_bytes_sent_per_worker: subgroup_bytes,
+                sim_seconds: sim,
+                sim_comm_seconds: sim_comm,
+                wall_seconds: self.clock.now(),
+            },
             test_loss: evaluation.loss(),
             test_accuracy: evaluation.accuracy(),
             worker_test_accuracy: worker_accuracy,
-            consensus_distance: stats.last_consensus_distance,
-            bytes_sent_per_worker: bytes,
-            consensus_bytes_sent_per_worker: consensus_bytes,
-            subgroup_bytes_sent_per_worker: subgroup_bytes,
-            sim_seconds: sim,
-            sim_comm_seconds: sim_comm,
-            wall_seconds: self.clock.now(),
         };
         if let Some(w) = writer {
             w.epoch(&metrics).map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
@@ -285,24 +287,26 @@ fn sync_metrics(epoch: usize, lr: f64, tau: u64, report: &SyncReport, wall_secon
     let columns = report.workers.clone().unwrap_or_default();
     let workers = columns.losses.len().max(1);
     SyncMetrics {
-        epoch,
-        step: report.step,
-        syncs: report.syncs,
-        lr,
-        tau,
-        train_loss: columns.losses.iter().sum::<f64>() / workers as f64,
-        worker_train_loss: columns.losses,
-        consensus_distance: report.consensus_distance,
-        bytes_sent_per_worker: columns.bytes_sent,
-        consensus_bytes_sent_per_worker: columns.consensus_bytes_sent,
-        subgroup_bytes_sent_per_worker: columns.subgroup_bytes_sent,
+        at: RunPoint {
+            epoch,
+            step: report.step,
+            syncs: report.syncs,
+            lr,
+            tau,
+            train_loss: columns.losses.iter().sum::<f64>() / workers as f64,
+            worker_train_loss: columns.losses,
+            consensus_distance: report.consensus_distance,
+            bytes_sent_per_worker: columns.bytes_sent,
+            consensus_bytes_sent_per_worker: columns.consensus_bytes_sent,
+            subgroup_bytes_sent_per_worker: columns.subgroup_bytes_sent,
+            sim_seconds: columns.sim_seconds,
+            sim_comm_seconds: columns.sim_comm_seconds,
+            wall_seconds,
+        },
         comm_wait_seconds: columns.wait_seconds,
         comm_inflight_seconds: columns.inflight_seconds,
-        sim_seconds: columns.sim_seconds,
-        sim_comm_seconds: columns.sim_comm_seconds,
         senders: columns.trigger.map(|(senders, _)| senders),
         trigger_statistic: columns.trigger.map(|(_, statistic)| statistic),
-        wall_seconds,
     }
 }
 

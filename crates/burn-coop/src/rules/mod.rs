@@ -31,7 +31,7 @@
 //! whose `build` checks every setting), the rule implementing [`MergeRule`] (`merge`;
 //! `record`/`load_record` when it keeps buffers) and [`MatrixForm`] (empty when it is no mixing
 //! matrix), its update written in the module doc with the paper's reference, and its tests (see
-//! [`crate::testing`]); here, a `mod` line, a `pub use` line, one registry line and a row in the
+//! `crate::testing`, feature `test-util`); here, a `mod` line, a `pub use` line, one registry line and a row in the
 //! table above; a row in the README's rule table.
 
 pub mod async_local_sgd;
@@ -333,7 +333,7 @@ impl<R: MergeRule + ?Sized> MergeRule for Box<R> {
 
 /// What Cooperative SGD's theory knows of a rule: its mixing matrix, per merge or in
 /// expectation, and the bytes of a merge. Used by the [advisor](crate::advisor) and the
-/// [test kit](crate::testing), never by a merge; a rule that is no mixing matrix implements it
+/// test kit (`testing`, feature `test-util`), never by a merge; a rule that is no mixing matrix implements it
 /// empty (every answer `None`).
 pub trait MatrixForm {
     /// The rule's mixing matrix for `world_size` workers (`(m+v) × (m+v)` with `v` anchors),
