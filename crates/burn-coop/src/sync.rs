@@ -118,13 +118,10 @@ pub struct WorkerColumns {
     pub trigger: Option<(u64, f64)>,
 }
 
-/// Columns of [`WorkerColumns`] every row has; event-triggered rules add two.
-const COLUMNS: usize = 8;
-
 impl WorkerColumns {
     /// The columns from the reduced `values` (column `k` of worker `r` at `k · world + r`).
     fn from_sums(values: &[f64], world: usize, mine: &ColumnEntries) -> Self {
-        let column = |k: usize| values[k * world..(k + 1) * world].to_vec();
+        let column = |k: usize| worker_column(values, k, world);
         let whole = |k: usize| column(k).into_iter().map(|b| b as u64).collect();
         Self {
             losses: column(0),
@@ -169,12 +166,23 @@ impl ColumnEntries {
         if let Some(trigger) = self.trigger {
             mine.extend([f64::from(u8::from(trigger.sent)), trigger.statistic]);
         }
-        let mut values = vec![0.0; (COLUMNS + 2 * usize::from(self.trigger.is_some())) * world];
-        for (k, v) in mine.into_iter().enumerate() {
-            values[k * world + rank] = v;
-        }
-        values
+        spread_by_worker(&mine, rank, world)
     }
+}
+
+/// This worker's values laid out for a sum over `world` workers: value `k` of worker `rank` at
+/// `k · world + rank`, zeros elsewhere, so every sum is exact and each worker's value comes back.
+pub(crate) fn spread_by_worker(mine: &[f64], rank: usize, world: usize) -> Vec<f64> {
+    let mut values = vec![0.0; mine.len() * world];
+    for (k, v) in mine.iter().enumerate() {
+        values[k * world + rank] = *v;
+    }
+    values
+}
+
+/// Value `k` of every worker, from a sum of [`spread_by_worker`] layouts.
+pub(crate) fn worker_column(values: &[f64], k: usize, world: usize) -> Vec<f64> {
+    values[k * world..(k + 1) * world].to_vec()
 }
 
 /// What this merge's statistics collective carries.

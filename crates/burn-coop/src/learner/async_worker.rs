@@ -44,6 +44,7 @@ use crate::rules::async_local_sgd::apply_average_in_place;
 use crate::schedule::FixedConfig;
 use crate::shared_params::SharedParams;
 use crate::spec::ScheduleSpec;
+use crate::sync::{spread_by_worker, worker_column};
 
 /// What the local threads report to the communication thread.
 #[derive(Debug, Default)]
@@ -428,17 +429,14 @@ impl<T: CoopTask> AsyncRun<'_, T> {
             clock_now(&self.comm),
             self.waited,
         ];
-        let mut values = vec![0.0; mine.len() * workers];
-        for (k, v) in mine.into_iter().enumerate() {
-            values[k * workers + rank] = v;
-        }
+        let mut values = spread_by_worker(&mine, rank, workers);
         self.comm.inner_mut().all_reduce_f64(&mut values).map_err(CoopError::from)?;
         if let Some(worker) = values[4 * workers..5 * workers].iter().position(|&f| f > 0.0)
             && !failed
         {
             return Err(LearnerError::PeerFailed { worker });
         }
-        let column = |k: usize| values[k * workers..(k + 1) * workers].to_vec();
+        let column = |k: usize| worker_column(&values, k, workers);
         let losses = column(0);
         let consensus = column(3).iter().sum::<f64>() / workers as f64;
         self.last_distance = Some(consensus);
@@ -489,14 +487,11 @@ impl<T: CoopTask> AsyncRun<'_, T> {
         let model = self.layouts[0].unflatten(local.clone(), &self.shared.to_vec())?;
         let epoch_loss = progress.epoch_sum / progress.epoch_count.max(1) as f64;
         let mine = [epoch_loss, self.comm.traffic().total().bytes_sent as f64, self.epoch_base, self.waited];
-        let mut values = vec![0.0; mine.len() * workers];
-        for (k, v) in mine.into_iter().enumerate() {
-            values[k * workers + rank] = v;
-        }
+        let mut values = spread_by_worker(&mine, rank, workers);
         self.comm.inner_mut().all_reduce_f64(&mut values).map_err(CoopError::from)?;
         let (average, evaluation) =
             evaluate_average(self.local.task, &model, step, self.comm.inner_mut().as_mut(), self.local.device, false)?;
-        let column = |k: usize| values[k * workers..(k + 1) * workers].to_vec();
+        let column = |k: usize| worker_column(&values, k, workers);
         let losses = column(0);
         let simulating = self.config.network.is_some();
         let metrics = EpochMetrics {

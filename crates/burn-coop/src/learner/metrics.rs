@@ -45,6 +45,26 @@ pub struct RunPoint {
     pub wall_seconds: f64,
 }
 
+impl RunPoint {
+    /// The row's first columns: epoch, step, syncs, lr, tau, train_loss, worker_train_loss.
+    fn position(&self) -> String {
+        let (epoch, step, syncs, lr, tau, loss) =
+            (self.epoch, self.step, self.syncs, self.lr, self.tau, self.train_loss);
+        format!("{epoch},{step},{syncs},{lr},{tau},{loss},{}", joined(&self.worker_train_loss))
+    }
+
+    /// The consensus distance and the three byte columns.
+    fn counters(&self) -> String {
+        format!(
+            "{},{},{},{}",
+            optional(self.consensus_distance),
+            joined(&self.bytes_sent_per_worker),
+            joined(&self.consensus_bytes_sent_per_worker),
+            joined(&self.subgroup_bytes_sent_per_worker)
+        )
+    }
+}
+
 /// Measured at one merge.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SyncMetrics {
@@ -191,18 +211,9 @@ impl MetricsWriter {
         writeln!(self.jsonl)?;
         writeln!(
             self.syncs,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{}{}{},{:.3}",
-            m.at.epoch,
-            m.at.step,
-            m.at.syncs,
-            m.at.lr,
-            m.at.tau,
-            m.at.train_loss,
-            joined(&m.at.worker_train_loss),
-            optional(m.at.consensus_distance),
-            joined(&m.at.bytes_sent_per_worker),
-            joined(&m.at.consensus_bytes_sent_per_worker),
-            joined(&m.at.subgroup_bytes_sent_per_worker),
+            "{},{},{},{}{}{},{:.3}",
+            m.at.position(),
+            m.at.counters(),
             seconds(&m.comm_wait_seconds),
             seconds(&m.comm_inflight_seconds),
             match (m.senders, m.trigger_statistic) {
@@ -222,21 +233,12 @@ impl MetricsWriter {
         writeln!(self.jsonl)?;
         writeln!(
             self.epochs,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}{},{:.3}",
-            m.at.epoch,
-            m.at.step,
-            m.at.syncs,
-            m.at.lr,
-            m.at.tau,
-            m.at.train_loss,
-            joined(&m.at.worker_train_loss),
+            "{},{},{},{},{}{},{:.3}",
+            m.at.position(),
             m.test_loss,
             m.test_accuracy,
             m.worker_test_accuracy.as_deref().map_or_else(String::new, joined),
-            optional(m.at.consensus_distance),
-            joined(&m.at.bytes_sent_per_worker),
-            joined(&m.at.consensus_bytes_sent_per_worker),
-            joined(&m.at.subgroup_bytes_sent_per_worker),
+            m.at.counters(),
             simulated(&m.at.sim_seconds, &m.at.sim_comm_seconds),
             m.at.wall_seconds
         )?;

@@ -23,7 +23,7 @@ use crate::comm::Communicator;
 use crate::error::CoopError;
 use crate::local_sgd::{LocalSgd, LocalSgdState};
 use crate::params::{BufferPolicy, ParamLayout};
-use crate::sync::{StepSignal, SyncReport, Synchronizer};
+use crate::sync::{StepSignal, SyncReport, Synchronizer, spread_by_worker, worker_column};
 
 /// Runs one worker: `comm` decides its rank among the workers. With `resume`, continues
 /// from the newest checkpoint in the output folder. Rank 0 writes metrics and publishes
@@ -335,12 +335,9 @@ fn gather(sync: &mut Synchronizer, value: f64) -> Result<Gathered, LearnerError>
         clock.map_or(0.0, |c| c.now),
         clock.map_or(0.0, |c| c.comm_seconds),
     ];
-    let mut values = vec![0.0; mine.len() * workers];
-    for (k, v) in mine.into_iter().enumerate() {
-        values[k * workers + rank] = v;
-    }
+    let mut values = spread_by_worker(&mine, rank, workers);
     sync.comm().all_reduce_f64(&mut values).map_err(CoopError::from)?;
-    let column = |k: usize| values[k * workers..(k + 1) * workers].to_vec();
+    let column = |k: usize| worker_column(&values, k, workers);
     let whole = |k: usize| column(k).into_iter().map(|b| b as u64).collect();
     Ok(Gathered {
         losses: column(0),
