@@ -6,7 +6,7 @@
 //! first; forward and backward run outside the clock. A whole training step is also compared.
 
 use burn::module::Module;
-use burn_coop::{Averaging, InProcessGroup, LocalSgd, PeriodicSchedule};
+use burn_coop::{LocalSgd, comm::InProcessGroup, rules::averaging::Averaging, schedule::fixed::PeriodicSchedule};
 
 use crate::setup::{fmt_seconds, gradients, median, random_batch, reference_device, resnet, seconds, sgd};
 use crate::{BenchError, Goal, Options, Row};

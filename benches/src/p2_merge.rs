@@ -21,8 +21,11 @@
 use std::time::Instant;
 
 use burn_coop::{
-    Averaging, BufferPolicy, Elastic, Gossip, LocalSgd, MergeRule, ParamLayout, PeriodicSchedule, Synchronizer,
-    Topology, launch,
+    LocalSgd, Synchronizer, launch,
+    params::{BufferPolicy, ParamLayout},
+    rules::{MergeRule, averaging::Averaging, elastic::Elastic, gossip::Gossip},
+    schedule::fixed::PeriodicSchedule,
+    topology::Topology,
 };
 
 use crate::setup::{

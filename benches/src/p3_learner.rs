@@ -12,9 +12,13 @@ use std::time::Instant;
 
 use burn::optim::GradientsParams;
 use burn_coop::learner::{CoopTask, LrSchedule, LrShape};
-use burn_coop::rules::AveragingConfig;
-use burn_coop::schedule::FixedConfig;
-use burn_coop::{Learner, LearnerConfig, RuleSpec, ScheduleSpec};
+use burn_coop::rules::averaging::AveragingConfig;
+use burn_coop::schedule::fixed::FixedConfig;
+use burn_coop::{
+    learner::{Learner, LearnerConfig},
+    rules::RuleSpec,
+    schedule::ScheduleSpec,
+};
 use burn_coop_vision::Partition;
 use burn_coop_vision::task::{CifarTask, ModelKind};
 

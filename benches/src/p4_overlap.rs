@@ -13,7 +13,11 @@
 use std::time::{Duration, Instant};
 
 use burn_coop::comm::{CommError, Communicator, PendingOp, PendingSum};
-use burn_coop::{Averaging, MergeRule, PeriodicSchedule, Synchronizer, launch};
+use burn_coop::{
+    Synchronizer, launch,
+    rules::{MergeRule, averaging::Averaging},
+    schedule::fixed::PeriodicSchedule,
+};
 
 use crate::setup::{flat_len, fmt_seconds, reference_device, resnet};
 use crate::{BenchError, Goal, Options, Row};
@@ -118,10 +122,10 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let repeats = scale.pick(3, 1);
     let mut none = f64::INFINITY;
     let rules: [(&str, fn() -> Result<Box<dyn MergeRule>, BenchError>, Goal); 3] = [
-        ("Overlap Local-SGD", || Ok(Box::new(burn_coop::rules::Overlap::new(0.6, 0.7)?)), Goal::AtMost(1.05)),
+        ("Overlap Local-SGD", || Ok(Box::new(burn_coop::rules::overlap::Overlap::new(0.6, 0.7)?)), Goal::AtMost(1.05)),
         (
             "elastic averaging overlapped",
-            || Ok(Box::new(burn_coop::rules::ElasticOverlap::new(0.3, WORKERS)?)),
+            || Ok(Box::new(burn_coop::rules::elastic_overlap::ElasticOverlap::new(0.3, WORKERS)?)),
             Goal::AtMost(1.05),
         ),
         ("blocking averaging", || Ok(Box::new(Averaging::new())), Goal::Report),

@@ -23,7 +23,7 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let reps = scale.pick(30, 3);
     // On an autodiff device, as in training, so that weights and BatchNorm buffers are told apart.
     let model = resnet(scale.depth(), &reference_device().autodiff())?;
-    let segments = burn_coop::ParamLayout::of(&model, burn_coop::BufferPolicy::Merge).segments();
+    let segments = burn_coop::params::ParamLayout::of(&model, burn_coop::params::BufferPolicy::Merge).segments();
     let n = segments.len();
     let values: Vec<f32> = (0..n).map(|k| (((k * 7919) % 1000) as f32 / 500.0 - 1.0) * 0.05).collect();
     let bandwidth = memcpy_bandwidth(n, scale.pick(50, 3));

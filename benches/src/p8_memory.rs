@@ -9,7 +9,7 @@
 //! rule's state). A second row compares the memory still held after training (weights,
 //! optimizer state and our buffers, no activations).
 
-use burn_coop::{Averaging, LocalSgd, PeriodicSchedule, launch};
+use burn_coop::{LocalSgd, launch, rules::averaging::Averaging, schedule::fixed::PeriodicSchedule};
 
 use crate::alloc;
 use crate::setup::{fmt_mib, gradients, random_batch, reference_device, resnet, sgd, train_step};

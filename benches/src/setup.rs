@@ -122,7 +122,7 @@ pub fn fmt_mib(bytes: f64) -> String {
 
 /// Parameters and buffers of a module, as the merge moves them.
 pub fn flat_len<M: Module>(model: &M) -> usize {
-    burn_coop::ParamLayout::of(model, burn_coop::BufferPolicy::Merge).len()
+    burn_coop::params::ParamLayout::of(model, burn_coop::params::BufferPolicy::Merge).len()
 }
 
 #[cfg(test)]

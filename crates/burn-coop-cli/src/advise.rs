@@ -2,7 +2,10 @@
 //! training (see [`burn_coop::advisor`]).
 
 use burn_coop::advisor::{AdaCommInputs, Advice};
-use burn_coop::{MatrixForm, MergeRule, ParamLayout};
+use burn_coop::{
+    params::ParamLayout,
+    rules::{MatrixForm, MergeRule},
+};
 use clap::Args;
 
 use crate::config::TrainArgs;
@@ -15,39 +18,55 @@ pub struct AdviseArgs {
     /// `--alpha`, `--anchors`, `--lr`, a `--config` file, …).
     #[command(flatten)]
     pub train: TrainArgs,
-    /// Values in the model (default: counted from `--model`).
-    #[arg(long)]
-    pub params: Option<usize>,
+    /// Values in the model (default: counted from `--model`; at most 2^40).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
+    pub params: Option<u64>,
     /// Seconds of one merge, D (AdaComm's runtime model; default with `--network`: the rule's
     /// bytes per merge over the bandwidth plus a ring's latencies).
-    #[arg(long, value_parser = burn_coop::spec::positive_f64)]
+    #[arg(long, value_parser = burn_coop::registry::positive_f64)]
     pub comm_delay: Option<f64>,
     /// Initial training loss above its floor, F(x₀) − F_inf (for AdaComm's τ*).
-    #[arg(long, value_parser = burn_coop::spec::positive_f64)]
+    #[arg(long, value_parser = burn_coop::registry::positive_f64)]
     pub loss_gap: Option<f64>,
     /// Smoothness L of the loss (for AdaComm's τ*).
-    #[arg(long, value_parser = burn_coop::spec::positive_f64)]
+    #[arg(long, value_parser = burn_coop::registry::positive_f64)]
     pub smoothness: Option<f64>,
     /// Variance σ² of a stochastic gradient (for AdaComm's τ*).
-    #[arg(long, value_parser = burn_coop::spec::positive_f64)]
+    #[arg(long, value_parser = burn_coop::registry::positive_f64)]
     pub grad_variance: Option<f64>,
     /// Training time T in seconds (for AdaComm's τ*).
-    #[arg(long, value_parser = burn_coop::spec::positive_f64)]
+    #[arg(long, value_parser = burn_coop::registry::positive_f64)]
     pub wall_time: Option<f64>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
+/// Refuses a number of workers whose dense `m × m` mixing matrix would not fit (the theory's
+/// quantities are computed from it), saying what it would cost.
+pub fn check_dense_order(workers: usize) -> Result<(), String> {
+    let most = burn_coop::mixing::MAX_DENSE_ORDER;
+    if workers > most {
+        let gib = (workers as f64).powi(2) * 8.0 / f64::from(1 << 30);
+        return Err(format!(
+            "{workers} workers: the theory's quantities come from the dense {workers} x {workers} mixing matrix \
+             ({gib:.1} GiB, and time cubic in the workers for its spectrum); at most {most} workers"
+        ));
+    }
+    Ok(())
+}
+
 /// Runs `coop advise`.
 pub fn run(args: &AdviseArgs) -> Result<(), String> {
-    let config = crate::train::resolve(&args.train);
+    // `--step-time` is the runtime model's Y here, with or without a network.
+    let config = crate::train::resolve(&args.train, &["step-time"]);
     let (mut rule, schedule) =
-        burn_coop::spec::build_pair(&config.rule, &config.schedule, config.workers).map_err(|e| e.to_string())?;
+        burn_coop::registry::build_pair(&config.rule, &config.schedule, config.workers).map_err(|e| e.to_string())?;
     // The period after any warm-up (an adaptive schedule's first one).
     let tau = schedule.period(u64::MAX / 2);
+    check_dense_order(config.workers)?;
     let values = match args.params {
-        Some(values) => values,
+        Some(values) => values as usize,
         None => {
             // On an autodiff device, as in training, so that weights and buffers are told apart.
             let device = DeviceName::default_for_build().open().autodiff();

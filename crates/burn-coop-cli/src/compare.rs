@@ -102,7 +102,10 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
             sync.final_loss()
                 .ok_or_else(|| format!("{}: no finished epoch to take the final loss from", sync.folder.display()))?
         }
-        text => text.parse::<f64>().map_err(|_| format!("--target-loss: '{text}' is neither a number nor auto"))?,
+        text => match text.parse::<f64>() {
+            Ok(loss) if loss.is_finite() => loss,
+            _ => return Err(format!("--target-loss: '{text}' is neither a finite number nor auto")),
+        },
     };
     let reference = baseline.and_then(|b| reached(&all_merges[b], target, args.window));
     let clock = if runs.iter().all(Run::simulated) { "simulated s" } else { "s" };

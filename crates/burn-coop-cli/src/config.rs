@@ -4,8 +4,14 @@ use std::path::{Path, PathBuf};
 
 use burn_coop::comm::{NetworkModel, StepTime};
 use burn_coop::learner::{LrSchedule, LrShape, OptimizerSpec};
-use burn_coop::spec::{RuleFlags, ScheduleFlags, SpecError, at_least_one, positive_f64, serde_name};
-use burn_coop::{BufferPolicy, InnerStatePolicy, LearnerConfig, RuleSpec, ScheduleSpec};
+use burn_coop::{
+    InnerStatePolicy, learner::LearnerConfig, params::BufferPolicy, rules::RuleSpec, schedule::ScheduleSpec,
+};
+use burn_coop::{
+    registry::{SpecError, at_least_one, positive_f64, serde_name},
+    rules::RuleFlags,
+    schedule::ScheduleFlags,
+};
 use burn_coop_vision::task::ModelKind;
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
@@ -62,7 +68,7 @@ pub enum TransportName {
 /// In a TOML file every setting is a top-level key: the rule is `rule = "NAME"` beside the
 /// rule's own settings (`alpha`, `topology`, …) and the schedule is `schedule = "NAME"` beside
 /// its own (`tau`, `warmup-steps`); which keys exist is decided by the registries in
-/// [`burn_coop::spec`], so a new rule needs no change here.
+/// [`burn_coop::registry`], so a new rule needs no change here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TrainConfig {
@@ -144,6 +150,9 @@ pub struct TrainConfig {
     /// worker and step).
     pub straggler: Option<String>,
 }
+
+/// The most workers on threads of one process.
+const MAX_THREAD_WORKERS: usize = 1024;
 
 /// `--step-time`: `measured`, or a fixed number of seconds.
 fn parse_step_time(text: &str) -> Result<Option<f64>, String> {
@@ -336,6 +345,21 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// The keys of the flags that were given (a flag without `--`).
+    pub fn given_keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        macro_rules! given {
+            ($($field:ident),*) => { $( if self.$field.is_some() { keys.push(stringify!($field).replace('_', "-")); } )* };
+        }
+        given!(model, consensus_every, workers, devices, epochs, batch_size, optimizer, lr, lr_schedule);
+        given!(lr_warmup_epochs, min_lr, milestones, gamma, momentum, nesterov, weight_decay, partition, beta);
+        given!(augment, buffers, inner_state, seed, output, checkpoint_every, keep_checkpoints, eval_workers);
+        given!(max_steps, data, download, verify, transport, network, step_time, straggler);
+        keys.extend(self.rule.given_keys());
+        keys.extend(self.schedule.given_keys());
+        keys
+    }
+
     /// Applies every flag that was given to `config`. A flag of a rule or schedule the run does
     /// not use is an error naming it.
     pub fn apply(&self, config: &mut TrainConfig) -> Result<(), SpecError> {
@@ -405,25 +429,42 @@ impl std::fmt::Display for InvalidValue {
 }
 
 impl TrainConfig {
-    /// Reads a TOML file (missing keys keep their defaults; unknown keys are errors).
-    pub fn from_toml_file(path: &Path) -> Result<Self, String> {
+    /// Reads a TOML file (missing keys keep their defaults; unknown keys are errors), with the
+    /// keys the file sets.
+    pub fn from_toml_file_with_keys(path: &Path) -> Result<(Self, Vec<String>), String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Self::from_toml_str(&text).map_err(|e| format!("invalid configuration file {}: {e}", path.display()))
+        Self::from_toml_str_with_keys(&text).map_err(|e| format!("invalid configuration file {}: {e}", path.display()))
     }
 
-    /// Reads the TOML form: the rule's and the schedule's keys go to their registries, the rest
-    /// to the fields of this struct.
-    pub fn from_toml_str(text: &str) -> Result<Self, String> {
-        let mut table = match toml::from_str::<Value>(text).map_err(|e| e.to_string())? {
-            Value::Object(table) => table,
-            _ => return Err("the configuration must be a table of keys".into()),
+    /// Reads the TOML form, with the keys the text sets: the rule's and the schedule's keys go to
+    /// their registries, the rest to the fields of this struct. A non-finite number is an
+    /// error naming its key (it must not turn into "unset" on the way); so is an unknown key,
+    /// with the closest known one when there is one.
+    pub fn from_toml_str_with_keys(text: &str) -> Result<(Self, Vec<String>), String> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        if let Some((key, value)) = first_non_finite(&table) {
+            return Err(format!("invalid value '{value}' for '{key}': not a finite number"));
+        }
+        let keys: Vec<String> = table.keys().cloned().collect();
+        let Value::Object(mut table) = serde_json::to_value(&table).map_err(|e| e.to_string())? else {
+            return Err("the configuration must be a table of keys".into());
         };
         let rule = RuleSpec::take_from_flat(&mut table).map_err(|e| e.to_string())?;
         let schedule = ScheduleSpec::take_from_flat(&mut table).map_err(|e| e.to_string())?;
-        let mut config: Self = serde_json::from_value(Value::Object(table)).map_err(|e| e.to_string())?;
+        let own = burn_coop::registry::field_names::<Self>();
+        if let Some(unknown) = table.keys().find(|key| !own.contains(&key.as_str())) {
+            let known = own.iter().chain(&RuleSpec::keys()).chain(&ScheduleSpec::keys()).copied().collect::<Vec<_>>();
+            return Err(match closest(unknown, &known) {
+                Some(near) => format!("unknown key '{unknown}' (did you mean '{near}'?)"),
+                None => format!(
+                    "unknown key '{unknown}' (`coop train --help` lists the settings; a key is a flag without --)"
+                ),
+            });
+        }
+        let mut config: Self = burn_coop::registry::from_map(table, "configuration").map_err(|e| e.to_string())?;
         config.rule = rule;
         config.schedule = schedule;
-        Ok(config)
+        Ok((config, keys))
     }
 
     /// The configuration as TOML, with the rule's and schedule's defaults written out.
@@ -433,7 +474,11 @@ impl TrainConfig {
         };
         table.extend(self.rule.resolved().to_flat());
         table.extend(self.schedule.resolved().to_flat());
-        let table: Map<String, Value> = table.into_iter().filter(|(_, v)| !v.is_null()).collect();
+        let unused = self.unused_keys();
+        let table: Map<String, Value> = table
+            .into_iter()
+            .filter(|(key, value)| !value.is_null() && !unused.iter().any(|(k, _)| k == key))
+            .collect();
         toml::to_string_pretty(&table).expect("the configuration serializes")
     }
 
@@ -444,6 +489,12 @@ impl TrainConfig {
         let invalid = |option, value: String, reason: &str| Err(InvalidValue { option, value, reason: reason.into() });
         if self.workers == 0 {
             return invalid("workers", "0".into(), "at least one worker is needed");
+        }
+        if self.transport == TransportName::Threads && self.workers > MAX_THREAD_WORKERS {
+            let reason = format!(
+                "each worker is a thread of this process holding its own model, optimizer state and batches; at most {MAX_THREAD_WORKERS} (more: --transport mpi)"
+            );
+            return invalid("workers", self.workers.to_string(), &reason);
         }
         if self.epochs == 0 {
             return invalid("epochs", "0".into(), "at least one epoch is needed");
@@ -456,6 +507,33 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.momentum) {
             return invalid("momentum", self.momentum.to_string(), "momentum must lie in [0, 1)");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return invalid("weight-decay", self.weight_decay.to_string(), "the weight decay must be 0 or more");
+        }
+        if !(self.lr_warmup_epochs.is_finite() && self.lr_warmup_epochs >= 0.0) {
+            return invalid("lr-warmup-epochs", self.lr_warmup_epochs.to_string(), "the warm-up is 0 or more epochs");
+        }
+        if !(self.min_lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return invalid("min-lr", self.min_lr.to_string(), "the final rate lies in [0, lr]");
+        }
+        if !(self.gamma.is_finite() && self.gamma > 0.0 && self.gamma <= 1.0) {
+            return invalid("gamma", self.gamma.to_string(), "the step-decay factor lies in (0, 1]");
+        }
+        if let Some(pair) = self.milestones.windows(2).find(|pair| pair[0] >= pair[1]) {
+            return invalid(
+                "milestones",
+                format!("{:?}", self.milestones),
+                &format!("{} is not before {}", pair[0], pair[1]),
+            );
+        }
+        if let Some(late) = self.milestones.iter().find(|&&m| m == 0 || m >= self.epochs) {
+            let reason =
+                format!("epoch {late} is not inside the run's {} epochs (1 to {})", self.epochs, self.epochs - 1);
+            return invalid("milestones", format!("{:?}", self.milestones), &reason);
+        }
+        if self.keep_checkpoints == 0 {
+            return invalid("keep-checkpoints", "0".into(), "at least one checkpoint must be kept");
         }
         if self.partition == PartitionName::Dirichlet && !(self.beta.is_finite() && self.beta > 0.0) {
             return invalid("beta", self.beta.to_string(), "the Dirichlet concentration must be positive");
@@ -479,10 +557,48 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The keys this configuration does not use, each with the setting that would use it.
+    pub fn unused_keys(&self) -> Vec<(&'static str, &'static str)> {
+        let mut unused = Vec::new();
+        if self.optimizer != OptimizerName::Sgd {
+            let why = "SGD's momentum (optimizer = sgd)";
+            unused.extend([("momentum", why), ("nesterov", why)]);
+        }
+        if self.lr_schedule != LrShapeName::Step {
+            let why = "the step decay's (lr-schedule = step)";
+            unused.extend([("milestones", why), ("gamma", why)]);
+        }
+        if self.lr_schedule != LrShapeName::Cosine {
+            unused.push(("min-lr", "the cosine shape's final rate (lr-schedule = cosine)"));
+        }
+        if self.partition != PartitionName::Dirichlet {
+            unused.push(("beta", "the Dirichlet split's concentration (partition = dirichlet)"));
+        }
+        if self.network.is_none() {
+            let why = "a setting of the simulated clock, which needs a network (--network)";
+            unused.extend([("step-time", why), ("straggler", why), ("interval-seconds", why)]);
+        }
+        if self.rule.forced_period().is_some() {
+            let why = "a schedule's, but this rule merges after every step";
+            unused.extend(ScheduleSpec::keys().into_iter().map(|key| (key, why)));
+        }
+        unused
+    }
+
+    /// Refuses every key of `given` (set in `source`: a file, or flags) that this configuration
+    /// does not use.
+    pub fn refuse_unused(&self, given: &[String], source: &str) -> Result<(), String> {
+        let unused = self.unused_keys();
+        match given.iter().find_map(|key| unused.iter().find(|(k, _)| k == key)) {
+            Some((key, why)) => Err(format!("{source} sets '{key}', which this run does not use: it is {why}")),
+            None => Ok(()),
+        }
+    }
+
     /// Checks the rule and schedule against the real number of workers (`--workers` for
     /// threads, the number of ranks under MPI), by building them.
     pub fn validate_for(&self, workers: usize) -> Result<(), InvalidValue> {
-        burn_coop::spec::build_pair(&self.rule, &self.schedule, workers)?;
+        burn_coop::registry::build_pair(&self.rule, &self.schedule, workers)?;
         Ok(())
     }
 
@@ -545,4 +661,188 @@ impl TrainConfig {
     }
 }
 
-pub use burn_coop::spec::serde_name_of;
+pub use burn_coop::registry::serde_name_of;
+
+/// The first non-finite number in a TOML table (nested tables and arrays included), with its key.
+fn first_non_finite(table: &toml::Table) -> Option<(String, f64)> {
+    fn find(key: &str, value: &toml::Value) -> Option<(String, f64)> {
+        match value {
+            toml::Value::Float(f) if !f.is_finite() => Some((key.to_string(), *f)),
+            toml::Value::Array(items) => items.iter().find_map(|item| find(key, item)),
+            toml::Value::Table(table) => table.iter().find_map(|(inner, v)| find(&format!("{key}.{inner}"), v)),
+            _ => None,
+        }
+    }
+    table.iter().find_map(|(key, value)| find(key, value))
+}
+
+/// The known key closest to `unknown` (at most a third of its letters, and at most three,
+/// different), if any.
+fn closest<'a>(unknown: &str, known: &[&'a str]) -> Option<&'a str> {
+    let distance = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut previous = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let substitution = previous + usize::from(ca != *cb);
+                previous = row[j + 1];
+                row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
+            }
+        }
+        row[b.len()]
+    };
+    let limit = unknown.chars().count().div_ceil(3).clamp(1, 3);
+    known.iter().map(|k| (distance(unknown, k), *k)).filter(|(d, _)| *d <= limit).min().map(|(_, k)| k)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::any::TypeId;
+
+    use burn_coop::testing::inputs::{Inputs, never_panics};
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    #[command(allow_negative_numbers = true)]
+    struct Train {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    /// `coop train FLAGS` resolved over the defaults, as `train::resolve` does it.
+    fn flags(line: &str) -> Result<TrainConfig, String> {
+        let parsed = Train::try_parse_from(std::iter::once("train").chain(line.split_whitespace()));
+        let args = parsed.map_err(|e| e.to_string())?.args;
+        let mut config = TrainConfig::default();
+        args.apply(&mut config).map_err(|e| InvalidValue::from(e).to_string())?;
+        config.refuse_unused(&args.given_keys(), "the command line")?;
+        config.validate().and_then(|()| config.validate_for(config.workers)).map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    /// A configuration file's text resolved over the defaults.
+    fn file(text: &str) -> Result<TrainConfig, String> {
+        let (config, keys) = TrainConfig::from_toml_str_with_keys(text)?;
+        config.refuse_unused(&keys, "the file")?;
+        config.validate().and_then(|()| config.validate_for(config.workers)).map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn no_float_flag_reads_nan_or_infinity_as_unset() {
+        let command = Train::command();
+        let floats: Vec<String> = command
+            .get_arguments()
+            .filter(|arg| arg.get_value_parser().type_id() == TypeId::of::<f64>())
+            .filter_map(|arg| arg.get_long().map(String::from))
+            .collect();
+        assert!(floats.len() >= 18, "every float flag is here: {floats:?}");
+        for flag in &floats {
+            for value in ["NaN", "inf", "-inf"] {
+                let error = Train::try_parse_from(["train", &format!("--{flag}={value}")]).unwrap_err().to_string();
+                assert!(error.contains(&format!("--{flag}")) && error.contains(value), "--{flag} {value}: {error}");
+            }
+        }
+        for (key, value) in [("outer-lr", "nan"), ("alpha", "inf"), ("lr", "-inf"), ("trigger-growth", "nan")] {
+            let error = file(&format!("rule = \"diloco\"\n{key} = {value}")).unwrap_err();
+            assert!(error.contains(&format!("'{key}'")) && error.contains("finite"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_negative_number_is_refused_by_its_flag_name() {
+        let error = flags("--lr -0.1").unwrap_err();
+        assert!(error.contains("--lr") && error.contains("-0.1"), "{error}");
+    }
+
+    #[test]
+    fn settings_the_run_does_not_use_are_refused_by_name() {
+        for (line, key) in [
+            ("--step-time 0.1", "step-time"),
+            ("--straggler exp:0.1", "straggler"),
+            ("--schedule adacomm --interval-seconds 4", "interval-seconds"),
+            ("--rule sync --tau 8", "tau"),
+            ("--rule sync --schedule adacomm", "schedule"),
+            ("--gamma 0.5", "gamma"),
+            ("--lr-schedule step --min-lr 0.01", "min-lr"),
+            ("--beta 0.3", "beta"),
+            ("--optimizer adam --momentum 0.5", "momentum"),
+        ] {
+            let error = flags(line).unwrap_err();
+            assert!(error.contains(&format!("'{key}'")) && error.contains("does not use"), "{line}: {error}");
+        }
+        let error = file("rule = \"sync\"\ntau = 8").unwrap_err();
+        assert!(error.contains("'tau'"), "{error}");
+        // Used, they are accepted.
+        flags("--network bandwidth=1Gbit --step-time 0.1 --straggler exp:0.1").unwrap();
+        flags("--lr-schedule step --gamma 0.5 --milestones 2,4").unwrap();
+        flags("--partition dirichlet --beta 0.3").unwrap();
+    }
+
+    #[test]
+    fn files_are_held_to_the_flags_rules() {
+        for (text, key) in [
+            ("schedule = \"adacomm\"\nnetwork = \"bandwidth=1Gbit\"\ninterval-seconds = -5.0", "interval-seconds"),
+            ("keep-checkpoints = 0", "keep-checkpoints"),
+            ("weight-decay = -1.0", "weight-decay"),
+            ("min-lr = -1.0", "min-lr"),
+            ("lr-warmup-epochs = -1.0", "lr-warmup-epochs"),
+            ("lr-schedule = \"step\"\ngamma = 0.0", "gamma"),
+            ("lr-schedule = \"step\"\nmilestones = [3, 2]", "milestones"),
+            ("lr-schedule = \"step\"\nmilestones = [9]", "milestones"),
+            ("lr = 0.1\nmin-lr = 0.5", "min-lr"),
+            ("workers = 100000", "workers"),
+            ("rule = \"async\"\nlocal-threads = 10000", "local-threads"),
+        ] {
+            let error = file(text).unwrap_err();
+            assert!(error.contains(key), "{text}: {error}");
+        }
+        let error = file("rule = \"elastic\"\nalfa = 0.3").unwrap_err();
+        assert!(error.contains("'alfa'") && error.contains("did you mean 'alpha'"), "{error}");
+        let error = file("rule = \"elastic\"\nalpha = \"high\"").unwrap_err();
+        assert!(error.contains("'alpha'") && error.contains("high") && !error.contains('{'), "{error}");
+        let error = flags("--lr 0.1 --min-lr 0.5").unwrap_err();
+        assert!(error.contains("min-lr"), "{error}");
+    }
+
+    #[test]
+    fn a_written_configuration_reads_back_without_unused_keys() {
+        for line in ["", "--rule sync", "--rule diloco --schedule adacomm", "--optimizer adam --lr-schedule step"] {
+            let config = flags(line).unwrap();
+            let back = file(&config.to_toml()).unwrap_or_else(|e| panic!("{line}: {e}\n{}", config.to_toml()));
+            assert_eq!(back.to_toml(), config.to_toml(), "{line}");
+        }
+    }
+
+    #[test]
+    fn arbitrary_configuration_files_parse_or_are_refused() {
+        let valid = [
+            "rule = \"elastic\"\nalpha = 0.3\nworkers = 4\ntau = 2\n",
+            "lr = 0.1\nlr-schedule = \"step\"\nmilestones = [1, 2]\ngamma = 0.5\n",
+            "network = \"bandwidth=1Gbit,latency=50us\"\nstep-time = \"0.05\"\nstraggler = \"exp:0.1\"\n",
+            "rule = \"choco\"\ntopology = \"ring\"\ncompressor = \"topk:0.1+sign\"\nconsensus-step = 0.5\n",
+        ];
+        let texts = Inputs::new(11).texts(&valid, "abcdelrtu=\"[]#.,:-+0123456789\n \\", 2000);
+        let results = never_panics(&texts, |text| file(text));
+        assert!(results.iter().filter(|r| r.is_ok()).count() > 20, "some edits still parse");
+    }
+
+    #[test]
+    fn arbitrary_step_time_and_straggler_specs_parse_or_are_refused() {
+        let texts = Inputs::new(12).texts(&["measured", "0.05", "exp:0.1"], "measurdxp:0.123456789e-+nif", 3000);
+        for (text, (time, straggler)) in
+            texts.iter().zip(never_panics(&texts, |t| (parse_step_time(t), parse_straggler(t))))
+        {
+            if let Ok(Some(seconds)) = time {
+                assert!(seconds.is_finite() && seconds >= 0.0, "{text}");
+            }
+            if let Ok(mean) = straggler {
+                assert!(mean.is_finite() && mean >= 0.0, "{text}");
+            }
+        }
+    }
+}

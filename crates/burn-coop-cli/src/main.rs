@@ -26,12 +26,15 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Train a CIFAR-10 ResNet with cooperating replicas.
+    #[command(allow_negative_numbers = true)]
     Train(Box<config::TrainArgs>),
     /// Print a topology's mixing matrix W and its spectral quantities.
     Topology(topology::TopologyArgs),
     /// What the theory says about a training setting: zeta, error floor, bytes, AdaComm's tau*.
+    #[command(allow_negative_numbers = true)]
     Advise(Box<advise::AdviseArgs>),
     /// The time and bytes runs needed to reach a target training loss, and their speed-ups.
+    #[command(allow_negative_numbers = true)]
     Compare(compare::CompareArgs),
     /// Curves of runs on one chart (PNG or SVG by extension).
     Plot(plot::PlotArgs),

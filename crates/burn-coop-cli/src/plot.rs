@@ -161,6 +161,23 @@ fn ensure_font() -> Result<(), String> {
 /// One curve: its legend and points.
 type Curve = (String, Vec<(f64, f64)>);
 
+/// The curves without their non-finite points (a NaN or infinite loss cannot be drawn), with a
+/// warning naming each curve that had some.
+fn finite_points(curves: &[Curve]) -> Vec<Curve> {
+    curves
+        .iter()
+        .map(|(name, points)| {
+            let kept: Vec<(f64, f64)> =
+                points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+            if kept.len() < points.len() {
+                let left = points.len() - kept.len();
+                eprintln!("warning: {name}: {left} of {} points are NaN or infinite and are left out", points.len());
+            }
+            (name.clone(), kept)
+        })
+        .collect()
+}
+
 /// The range of `values` with a margin, never empty.
 fn span(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     let (low, high) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(v), h.max(v)));
@@ -179,6 +196,7 @@ fn draw<DB: DrawingBackend>(
     y_label: &str,
 ) -> Result<(), String> {
     let text = |e: DrawingAreaErrorKind<DB::ErrorType>| format!("cannot draw the chart: {e}");
+    let curves = &finite_points(curves);
     let x_range = span(curves.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)));
     let y_range = span(curves.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)));
     let mut chart = ChartBuilder::on(area)

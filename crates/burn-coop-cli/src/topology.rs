@@ -1,11 +1,11 @@
 //! `coop topology`: a graph's mixing matrix and how fast it mixes.
 
-use burn_coop::TopologySpec;
-use burn_coop::WeightRule;
+use burn_coop::topology::TopologySpec;
+use burn_coop::topology::WeightRule;
 use clap::Args;
 use serde::Serialize;
 
-use burn_coop::spec::serde_name;
+use burn_coop::registry::serde_name;
 
 /// Arguments of `coop topology`.
 #[derive(Debug, Args)]
@@ -38,6 +38,7 @@ struct Report {
 /// Runs `coop topology`.
 pub fn run(args: &TopologyArgs) -> Result<(), String> {
     let workers = args.workers as usize;
+    crate::advise::check_dense_order(workers)?;
     let topology = args.topology.build(workers).map_err(|e| e.to_string())?;
     let w = topology.mixing_matrix(args.weights).map_err(|e| e.to_string())?;
     let report = Report {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use burn_coop::Learner;
+use burn_coop::learner::Learner;
 use burn_coop::learner::TrainingSummary;
 use burn_coop_vision::task::CifarTask;
 use burn_coop_vision::{Cifar10, LocateOptions, Partition, Verify, locate};
@@ -12,17 +12,28 @@ use clap::error::ErrorKind;
 use crate::config::{PartitionName, TrainArgs, TrainConfig, TransportName};
 
 /// Resolves the configuration: defaults, then `--config FILE` (or the resumed run's
-/// `config.toml`), then flags. Invalid values exit like clap's own errors, naming the value.
-pub fn resolve(args: &TrainArgs) -> TrainConfig {
+/// `config.toml`), then flags. Invalid values exit like clap's own errors, naming the value; so
+/// do settings the run does not use, except the keys in `also_used` (what the caller reads
+/// besides training: `coop advise` takes `--step-time` without a network).
+pub fn resolve(args: &TrainArgs, also_used: &[&str]) -> TrainConfig {
     let file = args.resume.as_ref().map(|dir| dir.join("config.toml")).or_else(|| args.config.clone());
-    let mut config = match &file {
-        Some(path) => TrainConfig::from_toml_file(path)
+    let (mut config, in_file) = match &file {
+        Some(path) => TrainConfig::from_toml_file_with_keys(path)
             .unwrap_or_else(|message| crate::Cli::command().error(ErrorKind::InvalidValue, message).exit()),
-        None => TrainConfig::default(),
+        None => (TrainConfig::default(), Vec::new()),
     };
     if let Err(invalid) = args.apply(&mut config) {
         let invalid = crate::config::InvalidValue::from(invalid);
         crate::Cli::command().error(ErrorKind::ValueValidation, invalid.to_string()).exit();
+    }
+    // A setting the run does not use is an error naming it, in the file or among the flags.
+    let from_file = file.as_ref().map(|path| format!("the configuration file {}", path.display()));
+    let checked = |keys: Vec<String>| keys.into_iter().filter(|k| !also_used.contains(&k.as_str())).collect::<Vec<_>>();
+    let unused = config
+        .refuse_unused(&checked(args.given_keys()), "the command line")
+        .and_then(|()| from_file.map_or(Ok(()), |source| config.refuse_unused(&checked(in_file.clone()), &source)));
+    if let Err(message) = unused {
+        crate::Cli::command().error(ErrorKind::ArgumentConflict, message).exit();
     }
     if let Some(dir) = &args.resume {
         config.output = Some(dir.clone());
@@ -36,14 +47,30 @@ pub fn resolve(args: &TrainArgs) -> TrainConfig {
         TransportName::Mpi => Ok(()),
     });
     if let Err(invalid) = checked {
-        crate::Cli::command().error(ErrorKind::ValueValidation, invalid.to_string()).exit();
+        // Named where it came from: a flag, or else the file's key.
+        let message = match &file {
+            Some(path)
+                if !args.given_keys().iter().any(|k| k == invalid.option)
+                    && in_file.iter().any(|k| k == invalid.option) =>
+            {
+                format!(
+                    "the configuration file {}: invalid value '{}' for '{}': {}",
+                    path.display(),
+                    invalid.value,
+                    invalid.option,
+                    invalid.reason
+                )
+            }
+            _ => invalid.to_string(),
+        };
+        crate::Cli::command().error(ErrorKind::ValueValidation, message).exit();
     }
     config
 }
 
 /// Runs `coop train`.
 pub fn run(args: &TrainArgs) -> Result<(), String> {
-    let config = resolve(args);
+    let config = resolve(args, &[]);
     let resume = args.resume.is_some();
     let output = config.output_folder();
     let has_checkpoints = burn_coop::learner::latest_checkpoint(&output).is_ok_and(|latest| latest.is_some());
@@ -89,7 +116,7 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
 fn run_mpi(mut config: TrainConfig, resume: bool) -> Result<(), String> {
     use burn_coop::learner::run_worker;
 
-    use burn_coop::Communicator;
+    use burn_coop::comm::Communicator;
 
     let comm = burn_coop_mpi::MpiComm::world().map_err(|e| e.to_string())?;
     let (rank, world) = (comm.rank(), comm.world_size());

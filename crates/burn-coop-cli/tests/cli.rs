@@ -243,10 +243,17 @@ fn config_file_errors_name_the_key() {
     std::fs::write(&file, "tau = 4\nlearning-rate = 0.1\n").unwrap();
     let output = coop(&["train", "--config", file.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("unknown field `learning-rate`"), "{}", stderr(&output));
+    assert!(stderr(&output).contains("unknown key 'learning-rate' (`coop train --help`"), "{}", stderr(&output));
+    std::fs::write(&file, "rule = \"elastic\"\nalfa = 0.3\n").unwrap();
+    let output = coop(&["train", "--config", file.to_str().unwrap()]);
+    assert!(stderr(&output).contains("unknown key 'alfa' (did you mean 'alpha'?)"), "{}", stderr(&output));
     std::fs::write(&file, "tau = 0\n").unwrap();
     let output = coop(&["train", "--config", file.to_str().unwrap()]);
-    assert!(stderr(&output).contains("invalid value '0' for '--tau'"), "{}", stderr(&output));
+    let expected = format!("the configuration file {}: invalid value '0' for 'tau'", file.display());
+    assert!(stderr(&output).contains(&expected), "{}", stderr(&output));
+    // The same value as a flag is named as the flag.
+    let output = coop(&["train", "--config", file.to_str().unwrap(), "--schedule", "fixed", "--tau", "0"]);
+    assert!(stderr(&output).contains("'--tau"), "{}", stderr(&output));
 }
 
 #[test]

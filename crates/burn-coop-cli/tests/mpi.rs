@@ -22,6 +22,15 @@ fn mpirun(np: &str) -> Command {
     command
 }
 
+/// `coop train` on 2 workers for 2 epochs of `data` (τ = 2, batch 8, a checkpoint every merge),
+/// with `extra` flags.
+fn two_epochs_of_two_workers(extra: &str, data: &std::path::Path) -> Vec<String> {
+    let flags = "train --workers 2 --tau 2 --batch-size 8 --epochs 2 --verify false --checkpoint-every 1 --data";
+    let mut args: Vec<String> = flags.split_whitespace().chain([data.to_str().unwrap()]).map(String::from).collect();
+    args.extend(extra.split_whitespace().map(String::from));
+    args
+}
+
 fn metrics_without_wall_time(run: &std::path::Path) -> Vec<String> {
     let epochs = std::fs::read_to_string(run.join("epochs.csv")).unwrap();
     epochs.lines().map(|line| line.rsplit_once(',').unwrap().0.to_string()).collect()
@@ -36,32 +45,14 @@ fn mpi_ranks_reproduce_the_threaded_run() {
     let dir = tempfile::tempdir().unwrap();
     let data = generated_cifar(dir.path(), 32);
     let coop = env!("CARGO_BIN_EXE_coop");
-    let common = [
-        "train",
-        "--workers",
-        "2",
-        "--rule",
-        "elastic",
-        "--tau",
-        "2",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "2",
-        "--verify",
-        "false",
-        "--checkpoint-every",
-        "1",
-        "--data",
-        data.to_str().unwrap(),
-    ];
+    let common = two_epochs_of_two_workers("--rule elastic", &data);
     let threads = dir.path().join("threads");
-    let output = Command::new(coop).args(common).args(["--output", threads.to_str().unwrap()]).output().unwrap();
+    let output = Command::new(coop).args(&common).args(["--output", threads.to_str().unwrap()]).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
     let ranks = dir.path().join("ranks");
     let output =
-        mpirun("2").args(common).args(["--transport", "mpi", "--output", ranks.to_str().unwrap()]).output().unwrap();
+        mpirun("2").args(&common).args(["--transport", "mpi", "--output", ranks.to_str().unwrap()]).output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(stdout.matches("final test accuracy").count(), 1, "only rank 0 reports: {stdout}");
@@ -83,25 +74,9 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_from_its_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let data = generated_cifar(dir.path(), 32);
     let run = dir.path().join("killed");
-    let common = [
-        "train",
-        "--workers",
-        "2",
-        "--tau",
-        "2",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "2",
-        "--verify",
-        "false",
-        "--checkpoint-every",
-        "1",
-        "--data",
-        data.to_str().unwrap(),
-    ];
+    let common = two_epochs_of_two_workers("", &data);
     let job = mpirun("2")
-        .args(common)
+        .args(&common)
         .args(["--transport", "mpi", "--output", run.to_str().unwrap()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -130,7 +105,7 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_from_its_last_checkpoint() {
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     let straight = dir.path().join("straight");
     let output = Command::new(env!("CARGO_BIN_EXE_coop"))
-        .args(common)
+        .args(&common)
         .args(["--output", straight.to_str().unwrap()])
         .output()
         .unwrap();

@@ -5,7 +5,7 @@
 //!
 //! ```no_run
 //! use burn::optim::SgdConfig;
-//! use burn_coop::{Averaging, Communicator, LocalSgd, PeriodicSchedule};
+//! use burn_coop::{LocalSgd, rules::averaging::Averaging, comm::Communicator, schedule::fixed::PeriodicSchedule};
 //! use burn_coop_mpi::MpiComm;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -58,7 +58,7 @@ use std::ffi::{c_int, c_void};
 use std::fmt;
 use std::sync::Arc;
 
-use burn_coop::comm::{CommError, Communicator, PendingOp, PendingSum, Receive};
+use burn_coop::comm::{CommError, Communicator, PendingOp, PendingSum, Receive, Route};
 use mpi::ffi;
 use mpi::raw::AsRaw;
 use mpi::topology::SimpleCommunicator;
@@ -287,13 +287,8 @@ impl MpiComm {
     /// The agreement of a neighbour exchange: the operation, `len`, and both peer lists
     /// (carried as bit sets for worlds of up to `PEER_BITS` ranks), checked the same way on
     /// every rank.
-    fn agree_on_neighbors(
-        &mut self,
-        operation: &'static str,
-        len: usize,
-        send_to: &[usize],
-        receive_from: &[usize],
-    ) -> Result<(), CommError> {
+    fn agree_on_neighbors(&mut self, operation: &'static str, len: usize, route: Route<'_>) -> Result<(), CommError> {
+        let Route { send_to, receive_from } = route;
         let bad = send_to
             .iter()
             .chain(receive_from)
@@ -671,15 +666,10 @@ impl Communicator for MpiComm {
             .collect())
     }
 
-    fn exchange_directed(
-        &mut self,
-        send: &[f32],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: Receive<'_, f32>,
-    ) -> Result<(), CommError> {
+    fn exchange_directed(&mut self, send: &[f32], route: Route<'_>, recv: Receive<'_, f32>) -> Result<(), CommError> {
         let n = count(send.len(), "exchange")?;
-        self.agree_on_neighbors("exchange", send.len(), send_to, receive_from)?;
+        self.agree_on_neighbors("exchange", send.len(), route)?;
+        let Route { send_to, receive_from } = route;
 
         let mut received = std::mem::take(&mut self.neighbor_buffers);
         received.resize_with(receive_from.len().max(received.len()), Vec::new);
@@ -737,24 +727,19 @@ impl Communicator for MpiComm {
         let result = posted.and(waited);
         if result.is_ok() {
             for (k, buffer) in received.iter().take(receive_from.len()).enumerate() {
-                receive(k, buffer);
+                recv(k, buffer);
             }
         }
         self.neighbor_buffers = received;
         result
     }
 
-    fn exchange_bytes(
-        &mut self,
-        send: &[u8],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: Receive<'_, u8>,
-    ) -> Result<(), CommError> {
+    fn exchange_bytes(&mut self, send: &[u8], route: Route<'_>, recv: Receive<'_, u8>) -> Result<(), CommError> {
         let n = count(send.len(), "exchange_bytes")?;
         // Lengths differ from worker to worker: the agreement checks the operation and the
         // neighbours only, and each receive learns its length by probing the message.
-        self.agree_on_neighbors("exchange_bytes", 0, send_to, receive_from)?;
+        self.agree_on_neighbors("exchange_bytes", 0, route)?;
+        let Route { send_to, receive_from } = route;
         let null = unsafe { ffi::RSMPI_REQUEST_NULL };
         let mut sends = vec![null; send_to.len()];
         let mut posted = Ok(());
@@ -797,7 +782,7 @@ impl Communicator for MpiComm {
         );
         posted.and(waited)?;
         for (k, bytes) in received.iter().enumerate() {
-            receive(k, bytes);
+            recv(k, bytes);
         }
         Ok(())
     }

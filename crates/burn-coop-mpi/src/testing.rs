@@ -14,8 +14,17 @@ use burn::optim::momentum::MomentumConfig;
 use burn::tensor::Device;
 use burn_coop::comm::Traffic;
 use burn_coop::compress::Compressor;
-use burn_coop::rules::{EcLocalSgdConfig, ElasticConfig, GossipConfig, HierarchicalConfig, SquarmConfig};
-use burn_coop::{Averaging, Communicator, CoopError, Elastic, Gossip, LocalSgd, PeriodicSchedule, RuleSpec, Topology};
+use burn_coop::rules::{
+    ec_local_sgd::EcLocalSgdConfig, elastic::ElasticConfig, gossip::GossipConfig, hierarchical::HierarchicalConfig,
+    squarm::SquarmConfig,
+};
+use burn_coop::{
+    CoopError, LocalSgd,
+    comm::Communicator,
+    rules::{RuleSpec, averaging::Averaging, elastic::Elastic, gossip::Gossip},
+    schedule::fixed::PeriodicSchedule,
+    topology::Topology,
+};
 use serde::{Deserialize, Serialize};
 
 pub use burn_coop::testing::{Tiny, flat, test_value as value};
@@ -132,7 +141,7 @@ impl Scenario {
             }
             Scenario::ElasticAnchors => RuleSpec::Elastic(ElasticConfig { alpha: None, anchors: Some(2) }),
             Scenario::OnePeerExponential => RuleSpec::Gossip(GossipConfig {
-                topology: Some(burn_coop::TopologySpec::OnePeerExponential),
+                topology: Some(burn_coop::topology::TopologySpec::OnePeerExponential),
                 weights: None,
             }),
             Scenario::Matcha => RuleSpec::Matcha(Default::default()),

@@ -1,4 +1,4 @@
-//! CIFAR-10 classification as a [`burn_coop::CoopTask`]: the glue between this crate's data and
+//! CIFAR-10 classification as a [`burn_coop::learner::CoopTask`]: the glue between this crate's data and
 //! models and the cooperative learner.
 
 use std::sync::Arc;

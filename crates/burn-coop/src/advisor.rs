@@ -127,7 +127,7 @@ pub struct Advice {
 }
 
 impl Advice {
-    /// The advice for `rule`, registered as `name` (e.g. [`RuleSpec::name`](crate::RuleSpec::name)),
+    /// The advice for `rule`, registered as `name` (e.g. [`RuleSpec::name`](crate::rules::RuleSpec::name)),
     /// on `workers` workers with period `tau`, learning rate `lr` and a model of `model_values`
     /// values.
     pub fn new(name: &str, rule: &dyn MatrixForm, workers: usize, tau: u64, lr: f64, model_values: usize) -> Self {
@@ -180,7 +180,7 @@ impl Advice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{Averaging, Elastic, Gossip, Matcha};
+    use crate::rules::{averaging::Averaging, elastic::Elastic, gossip::Gossip, matcha::Matcha};
     use crate::topology::Topology;
 
     #[test]

@@ -554,6 +554,9 @@ impl FromStr for Compressor {
 
     fn from_str(text: &str) -> Result<Self, String> {
         if let Some(sparsifier) = text.strip_suffix("+sign") {
+            if sparsifier.ends_with("+sign") {
+                return Err(format!("'{text}': sign is applied once (topk:F+sign)"));
+            }
             return match sparsifier.parse::<Self>()? {
                 Self::TopK(fraction) => Ok(Self::TopKSign(fraction)),
                 _ => Err(format!("'{text}': only top-k composes with sign (topk:F+sign)")),

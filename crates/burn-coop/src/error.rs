@@ -3,9 +3,9 @@
 use crate::comm::CommError;
 use crate::mixing::MixingError;
 use crate::params::LayoutError;
+use crate::registry::SpecError;
 use crate::rules::RuleError;
 use crate::schedule::ScheduleError;
-use crate::spec::SpecError;
 use crate::topology::TopologyError;
 
 /// Everything that can go wrong in cooperative training.

@@ -2,11 +2,7 @@
 //! first.
 //!
 //! [`run_group`] is the one thread launcher: [`launch`], the learner, the burn-train strategy and
-//! the tests all use it. When several workers fail, one failure usually causes the others (a
-//! worker that panics or hits NaN makes the rest see a lost peer), so failures are ordered by
-//! [`FailureCause::consequence_level`]: a panic or a worker's own error first, then another
-//! worker's non-finite parameters as seen by the rest, then lost peers; ties go to the lower
-//! rank.
+//! the tests all use it.
 
 use std::panic::{self, AssertUnwindSafe};
 use std::thread;
@@ -81,7 +77,11 @@ impl<E: FailureCause> WorkerFailure<E> {
     }
 }
 
-/// The failures of a group's workers, cause first (see the [module documentation](self)).
+/// The failures of a group's workers, cause first. When several workers fail, one failure usually
+/// causes the others (a worker that panics or hits NaN makes the rest see a lost peer), so
+/// failures are ordered by [`FailureCause::consequence_level`]: a panic or a worker's own error
+/// first, then another worker's non-finite parameters as seen by the rest, then lost peers; ties
+/// go to the lower rank.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupFailure<E> {
     failures: Vec<WorkerFailure<E>>,

@@ -9,11 +9,12 @@
 //!
 //! The pieces, one concept per module:
 //! - [`topology`] and [`mixing`]: graphs, mixing matrices `W`, validation, `ζ`;
-//! - [`rules`]: the [`MergeRule`] trait (the merge, its context, state records), the theory of
-//!   a rule ([`MatrixForm`]: mixing matrices, bytes per merge) and the rules;
-//! - [`schedule`]: when to merge ([`SyncSchedule`], fed with signals and merge feedback);
-//! - [`spec`]: the registries of rules and schedules (settings for files and flags);
-//! - [`comm`]: the [`Communicator`] that moves data between workers, [`InProcessGroup`] for
+//! - [`rules`]: the [`MergeRule`](rules::MergeRule) trait (the merge, its context, state records), the theory of
+//!   a rule ([`MatrixForm`](rules::MatrixForm): mixing matrices, bytes per merge) and the rules;
+//! - [`schedule`]: when to merge ([`SyncSchedule`](schedule::SyncSchedule), fed with signals and merge feedback);
+//! - [`registry`]: the registries of rules and schedules (settings for files and flags);
+//! - [`comm`]: the [`Communicator`](comm::Communicator) that moves data between workers,
+//!   [`InProcessGroup`](comm::InProcessGroup) for
 //!   threads, and [`Metered`](comm::Metered) byte accounting;
 //! - [`compress`]: compressors (top-k, rand-k, scaled sign, QSGD, 16-bit casts) and their
 //!   compact, checked payloads;
@@ -24,7 +25,7 @@
 //! - [`Synchronizer`]: the merge engine driven after each local step;
 //! - [`LocalSgd`]: a Burn optimizer plus a synchronizer, the one-line swap;
 //! - [`learner`]: replicas trained together, with metrics, evaluation and checkpoints;
-//! - [`launch()`] / [`launch::run_group`]: one thread per worker, failures reported cause first;
+//! - [`launch()`] / [`run_group`]: one thread per worker, failures reported cause first;
 //! - [`advisor`]: what the theory says about a setting (`ζ`, error floor, bytes, AdaComm's `τ*`);
 //! - `testing` (feature `test-util`): a test kit for rule authors.
 
@@ -32,41 +33,31 @@ pub mod advisor;
 pub mod comm;
 pub mod compress;
 mod error;
-pub mod launch;
+mod launch;
 pub mod learner;
 mod local_sgd;
 pub mod mixing;
 pub mod params;
 pub mod random;
+pub mod registry;
 pub mod rules;
 pub mod schedule;
 pub mod shared_params;
-pub mod spec;
 mod spectrum;
 pub mod state;
-pub mod sync;
+mod sync;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 pub mod topology;
 #[cfg(feature = "burn-train")]
 pub mod train_strategy;
 
-pub use comm::{CommError, Communicator, InProcessComm, InProcessGroup};
 pub use error::CoopError;
-pub use launch::{Worker, WorkerPanicked, launch};
-pub use learner::{CoopTask, Learner, LearnerConfig, LearnerError};
-pub use local_sgd::{InnerStatePolicy, LocalSgd, LocalSgdState};
-pub use mixing::{MixingError, MixingMatrix};
-pub use params::{BufferPolicy, ParamLayout};
-pub use rules::{
-    Averaging, CooperativeRule, Elastic, Gossip, MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext,
+pub use launch::{
+    Failure, FailureCause, GroupFailure, Worker, WorkerFailure, WorkerPanicked, launch, run_group, run_group_led,
 };
-pub use schedule::{PeriodicSchedule, ScheduleError, SyncSchedule};
-pub use spec::{RuleSpec, ScheduleSpec, SpecError};
-pub use sync::{CoopStats, StepSignal, SyncReport, SyncState, Synchronizer};
-pub use topology::{Topology, TopologyError, TopologyKind, TopologySpec, WeightRule};
-#[cfg(feature = "burn-train")]
-pub use train_strategy::LocalSgdStrategy;
+pub use local_sgd::{InnerStatePolicy, LocalSgd, LocalSgdState};
+pub use sync::{CoopStats, StepSignal, SyncReport, SyncState, Synchronizer, WorkerColumns};
 
 /// The README's code blocks, compiled and run as documentation tests.
 #[cfg(doctest)]

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::comm::Communicator;
 use crate::error::CoopError;
 use crate::params::BufferPolicy;
-use crate::rules::{Averaging, MergeRule};
-use crate::schedule::{PeriodicSchedule, SyncSchedule};
+use crate::rules::{MergeRule, averaging::Averaging};
+use crate::schedule::{SyncSchedule, fixed::PeriodicSchedule};
 use crate::state::StateFile;
 use crate::sync::{CoopStats, StepSignal, SyncReport, SyncState, Synchronizer};
 
@@ -48,7 +48,7 @@ pub struct LocalSgdState {
 /// use burn::nn::{Linear, LinearConfig};
 /// use burn::optim::{GradientsParams, SgdConfig};
 /// use burn::tensor::{Device, Tensor};
-/// use burn_coop::{Averaging, InProcessGroup, LocalSgd, PeriodicSchedule};
+/// use burn_coop::{LocalSgd, comm::InProcessGroup, rules::averaging::Averaging, schedule::fixed::PeriodicSchedule};
 ///
 /// # fn main() -> Result<(), burn_coop::CoopError> {
 /// let device = Device::flex().autodiff();

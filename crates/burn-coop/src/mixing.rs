@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::spectrum::symmetric_eigenvalues;
 
+/// The largest order of a dense mixing matrix this crate builds: 8·n² bytes and, for its
+/// spectrum (Jacobi's method), time cubic in n: 256 workers take about a second, 512 about
+/// twenty. Larger groups are refused with what they would cost.
+pub const MAX_DENSE_ORDER: usize = 256;
+
 /// Tolerance used when checking sums and symmetry of a user-supplied matrix.
 pub const MIXING_TOLERANCE: f64 = 1e-6;
 

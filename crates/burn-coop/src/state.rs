@@ -43,6 +43,15 @@ impl StateRecord {
         self
     }
 
+    /// Adds `values` under `name` when the state exists: `None` and an empty buffer (state not
+    /// made yet) are left out.
+    pub fn with_held(self, name: &str, values: Option<&Vec<f32>>) -> Self {
+        match values {
+            Some(values) if !values.is_empty() => self.with_buffer(name, values.clone()),
+            _ => self,
+        }
+    }
+
     /// Adds a scalar.
     pub fn with_scalar(mut self, name: &str, value: f64) -> Self {
         self.scalars.insert(name.to_string(), value);
@@ -121,7 +130,7 @@ const MAGIC: &[u8; 8] = b"COOPSTAT";
 const VERSION: u32 = 1;
 
 /// FNV-1a, 64 bits: a cheap checksum that catches truncation and bit rot.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 

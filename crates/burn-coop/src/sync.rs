@@ -1,22 +1,4 @@
 //! The synchronizer: the merge engine every front end drives after each local step.
-//!
-//! A [`Synchronizer`] owns the merge rule, the schedule, this worker's communicator (wrapped in
-//! a [`Metered`] ledger), the parameter layout, the flat buffer and the counters. The training
-//! loop calls [`Synchronizer::before_step`] and [`Synchronizer::after_step`] around each local
-//! optimizer step; on the steps the schedule selects, `after_step` merges and returns a
-//! [`SyncReport`]. [`LocalSgd`](crate::LocalSgd) is a Burn optimizer plus a synchronizer; the
-//! learner and the burn-train strategy drive a synchronizer directly.
-//!
-//! One merge, in order:
-//! 1. flatten the module (BatchNorm statistics flushed first) and count non-finite values;
-//! 2. measure the consensus distance first when asked and the rule does not measure it itself
-//!    (one all-reduce of the model; its bytes are counted apart);
-//! 3. the rule's [`merge`](crate::MergeRule::merge);
-//! 4. one small statistics collective, when there is something to reduce (the rule's distance,
-//!    the loss a schedule asked for): every worker learns which workers held NaN or infinite
-//!    values, so all stop with the same error. Without it, a worker whose own values are not
-//!    finite stops before sending them, and the others see it as lost at their next collective;
-//! 5. write the merged values back into the module and tell the schedule what was measured.
 
 use burn::module::Module;
 use serde::{Deserialize, Serialize};
@@ -263,7 +245,23 @@ pub struct SyncState {
     pub sim_clock: Option<SimClock>,
 }
 
-/// The merge engine; see the [module documentation](crate::sync).
+/// The merge engine every front end drives after each local step. A synchronizer owns the merge rule, the schedule, this worker's communicator (wrapped in
+/// a [`Metered`] ledger), the parameter layout, the flat buffer and the counters. The training
+/// loop calls [`Synchronizer::before_step`] and [`Synchronizer::after_step`] around each local
+/// optimizer step; on the steps the schedule selects, `after_step` merges and returns a
+/// [`SyncReport`]. [`LocalSgd`](crate::LocalSgd) is a Burn optimizer plus a synchronizer; the
+/// learner and the burn-train strategy drive a synchronizer directly.
+///
+/// One merge, in order:
+/// 1. flatten the module (BatchNorm statistics flushed first) and count non-finite values;
+/// 2. measure the consensus distance first when asked and the rule does not measure it itself
+///    (one all-reduce of the model; its bytes are counted apart);
+/// 3. the rule's [`merge`](crate::rules::MergeRule::merge);
+/// 4. one small statistics collective, when there is something to reduce (the rule's distance,
+///    the loss a schedule asked for): every worker learns which workers held NaN or infinite
+///    values, so all stop with the same error. Without it, a worker whose own values are not
+///    finite stops before sending them, and the others see it as lost at their next collective;
+/// 5. write the merged values back into the module and tell the schedule what was measured.
 pub struct Synchronizer {
     rule: Box<dyn MergeRule>,
     schedule: Box<dyn SyncSchedule>,
@@ -770,8 +768,8 @@ mod tests {
     use super::*;
     use crate::comm::InProcessGroup;
     use crate::launch::{Failure, run_group};
-    use crate::rules::{Averaging, Gossip};
-    use crate::schedule::PeriodicSchedule;
+    use crate::rules::{averaging::Averaging, gossip::Gossip};
+    use crate::schedule::fixed::PeriodicSchedule;
     use crate::testing::{Tiny, tiny_for, worker_buffer};
     use crate::topology::Topology;
 

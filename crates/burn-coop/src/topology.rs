@@ -106,6 +106,17 @@ pub enum TopologyError {
         /// Workers requested.
         workers: usize,
     },
+    /// A dense mixing matrix of this many workers would not fit.
+    #[error(
+        "{workers} workers: the dense {workers} x {workers} mixing matrix would take {} MiB, and time cubic in the workers for its spectrum; at most {most} workers",
+        (*workers as u64).saturating_mul(*workers as u64).saturating_mul(8) >> 20
+    )]
+    TooLarge {
+        /// Workers requested.
+        workers: usize,
+        /// The largest order built ([`crate::mixing::MAX_DENSE_ORDER`]).
+        most: usize,
+    },
     /// Adjacency rows of uneven length.
     #[error("adjacency matrix is not square: row {row} has {len} entries but there are {rows} rows")]
     AdjacencyNotSquare {
@@ -357,6 +368,9 @@ impl Topology {
     /// The mixing matrix of this graph under `rule` (validated before it is returned).
     pub fn mixing_matrix(&self, rule: WeightRule) -> Result<MixingMatrix, TopologyError> {
         let m = self.workers;
+        if m > crate::mixing::MAX_DENSE_ORDER {
+            return Err(TopologyError::TooLarge { workers: m, most: crate::mixing::MAX_DENSE_ORDER });
+        }
         let mut w = vec![0.0; m * m];
         match rule {
             WeightRule::MetropolisHastings => {

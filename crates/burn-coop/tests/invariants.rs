@@ -14,8 +14,12 @@ use burn_coop::params::TensorRole;
 use burn_coop::rules::consensus_distance;
 use burn_coop::state::StateFile;
 use burn_coop::{
-    Averaging, BufferPolicy, CommError, Communicator, CoopError, Elastic, Gossip, InProcessGroup, LocalSgd,
-    LocalSgdState, MergeRule, ParamLayout, PeriodicSchedule, SyncContext, Topology,
+    CoopError, LocalSgd, LocalSgdState,
+    comm::{CommError, Communicator, InProcessGroup},
+    params::{BufferPolicy, ParamLayout},
+    rules::{MergeRule, SyncContext, averaging::Averaging, elastic::Elastic, gossip::Gossip},
+    schedule::fixed::PeriodicSchedule,
+    topology::Topology,
 };
 use common::{fixed_grads, flat, run_workers, tiny_for, value};
 

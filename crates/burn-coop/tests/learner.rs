@@ -8,10 +8,17 @@ use std::path::{Path, PathBuf};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_coop::learner::{Evaluation, LrSchedule, LrShape, latest_checkpoint};
-use burn_coop::rules::{AveragingConfig, ElasticConfig, GossipConfig, SynchronousConfig};
-use burn_coop::schedule::FixedConfig;
-use burn_coop::{CoopTask, Learner, LearnerConfig, LearnerError, WeightRule};
-use burn_coop::{RuleSpec, ScheduleSpec, TopologySpec};
+use burn_coop::rules::{
+    averaging::{AveragingConfig, SynchronousConfig},
+    elastic::ElasticConfig,
+    gossip::GossipConfig,
+};
+use burn_coop::schedule::fixed::FixedConfig;
+use burn_coop::{
+    learner::{CoopTask, Learner, LearnerConfig, LearnerError},
+    topology::WeightRule,
+};
+use burn_coop::{rules::RuleSpec, schedule::ScheduleSpec, topology::TopologySpec};
 use common::{Tiny, value};
 
 /// Two-class points in 3-D: the label is the sign of `x0 + x1 − x2`.
@@ -293,19 +300,76 @@ fn a_corrupt_or_foreign_state_file_is_named() {
     let message = error.to_string();
     assert!(message.contains("worker-1.coop.bin") && message.contains("truncated"), "{message}");
 
+    // One changed byte keeps the length: it is a checksum mismatch naming the file.
+    std::fs::write(&path, &good).unwrap();
+    let model = latest.join("worker-0.model.bpk");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x04;
+    std::fs::write(&model, &bytes).unwrap();
+    let error = Learner::new(Synthetic::new(), config.clone(), vec![Device::flex()]).resume().run().unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("worker-0.model.bpk") && message.contains("checksum"), "{message}");
+    assert!(!message.contains("truncated"), "{message}");
+    bytes[middle] ^= 0x04;
+    std::fs::write(&model, &bytes).unwrap();
+
+    // A consistent file (its sum rewritten) with an entry the rule does not keep.
     let mut foreign = burn_coop::state::StateFile::from_bytes(&good).unwrap();
     foreign.records.get_mut("rule").unwrap().scalars.insert("momentum".into(), 0.9);
-    std::fs::write(&path, foreign.to_bytes()).unwrap();
+    let foreign = foreign.to_bytes();
+    std::fs::write(&path, &foreign).unwrap();
+    let sums = latest.join("worker-1.sums");
+    let listed = std::fs::read_to_string(&sums).unwrap();
+    let body: String = listed
+        .lines()
+        .filter(|line| !line.starts_with("sums "))
+        .map(|line| match line.starts_with("worker-1.coop.bin ") {
+            true => format!("worker-1.coop.bin {} {:016x}\n", foreign.len(), fnv1a(&foreign)),
+            false => format!("{line}\n"),
+        })
+        .collect();
+    std::fs::write(&sums, format!("{body}sums {:016x}\n", fnv1a(body.as_bytes()))).unwrap();
     let error = Learner::new(Synthetic::new(), config.clone(), vec![Device::flex()]).resume().run().unwrap_err();
     let message = error.to_string();
     assert!(message.contains("worker-1.coop.bin") && message.contains("momentum"), "{message}");
+    std::fs::write(&path, &good).unwrap();
+    std::fs::write(&sums, listed).unwrap();
+
+    // Another rule (or the same with other settings) does not continue from this checkpoint.
+    let mut gossip = config.clone();
+    gossip.rule = RuleSpec::Gossip(GossipConfig::default());
+    let error = Learner::new(Synthetic::new(), gossip, vec![Device::flex()]).resume().run().unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains("was written under") && message.contains("elastic") && message.contains("gossip"),
+        "{message}"
+    );
+    let mut other_alpha = config.clone();
+    other_alpha.rule = RuleSpec::Elastic(ElasticConfig { alpha: Some(0.2), anchors: None });
+    let error = Learner::new(Synthetic::new(), other_alpha, vec![Device::flex()]).resume().run().unwrap_err();
+    assert!(error.to_string().contains("was written under"), "{error}");
+    Learner::new(Synthetic::new(), config.clone(), vec![Device::flex()]).resume().run().unwrap();
+
+    // LATEST naming a folder that is gone is said so.
+    std::fs::write(config.output.join("checkpoints/LATEST"), "step-99999999").unwrap();
+    let error = Learner::new(Synthetic::new(), config.clone(), vec![Device::flex()]).resume().run().unwrap_err();
+    assert!(
+        error.to_string().contains("names the checkpoint") && error.to_string().contains("step-99999999"),
+        "{error}"
+    );
     std::fs::remove_dir_all(&config.output).unwrap();
+}
+
+/// FNV-1a, 64 bits: the checksum of checkpoint files.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 #[test]
 fn an_outer_optimizer_with_an_adaptive_schedule_resumes_bit_identically() {
-    use burn_coop::rules::DiLoCoConfig;
-    use burn_coop::schedule::AdaCommConfig;
+    use burn_coop::rules::diloco::DiLoCoConfig;
+    use burn_coop::schedule::adacomm::AdaCommConfig;
     let setup = |name: &str| {
         let mut config = config(name, RuleSpec::Diloco(DiLoCoConfig::default()));
         config.schedule = ScheduleSpec::Adacomm(AdaCommConfig {
@@ -347,7 +411,7 @@ fn an_outer_optimizer_with_an_adaptive_schedule_resumes_bit_identically() {
 #[test]
 fn asynchronous_local_sgd_trains_with_local_threads_and_merges_in_place() {
     use burn_coop::comm::Traffic;
-    use burn_coop::rules::AsyncConfig;
+    use burn_coop::rules::async_local_sgd::AsyncConfig;
     let config = config("async", RuleSpec::Async(AsyncConfig { local_threads: Some(3) }));
     let summary = run(Synthetic::new(), &config).unwrap();
     let n = summary.workers[0].final_parameters.len() as u64;
@@ -393,7 +457,7 @@ fn column(lines: &[String], column: &str) -> Vec<Vec<f64>> {
 #[test]
 fn asynchronous_local_sgd_on_a_simulated_network_waits_only_at_the_ends_of_epochs() {
     use burn_coop::comm::{NetworkModel, StepTime, Traffic};
-    use burn_coop::rules::AsyncConfig;
+    use burn_coop::rules::async_local_sgd::AsyncConfig;
     // 2 workers, 2 local threads, τ = 2, 6 steps per epoch of 0.1 s, 2 epochs, no latency: the
     // compute clock reaches merge k of an epoch at base + 0.2k.
     let values = burn_coop::testing::flat(&Tiny::new(&Device::flex())).len() as u64;
@@ -443,7 +507,7 @@ fn asynchronous_local_sgd_on_a_simulated_network_waits_only_at_the_ends_of_epoch
 #[test]
 fn a_merge_of_the_learner_takes_one_statistics_collective() {
     use burn_coop::comm::InProcessGroup;
-    use burn_coop::launch::run_group;
+    use burn_coop::run_group;
     use burn_coop::testing::RecordingComm;
 
     // One epoch of 6 steps, τ = 2: three merges. Averaging measures the consensus distance, so

@@ -5,7 +5,11 @@ mod common;
 use burn::optim::SgdConfig;
 use burn_coop::state::StateRecord;
 use burn_coop::{
-    Averaging, Elastic, Gossip, LocalSgd, MatrixForm, MergeRule, MixingMatrix, PeriodicSchedule, Topology,
+    LocalSgd,
+    mixing::MixingMatrix,
+    rules::{MatrixForm, MergeRule, averaging::Averaging, elastic::Elastic, gossip::Gossip},
+    schedule::fixed::PeriodicSchedule,
+    topology::Topology,
 };
 use common::{assert_close, fixed_grads, flat, run_workers, tiny_for};
 
@@ -19,7 +23,7 @@ fn pre_merge_columns() -> Vec<Vec<f64>> {
         .map(|rank| {
             let model = tiny_for(rank);
             let x = flat(&model);
-            let layout = burn_coop::ParamLayout::of(&model, burn_coop::BufferPolicy::Merge);
+            let layout = burn_coop::params::ParamLayout::of(&model, burn_coop::params::BufferPolicy::Merge);
             let mut column: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
             for slot in layout.slots().iter().filter(|s| s.role == burn_coop::params::TensorRole::Parameter) {
                 let offset = slot.offset.unwrap();

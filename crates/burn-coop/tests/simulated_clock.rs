@@ -4,9 +4,9 @@
 
 use burn::tensor::Device;
 use burn_coop::comm::{CollectiveKind, NetworkModel, SimClock, StepTime, Traffic};
-use burn_coop::rules::{Averaging, Overlap};
+use burn_coop::rules::{averaging::Averaging, overlap::Overlap};
 use burn_coop::testing::{Tiny, tiny_for};
-use burn_coop::{MergeRule, PeriodicSchedule, StepSignal, SyncReport, Synchronizer, launch};
+use burn_coop::{StepSignal, SyncReport, Synchronizer, launch, rules::MergeRule, schedule::fixed::PeriodicSchedule};
 
 /// Runs `steps` local steps on `m` workers with merges every `tau`; every worker's reports and
 /// the bytes of its model all-reduces so far at each merge.

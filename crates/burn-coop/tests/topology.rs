@@ -4,8 +4,12 @@ use std::f64::consts::PI;
 
 use burn::optim::SgdConfig;
 use burn_coop::{
-    Averaging, CoopError, Elastic, Gossip, InProcessGroup, LocalSgd, MatrixForm, MixingError, MixingMatrix,
-    PeriodicSchedule, RuleError, ScheduleError, Topology, TopologyError, TopologyKind, WeightRule,
+    CoopError, LocalSgd,
+    comm::InProcessGroup,
+    mixing::{MixingError, MixingMatrix},
+    rules::{MatrixForm, RuleError, averaging::Averaging, elastic::Elastic, gossip::Gossip},
+    schedule::{ScheduleError, fixed::PeriodicSchedule},
+    topology::{Topology, TopologyError, TopologyKind, WeightRule},
 };
 
 fn close(a: f64, b: f64) -> bool {
@@ -195,4 +199,15 @@ fn elastic_optimum_minimizes_zeta() {
             assert!(zeta(alpha) > at_best);
         }
     }
+}
+
+#[test]
+fn a_dense_mixing_matrix_beyond_the_bound_is_refused_with_its_cost() {
+    use burn_coop::mixing::MAX_DENSE_ORDER;
+    let ring = Topology::ring(MAX_DENSE_ORDER).unwrap();
+    assert_eq!(ring.mixing_matrix(WeightRule::MetropolisHastings).unwrap().order(), MAX_DENSE_ORDER);
+    let error = Topology::ring(100_000).unwrap().mixing_matrix(WeightRule::MetropolisHastings).unwrap_err();
+    assert!(matches!(error, TopologyError::TooLarge { workers: 100_000, .. }));
+    let message = error.to_string();
+    assert!(message.contains("76293 MiB") && message.contains(&format!("at most {MAX_DENSE_ORDER}")), "{message}");
 }

@@ -20,10 +20,13 @@ use burn::train::{
     ClassificationOutput, InferenceStep, Learner, LearningResult, SupervisedTraining, TrainOutput, TrainStep,
     TrainingStrategy,
 };
-use burn_coop::rules::{AveragingConfig, ElasticConfig, GossipConfig};
-use burn_coop::testing::parameter_fingerprint;
+use burn_coop::params::parameter_fingerprint;
+use burn_coop::rules::{averaging::AveragingConfig, elastic::ElasticConfig, gossip::GossipConfig};
 use burn_coop::train_strategy::LocalSgdStrategy;
-use burn_coop::{RuleSpec, TopologySpec, WeightRule};
+use burn_coop::{
+    rules::RuleSpec,
+    topology::{TopologySpec, WeightRule},
+};
 
 #[derive(Debug, Clone, Copy)]
 struct Point {
@@ -320,7 +323,7 @@ fn an_invalid_configuration_fails_before_training() {
 fn asynchronous_local_sgd_is_refused_with_the_reason() {
     let device = Device::flex().autodiff();
     let model = Classifier::new(&device);
-    let rule = RuleSpec::Async(burn_coop::rules::AsyncConfig::default());
+    let rule = RuleSpec::Async(burn_coop::rules::async_local_sgd::AsyncConfig::default());
     let strategy = Arc::new(LocalSgdStrategy::new(2, vec![Device::flex()]).rule(rule));
     let result = train("async", model, &strategy, points(64, 7), 1);
     let error = result.error.expect("async is refused").to_string();

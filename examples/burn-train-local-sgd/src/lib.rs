@@ -19,9 +19,9 @@ use burn::train::metric::{AccuracyMetric, LossMetric};
 use burn::train::{
     ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep, TrainingStrategy,
 };
-use burn_coop::rules::AveragingConfig;
+use burn_coop::rules::averaging::AveragingConfig;
 use burn_coop::train_strategy::LocalSgdRun;
-use burn_coop::{LocalSgdStrategy, RuleSpec};
+use burn_coop::{rules::RuleSpec, train_strategy::LocalSgdStrategy};
 
 /// Number of classes of the synthetic problem.
 pub const CLASSES: usize = 4;

@@ -9,9 +9,13 @@ use std::sync::Arc;
 
 use burn::tensor::Device;
 use burn_coop::learner::{LrSchedule, LrShape};
-use burn_coop::rules::AveragingConfig;
-use burn_coop::schedule::FixedConfig;
-use burn_coop::{Learner, LearnerConfig, RuleSpec, ScheduleSpec};
+use burn_coop::rules::averaging::AveragingConfig;
+use burn_coop::schedule::fixed::FixedConfig;
+use burn_coop::{
+    learner::{Learner, LearnerConfig},
+    rules::RuleSpec,
+    schedule::ScheduleSpec,
+};
 use burn_coop_vision::task::{CifarTask, ModelKind};
 use burn_coop_vision::{Cifar10, LocateOptions, Partition, Verify, locate};
 

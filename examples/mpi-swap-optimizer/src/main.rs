@@ -13,7 +13,9 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
-use burn_coop::{Averaging, BufferPolicy, Communicator, LocalSgd, ParamLayout, PeriodicSchedule};
+use burn_coop::params::{BufferPolicy, ParamLayout};
+use burn_coop::{LocalSgd, comm::Communicator};
+use burn_coop::{rules::averaging::Averaging, schedule::fixed::PeriodicSchedule};
 use burn_coop_mpi::MpiComm;
 
 const INPUTS: usize = 4;

@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
-use burn_coop::{Averaging, CoopError, LocalSgd, PeriodicSchedule, Worker, launch};
+use burn_coop::{CoopError, LocalSgd, Worker, launch, rules::averaging::Averaging, schedule::fixed::PeriodicSchedule};
 
 const STEPS: usize = 200;
 

@@ -9,7 +9,7 @@
 
 use std::process::ExitCode;
 
-use burn_coop::{CommError, Communicator};
+use burn_coop::comm::{CommError, Communicator, Route};
 use burn_coop_mpi::MpiComm;
 
 fn check(what: &str, ok: bool, detail: impl std::fmt::Debug) -> Result<(), String> {
@@ -46,11 +46,13 @@ fn run(comm: &mut MpiComm) -> Result<(), Box<dyn std::error::Error>> {
     // One-peer exponential style: send to rank − 1, receive from rank + 1.
     let (to, from) = ((rank + m - 1) % m, (rank + 1) % m);
     let mut got = Vec::new();
-    comm.exchange_directed(&[rank as f32; 3], &[to], &[from], &mut |k, v| got.push((k, v.to_vec())))?;
+    comm.exchange_directed(&[rank as f32; 3], Route { send_to: &[to], receive_from: &[from] }, &mut |k, v| {
+        got.push((k, v.to_vec()))
+    })?;
     check("directed exchange", got == vec![(0, vec![from as f32; 3])], &got)?;
     // A send nobody receives is the same error on every rank, before any message moves.
     let receive_from: &[usize] = if rank == 0 { &[] } else { &[from] };
-    let error = comm.exchange_directed(&[0.0], &[to], receive_from, &mut |_, _| {}).unwrap_err();
+    let error = comm.exchange_directed(&[0.0], Route { send_to: &[to], receive_from }, &mut |_, _| {}).unwrap_err();
     check("unmatched send", matches!(error, CommError::BadNeighbor { rank: 1, neighbor: 0, .. }), &error)?;
 
     // Byte payloads of any length on a ring, empty ones included (a rule that did not fire),
@@ -58,11 +60,11 @@ fn run(comm: &mut MpiComm) -> Result<(), Box<dyn std::error::Error>> {
     for round in 0..2usize {
         let payload = vec![(rank + round) as u8; (rank * 3 + round) % 4];
         let mut got = vec![Vec::new(); 2];
-        comm.exchange_bytes(&payload, &peers, &peers, &mut |k, bytes| got[k] = bytes.to_vec())?;
+        comm.exchange_bytes(&payload, Route::both_ways(&peers), &mut |k, bytes| got[k] = bytes.to_vec())?;
         let want: Vec<Vec<u8>> = peers.iter().map(|&j| vec![(j + round) as u8; (j * 3 + round) % 4]).collect();
         check("exchange of byte payloads", got == want, &got)?;
     }
-    let error = comm.exchange_bytes(&[1], &[to], receive_from, &mut |_, _| {}).unwrap_err();
+    let error = comm.exchange_bytes(&[1], Route { send_to: &[to], receive_from }, &mut |_, _| {}).unwrap_err();
     check("unmatched byte send", matches!(error, CommError::BadNeighbor { rank: 1, neighbor: 0, .. }), &error)?;
 
     let mut group = comm.split(rank % 2)?;

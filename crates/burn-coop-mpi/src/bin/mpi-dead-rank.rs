@@ -7,7 +7,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use burn_coop::Communicator;
+use burn_coop::comm::Communicator;
 use burn_coop_mpi::MpiComm;
 
 fn main() -> ExitCode {

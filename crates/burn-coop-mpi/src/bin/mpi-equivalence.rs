@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use burn_coop::Communicator;
+use burn_coop::comm::Communicator;
 use burn_coop_mpi::MpiComm;
 use burn_coop_mpi::testing::Scenario;
 

@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use burn_coop::{
-    Averaging, Communicator, CoopError, Elastic, Gossip, MergeRule, PeriodicSchedule, Synchronizer, Topology,
+    CoopError, Synchronizer,
+    comm::Communicator,
+    rules::{MergeRule, averaging::Averaging, elastic::Elastic, gossip::Gossip},
+    schedule::fixed::PeriodicSchedule,
+    topology::Topology,
 };
 use burn_coop_mpi::MpiComm;
 use burn_coop_mpi::mpi::ffi;

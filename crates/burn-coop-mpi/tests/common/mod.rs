@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use burn_coop::InProcessGroup;
+use burn_coop::comm::InProcessGroup;
 use burn_coop_mpi::testing::{Outcome, STEPS, Scenario, TAU, flat, tiny_for};
 
 const TOLERANCE: f32 = 1e-6;
@@ -11,7 +11,7 @@ const TOLERANCE: f32 = 1e-6;
 /// Every scenario's outcomes on `m` in-process worker threads.
 pub fn in_process(scenario: Scenario, m: usize) -> Vec<Outcome> {
     let comms = InProcessGroup::new(m).into_communicators();
-    burn_coop::launch::run_group(comms, |_, comm| scenario.run(comm).map(|(outcome, _)| outcome))
+    burn_coop::run_group(comms, |_, comm| scenario.run(comm).map(|(outcome, _)| outcome))
         .unwrap_or_else(|failure| panic!("in-process run failed: {:?}", failure.primary()))
 }
 

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{CommError, Communicator, PendingOp, PendingSum, Receive};
+use super::{CommError, Communicator, PendingOp, PendingSum, Receive, Route};
 
 /// Builder for a group of in-process workers.
 ///
@@ -263,12 +263,12 @@ impl InProcessComm {
         &mut self,
         operation: &'static str,
         payload: Payload,
-        send_to: &[usize],
-        receive_from: &[usize],
+        route: Route<'_>,
         deliver: impl FnOnce(&[Arc<Payload>]) -> Result<(), CommError>,
     ) -> Result<(), CommError> {
         let (rank, world_size) = (self.rank, self.shared.world);
-        if let Some(&neighbor) = send_to.iter().chain(receive_from).find(|&&j| j >= world_size || j == rank) {
+        if let Some(&neighbor) = route.send_to.iter().chain(route.receive_from).find(|&&j| j >= world_size || j == rank)
+        {
             return Err(CommError::BadNeighbor { rank, neighbor, world_size });
         }
         self.collective(operation, payload, |deposits| {
@@ -438,20 +438,14 @@ impl Communicator for InProcessComm {
         })
     }
 
-    fn exchange_directed(
-        &mut self,
-        send: &[f32],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: Receive<'_, f32>,
-    ) -> Result<(), CommError> {
+    fn exchange_directed(&mut self, send: &[f32], route: Route<'_>, recv: Receive<'_, f32>) -> Result<(), CommError> {
         let payload = Payload::Exchange {
             values: self.copy_of(send),
-            send_to: send_to.to_vec(),
-            receive_from: receive_from.to_vec(),
+            send_to: route.send_to.to_vec(),
+            receive_from: route.receive_from.to_vec(),
         };
-        let rank = self.rank;
-        self.neighbor_round("exchange", payload, send_to, receive_from, |deposits| {
+        let (rank, receive_from) = (self.rank, route.receive_from);
+        self.neighbor_round("exchange", payload, route, |deposits| {
             let values_of = |j: usize| match &*deposits[j] {
                 Payload::Exchange { values, .. } => values.as_slice(),
                 _ => unreachable!("rounds hold one kind of payload"),
@@ -465,28 +459,22 @@ impl Communicator for InProcessComm {
                 });
             }
             for (k, &j) in receive_from.iter().enumerate() {
-                receive(k, values_of(j));
+                recv(k, values_of(j));
             }
             Ok(())
         })
     }
 
-    fn exchange_bytes(
-        &mut self,
-        send: &[u8],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: Receive<'_, u8>,
-    ) -> Result<(), CommError> {
+    fn exchange_bytes(&mut self, send: &[u8], route: Route<'_>, recv: Receive<'_, u8>) -> Result<(), CommError> {
         let payload = Payload::ExchangeBytes {
             bytes: send.to_vec(),
-            send_to: send_to.to_vec(),
-            receive_from: receive_from.to_vec(),
+            send_to: route.send_to.to_vec(),
+            receive_from: route.receive_from.to_vec(),
         };
-        self.neighbor_round("exchange_bytes", payload, send_to, receive_from, |deposits| {
-            for (k, &j) in receive_from.iter().enumerate() {
+        self.neighbor_round("exchange_bytes", payload, route, |deposits| {
+            for (k, &j) in route.receive_from.iter().enumerate() {
                 match &*deposits[j] {
-                    Payload::ExchangeBytes { bytes, .. } => receive(k, bytes),
+                    Payload::ExchangeBytes { bytes, .. } => recv(k, bytes),
                     _ => unreachable!("rounds hold one kind of payload"),
                 }
             }
@@ -608,19 +596,15 @@ mod tests {
         let results = run(4, |mut comm| {
             let rank = comm.rank();
             let mut received = Vec::new();
-            comm.exchange_directed(&[rank as f32], &[(rank + 3) % 4], &[(rank + 1) % 4, (rank + 2) % 4], &mut |k, v| {
-                received.push((k, v[0]))
-            })
-            .map(|()| received)
+            let route = Route { send_to: &[(rank + 3) % 4], receive_from: &[(rank + 1) % 4, (rank + 2) % 4] };
+            comm.exchange_directed(&[rank as f32], route, &mut |k, v| received.push((k, v[0]))).map(|()| received)
         });
         assert!(results.iter().all(Result::is_err), "rank 2 does not send to 0: everyone is told");
         let results = run(4, |mut comm| {
             let rank = comm.rank();
             let mut received = Vec::new();
-            comm.exchange_directed(&[rank as f32], &[(rank + 3) % 4], &[(rank + 1) % 4], &mut |k, v| {
-                received.push((k, v[0]))
-            })
-            .map(|()| received)
+            let route = Route { send_to: &[(rank + 3) % 4], receive_from: &[(rank + 1) % 4] };
+            comm.exchange_directed(&[rank as f32], route, &mut |k, v| received.push((k, v[0]))).map(|()| received)
         });
         for (rank, received) in results.into_iter().enumerate() {
             assert_eq!(received.unwrap(), vec![(0, ((rank + 1) % 4) as f32)]);
@@ -636,9 +620,13 @@ mod tests {
             let payload = if rank == 2 { Vec::new() } else { vec![rank as u8; rank + 1] };
             let mut received = vec![Vec::new(); 2];
             let mut metered = Metered::new(comm);
-            metered.exchange_bytes(&payload, &peers, &peers, &mut |k, bytes| received[k] = bytes.to_vec()).unwrap();
+            metered
+                .exchange_bytes(&payload, Route::both_ways(&peers), &mut |k, bytes| received[k] = bytes.to_vec())
+                .unwrap();
             let one_sided: &[usize] = if rank == 0 { &[1] } else { &[] };
-            let error = metered.exchange_bytes(&[1], one_sided, &[], &mut |_, _| {}).unwrap_err();
+            let error = metered
+                .exchange_bytes(&[1], Route { send_to: one_sided, receive_from: &[] }, &mut |_, _| {})
+                .unwrap_err();
             (received, metered.traffic().total(), error)
         });
         for (rank, (received, traffic, error)) in results.into_iter().enumerate() {
@@ -657,7 +645,7 @@ mod tests {
             let peers: Vec<usize> = if rank == 0 { vec![1, 2, 1] } else { vec![0] };
             let others: Vec<usize> = (0..3).filter(|&j| j != rank).collect();
             let receive = if rank == 0 { others.clone() } else { vec![0] };
-            comm.exchange_bytes(&[1], &peers, &receive, &mut |_, _| {})
+            comm.exchange_bytes(&[1], Route { send_to: &peers, receive_from: &receive }, &mut |_, _| {})
         });
         for result in &results {
             assert!(matches!(result, Err(CommError::BadNeighbor { rank: 0, neighbor: 1, .. })), "{result:?}");

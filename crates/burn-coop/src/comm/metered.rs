@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::network::{NetworkModel, SMALL_COLLECTIVE_VALUES, SimClock};
-use super::{CommError, Communicator, PendingOp, PendingSum, Receive};
+use super::{CommError, Communicator, PendingOp, PendingSum, Receive, Route};
 
 /// Bytes this worker has sent and received.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,18 +248,12 @@ impl<C: Communicator> Metered<C> {
     /// Records a neighbour exchange of `sent` and `received` bytes and advances the simulated
     /// clock: messages go out and come in at once on a full-duplex link, so it pays as many
     /// latencies as the larger of the two lists.
-    fn exchanged(
-        &mut self,
-        sent: u64,
-        received: u64,
-        send_to: &[usize],
-        receive_from: &[usize],
-    ) -> Result<(), CommError> {
+    fn exchanged(&mut self, sent: u64, received: u64, route: Route<'_>) -> Result<(), CommError> {
         self.record(CollectiveKind::Exchange, sent, received);
-        let mut peers: Vec<usize> = send_to.iter().chain(receive_from).copied().collect();
+        let mut peers: Vec<usize> = route.send_to.iter().chain(route.receive_from).copied().collect();
         peers.sort_unstable();
         peers.dedup();
-        self.exchange_degree = send_to.len().max(receive_from.len());
+        self.exchange_degree = route.send_to.len().max(route.receive_from.len());
         self.simulate_blocking(CollectiveKind::Exchange, sent, Some(&peers), false)
     }
 
@@ -269,19 +263,18 @@ impl<C: Communicator> Metered<C> {
     fn metered_exchange<T>(
         &mut self,
         send: &[T],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: Receive<'_, T>,
+        route: Route<'_>,
+        recv: Receive<'_, T>,
         call: impl FnOnce(&mut C, Receive<'_, T>) -> Result<(), CommError>,
     ) -> Result<(), CommError> {
         let mut got = 0;
         self.timed(|inner| {
             call(inner, &mut |k, values| {
                 got += size_of_val(values) as u64;
-                receive(k, values)
+                recv(k, values)
             })
         })?;
-        self.exchanged(size_of_val(send) as u64 * send_to.len() as u64, got, send_to, receive_from)
+        self.exchanged(size_of_val(send) as u64 * route.send_to.len() as u64, got, route)
     }
 
     /// A blocking collective: the simulated clock waits for its end.
@@ -417,32 +410,16 @@ impl<C: Communicator> Communicator for Metered<C> {
         Ok(all)
     }
 
-    fn exchange(&mut self, send: &[f32], peers: &[usize], receive: Receive<'_, f32>) -> Result<(), CommError> {
-        self.metered_exchange(send, peers, peers, receive, |inner, receive| inner.exchange(send, peers, receive))
+    fn exchange(&mut self, send: &[f32], peers: &[usize], recv: Receive<'_, f32>) -> Result<(), CommError> {
+        self.metered_exchange(send, Route::both_ways(peers), recv, |inner, recv| inner.exchange(send, peers, recv))
     }
 
-    fn exchange_directed(
-        &mut self,
-        send: &[f32],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: Receive<'_, f32>,
-    ) -> Result<(), CommError> {
-        self.metered_exchange(send, send_to, receive_from, receive, |inner, receive| {
-            inner.exchange_directed(send, send_to, receive_from, receive)
-        })
+    fn exchange_directed(&mut self, send: &[f32], route: Route<'_>, recv: Receive<'_, f32>) -> Result<(), CommError> {
+        self.metered_exchange(send, route, recv, |inner, recv| inner.exchange_directed(send, route, recv))
     }
 
-    fn exchange_bytes(
-        &mut self,
-        send: &[u8],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: Receive<'_, u8>,
-    ) -> Result<(), CommError> {
-        self.metered_exchange(send, send_to, receive_from, receive, |inner, receive| {
-            inner.exchange_bytes(send, send_to, receive_from, receive)
-        })
+    fn exchange_bytes(&mut self, send: &[u8], route: Route<'_>, recv: Receive<'_, u8>) -> Result<(), CommError> {
+        self.metered_exchange(send, route, recv, |inner, recv| inner.exchange_bytes(send, route, recv))
     }
 
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {

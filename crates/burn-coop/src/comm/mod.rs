@@ -180,10 +180,28 @@ impl PendingOp for Ready {
     }
 }
 
-/// What a neighbour exchange hands every buffer it received to, as `receive(k, values)`: `k` is
+/// What a neighbour exchange hands every buffer it received to, as `recv(k, values)`: `k` is
 /// the sender's index in the list of ranks received from, and `values` its buffer (`f32` values,
 /// or the bytes of a payload), read where it arrived.
 pub type Receive<'a, T> = &'a mut dyn FnMut(usize, &[T]);
+
+/// Whom a neighbour exchange sends to and receives from: ranks of the group, each listed once.
+/// Across workers the two lists must match: `j` is in this worker's `receive_from` exactly when
+/// this worker is in `j`'s `send_to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route<'a> {
+    /// The ranks this worker's buffer goes to.
+    pub send_to: &'a [usize],
+    /// The ranks whose buffers this worker receives, in the order `receive` sees them.
+    pub receive_from: &'a [usize],
+}
+
+impl<'a> Route<'a> {
+    /// Sending to and receiving from the same `peers` (an undirected graph).
+    pub fn both_ways(peers: &'a [usize]) -> Self {
+        Route { send_to: peers, receive_from: peers }
+    }
+}
 
 /// A worker's handle on the group of workers it trains with. It moves data and nothing else.
 ///
@@ -225,46 +243,34 @@ pub trait Communicator: Send {
     /// Every worker's byte payload (of any length), in rank order, this worker's included.
     fn all_gather_bytes(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, CommError>;
 
-    /// Sends `send` to every rank in `peers` and hands each peer's `send` to `receive(k, values)`,
+    /// Sends `send` to every rank in `peers` and hands each peer's `send` to `recv(k, values)`,
     /// `k` the peer's index in `peers`, in that order, once every length has been checked (the
     /// caller reads the values where they arrived, without a copy of its own). The relation must
     /// be symmetric: `j` lists this worker whenever this worker lists `j`. Every worker calls it,
     /// also those with no peers this time. The same as [`Communicator::exchange_directed`] with
     /// `peers` both ways.
-    fn exchange(&mut self, send: &[f32], peers: &[usize], receive: Receive<'_, f32>) -> Result<(), CommError> {
-        self.exchange_directed(send, peers, peers, receive)
+    fn exchange(&mut self, send: &[f32], peers: &[usize], recv: Receive<'_, f32>) -> Result<(), CommError> {
+        self.exchange_directed(send, Route::both_ways(peers), recv)
     }
 
-    /// Sends `send` to every rank in `send_to` and hands the buffer of every rank in
-    /// `receive_from` to `receive(k, values)`, `k` the sender's index in `receive_from`, in that
-    /// order, once every length has been checked. The two relations must match across workers:
-    /// `j` is in this worker's `receive_from` exactly when this worker is in `j`'s `send_to`
-    /// (otherwise every worker gets [`CommError::BadNeighbor`], naming the first worker of the
-    /// mismatch; nobody waits for a message that will not come). Time-varying directed graphs
-    /// (one-peer exponential) send to one peer and receive from another. Every worker calls it.
-    fn exchange_directed(
-        &mut self,
-        send: &[f32],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: Receive<'_, f32>,
-    ) -> Result<(), CommError>;
+    /// Sends `send` to every rank in `route.send_to` and hands the buffer of every rank in
+    /// `route.receive_from` to `recv(k, values)`, `k` the sender's index in `receive_from`, in
+    /// that order, once every length has been checked. The two relations must match across
+    /// workers (see [`Route`]; otherwise every worker gets [`CommError::BadNeighbor`], naming the
+    /// first worker of the mismatch; nobody waits for a message that will not come).
+    /// Time-varying directed graphs (one-peer exponential) send to one peer and receive from
+    /// another. Every worker calls it.
+    fn exchange_directed(&mut self, send: &[f32], route: Route<'_>, recv: Receive<'_, f32>) -> Result<(), CommError>;
 
-    /// Sends the byte payload `send` to every rank in `send_to` and hands the payload of every
-    /// rank in `receive_from` to `receive(k, bytes)`, `k` the sender's index in `receive_from`, in
-    /// that order. Unlike [`Communicator::exchange_directed`], every worker's payload may have its
+    /// Sends the byte payload `send` to every rank in `route.send_to` and hands the payload of
+    /// every rank in `route.receive_from` to `recv(k, bytes)`, `k` the sender's index in
+    /// `receive_from`, in that order. Unlike [`Communicator::exchange_directed`], every worker's payload may have its
     /// own length, zero included: an empty payload is the message of a worker that has nothing to
     /// send this time (an event-triggered rule that did not fire), so its neighbours learn that
     /// and nobody waits for a message that will not come. The relations must match across
     /// workers as for [`Communicator::exchange_directed`] (otherwise every worker gets
     /// [`CommError::BadNeighbor`]). Every worker calls it.
-    fn exchange_bytes(
-        &mut self,
-        send: &[u8],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: Receive<'_, u8>,
-    ) -> Result<(), CommError>;
+    fn exchange_bytes(&mut self, send: &[u8], route: Route<'_>, recv: Receive<'_, u8>) -> Result<(), CommError>;
 
     /// Splits the group: workers passing the same `color` form a new group, ranked in the order
     /// of their ranks here. Every worker calls it.
@@ -416,7 +422,7 @@ macro_rules! forward_communicator {
     };
     (@method $this:tt $to:tt exchange) => {
         $crate::forward_communicator!(
-            @mut $this $to exchange(send: &[f32], peers: &[usize], receive: $crate::comm::Receive<'_, f32>) -> ()
+            @mut $this $to exchange(send: &[f32], peers: &[usize], recv: $crate::comm::Receive<'_, f32>) -> ()
         );
     };
     (@method $this:tt $to:tt exchange_directed) => {
@@ -440,9 +446,8 @@ macro_rules! forward_communicator {
     (@directed $this:tt $to:tt $method:ident $value:ty) => {
         $crate::forward_communicator!(@mut $this $to $method(
             send: &[$value],
-            send_to: &[usize],
-            receive_from: &[usize],
-            receive: $crate::comm::Receive<'_, $value>
+            route: $crate::comm::Route<'_>,
+            recv: $crate::comm::Receive<'_, $value>
         ) -> ());
     };
     (@shared [$this:ident] [$($to:tt)+] $method:ident) => {
@@ -484,9 +489,9 @@ mod tests {
             self.ran.lock().unwrap().push("all_reduce_sum_into");
             self.inner.all_reduce_sum_into(send, recv)
         }
-        fn exchange(&mut self, send: &[f32], peers: &[usize], receive: Receive<'_, f32>) -> Result<(), CommError> {
+        fn exchange(&mut self, send: &[f32], peers: &[usize], recv: Receive<'_, f32>) -> Result<(), CommError> {
             self.ran.lock().unwrap().push("exchange");
-            self.inner.exchange(send, peers, receive)
+            self.inner.exchange(send, peers, recv)
         }
     }
 
@@ -525,7 +530,7 @@ mod tests {
                         let peers: Vec<usize> = (0..3).filter(|&j| j != rank).collect();
                         let mut got = Vec::new();
                         comm.exchange(&[rank as f32; 5], &peers, &mut |k, values| got.push((k, values[0]))).unwrap();
-                        comm.exchange_directed(&[rank as f32; 5], &peers, &peers, &mut |_, _| {}).unwrap();
+                        comm.exchange_directed(&[rank as f32; 5], Route::both_ways(&peers), &mut |_, _| {}).unwrap();
                         assert_eq!(got, peers.iter().enumerate().map(|(k, &j)| (k, j as f32)).collect::<Vec<_>>());
                         comm.traffic()
                     })

@@ -78,19 +78,23 @@ impl FromStr for NetworkModel {
 
     /// `bandwidth=1Gbit,latency=50us`: bandwidth in `bit`, `Kbit`, `Mbit`, `Gbit` (per second,
     /// decimal: 1Gbit = 1.25e8 bytes/s) or `B`, `KB`, `MB`, `GB` (bytes per second); latency in
-    /// `s`, `ms`, `us` or `ns` (default 0).
+    /// `s`, `ms`, `us` or `ns` (default 0). Units are required (a bare `100` is refused: bytes or
+    /// bits, seconds or microseconds?), except for a latency of `0`; a setting given twice is
+    /// refused.
     fn from_str(text: &str) -> Result<Self, String> {
-        let (mut bandwidth, mut latency) = (None, 0.0);
+        let (mut bandwidth, mut latency) = (None, None);
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').ok_or_else(|| format!("'{part}' is not key=value"))?;
             match key.trim() {
+                "bandwidth" if bandwidth.is_some() => return Err("bandwidth is given twice".into()),
+                "latency" if latency.is_some() => return Err("latency is given twice".into()),
                 "bandwidth" => bandwidth = Some(parse_rate(value.trim())?),
-                "latency" => latency = parse_seconds(value.trim())?,
+                "latency" => latency = Some(parse_seconds(value.trim())?),
                 other => return Err(format!("unknown network setting '{other}' (bandwidth, latency)")),
             }
         }
         let bandwidth = bandwidth.ok_or("the network needs a bandwidth, e.g. bandwidth=1Gbit")?;
-        Self::new(bandwidth, latency)
+        Self::new(bandwidth, latency.unwrap_or(0.0))
     }
 }
 
@@ -110,7 +114,12 @@ fn parse_rate(text: &str) -> Result<f64, String> {
         "Kbit" => 1e3 / 8.0,
         "Mbit" => 1e6 / 8.0,
         "Gbit" => 1e9 / 8.0,
-        "B" | "" => 1.0,
+        "B" => 1.0,
+        "" => {
+            return Err(format!(
+                "'{text}' has no unit: write bytes (B, KB, MB, GB) or bits (bit, Kbit, Mbit, Gbit) per second"
+            ));
+        }
         "KB" => 1e3,
         "MB" => 1e6,
         "GB" => 1e9,
@@ -122,7 +131,9 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 fn parse_seconds(text: &str) -> Result<f64, String> {
     let (number, unit) = number_and_unit(text)?;
     let scale = match unit {
-        "s" | "" => 1.0,
+        "s" => 1.0,
+        "" if number == 0.0 => 1.0,
+        "" => return Err(format!("'{text}' has no unit: write s, ms, us or ns")),
         "ms" => 1e-3,
         "us" | "µs" => 1e-6,
         "ns" => 1e-9,
@@ -190,9 +201,21 @@ mod tests {
         assert!((net.latency - 50e-6).abs() < 1e-18);
         let net: NetworkModel = "bandwidth=100MB".parse().unwrap();
         assert_eq!((net.bandwidth, net.latency), (1e8, 0.0));
+        let net: NetworkModel = "bandwidth=1Gbit,latency=0".parse().unwrap();
+        assert_eq!(net.latency, 0.0, "zero needs no unit");
         for bad in ["latency=1ms", "bandwidth=0Gbit", "bandwidth=1Gbps", "bandwidth=1Gbit,jitter=2", "bandwidth"] {
             assert!(bad.parse::<NetworkModel>().is_err(), "{bad}");
         }
+        // A number without a unit is ambiguous (bytes or bits, seconds or microseconds).
+        let error = "bandwidth=100".parse::<NetworkModel>().unwrap_err();
+        assert!(error.contains("'100' has no unit"), "{error}");
+        let error = "bandwidth=1Gbit,latency=50".parse::<NetworkModel>().unwrap_err();
+        assert!(error.contains("'50' has no unit"), "{error}");
+        for bad in ["bandwidth=NaNGbit", "bandwidth=1e999Gbit", "bandwidth=1Gbit,latency=-1ms"] {
+            assert!(bad.parse::<NetworkModel>().is_err(), "{bad}");
+        }
+        let error = "bandwidth=1Gbit,bandwidth=2Gbit".parse::<NetworkModel>().unwrap_err();
+        assert!(error.contains("twice"), "{error}");
     }
 
     #[test]

@@ -35,15 +35,15 @@ use burn::tensor::Device;
 use super::LearnerError;
 use super::config::LearnerConfig;
 use super::metrics::{Columns, EpochMetrics, MetricsWriter, RunPoint, SyncMetrics};
-use super::shared::{Steps, WallClock, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
+use super::shared::{WallClock, WorkerPlan, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
 use super::task::CoopTask;
 use crate::comm::{Communicator, Metered, SimClock};
 use crate::error::CoopError;
 use crate::params::ParamLayout;
-use crate::rules::async_local_sgd::apply_average_in_place;
-use crate::schedule::FixedConfig;
+use crate::rules::apply_average_in_place;
+use crate::schedule::ScheduleSpec;
+use crate::schedule::fixed::FixedConfig;
 use crate::shared_params::SharedParams;
-use crate::spec::ScheduleSpec;
 use crate::sync::{spread_by_worker, worker_column};
 
 /// What the local threads report to the communication thread.
@@ -121,13 +121,9 @@ pub(super) fn run_async_worker<T: CoopTask>(
     };
     let epoch_base = clock_now(&comm);
     let mut run = AsyncRun {
-        local: LocalSteps { task, config, device: &device, rank, workers, steps, shared: &shared },
-        config,
-        rank,
-        workers,
+        local: LocalSteps { plan: WorkerPlan { task, config, device: &device, rank, workers, steps }, shared: &shared },
         tau,
         layouts: &layouts,
-        shared: &shared,
         comm,
         writer,
         clock: WallClock { started: Instant::now(), before: 0.0 },
@@ -164,12 +160,7 @@ fn clock_now(comm: &Metered<Box<dyn Communicator>>) -> f64 {
 
 /// What the local threads share (read only).
 struct LocalSteps<'a, T: CoopTask> {
-    task: &'a T,
-    config: &'a LearnerConfig,
-    device: &'a Device,
-    rank: usize,
-    workers: usize,
-    steps: Steps,
+    plan: WorkerPlan<'a, T>,
     shared: &'a SharedParams,
 }
 
@@ -184,12 +175,8 @@ impl<T: CoopTask> Copy for LocalSteps<'_, T> {}
 /// One worker of asynchronous local SGD: what its epochs share.
 struct AsyncRun<'a, T: CoopTask> {
     local: LocalSteps<'a, T>,
-    config: &'a LearnerConfig,
-    rank: usize,
-    workers: usize,
     tau: u64,
     layouts: &'a [ParamLayout],
-    shared: &'a SharedParams,
     comm: Metered<Box<dyn Communicator>>,
     writer: Option<MetricsWriter>,
     clock: WallClock,
@@ -210,10 +197,6 @@ struct EpochSync {
 }
 
 impl<T: CoopTask> LocalSteps<'_, T> {
-    fn lr_at(&self, step: u64) -> f64 {
-        self.config.lr.at(step, self.steps.per_epoch, self.steps.planned)
-    }
-
     /// A local thread: takes the epoch's next batch until none is left (or a failure stops
     /// every thread), adding each step's change to the shared buffer.
     #[allow(clippy::too_many_arguments)]
@@ -238,15 +221,16 @@ impl<T: CoopTask> LocalSteps<'_, T> {
             let step = std::panic::AssertUnwindSafe(|| -> Result<f64, LearnerError> {
                 self.shared.read_into(&mut read);
                 let current = layout.unflatten(model.clone(), &read)?;
-                let batch = self.task.train_batch(self.rank, self.workers, epoch, index, self.device);
-                let loss = self.task.loss(&current, batch);
+                let batch =
+                    self.plan.task.train_batch(self.plan.rank, self.plan.workers, epoch, index, self.plan.device);
+                let loss = self.plan.task.loss(&current, batch);
                 let value = f64::from(loss.clone().into_scalar::<f32>());
                 if !value.is_finite() {
                     let at = epoch_start + index as u64 + 1;
-                    return Err(LearnerError::NonFiniteLoss { worker: self.rank, step: at, loss: value });
+                    return Err(LearnerError::NonFiniteLoss { worker: self.plan.rank, step: at, loss: value });
                 }
                 let grads = GradientsParams::from_grads(loss.backward(), &current);
-                model = optim.step(self.lr_at(epoch_start + index as u64), current, grads);
+                model = optim.step(self.plan.lr_at(epoch_start + index as u64), current, grads);
                 layout.flatten_into(&model, &mut after)?;
                 after.iter_mut().zip(&read).for_each(|(a, r)| *a -= r);
                 self.shared.add(&after);
@@ -254,7 +238,7 @@ impl<T: CoopTask> LocalSteps<'_, T> {
             });
             let result = std::panic::catch_unwind(step).unwrap_or_else(|panic| {
                 let message = crate::launch::panic_message(panic.as_ref());
-                Err(LearnerError::WorkerPanicked { worker: self.rank, message })
+                Err(LearnerError::WorkerPanicked { worker: self.plan.rank, message })
             });
             self.record_step(epoch_start, state, result);
         }
@@ -269,12 +253,13 @@ impl<T: CoopTask> LocalSteps<'_, T> {
         match result {
             Ok(value) => {
                 p.done += 1;
-                if self.config.network.is_some() {
+                if self.plan.config.network.is_some() {
                     let now = Instant::now();
                     let measured = now.duration_since(p.last_completion.unwrap_or(state.began)).as_secs_f64();
                     p.last_completion = Some(now);
                     let at = epoch_start + p.done as u64;
-                    let seconds = self.config.step_time.seconds(measured, self.config.seed, self.rank, at);
+                    let seconds =
+                        self.plan.config.step_time.seconds(measured, self.plan.config.seed, self.plan.rank, at);
                     let total = p.compute.last().copied().unwrap_or(0.0) + seconds;
                     p.compute.push(total);
                 }
@@ -294,7 +279,7 @@ impl<T: CoopTask> LocalSteps<'_, T> {
 
 impl<T: CoopTask> AsyncRun<'_, T> {
     fn lr_at(&self, step: u64) -> f64 {
-        self.local.lr_at(step)
+        self.local.plan.lr_at(step)
     }
 
     /// One epoch: the local threads take its steps while this thread merges every τ of them.
@@ -343,7 +328,7 @@ impl<T: CoopTask> AsyncRun<'_, T> {
             return Err(error);
         }
         outcome?;
-        if self.config.network.is_some() {
+        if self.local.plan.config.network.is_some() {
             // The threads join: the next epoch starts once both the steps and the last merge
             // are done; waiting for the merge is communication time.
             let computed = self.epoch_base + progress.compute.last().copied().unwrap_or(0.0);
@@ -403,7 +388,7 @@ impl<T: CoopTask> AsyncRun<'_, T> {
         failed: bool,
         computed: Option<f64>,
     ) -> Result<(), LearnerError> {
-        let (rank, workers) = (self.rank, self.workers);
+        let (rank, workers) = (self.local.plan.rank, self.local.plan.workers);
         // The snapshot leaves when the compute clock reaches the merge's step, or when the
         // previous all-reduce has landed, whichever is later.
         if let Some(computed) = computed {
@@ -413,12 +398,12 @@ impl<T: CoopTask> AsyncRun<'_, T> {
                 self.comm.local_step(ready - now);
             }
         }
-        let snapshot = self.shared.to_vec();
+        let snapshot = self.local.shared.to_vec();
         let flight = Instant::now();
         let mut sum = snapshot.clone();
         self.comm.all_reduce_sum(&mut sum).map_err(CoopError::from)?;
         let inflight = flight.elapsed().as_secs_f64();
-        let distance = apply_average_in_place(self.shared, &snapshot, sum, workers);
+        let distance = apply_average_in_place(self.local.shared, &snapshot, sum, workers);
         self.syncs += 1;
         let mine = [
             loss,
@@ -440,7 +425,7 @@ impl<T: CoopTask> AsyncRun<'_, T> {
         let losses = column(0);
         let consensus = column(3).iter().sum::<f64>() / workers as f64;
         self.last_distance = Some(consensus);
-        let simulating = self.config.network.is_some();
+        let simulating = self.local.plan.config.network.is_some();
         let lr = self.lr_at(merge_step - 1);
         let (tau, syncs, wall) = (self.tau, self.syncs, self.clock.now());
         if let Some(w) = self.writer.as_mut() {
@@ -469,7 +454,8 @@ impl<T: CoopTask> AsyncRun<'_, T> {
                 senders: None,
                 trigger_statistic: None,
             };
-            w.sync(&metrics).map_err(|source| LearnerError::Io { path: self.config.output.clone(), source })?;
+            w.sync(&metrics)
+                .map_err(|source| LearnerError::Io { path: self.local.plan.config.output.clone(), source })?;
         }
         Ok(())
     }
@@ -483,17 +469,23 @@ impl<T: CoopTask> AsyncRun<'_, T> {
         progress: &Progress,
         local: &T::Model,
     ) -> Result<EpochMetrics, LearnerError> {
-        let (rank, workers) = (self.rank, self.workers);
-        let model = self.layouts[0].unflatten(local.clone(), &self.shared.to_vec())?;
+        let (rank, workers) = (self.local.plan.rank, self.local.plan.workers);
+        let model = self.layouts[0].unflatten(local.clone(), &self.local.shared.to_vec())?;
         let epoch_loss = progress.epoch_sum / progress.epoch_count.max(1) as f64;
         let mine = [epoch_loss, self.comm.traffic().total().bytes_sent as f64, self.epoch_base, self.waited];
         let mut values = spread_by_worker(&mine, rank, workers);
         self.comm.inner_mut().all_reduce_f64(&mut values).map_err(CoopError::from)?;
-        let (average, evaluation) =
-            evaluate_average(self.local.task, &model, step, self.comm.inner_mut().as_mut(), self.local.device, false)?;
+        let (average, evaluation) = evaluate_average(
+            self.local.plan.task,
+            &model,
+            step,
+            self.comm.inner_mut().as_mut(),
+            self.local.plan.device,
+            false,
+        )?;
         let column = |k: usize| worker_column(&values, k, workers);
         let losses = column(0);
-        let simulating = self.config.network.is_some();
+        let simulating = self.local.plan.config.network.is_some();
         let metrics = EpochMetrics {
             at: RunPoint {
                 epoch,
@@ -516,8 +508,9 @@ impl<T: CoopTask> AsyncRun<'_, T> {
             worker_test_accuracy: None,
         };
         if let Some(w) = self.writer.as_mut() {
-            w.epoch(&metrics).map_err(|source| LearnerError::Io { path: self.config.output.clone(), source })?;
-            save_average(&average, &self.config.output)?;
+            w.epoch(&metrics)
+                .map_err(|source| LearnerError::Io { path: self.local.plan.config.output.clone(), source })?;
+            save_average(&average, &self.local.plan.config.output)?;
         }
         Ok(metrics)
     }

@@ -10,12 +10,17 @@
 //!   worker-0.state.json       step and the synchronizer's counters (small JSON)
 //!   worker-0.coop.bin         the rule's and schedule's records (anchors, momenta: binary,
 //!                             see [`crate::state`])
+//!   worker-0.sums             each file above with its length and FNV-1a 64 checksum, and the
+//!                             checksum of those lines; written last
 //!   ...
 //! ```
 //!
 //! Every worker writes its files into `.step-XXXXXXXX.partial/`; after a barrier, rank 0 renames
 //! that folder into place and then rewrites `LATEST` through a temporary file and a rename. A
-//! crash at any point leaves `LATEST` naming a complete checkpoint.
+//! crash at any point leaves `LATEST` naming a complete checkpoint. Reading checks every file
+//! against its sum first (a changed byte is named as a checksum mismatch, a short file as
+//! truncated), then that the checkpoint is this worker's and was written under the same merge
+//! rule and schedule.
 
 use std::fs;
 use std::io::Write;
@@ -23,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::StateFile;
+use crate::state::{StateFile, fnv1a};
 use crate::sync::SyncState;
 
 /// One worker's saved state besides its model and optimizer records.
@@ -41,6 +46,17 @@ pub(crate) struct WorkerState {
     pub sync: SyncState,
     /// Wall-clock seconds trained before this checkpoint.
     pub elapsed_seconds: f64,
+    /// The merge rule and schedule with every setting resolved ([`merging_of`]); absent in
+    /// checkpoints of earlier versions.
+    #[serde(default)]
+    pub merging: Option<String>,
+}
+
+/// The merge rule and schedule of `config`, every setting resolved, as one line of JSON: what a
+/// checkpoint must have been written under to be resumed.
+pub(crate) fn merging_of(config: &super::LearnerConfig) -> String {
+    let schedule = config.rule.with_default_period(&config.schedule).resolved();
+    serde_json::json!({ "rule": config.rule.resolved(), "schedule": schedule }).to_string()
 }
 
 /// The files of one worker in a checkpoint.
@@ -78,6 +94,48 @@ pub enum CheckpointError {
     /// No checkpoint to resume from.
     #[error("no checkpoint found under {0} (expected a LATEST file naming a step-* folder)")]
     Missing(PathBuf),
+    /// `LATEST` names a folder that is not there.
+    #[error("{latest} names the checkpoint {folder}, which does not exist")]
+    Dangling {
+        /// The `LATEST` file.
+        latest: PathBuf,
+        /// The folder it names.
+        folder: PathBuf,
+    },
+    /// A checkpoint file is shorter or longer than when it was written.
+    #[error("checkpoint file {path} is truncated or extended: {found} bytes, written with {expected}")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Its length now.
+        found: u64,
+        /// Its length when written.
+        expected: u64,
+    },
+    /// A checkpoint file's bytes changed since it was written.
+    #[error(
+        "checkpoint file {path} is corrupt: its checksum {found:016x} does not match the one written ({expected:016x})"
+    )]
+    ChecksumMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Checksum of the bytes now.
+        found: u64,
+        /// Checksum written with the file.
+        expected: u64,
+    },
+    /// The checkpoint was written under another merge rule or schedule.
+    #[error(
+        "checkpoint {path} was written under {saved}, but this run uses {now}: resume with the same rule and schedule, or start a new run"
+    )]
+    RuleChanged {
+        /// The state file.
+        path: PathBuf,
+        /// The rule and schedule recorded.
+        saved: String,
+        /// The rule and schedule of this run.
+        now: String,
+    },
     /// The checkpoint was written by a run with another number of workers or another rank.
     #[error(
         "checkpoint {path} belongs to worker {rank} of {workers}, not worker {expected_rank} of {expected_workers}"
@@ -98,6 +156,42 @@ pub enum CheckpointError {
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut file = fs::File::create(path).map_err(io(path))?;
+    file.write_all(bytes).map_err(io(path))?;
+    file.sync_all().map_err(io(path))
+}
+
+/// A worker's `.sums` file: a line `NAME LENGTH CHECKSUM` per file, then `sums CHECKSUM` of the
+/// lines before it.
+fn sums_text(entries: &[(String, u64, u64)]) -> String {
+    let mut text: String = entries.iter().map(|(name, len, sum)| format!("{name} {len} {sum:016x}\n")).collect();
+    let own = fnv1a(text.as_bytes());
+    text.push_str(&format!("sums {own:016x}\n"));
+    text
+}
+
+/// The lengths and checksums in a worker's `.sums` file; anything but the form
+/// [`sums_text`] writes, with its own checksum right, is an error naming the file.
+fn read_sums(path: &Path) -> Result<Vec<(String, u64, u64)>, CheckpointError> {
+    let bytes = fs::read(path).map_err(io(path))?;
+    let corrupt = |cause: &str| CheckpointError::Corrupt { path: path.to_path_buf(), cause: cause.to_string() };
+    let text = std::str::from_utf8(&bytes).map_err(|_| corrupt("not text"))?;
+    let entries: Vec<(String, u64, u64)> = text
+        .lines()
+        .filter(|line| !line.starts_with("sums "))
+        .filter_map(|line| {
+            let mut parts = line.split(' ');
+            let (name, len, sum) = (parts.next()?, parts.next()?.parse().ok()?, parts.next()?);
+            Some((name.to_string(), len, u64::from_str_radix(sum, 16).ok()?))
+        })
+        .collect();
+    if sums_text(&entries) != text {
+        return Err(corrupt("its lines or its own checksum do not match the form written"));
+    }
+    Ok(entries)
 }
 
 /// The newest complete checkpoint of the run in `output`, if any.
@@ -137,18 +231,18 @@ impl Checkpoints {
         let rank = files.state.rank;
         let state = serde_json::to_vec_pretty(&files.state).expect("worker state serializes");
         let records = files.records.to_bytes();
+        let mut sums = Vec::new();
         for (suffix, bytes) in [
             ("model.bpk", &files.model[..]),
             ("optim.bpk", &files.optimizer[..]),
             ("state.json", &state[..]),
             ("coop.bin", &records[..]),
         ] {
-            let path = dir.join(format!("worker-{rank}.{suffix}"));
-            let mut file = fs::File::create(&path).map_err(io(&path))?;
-            file.write_all(bytes).map_err(io(&path))?;
-            file.sync_all().map_err(io(&path))?;
+            let name = format!("worker-{rank}.{suffix}");
+            write_synced(&dir.join(&name), bytes)?;
+            sums.push((name, bytes.len() as u64, fnv1a(bytes)));
         }
-        Ok(())
+        write_synced(&dir.join(format!("worker-{rank}.sums")), sums_text(&sums).as_bytes())
     }
 
     /// Publishes the checkpoint at `step` once every worker has written its files (rank 0, after
@@ -185,19 +279,33 @@ impl Checkpoints {
         match fs::read_to_string(&latest) {
             Ok(name) => {
                 let dir = self.root.join(name.trim());
-                if dir.is_dir() { Ok(Some(dir)) } else { Err(CheckpointError::Missing(dir)) }
+                if dir.is_dir() { Ok(Some(dir)) } else { Err(CheckpointError::Dangling { latest, folder: dir }) }
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(CheckpointError::Io { path: latest, source }),
         }
     }
 
-    /// Reads worker `rank`'s files from the checkpoint folder `dir`, checking that they belong to
-    /// worker `rank` of `workers`.
-    pub fn read_worker(dir: &Path, rank: usize, workers: usize) -> Result<WorkerFiles, CheckpointError> {
+    /// Reads worker `rank`'s files from the checkpoint folder `dir`, checking each against its
+    /// sum, then that they belong to worker `rank` of `workers` and were written under `merging`
+    /// ([`merging_of`]).
+    pub fn read_worker(dir: &Path, rank: usize, workers: usize, merging: &str) -> Result<WorkerFiles, CheckpointError> {
+        let sums = read_sums(&dir.join(format!("worker-{rank}.sums")))?;
         let read = |suffix: &str| {
-            let path = dir.join(format!("worker-{rank}.{suffix}"));
-            fs::read(&path).map_err(|source| CheckpointError::Io { path, source })
+            let name = format!("worker-{rank}.{suffix}");
+            let path = dir.join(&name);
+            let bytes = fs::read(&path).map_err(io(&path))?;
+            let Some(&(_, len, sum)) = sums.iter().find(|(n, ..)| *n == name) else {
+                return Err(CheckpointError::Corrupt { path, cause: format!("not listed in worker-{rank}.sums") });
+            };
+            if bytes.len() as u64 != len {
+                return Err(CheckpointError::Truncated { path, found: bytes.len() as u64, expected: len });
+            }
+            let found = fnv1a(&bytes);
+            if found != sum {
+                return Err(CheckpointError::ChecksumMismatch { path, found, expected: sum });
+            }
+            Ok(bytes)
         };
         let state_path = dir.join(format!("worker-{rank}.state.json"));
         let state: WorkerState = serde_json::from_slice(&read("state.json")?)
@@ -211,9 +319,75 @@ impl Checkpoints {
                 expected_workers: workers,
             });
         }
+        if let Some(saved) = state.merging.as_deref().filter(|saved| *saved != merging) {
+            return Err(CheckpointError::RuleChanged { path: state_path, saved: saved.into(), now: merging.into() });
+        }
         let records_path = dir.join(format!("worker-{rank}.coop.bin"));
         let records = StateFile::from_bytes(&read("coop.bin")?)
             .map_err(|e| CheckpointError::Corrupt { path: records_path, cause: e.to_string() })?;
         Ok(WorkerFiles { model: read("model.bpk")?, optimizer: read("optim.bpk")?, state, records })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::state::StateRecord;
+    use crate::testing::inputs::{Inputs, never_panics};
+
+    fn files() -> WorkerFiles {
+        let rule = StateRecord::new().with_buffer("anchor", vec![0.5, -1.25, 3.0]);
+        WorkerFiles {
+            model: (0..200u8).collect(),
+            optimizer: vec![7; 64],
+            state: WorkerState {
+                rank: 0,
+                workers: 2,
+                step: 12,
+                epochs_done: 1,
+                sync: SyncState::default(),
+                elapsed_seconds: 3.5,
+                merging: Some("{\"rule\":\"average\"}".into()),
+            },
+            records: StateFile { records: BTreeMap::from([("rule".to_string(), rule)]) },
+        }
+    }
+
+    #[test]
+    fn every_changed_file_of_a_checkpoint_is_refused_by_name() {
+        let root = std::env::temp_dir().join(format!("burn-coop-checkpoint-{}", std::process::id()));
+        let checkpoints = Checkpoints { root: root.clone() };
+        checkpoints.write_worker(12, &files()).unwrap();
+        let dir = checkpoints.commit(12, 2).unwrap();
+        let merging = "{\"rule\":\"average\"}";
+        let read = || Checkpoints::read_worker(&dir, 0, 2, merging);
+        assert_eq!(read().unwrap().model, files().model);
+        let mut inputs = Inputs::new(21);
+        for name in ["model.bpk", "optim.bpk", "state.json", "coop.bin", "sums"] {
+            let path = dir.join(format!("worker-0.{name}"));
+            let good = fs::read(&path).unwrap();
+            let changed: Vec<Vec<u8>> = inputs.bytes(&good, 300).into_iter().filter(|b| *b != good).collect();
+            let results = never_panics(&changed, |bytes| {
+                fs::write(&path, bytes).unwrap();
+                read().map(|_| ())
+            });
+            for (bytes, result) in changed.iter().zip(results) {
+                let error = result.expect_err("a changed file is never read as good").to_string();
+                assert!(error.contains(&format!("worker-0.{name}")), "{name}: {error}");
+                if name != "sums" && bytes.len() == good.len() {
+                    assert!(error.contains("checksum"), "a changed byte is a checksum mismatch: {error}");
+                }
+            }
+            fs::write(&path, &good).unwrap();
+        }
+        assert!(read().is_ok());
+        let other = Checkpoints::read_worker(&dir, 0, 2, "{\"rule\":\"elastic\"}").unwrap_err().to_string();
+        assert!(
+            other.contains("was written under") && other.contains("average") && other.contains("elastic"),
+            "{other}"
+        );
+        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -8,7 +8,7 @@ use super::optimizer::{LrSchedule, OptimizerSpec};
 use crate::comm::{NetworkModel, StepTime};
 use crate::local_sgd::InnerStatePolicy;
 use crate::params::BufferPolicy;
-use crate::spec::{RuleSpec, ScheduleSpec};
+use crate::{rules::RuleSpec, schedule::ScheduleSpec};
 
 /// Everything the cooperative learner needs to know about a run (the task supplies the model
 /// and data).

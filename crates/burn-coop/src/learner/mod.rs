@@ -30,7 +30,7 @@ pub use worker::run_worker;
 use crate::comm::InProcessGroup;
 use crate::error::CoopError;
 use crate::launch::{Failure, FailureCause, run_group};
-use crate::spec::SpecError;
+use crate::registry::SpecError;
 
 /// Why a run stopped.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,5 @@
 //! Serializable descriptions of a run's inner optimizer and learning-rate schedule (the rule's
-//! and the synchronization schedule's live in [`crate::spec`]).
+//! and the synchronization schedule's live in [`crate::registry`]).
 
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;

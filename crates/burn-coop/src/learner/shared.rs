@@ -110,6 +110,32 @@ pub(super) struct Steps {
     pub total: u64,
 }
 
+/// Who a worker is and what it trains: what every step of either loop mode reads.
+pub(super) struct WorkerPlan<'a, T: CoopTask> {
+    pub task: &'a T,
+    pub config: &'a LearnerConfig,
+    /// The training device (with autodiff).
+    pub device: &'a Device,
+    pub rank: usize,
+    pub workers: usize,
+    pub steps: Steps,
+}
+
+impl<T: CoopTask> Clone for WorkerPlan<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T: CoopTask> Copy for WorkerPlan<'_, T> {}
+
+impl<T: CoopTask> WorkerPlan<'_, T> {
+    /// The learning rate of global step `step`.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        self.config.lr.at(step, self.steps.per_epoch, self.steps.planned)
+    }
+}
+
 /// Checks the number of workers against the configuration and plans the steps.
 pub(super) fn plan_steps<T: CoopTask>(task: &T, config: &LearnerConfig, workers: usize) -> Result<Steps, LearnerError> {
     if workers != config.workers {

@@ -14,10 +14,10 @@ use burn::store::ModuleRecord;
 use burn::tensor::{Bytes, Device};
 
 use super::LearnerError;
-use super::checkpoint::{CheckpointError, Checkpoints, WorkerFiles, WorkerState};
+use super::checkpoint::{CheckpointError, Checkpoints, WorkerFiles, WorkerState, merging_of};
 use super::config::LearnerConfig;
 use super::metrics::{Columns, EpochMetrics, MetricsWriter, RunPoint, SyncMetrics};
-use super::shared::{Steps, WallClock, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
+use super::shared::{WallClock, WorkerPlan, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
 use super::task::CoopTask;
 use crate::comm::Communicator;
 use crate::error::CoopError;
@@ -35,7 +35,7 @@ pub fn run_worker<T: CoopTask>(
     comm: impl Communicator + 'static,
     resume: bool,
 ) -> Result<WorkerReport, LearnerError> {
-    if let crate::spec::RuleSpec::Async(asynchronous) = &config.rule {
+    if let crate::rules::RuleSpec::Async(asynchronous) = &config.rule {
         return super::async_worker::run_async_worker(task, config, device, comm, asynchronous.threads(), resume);
     }
     let (rank, workers) = (comm.rank(), comm.world_size());
@@ -43,7 +43,7 @@ pub fn run_worker<T: CoopTask>(
     let steps = plan_steps(task, config, workers)?;
     let checkpoints = Checkpoints::in_output(&config.output);
 
-    let (rule, schedule) = crate::spec::build_pair(&config.rule, &config.schedule, workers)?;
+    let (rule, schedule) = crate::registry::build_pair(&config.rule, &config.schedule, workers)?;
     let mut model = init_seeded(task, &device, config.seed);
     let mut sync = Synchronizer::new(rule, schedule, comm)?
         .with_buffer_policy(config.buffers)
@@ -59,7 +59,7 @@ pub fn run_worker<T: CoopTask>(
     let mut elapsed_before = 0.0;
     if resume {
         let dir = checkpoints.latest()?.ok_or_else(|| CheckpointError::Missing(checkpoints.root().to_path_buf()))?;
-        let files = Checkpoints::read_worker(&dir, rank, workers)?;
+        let files = Checkpoints::read_worker(&dir, rank, workers, &merging_of(config))?;
         elapsed_before = files.state.elapsed_seconds;
         model = restore(model, &mut optim, files, &dir, rank)?;
     }
@@ -78,8 +78,12 @@ pub fn run_worker<T: CoopTask>(
         _ => None,
     };
     let clock = WallClock { started: Instant::now(), before: elapsed_before };
-    let mut run =
-        StepRun { task, config, device: &device, rank, workers, steps, clock, epoch_loss: (0.0, 0), bad_loss: None };
+    let mut run = StepRun {
+        plan: WorkerPlan { task, config, device: &device, rank, workers, steps },
+        clock,
+        epoch_loss: (0.0, 0),
+        bad_loss: None,
+    };
     let mut last_epoch = None;
     let mut last_checkpoint = optim.stats().steps;
     while optim.stats().steps < steps.total {
@@ -99,6 +103,7 @@ pub fn run_worker<T: CoopTask>(
                 epochs_done: (step / steps.per_epoch) as usize,
                 sync: optim.synchronizer().state(),
                 elapsed_seconds: clock.now(),
+                merging: Some(merging_of(config)),
             };
             checkpoint(&checkpoints, &model, &mut optim, state, config.keep_checkpoints)?;
             last_checkpoint = step;
@@ -144,12 +149,7 @@ fn restore<M: Module>(
 
 /// One worker's run of local steps: what every epoch of it needs.
 struct StepRun<'a, T: CoopTask> {
-    task: &'a T,
-    config: &'a LearnerConfig,
-    device: &'a Device,
-    rank: usize,
-    workers: usize,
-    steps: Steps,
+    plan: WorkerPlan<'a, T>,
     clock: WallClock,
     /// This worker's losses over the epoch so far: their sum and number.
     epoch_loss: (f64, u64),
@@ -169,14 +169,14 @@ impl<T: CoopTask> StepRun<'_, T> {
         optim: &mut LocalSgd,
         mut writer: Option<&mut MetricsWriter>,
     ) -> Result<(T::Model, Option<f64>), LearnerError> {
-        let (config, steps) = (self.config, self.steps);
+        let (config, steps) = (self.plan.config, self.plan.steps);
         loop {
             let step = optim.stats().steps;
             let index = (step % steps.per_epoch) as usize;
             let lr = config.lr.at(step, steps.per_epoch, steps.planned);
             let started = Instant::now();
-            let batch = self.task.train_batch(self.rank, self.workers, epoch, index, self.device);
-            let loss = self.task.loss(&model, batch);
+            let batch = self.plan.task.train_batch(self.plan.rank, self.plan.workers, epoch, index, self.plan.device);
+            let loss = self.plan.task.loss(&model, batch);
             let loss_value = f64::from(loss.clone().into_scalar::<f32>());
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             if !loss_value.is_finite() && self.bad_loss.is_none() {
@@ -189,10 +189,10 @@ impl<T: CoopTask> StepRun<'_, T> {
                     report
                 }
                 Err(CoopError::NonFiniteParameters { rank: bad, .. })
-                    if bad == self.rank && self.bad_loss.is_some() =>
+                    if bad == self.plan.rank && self.bad_loss.is_some() =>
                 {
                     let (step, loss) = self.bad_loss.expect("checked above");
-                    return Err(LearnerError::NonFiniteLoss { worker: self.rank, step, loss });
+                    return Err(LearnerError::NonFiniteLoss { worker: self.plan.rank, step, loss });
                 }
                 Err(error) => return Err(error.into()),
             };
@@ -219,9 +219,9 @@ impl<T: CoopTask> StepRun<'_, T> {
     /// Whether a merge just ran that `checkpoint_every` asks a checkpoint after.
     fn checkpoint_due(&self, optim: &LocalSgd) -> bool {
         let stats = optim.stats();
-        self.config.checkpoint_every > 0
+        self.plan.config.checkpoint_every > 0
             && optim.last_sync().is_some_and(|report| report.step == stats.steps)
-            && stats.syncs.is_multiple_of(self.config.checkpoint_every)
+            && stats.syncs.is_multiple_of(self.plan.config.checkpoint_every)
     }
 
     /// The end of an epoch: every worker's loss and counters, the average model evaluated (and
@@ -234,7 +234,7 @@ impl<T: CoopTask> StepRun<'_, T> {
         optim: &mut LocalSgd,
         writer: Option<&mut MetricsWriter>,
     ) -> Result<EpochMetrics, LearnerError> {
-        let (config, workers, step) = (self.config, self.workers, optim.stats().steps);
+        let (config, workers, step) = (self.plan.config, self.plan.workers, optim.stats().steps);
         let sync = optim.synchronizer();
         let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, sim, sim_comm } = gather(sync, epoch_loss)?;
         // Right after a merge that left every worker with the same model (weights and buffers),
@@ -242,11 +242,12 @@ impl<T: CoopTask> StepRun<'_, T> {
         let agreed = sync.rule().reaches_consensus()
             && config.buffers == BufferPolicy::Merge
             && sync.last_sync().is_some_and(|report| report.step == step);
-        let (average, evaluation) = evaluate_average(self.task, model, step, sync.comm(), self.device, agreed)?;
+        let (average, evaluation) =
+            evaluate_average(self.plan.task, model, step, sync.comm(), self.plan.device, agreed)?;
         let worker_accuracy = if config.eval_workers {
-            let own = self.task.evaluate(&model.valid(), 0, 1, &self.device.clone().without_autodiff());
+            let own = self.plan.task.evaluate(&model.valid(), 0, 1, &self.plan.device.clone().without_autodiff());
             let mut accuracies = vec![0.0; workers];
-            accuracies[self.rank] = own.accuracy();
+            accuracies[self.plan.rank] = own.accuracy();
             sync.comm().all_reduce_f64(&mut accuracies).map_err(CoopError::from)?;
             Some(accuracies)
         } else {
@@ -258,7 +259,7 @@ impl<T: CoopTask> StepRun<'_, T> {
                 epoch,
                 step,
                 syncs: stats.syncs,
-                lr: config.lr.at(step - 1, self.steps.per_epoch, self.steps.planned),
+                lr: self.plan.lr_at(step - 1),
                 tau: sync.period(),
                 train_loss: losses.iter().sum::<f64>() / workers as f64,
                 worker_train_loss: losses,

@@ -24,18 +24,21 @@ use serde::{Deserialize, Serialize};
 use super::kernels::{distance_to_mean, divide};
 use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, SyncContext};
 use crate::comm::{Communicator, Traffic};
+use crate::registry::{RuleConfig, SpecError};
 use crate::shared_params::SharedParams;
-use crate::spec::{RuleConfig, SpecError};
 
 /// `--rule async`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AsyncConfig {
     /// Local threads per worker updating its shared parameters (default 2).
-    #[arg(long, value_parser = crate::spec::at_least_one)]
+    #[arg(long, value_parser = crate::registry::at_least_one)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local_threads: Option<u64>,
 }
+
+/// The most local threads a worker runs (each holds a model and an optimizer).
+pub const MAX_LOCAL_THREADS: usize = 64;
 
 impl AsyncConfig {
     /// The number of local threads.
@@ -50,6 +53,12 @@ impl RuleConfig for AsyncConfig {
     fn build(&self, _world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         if self.threads() == 0 {
             return Err(SpecError::new("local-threads", "0", "a worker needs at least one local thread"));
+        }
+        if self.threads() > MAX_LOCAL_THREADS {
+            let reason = format!(
+                "each local thread holds its own model and optimizer state and takes its own steps; at most {MAX_LOCAL_THREADS}"
+            );
+            return Err(SpecError::new("local-threads", self.threads().to_string(), reason));
         }
         Ok(Box::new(AsyncAveraging::new()))
     }
@@ -126,7 +135,7 @@ impl MatrixForm for AsyncAveraging {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::Averaging;
+    use crate::rules::averaging::Averaging;
     use crate::testing::merge_trajectories;
 
     #[test]

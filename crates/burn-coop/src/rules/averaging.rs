@@ -19,7 +19,7 @@ use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, SyncCo
 use crate::comm::{Communicator, Traffic};
 use crate::compress::Compressor;
 use crate::mixing::MixingMatrix;
-use crate::spec::{RuleConfig, SpecError};
+use crate::registry::{RuleConfig, SpecError};
 
 /// `--rule average` (the period is the schedule's).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]

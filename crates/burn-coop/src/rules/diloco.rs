@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::kernels::replace_by_mean;
 use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext};
 use crate::comm::Communicator;
-use crate::spec::{RuleConfig, SpecError};
+use crate::registry::{RuleConfig, SpecError};
 use crate::state::StateRecord;
 
 /// `--rule diloco`.
@@ -30,11 +30,11 @@ use crate::state::StateRecord;
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DiLoCoConfig {
     /// DiLoCo's outer learning rate, in (0, 2) (default 0.7).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::registry::finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outer_lr: Option<f64>,
     /// DiLoCo's outer momentum β, in [0, 1) (default 0.9).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::registry::finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outer_momentum: Option<f64>,
     /// Nesterov outer momentum (true/false; default true).
@@ -143,14 +143,7 @@ impl MergeRule for DiLoCo {
     }
 
     fn record(&self) -> StateRecord {
-        let mut record = StateRecord::new();
-        if let Some(synced) = &self.synced {
-            record = record.with_buffer("synced", synced.clone());
-        }
-        if !self.momentum.is_empty() {
-            record = record.with_buffer("momentum", self.momentum.clone());
-        }
-        record
+        StateRecord::new().with_held("synced", self.synced.as_ref()).with_held("momentum", Some(&self.momentum))
     }
 
     fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
@@ -169,7 +162,7 @@ impl MatrixForm for DiLoCo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::Averaging;
+    use crate::rules::averaging::Averaging;
     use crate::testing::{initial_buffer, run_one_merge, worker_buffer};
 
     #[test]

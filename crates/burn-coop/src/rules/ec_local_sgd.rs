@@ -47,7 +47,7 @@ use super::kernels::{divide, replace_by_mean};
 use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext};
 use crate::comm::{Communicator, Traffic};
 use crate::compress::{CompressContext, Compressor, Segments};
-use crate::spec::{RuleConfig, SpecError, serde_name};
+use crate::registry::{RuleConfig, SpecError, serde_name};
 use crate::state::StateRecord;
 
 /// The workers' compressor when none is given: the largest 1% of the values.
@@ -273,17 +273,10 @@ impl MergeRule for EcLocalSgd {
     }
 
     fn record(&self) -> StateRecord {
-        let mut record = StateRecord::new();
-        if let Some(synced) = &self.synced {
-            record = record.with_buffer("synced", synced.clone());
-        }
-        if !self.worker_error.is_empty() {
-            record = record.with_buffer("worker-error", self.worker_error.clone());
-        }
-        if !self.server_error.is_empty() {
-            record = record.with_buffer("server-error", self.server_error.clone());
-        }
-        record
+        StateRecord::new()
+            .with_held("synced", self.synced.as_ref())
+            .with_held("worker-error", Some(&self.worker_error))
+            .with_held("server-error", Some(&self.server_error))
     }
 
     fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
@@ -312,7 +305,7 @@ mod tests {
     use crate::comm::{CollectiveKind, InProcessGroup};
     use crate::compress::Segment;
     use crate::launch::run_group;
-    use crate::rules::Averaging;
+    use crate::rules::averaging::Averaging;
     use crate::testing::{initial_buffer, merge_trajectories, with_segments, worker_buffer};
 
     /// Every worker's buffer after `merges` merges of `make()`, started from

@@ -46,7 +46,7 @@ use super::kernels::{add_scaled, difference, distance_to_mean};
 use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext, check_world_size};
 use crate::comm::Communicator;
 use crate::mixing::MixingMatrix;
-use crate::spec::{RuleConfig, SpecError};
+use crate::registry::{RuleConfig, SpecError};
 use crate::state::StateRecord;
 
 /// `--rule elastic`.
@@ -59,7 +59,7 @@ pub struct ElasticConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
     /// Number of anchors v, dividing the number of workers (default 1: EASGD).
-    #[arg(long, value_parser = crate::spec::at_least_one)]
+    #[arg(long, value_parser = crate::registry::at_least_one)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub anchors: Option<u64>,
 }
@@ -325,10 +325,7 @@ impl MergeRule for Elastic {
     }
 
     fn record(&self) -> StateRecord {
-        match &self.anchor {
-            Some(anchor) => StateRecord::new().with_buffer("anchor", anchor.clone()),
-            None => StateRecord::new(),
-        }
+        StateRecord::new().with_held("anchor", self.anchor.as_ref())
     }
 
     fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {

@@ -29,7 +29,7 @@ use super::{
     check_world_size,
 };
 use crate::comm::Communicator;
-use crate::spec::{RuleConfig, SpecError};
+use crate::registry::{RuleConfig, SpecError};
 use crate::state::StateRecord;
 
 /// `--rule elastic-overlap`.
@@ -132,7 +132,7 @@ impl MatrixForm for ElasticOverlap {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::Elastic;
+    use crate::rules::elastic::Elastic;
     use crate::testing::merge_trajectories;
 
     #[test]

@@ -22,9 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use super::kernels::{add_scaled, scaled};
 use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext, check_world_size};
-use crate::comm::Communicator;
+use crate::comm::{Communicator, Route};
 use crate::mixing::MixingMatrix;
-use crate::spec::{RuleConfig, SpecError};
+use crate::registry::{RuleConfig, SpecError};
 use crate::topology::{
     Topology, TopologyError, TopologySpec, WeightRule, one_peer_exponential_distance, one_peer_exponential_matrix,
 };
@@ -53,14 +53,15 @@ impl RuleConfig for GossipConfig {
         if topology.is_time_varying() {
             if let Some(weights) = self.weights {
                 let reason = "the one-peer exponential graph has its own weights (one half each)";
-                return Err(SpecError::new("weights", crate::spec::serde_name_of(&weights), reason));
+                return Err(SpecError::new("weights", crate::registry::serde_name_of(&weights), reason));
             }
             if world_size == 0 {
                 return Err(SpecError::new("topology", "one-peer-exponential", TopologyError::NoWorkers));
             }
             return Ok(Box::new(Gossip::one_peer_exponential(world_size)));
         }
-        let invalid = |error: TopologyError| SpecError::new("topology", crate::spec::serde_name_of(&topology), error);
+        let invalid =
+            |error: TopologyError| SpecError::new("topology", crate::registry::serde_name_of(&topology), error);
         let matrix = topology
             .build(world_size)
             .map_err(invalid)?
@@ -70,11 +71,11 @@ impl RuleConfig for GossipConfig {
     }
 
     fn describe(&self) -> String {
-        format!("gossip on a {}", crate::spec::serde_name_of(&self.topology.unwrap_or_default()))
+        format!("gossip on a {}", crate::registry::serde_name_of(&self.topology.unwrap_or_default()))
     }
 
     fn run_tag(&self) -> String {
-        format!("gossip-{}", crate::spec::serde_name_of(&self.topology.unwrap_or_default()))
+        format!("gossip-{}", crate::registry::serde_name_of(&self.topology.unwrap_or_default()))
     }
 
     fn resolved(&self) -> Self {
@@ -170,16 +171,13 @@ impl Gossip {
 pub(crate) fn mix_with_neighbors(
     params: &[f32],
     self_weight: f64,
-    send_to: &[usize],
-    receive_from: &[usize],
+    route: Route<'_>,
     weights: &[f64],
     comm: &mut dyn Communicator,
     mixed: &mut Vec<f32>,
 ) -> Result<(), RuleError> {
     scaled(mixed, self_weight as f32, params);
-    comm.exchange_directed(params, send_to, receive_from, &mut |k, values| {
-        add_scaled(mixed, weights[k] as f32, values)
-    })?;
+    comm.exchange_directed(params, route, &mut |k, values| add_scaled(mixed, weights[k] as f32, values))?;
     Ok(())
 }
 
@@ -193,7 +191,8 @@ impl MergeRule for Gossip {
         let self_weight = self.neighbors_at(ctx.rank, ctx.round);
         // `W_ii x_i`, then `+ W_ij x_j` for each neighbour as its model arrives, in the order
         // of the matrix's neighbour list.
-        mix_with_neighbors(params, self_weight, &self.send_to, &self.peers, &self.weights, comm, &mut self.mixed)?;
+        let route = Route { send_to: &self.send_to, receive_from: &self.peers };
+        mix_with_neighbors(params, self_weight, route, &self.weights, comm, &mut self.mixed)?;
         params.copy_from_slice(&self.mixed);
         Ok(MergeOutcome { local_squared_distance: None, trigger: None })
     }

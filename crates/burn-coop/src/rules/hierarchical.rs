@@ -24,18 +24,18 @@ use super::kernels::replace_by_mean;
 use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext, check_world_size};
 use crate::comm::{Communicator, Traffic};
 use crate::mixing::MixingMatrix;
-use crate::spec::{RuleConfig, SpecError};
+use crate::registry::{RuleConfig, SpecError};
 
 /// `--rule hierarchical`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct HierarchicalConfig {
     /// Number of groups G, dividing the number of workers (default 2).
-    #[arg(long, value_parser = crate::spec::at_least_one)]
+    #[arg(long, value_parser = crate::registry::at_least_one)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub groups: Option<u64>,
     /// Average across all workers every k-th merge (k ≥ 1; default 4).
-    #[arg(long, value_parser = crate::spec::at_least_one)]
+    #[arg(long, value_parser = crate::registry::at_least_one)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub global_every: Option<u64>,
 }
@@ -164,8 +164,8 @@ mod tests {
     use super::*;
     use crate::comm::InProcessGroup;
     use crate::launch::run_group;
-    use crate::rules::Averaging;
-    use crate::schedule::PeriodicSchedule;
+    use crate::rules::averaging::Averaging;
+    use crate::schedule::fixed::PeriodicSchedule;
     use crate::sync::Synchronizer;
     use crate::testing::worker_buffer;
 

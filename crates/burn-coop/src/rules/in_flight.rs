@@ -70,13 +70,8 @@ impl InFlightAnchor {
 
     /// `anchor` and this worker's payload of the sum in flight (`in-flight`), for a checkpoint,
     /// added to `record`.
-    pub(crate) fn record_into(&self, mut record: StateRecord) -> StateRecord {
-        for (name, buffer) in [("anchor", &self.anchor), ("in-flight", &self.sent)] {
-            if let Some(buffer) = buffer {
-                record = record.with_buffer(name, buffer.clone());
-            }
-        }
-        record
+    pub(crate) fn record_into(&self, record: StateRecord) -> StateRecord {
+        record.with_held("anchor", self.anchor.as_ref()).with_held("in-flight", self.sent.as_ref())
     }
 
     /// Takes what [`InFlightAnchor::record_into`] saved out of `record` (the sum is started

@@ -36,9 +36,9 @@ use serde::{Deserialize, Serialize};
 
 use super::gossip::mix_with_neighbors;
 use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext, check_world_size};
-use crate::comm::Communicator;
+use crate::comm::{Communicator, Route};
 use crate::mixing::MixingMatrix;
-use crate::spec::{RuleConfig, SpecError, serde_name};
+use crate::registry::{RuleConfig, SpecError, serde_name};
 use crate::spectrum::{symmetric_eigen, symmetric_eigenvalues};
 use crate::topology::{Topology, TopologyError, TopologySpec};
 
@@ -53,7 +53,7 @@ pub struct MatchaConfig {
     pub graph: Option<TopologySpec>,
     /// Communication budget C_b in (0, 1]: the fraction of matchings active on average
     /// (default 0.5).
-    #[arg(long, value_parser = crate::spec::positive_f64)]
+    #[arg(long, value_parser = crate::registry::positive_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget: Option<f64>,
 }
@@ -67,18 +67,18 @@ impl RuleConfig for MatchaConfig {
         if !(budget > 0.0 && budget <= 1.0) {
             return Err(SpecError::new("budget", budget.to_string(), "the budget is a fraction in (0, 1]"));
         }
-        let invalid = |error: TopologyError| SpecError::new("graph", crate::spec::serde_name_of(&graph), error);
+        let invalid = |error: TopologyError| SpecError::new("graph", crate::registry::serde_name_of(&graph), error);
         let topology = graph.build(world_size).map_err(invalid)?;
         Ok(Box::new(Matcha::on(&topology, budget)))
     }
 
     fn describe(&self) -> String {
-        let graph = crate::spec::serde_name_of(&self.graph.unwrap_or_default());
+        let graph = crate::registry::serde_name_of(&self.graph.unwrap_or_default());
         format!("MATCHA on a {graph}, budget {}", self.budget.unwrap_or(0.5))
     }
 
     fn run_tag(&self) -> String {
-        let graph = crate::spec::serde_name_of(&self.graph.unwrap_or_default());
+        let graph = crate::registry::serde_name_of(&self.graph.unwrap_or_default());
         format!("matcha-{graph}-b{}", self.budget.unwrap_or(0.5))
     }
 
@@ -202,7 +202,8 @@ impl MergeRule for Matcha {
         if active.contains(&true) {
             let self_weight = 1.0 - self.alpha * self.peers.len() as f64;
             let peers = std::mem::take(&mut self.peers);
-            let result = mix_with_neighbors(params, self_weight, &peers, &peers, &self.weights, comm, &mut self.mixed);
+            let result =
+                mix_with_neighbors(params, self_weight, Route::both_ways(&peers), &self.weights, comm, &mut self.mixed);
             self.peers = peers;
             result?;
             params.copy_from_slice(&self.mixed);

@@ -5,17 +5,17 @@
 //!
 //! | rule | `W` | anchors | file | reference |
 //! |---|---|---|---|---|
-//! | [`Averaging`] (local SGD, FedAvg; synchronous SGD at τ = 1) | `J = 11ᵀ/m` | 0 | `averaging.rs` | Stich, ICLR 2019; McMahan et al., AISTATS 2017 |
-//! | [`Elastic`] (EASGD; `--anchors v`: generalized elastic averaging) | `[[(1−α)I, α1], [α1ᵀ, 1−mα]]`; with `v` anchors, groups of `m/v` workers each pulled by one anchor, anchors averaged | `v` (default 1) | `elastic.rs` | Zhang, Choromanska & LeCun, NeurIPS 2015; Wang & Joshi, JMLR 2021 |
-//! | [`Gossip`] (decentralized periodic averaging; D-PSGD at τ = 1; one-peer exponential graph) | a topology's `W`; `½(I + P_k)` for the one-peer exponential graph | 0 | `gossip.rs` | Lian et al., NeurIPS 2017; Ying et al., NeurIPS 2021 |
-//! | [`Matcha`] (random disjoint matchings under a budget) | `I − α Σ_j B_j^k L_j` | 0 | `matcha.rs` | Wang, Sahu, Yang, Joshi & Kar, arXiv 1905.09435 |
-//! | [`Overlap`] (Overlap Local-SGD: pull towards an anchor averaged in the background, anchor momentum) | none (with `γ = 0` the anchor is the mean of the pulled models) | 1 per worker (kept locally) | `overlap.rs` | Wang, Liang & Joshi, ICASSP 2020 |
-//! | [`ElasticOverlap`] (EASGD with its all-reduce hidden behind the next τ steps) | EASGD's `W_α` (the same recurrence) | 1 | `elastic_overlap.rs` | Wang & Joshi, JMLR 2021 |
-//! | [`AsyncAveraging`] (asynchronous local SGD: Hogwild local threads, averaging applied in place as `x + (mean − s)`) | none (`J` with one thread) | 0 | `async_local_sgd.rs` | "Local SGD Meets Asynchrony", ICLR 2021 submission |
-//! | [`Hierarchical`] (groups every merge, everyone every `k`-th) | `diag(J_{m/G}, …)`, then `J` | 0 | `hierarchical.rs` | Lin et al., ICLR 2020; PyTorch's `HierarchicalModelAverager` |
+//! | [`Averaging`](averaging::Averaging) (local SGD, FedAvg; synchronous SGD at τ = 1) | `J = 11ᵀ/m` | 0 | `averaging.rs` | Stich, ICLR 2019; McMahan et al., AISTATS 2017 |
+//! | [`Elastic`](elastic::Elastic) (EASGD; `--anchors v`: generalized elastic averaging) | `[[(1−α)I, α1], [α1ᵀ, 1−mα]]`; with `v` anchors, groups of `m/v` workers each pulled by one anchor, anchors averaged | `v` (default 1) | `elastic.rs` | Zhang, Choromanska & LeCun, NeurIPS 2015; Wang & Joshi, JMLR 2021 |
+//! | [`Gossip`](gossip::Gossip) (decentralized periodic averaging; D-PSGD at τ = 1; one-peer exponential graph) | a topology's `W`; `½(I + P_k)` for the one-peer exponential graph | 0 | `gossip.rs` | Lian et al., NeurIPS 2017; Ying et al., NeurIPS 2021 |
+//! | [`Matcha`](matcha::Matcha) (random disjoint matchings under a budget) | `I − α Σ_j B_j^k L_j` | 0 | `matcha.rs` | Wang, Sahu, Yang, Joshi & Kar, arXiv 1905.09435 |
+//! | [`Overlap`](overlap::Overlap) (Overlap Local-SGD: pull towards an anchor averaged in the background, anchor momentum) | none (with `γ = 0` the anchor is the mean of the pulled models) | 1 per worker (kept locally) | `overlap.rs` | Wang, Liang & Joshi, ICASSP 2020 |
+//! | [`ElasticOverlap`](elastic_overlap::ElasticOverlap) (EASGD with its all-reduce hidden behind the next τ steps) | EASGD's `W_α` (the same recurrence) | 1 | `elastic_overlap.rs` | Wang & Joshi, JMLR 2021 |
+//! | [`AsyncAveraging`](async_local_sgd::AsyncAveraging) (asynchronous local SGD: Hogwild local threads, averaging applied in place as `x + (mean − s)`) | none (`J` with one thread) | 0 | `async_local_sgd.rs` | "Local SGD Meets Asynchrony", ICLR 2021 submission |
+//! | [`Hierarchical`](hierarchical::Hierarchical) (groups every merge, everyone every `k`-th) | `diag(J_{m/G}, …)`, then `J` | 0 | `hierarchical.rs` | Lin et al., ICLR 2020; PyTorch's `HierarchicalModelAverager` |
 //! | [`EcLocalSgd`] (local SGD with error-compensated double compression; `average --compressor`: compressed changes without memories) | `J` with the identity compressor | 0 (keeps `x_s` and two error memories) | `ec_local_sgd.rs` | Gao, Xu & Huang, AAAI 2021; Tang et al., ICML 2019 |
-//! | [`Squarm`] (`choco`: compressed gossip to public copies; `squarm`: sent only past a threshold) | `I + γ(W − I)` on the public copies | 0 (keeps the public copies of itself and its neighbours) | `squarm.rs` | Koloskova, Stich & Jaggi, ICML 2019; Singh, Data, George & Diggavi, arXiv 2005.07041 |
-//! | [`DiLoCo`] (outer Nesterov momentum on `x_sync − x̄`; SlowMo) | none (`J` at `lr_outer = 1`, `β = 0`) | 0 (keeps `x_sync` and `u`) | `diloco.rs` | Douillard et al., arXiv 2311.08105; Wang et al., ICLR 2020 |
+//! | [`Squarm`](squarm::Squarm) (`choco`: compressed gossip to public copies; `squarm`: sent only past a threshold) | `I + γ(W − I)` on the public copies | 0 (keeps the public copies of itself and its neighbours) | `squarm.rs` | Koloskova, Stich & Jaggi, ICML 2019; Singh, Data, George & Diggavi, arXiv 2005.07041 |
+//! | [`DiLoCo`](diloco::DiLoCo) (outer Nesterov momentum on `x_sync − x̄`; SlowMo) | none (`J` at `lr_outer = 1`, `β = 0`) | 0 (keeps `x_sync` and `u`) | `diloco.rs` | Douillard et al., arXiv 2311.08105; Wang et al., ICLR 2020 |
 //!
 //! A rule is a [`MergeRule`]: [`MergeRule::merge`] replaces this worker's flat parameters by
 //! their merged value, talking to the other workers only through the communicator; a rule
@@ -27,11 +27,11 @@
 //! whose validity depends on the number of workers is built for that number (its constructor
 //! checks every setting against it) and refuses to run with another.
 //!
-//! Adding a rule: a file here with its config (implementing [`RuleConfig`](crate::spec::RuleConfig),
+//! Adding a rule: a file here with its config (implementing [`RuleConfig`](crate::registry::RuleConfig),
 //! whose `build` checks every setting), the rule implementing [`MergeRule`] (`merge`;
 //! `record`/`load_record` when it keeps buffers) and [`MatrixForm`] (empty when it is no mixing
 //! matrix), its update written in the module doc with the paper's reference, and its tests (see
-//! `crate::testing`, feature `test-util`); here, a `mod` line, a `pub use` line, one registry line and a row in the
+//! `crate::testing`, feature `test-util`); here, a `pub mod` line, a `pub(crate) use` of the config, one registry line and a row in the
 //! table above; a row in the README's rule table.
 
 pub mod async_local_sgd;
@@ -48,17 +48,18 @@ pub mod matcha;
 pub mod overlap;
 pub mod squarm;
 
-pub use async_local_sgd::{AsyncAveraging, AsyncConfig};
-pub use averaging::{Averaging, AveragingConfig, SynchronousConfig};
-pub use diloco::{DiLoCo, DiLoCoConfig};
-pub use ec_local_sgd::{EcLocalSgd, EcLocalSgdConfig};
-pub use elastic::{Elastic, ElasticConfig};
-pub use elastic_overlap::{ElasticOverlap, ElasticOverlapConfig};
-pub use gossip::{Gossip, GossipConfig};
-pub use hierarchical::{Hierarchical, HierarchicalConfig};
-pub use matcha::{Matcha, MatchaConfig};
-pub use overlap::{Overlap, OverlapConfig};
-pub use squarm::{ChocoConfig, Squarm, SquarmConfig};
+pub(crate) use async_local_sgd::AsyncConfig;
+pub(crate) use async_local_sgd::apply_average_in_place;
+pub(crate) use averaging::{AveragingConfig, SynchronousConfig};
+pub(crate) use diloco::DiLoCoConfig;
+pub(crate) use ec_local_sgd::{EcLocalSgd, EcLocalSgdConfig};
+pub(crate) use elastic::ElasticConfig;
+pub(crate) use elastic_overlap::ElasticOverlapConfig;
+pub(crate) use gossip::GossipConfig;
+pub(crate) use hierarchical::HierarchicalConfig;
+pub(crate) use matcha::MatchaConfig;
+pub(crate) use overlap::OverlapConfig;
+pub(crate) use squarm::{ChocoConfig, SquarmConfig};
 
 use in_flight::InFlightAnchor;
 
@@ -70,34 +71,34 @@ use in_flight::InFlightAnchor;
 pub struct SharedRuleFlags {
     /// Elastic moving rate α in (0, 2/(m+1)), default 2/(m+2) (elastic, elastic-overlap;
     /// `--moving-rate` is its former name for elastic-overlap).
-    #[arg(long, alias = "moving-rate", value_parser = crate::spec::positive_f64)]
+    #[arg(long, alias = "moving-rate", value_parser = crate::registry::positive_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
     /// What travels instead of dense values: identity, topk:F, topk:F+sign, randk:F, sign, qsgd:S,
     /// bf16, fp16
     /// (average, ec-local-sgd, choco, squarm).
-    #[arg(long, value_parser = crate::spec::serde_name::<crate::compress::Compressor>)]
+    #[arg(long, value_parser = crate::registry::serde_name::<crate::compress::Compressor>)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compressor: Option<crate::compress::Compressor>,
     /// Gossip topology: ring, torus, exponential, complete, one-peer-exponential (default ring;
     /// gossip, choco, squarm).
-    #[arg(long, value_parser = crate::spec::serde_name::<crate::topology::TopologySpec>)]
+    #[arg(long, value_parser = crate::registry::serde_name::<crate::topology::TopologySpec>)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub topology: Option<crate::topology::TopologySpec>,
     /// Gossip weights: metropolis-hastings, best-constant (default metropolis-hastings; gossip,
     /// choco, squarm).
-    #[arg(long, value_parser = crate::spec::serde_name::<crate::topology::WeightRule>)]
+    #[arg(long, value_parser = crate::registry::serde_name::<crate::topology::WeightRule>)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weights: Option<crate::topology::WeightRule>,
     /// Consensus step γ of choco and squarm in (0, 1] (default: 1 for lossless and 16-bit
     /// compressors, 0.8 for sign and qsgd, 0.04 for top-k and rand-k).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::registry::finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub consensus_step: Option<f64>,
 }
 
 // The registry: one line per rule (its `--rule` name comes from its config's `NAME`).
-crate::spec::registry! {
+crate::registry::registry! {
     /// Which merge rule a run uses, with its settings (`kind` names it in JSON).
     spec RuleSpec;
     /// A merge rule by name.
@@ -381,7 +382,7 @@ impl<R: MatrixForm + ?Sized> MatrixForm for Box<R> {
 }
 
 /// A merge rule together with its theory: what the registry builds
-/// ([`RuleSpec::build`](crate::spec::RuleSpec::build)), usable as a [`MergeRule`] (a
+/// ([`RuleSpec::build`](crate::rules::RuleSpec::build)), usable as a [`MergeRule`] (a
 /// `Box<dyn CooperativeRule>` is one) and as a [`MatrixForm`].
 pub trait CooperativeRule: MergeRule + MatrixForm {}
 

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{CooperativeRule, InFlightAnchor, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext};
 use crate::comm::Communicator;
-use crate::spec::{RuleConfig, SpecError};
+use crate::registry::{RuleConfig, SpecError};
 use crate::state::StateRecord;
 
 /// `--rule overlap`.
@@ -31,11 +31,11 @@ use crate::state::StateRecord;
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct OverlapConfig {
     /// Pull α towards the anchor at a merge, in (0, 1] (default 0.6).
-    #[arg(long, value_parser = crate::spec::positive_f64)]
+    #[arg(long, value_parser = crate::registry::positive_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pull: Option<f64>,
     /// Anchor momentum γ, in [0, 1) (default 0.7).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::registry::finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub anchor_momentum: Option<f64>,
 }
@@ -140,11 +140,7 @@ impl MergeRule for Overlap {
     }
 
     fn record(&self) -> StateRecord {
-        let record = match &self.momentum {
-            Some(momentum) => StateRecord::new().with_buffer("momentum", momentum.clone()),
-            None => StateRecord::new(),
-        };
-        self.anchor.record_into(record)
+        self.anchor.record_into(StateRecord::new().with_held("momentum", self.momentum.as_ref()))
     }
 
     fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
@@ -329,11 +325,13 @@ mod tests {
         for result in run_gated(4, 2, 5, || Box::new(Overlap::new(0.6, 0.7).unwrap())) {
             assert!(result.is_ok(), "{result:?}");
         }
-        for result in run_gated(4, 2, 5, || Box::new(crate::rules::ElasticOverlap::new(0.2, 4).unwrap())) {
+        for result in
+            run_gated(4, 2, 5, || Box::new(crate::rules::elastic_overlap::ElasticOverlap::new(0.2, 4).unwrap()))
+        {
             assert!(result.is_ok(), "{result:?}");
         }
         // A blocking rule waits for its sum at once: the gate catches it.
-        let blocking = run_gated(4, 2, 2, || Box::new(crate::rules::Elastic::new(0.2, 4).unwrap()));
+        let blocking = run_gated(4, 2, 2, || Box::new(crate::rules::elastic::Elastic::new(0.2, 4).unwrap()));
         assert!(blocking.iter().all(Result::is_err));
     }
 

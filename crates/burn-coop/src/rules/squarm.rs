@@ -39,10 +39,10 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 
 use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext, Triggered};
-use crate::comm::Communicator;
+use crate::comm::{Communicator, Route};
 use crate::compress::{CompressContext, Compressor, Segments};
 use crate::mixing::MixingMatrix;
-use crate::spec::{RuleConfig, SpecError, serde_name_of};
+use crate::registry::{RuleConfig, SpecError, serde_name_of};
 use crate::state::StateRecord;
 use crate::topology::{TopologyError, TopologySpec, WeightRule};
 
@@ -213,11 +213,11 @@ compressed_gossip_config! {
     /// `--rule squarm`: choco's settings and the event trigger's.
     pub struct SquarmConfig {
         /// The trigger threshold c_0 ≥ 0: a worker sends when ‖x − x̂‖² > c_t·η² (default 150, see `trigger_statistic` in syncs.csv).
-        #[arg(long)]
+        #[arg(long, value_parser = crate::registry::finite_f64)]
         #[serde(skip_serializing_if = "Option::is_none")]
         pub trigger_threshold: Option<f64>,
         /// The threshold's growth p in [0, 1): c_t = c_0·(t+1)^p at merge t (default 0, constant).
-        #[arg(long)]
+        #[arg(long, value_parser = crate::registry::finite_f64)]
         #[serde(skip_serializing_if = "Option::is_none")]
         pub trigger_growth: Option<f64>,
     }
@@ -418,7 +418,7 @@ impl MergeRule for Squarm {
         let (compressor, peers) = (self.compressor, &self.peers);
         let (public, decoded) = (&mut self.public, &mut self.decoded);
         let mut bad = None;
-        comm.exchange_bytes(&self.payload, peers, peers, &mut |k, bytes| {
+        comm.exchange_bytes(&self.payload, Route::both_ways(peers), &mut |k, bytes| {
             if bytes.is_empty() || bad.is_some() {
                 return;
             }
@@ -480,7 +480,7 @@ mod tests {
     use crate::comm::{CollectiveKind, InProcessGroup};
     use crate::compress::Segment;
     use crate::launch::run_group;
-    use crate::rules::Gossip;
+    use crate::rules::gossip::Gossip;
     use crate::testing::{initial_buffer, merge_trajectories, run_one_merge, with_segments, worker_buffer};
     use crate::topology::Topology;
 

@@ -23,7 +23,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{ScheduleError, ScheduleSignal, SyncFeedback, SyncSchedule};
-use crate::spec::{ScheduleConfig, SpecError};
+use crate::registry::{ScheduleConfig, SpecError};
 use crate::state::StateRecord;
 
 /// `--schedule adacomm`.
@@ -31,15 +31,15 @@ use crate::state::StateRecord;
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AdaCommConfig {
     /// AdaComm's initial (and largest) period τ_0 ≥ 1 (default 16).
-    #[arg(long, value_parser = crate::spec::at_least_one)]
+    #[arg(long, value_parser = crate::registry::at_least_one)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tau0: Option<u64>,
     /// AdaComm's interval between period updates, in local steps (default 400).
-    #[arg(long, value_parser = crate::spec::at_least_one)]
+    #[arg(long, value_parser = crate::registry::at_least_one)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interval: Option<u64>,
     /// AdaComm's interval in simulated seconds, with a simulated network (instead of steps).
-    #[arg(long, value_parser = crate::spec::positive_f64)]
+    #[arg(long, value_parser = crate::registry::positive_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interval_seconds: Option<f64>,
     /// Multiply the loss ratio by η_0/η_l (true/false; default false).
@@ -63,6 +63,13 @@ impl ScheduleConfig for AdaCommConfig {
 
     fn build(&self) -> Result<Box<dyn SyncSchedule>, SpecError> {
         let schedule = AdaComm::new(self.tau0(), self.interval(), self.adacomm_lr_aware.unwrap_or(false))?;
+        if let Some(seconds) = self.interval_seconds.filter(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(SpecError::new(
+                "interval-seconds",
+                seconds.to_string(),
+                "the interval is a positive number of seconds",
+            ));
+        }
         Ok(Box::new(schedule.with_interval_seconds(self.interval_seconds)))
     }
 
@@ -276,7 +283,7 @@ mod tests {
     #[test]
     fn a_constant_loss_keeps_the_initial_period() {
         let mut ada = AdaComm::new(4, 10, false).unwrap();
-        let fixed = crate::schedule::PeriodicSchedule::every(4).unwrap();
+        let fixed = crate::schedule::fixed::PeriodicSchedule::every(4).unwrap();
         let expected: Vec<u64> = (1..=100).filter(|&s| fixed.syncs_at(s)).collect();
         assert_eq!(merges(&mut ada, |_| 2.3, |_| 0.1, 100), expected);
         assert_eq!(ada.period(100), 4);
@@ -317,5 +324,10 @@ mod tests {
         assert!(back.load_record(StateRecord::new()).is_err());
         assert_eq!(AdaComm::new(0, 8, false).unwrap_err().option, "tau0");
         assert_eq!(AdaComm::new(4, 0, false).unwrap_err().option, "interval");
+        // From a file, where no flag parser stands guard.
+        for seconds in [-5.0, 0.0, f64::INFINITY] {
+            let config = AdaCommConfig { interval_seconds: Some(seconds), ..AdaCommConfig::default() };
+            assert_eq!(config.build().err().unwrap().option, "interval-seconds", "{seconds}");
+        }
     }
 }

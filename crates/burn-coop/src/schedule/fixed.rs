@@ -7,14 +7,14 @@
 use serde::{Deserialize, Serialize};
 
 use super::{ScheduleError, ScheduleSignal, SyncSchedule};
-use crate::spec::{ScheduleConfig, SpecError};
+use crate::registry::{ScheduleConfig, SpecError};
 
 /// `--schedule fixed` (the default).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FixedConfig {
     /// Local steps between merges (τ ≥ 1; default 8).
-    #[arg(long, value_parser = crate::spec::at_least_one)]
+    #[arg(long, value_parser = crate::registry::at_least_one)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tau: Option<u64>,
     /// Synchronous steps before local steps begin (post-local SGD; default 0).

@@ -11,17 +11,17 @@
 //!
 //! | schedule | period | file | reference |
 //! |---|---|---|---|
-//! | [`PeriodicSchedule`] (`fixed`) | τ, after `K` synchronous warm-up steps | `fixed.rs` | post-local SGD: Lin et al., ICLR 2020 |
-//! | [`AdaComm`] (`adacomm`) | `⌈sqrt(F_l/F_0)·τ_0⌉` every interval, from the mean training loss | `adacomm.rs` | Wang & Joshi, SysML 2019 |
-//! | [`Qsr`] (`qsr`) | `max(H_base, ⌊(α/η_t)²⌋)` per round | `qsr.rs` | Gu et al., ICLR 2024 |
+//! | [`PeriodicSchedule`](fixed::PeriodicSchedule) (`fixed`) | τ, after `K` synchronous warm-up steps | `fixed.rs` | post-local SGD: Lin et al., ICLR 2020 |
+//! | [`AdaComm`](adacomm::AdaComm) (`adacomm`) | `⌈sqrt(F_l/F_0)·τ_0⌉` every interval, from the mean training loss | `adacomm.rs` | Wang & Joshi, SysML 2019 |
+//! | [`Qsr`](qsr::Qsr) (`qsr`) | `max(H_base, ⌊(α/η_t)²⌋)` per round | `qsr.rs` | Gu et al., ICLR 2024 |
 
 pub mod adacomm;
 pub mod fixed;
 pub mod qsr;
 
-pub use adacomm::{AdaComm, AdaCommConfig};
-pub use fixed::{FixedConfig, PeriodicSchedule};
-pub use qsr::{Qsr, QsrConfig};
+pub(crate) use adacomm::AdaCommConfig;
+pub(crate) use fixed::FixedConfig;
+pub(crate) use qsr::QsrConfig;
 
 /// Flags shared by several schedules (none so far; see [`crate::rules::SharedRuleFlags`]).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, clap::Args)]
@@ -29,7 +29,7 @@ pub struct SharedScheduleFlags {}
 
 // The registry: one line per schedule (its `--schedule` name comes from its config's `NAME`).
 
-crate::spec::registry! {
+crate::registry::registry! {
     /// When a run merges, with the schedule's settings (`kind` names it in JSON).
     spec ScheduleSpec;
     /// A synchronization schedule by name.

@@ -20,7 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{ScheduleSignal, SyncSchedule};
-use crate::spec::{ScheduleConfig, SpecError};
+use crate::registry::{ScheduleConfig, SpecError};
 use crate::state::StateRecord;
 
 /// `--schedule qsr`.
@@ -28,11 +28,11 @@ use crate::state::StateRecord;
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct QsrConfig {
     /// QSR's smallest period H_base ≥ 1 (default 4).
-    #[arg(long, value_parser = crate::spec::at_least_one)]
+    #[arg(long, value_parser = crate::registry::at_least_one)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub h_base: Option<u64>,
     /// QSR's α > 0: H = max(H_base, ⌊(α/η)²⌋) (default 0.2).
-    #[arg(long = "qsr-alpha", value_parser = crate::spec::positive_f64)]
+    #[arg(long = "qsr-alpha", value_parser = crate::registry::positive_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qsr_alpha: Option<f64>,
 }
@@ -195,7 +195,7 @@ mod tests {
     #[test]
     fn a_constant_large_rate_is_the_fixed_schedule() {
         let mut qsr = Qsr::new(3, 0.1).unwrap();
-        let fixed = crate::schedule::PeriodicSchedule::every(3).unwrap();
+        let fixed = crate::schedule::fixed::PeriodicSchedule::every(3).unwrap();
         let expected: Vec<u64> = (1..=20).filter(|&s| fixed.syncs_at(s)).collect();
         assert_eq!(merges(&mut qsr, |_| 0.5, 20), expected);
     }

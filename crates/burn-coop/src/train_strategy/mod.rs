@@ -9,7 +9,7 @@
 //! # use std::sync::Arc;
 //! # use burn::tensor::Device;
 //! # use burn::train::{LearnerModel, SupervisedTraining, TrainingStrategy};
-//! # use burn_coop::RuleSpec;
+//! # use burn_coop::rules::RuleSpec;
 //! # use burn_coop::train_strategy::LocalSgdStrategy;
 //! # fn configure<M: LearnerModel>(training: SupervisedTraining<M>) -> SupervisedTraining<M> {
 //! training.with_training_strategy(TrainingStrategy::Custom(Arc::new(
@@ -69,9 +69,9 @@ use crate::comm::InProcessGroup;
 use crate::error::CoopError;
 use crate::launch::{Failure, run_group_led};
 use crate::params::BufferPolicy;
-use crate::schedule::FixedConfig;
-use crate::spec::{RuleSpec, ScheduleSpec, build_pair};
+use crate::schedule::fixed::FixedConfig;
 use crate::sync::{CoopStats, Synchronizer};
+use crate::{registry::build_pair, rules::RuleSpec, schedule::ScheduleSpec};
 
 /// A burn-train learning strategy that trains `m` replicas with local SGD, elastic averaging or
 /// gossip (see the [module documentation](self) for the details and limitations).
@@ -190,7 +190,7 @@ impl LocalSgdStrategy {
         if let RuleSpec::Async(_) = self.rule {
             // Its local threads are the learner's: here each worker runs one training loop.
             let reason = "asynchronous local SGD runs local threads inside each worker, which only the cooperative learner (`coop train`, `Learner`) provides; use `average` with burn-train";
-            return Err(crate::spec::SpecError::new("rule", "async", reason).into());
+            return Err(crate::registry::SpecError::new("rule", "async", reason).into());
         }
         InProcessGroup::new(self.workers)
             .into_communicators()

@@ -5,7 +5,7 @@
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::Device;
-use burn_coop::{InProcessComm, InProcessGroup};
+use burn_coop::comm::{InProcessComm, InProcessGroup};
 
 pub use burn_coop::testing::{Tiny, flat, test_value as value};
 
@@ -28,7 +28,7 @@ pub fn fixed_grads<M: Module>(module: &M, rank: usize, step: u64) -> GradientsPa
 /// rank order; a panicking worker fails the test with its message.
 pub fn run_workers<R: Send>(m: usize, work: impl Fn(usize, InProcessComm) -> R + Sync) -> Vec<R> {
     let comms = InProcessGroup::new(m).into_communicators();
-    burn_coop::launch::run_group(comms, |rank, comm| Ok::<R, std::convert::Infallible>(work(rank, comm)))
+    burn_coop::run_group(comms, |rank, comm| Ok::<R, std::convert::Infallible>(work(rank, comm)))
         .unwrap_or_else(|failure| panic!("worker failed: {:?}", failure.primary().failure))
 }
 

@@ -5,8 +5,9 @@
 //! living in the rule's or schedule's own file and implementing [`RuleConfig`] or
 //! [`ScheduleConfig`]. The registries (in `rules/mod.rs` and `schedule/mod.rs`, next to the
 //! `mod` lines) list them, one line each, and generate from that list the tagged [`RuleSpec`] /
-//! [`ScheduleSpec`] enums, their name enums for `--rule` and `--schedule`, and [`RuleFlags`] /
-//! [`ScheduleFlags`], the command-line flags of every entry.
+//! [`ScheduleSpec`] enums, their name enums for `--rule` and `--schedule`, and
+//! [`RuleFlags`](crate::rules::RuleFlags) / [`ScheduleFlags`](crate::schedule::ScheduleFlags), the
+//! command-line flags of every entry.
 //! Settings are optional (`None` is the documented default), so a file and flags can be
 //! layered: flags override the file, which overrides the defaults. Nothing is validated until
 //! [`RuleSpec::build`] / [`ScheduleSpec::build`] learn the real number of workers.
@@ -15,11 +16,8 @@ use serde::Serialize;
 use serde::de::{DeserializeOwned, Visitor};
 use serde_json::{Map, Value};
 
-pub use crate::rules::{RuleFlags, RuleName, RuleSpec};
-pub use crate::schedule::{ScheduleFlags, ScheduleName, ScheduleSpec};
-
-use crate::rules::CooperativeRule;
-use crate::schedule::SyncSchedule;
+use crate::rules::{CooperativeRule, RuleSpec};
+use crate::schedule::{ScheduleSpec, SyncSchedule};
 
 /// A setting that cannot run, named as in a configuration file and on the command line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -134,13 +132,13 @@ macro_rules! registry {
         impl $Name {
             /// The name as written in files and on the command line.
             pub fn as_str(self) -> &'static str {
-                match self { $( Self::$Variant => <$Config as $crate::spec::$Trait>::NAME, )+ }
+                match self { $( Self::$Variant => <$Config as $crate::registry::$Trait>::NAME, )+ }
             }
         }
 
         impl $Spec {
             /// The entry's settings, as a trait object.
-            pub fn config(&self) -> &dyn $crate::spec::$Dyn {
+            pub fn config(&self) -> &dyn $crate::registry::$Dyn {
                 match self { $( Self::$Variant(c) => c, )+ }
             }
 
@@ -166,14 +164,27 @@ macro_rules! registry {
 
             /// The settings with every default that can be written out written out.
             pub fn resolved(&self) -> Self {
-                match self { $( Self::$Variant(c) => Self::$Variant($crate::spec::$Trait::resolved(c)), )+ }
+                match self { $( Self::$Variant(c) => Self::$Variant($crate::registry::$Trait::resolved(c)), )+ }
+            }
+
+            /// Every key of this registry: the name's and every entry's settings.
+            pub fn keys() -> Vec<&'static str> {
+                let mut keys = vec![$flag];
+                $(
+                    for key in $crate::registry::field_names::<$Config>() {
+                        if !keys.contains(key) {
+                            keys.push(key);
+                        }
+                    }
+                )+
+                keys
             }
 
             /// The settings as flat `key = value` pairs, the name under `
             #[doc = $flag]
             /// ` (the form of `coop train`'s configuration file).
             pub fn to_flat(&self) -> serde_json::Map<String, serde_json::Value> {
-                let mut map = match self { $( Self::$Variant(c) => $crate::spec::to_map(c), )+ };
+                let mut map = match self { $( Self::$Variant(c) => $crate::registry::to_map(c), )+ };
                 map.insert($flag.into(), serde_json::Value::String(self.name().as_str().into()));
                 map
             }
@@ -182,23 +193,23 @@ macro_rules! registry {
             #[doc = $flag]
             /// ` (default: the registry's default) and the settings of that entry. A setting
             /// of another entry is an error naming both.
-            pub fn take_from_flat(table: &mut serde_json::Map<String, serde_json::Value>) -> Result<Self, $crate::spec::SpecError> {
+            pub fn take_from_flat(table: &mut serde_json::Map<String, serde_json::Value>) -> Result<Self, $crate::registry::SpecError> {
                 let name = match table.remove($flag) {
                     None => Self::default().name(),
                     Some(value) => serde_json::from_value::<$Name>(value.clone()).map_err(|e| {
-                        $crate::spec::SpecError::new($flag, value.as_str().map_or_else(|| value.to_string(), str::to_string), e)
+                        $crate::registry::SpecError::new($flag, value.as_str().map_or_else(|| value.to_string(), str::to_string), e)
                     })?,
                 };
                 let mut mine = serde_json::Map::new();
                 $(
-                    for key in $crate::spec::field_names::<$Config>() {
+                    for key in $crate::registry::field_names::<$Config>() {
                         if let Some(value) = table.remove(*key) {
                             if name == $Name::$Variant {
                                 mine.insert(key.to_string(), value);
                             } else if !field_names_of(name).contains(key) {
-                                return Err($crate::spec::SpecError::new(key, value.to_string(), format!(
+                                return Err($crate::registry::SpecError::new(key, value.to_string(), format!(
                                     "'{key}' is a setting of the {} {}, but this run uses {}",
-                                    <$Config as $crate::spec::$Trait>::NAME, $what, name.as_str()
+                                    <$Config as $crate::registry::$Trait>::NAME, $what, name.as_str()
                                 )));
                             } else {
                                 mine.insert(key.to_string(), value);
@@ -207,12 +218,12 @@ macro_rules! registry {
                     }
                 )+
                 let spec = match name {
-                    $( $Name::$Variant => Self::$Variant($crate::spec::from_map(mine, $flag)?), )+
+                    $( $Name::$Variant => Self::$Variant($crate::registry::from_map(mine, $flag)?), )+
                 };
                 return Ok(spec);
 
                 fn field_names_of(name: $Name) -> &'static [&'static str] {
-                    match name { $( $Name::$Variant => $crate::spec::field_names::<$Config>(), )+ }
+                    match name { $( $Name::$Variant => $crate::registry::field_names::<$Config>(), )+ }
                 }
             }
         }
@@ -234,9 +245,17 @@ macro_rules! registry {
         }
 
         impl $Flags {
+            /// The keys of the flags that were given (the name's included).
+            pub fn given_keys(&self) -> Vec<String> {
+                let mut keys: Vec<String> = self.$key.iter().map(|_| $flag.to_string()).collect();
+                keys.extend($crate::registry::to_map(&self.shared).into_iter().map(|(key, _)| key));
+                $( keys.extend($crate::registry::to_map(&self.$field).into_iter().map(|(key, _)| key)); )+
+                keys
+            }
+
             /// Applies the flags that were given to `spec`: a new name starts from that entry's
             /// defaults, then the entry's own flags override. A flag of another entry is an error.
-            pub fn apply(&self, spec: &mut $Spec) -> Result<(), $crate::spec::SpecError> {
+            pub fn apply(&self, spec: &mut $Spec) -> Result<(), $crate::registry::SpecError> {
                 if let Some(name) = self.$key {
                     if spec.name() != name {
                         *spec = $Spec::default_of(name);
@@ -244,15 +263,15 @@ macro_rules! registry {
                 }
                 $(
                     match spec {
-                        $Spec::$Variant(config) => *config = $crate::spec::overlay(config, &self.$field),
+                        $Spec::$Variant(config) => *config = $crate::registry::overlay(config, &self.$field),
                         #[allow(unreachable_patterns)]
                         _ => {
-                            if let Some((key, value)) = $crate::spec::to_map(&self.$field).into_iter().next() {
-                                return Err($crate::spec::SpecError::new(
-                                    $crate::spec::field_names::<$Config>().iter().find(|k| **k == key).copied().unwrap_or("?"),
+                            if let Some((key, value)) = $crate::registry::to_map(&self.$field).into_iter().next() {
+                                return Err($crate::registry::SpecError::new(
+                                    $crate::registry::field_names::<$Config>().iter().find(|k| **k == key).copied().unwrap_or("?"),
                                     value.to_string(),
                                     format!("--{key} is a setting of the {} {}, but this run uses {}",
-                                        <$Config as $crate::spec::$Trait>::NAME, $what, spec.name().as_str()),
+                                        <$Config as $crate::registry::$Trait>::NAME, $what, spec.name().as_str()),
                                 ));
                             }
                         }
@@ -260,16 +279,16 @@ macro_rules! registry {
                 )+
                 // A shared flag goes through the flat form, for the entry in use when it has
                 // that key; otherwise the error names every entry that has it.
-                for (key, value) in $crate::spec::to_map(&self.shared) {
+                for (key, value) in $crate::registry::to_map(&self.shared) {
                     let name = spec.name();
-                    let owners: Vec<&str> = [$( (<$Config as $crate::spec::$Trait>::NAME, $crate::spec::field_names::<$Config>()), )+]
+                    let owners: Vec<&str> = [$( (<$Config as $crate::registry::$Trait>::NAME, $crate::registry::field_names::<$Config>()), )+]
                         .into_iter()
                         .filter(|(_, keys)| keys.contains(&key.as_str()))
                         .map(|(owner, _)| owner)
                         .collect();
-                    let option = $crate::spec::field_names::<$Shared>().iter().find(|k| **k == key).copied().unwrap_or("?");
+                    let option = $crate::registry::field_names::<$Shared>().iter().find(|k| **k == key).copied().unwrap_or("?");
                     if !owners.contains(&name.as_str()) {
-                        return Err($crate::spec::SpecError::new(option, value.to_string(), format!(
+                        return Err($crate::registry::SpecError::new(option, value.to_string(), format!(
                             "--{key} is a setting of the {} {}{}, but this run uses {}",
                             owners.join(", "), $what, if owners.len() > 1 { "s" } else { "" }, name.as_str()
                         )));
@@ -360,7 +379,7 @@ impl RuleSpec {
     pub fn with_default_period(&self, schedule: &ScheduleSpec) -> ScheduleSpec {
         match (schedule, self.default_period()) {
             (ScheduleSpec::Fixed(fixed), Some(tau)) if fixed.tau.is_none() => {
-                ScheduleSpec::Fixed(crate::schedule::FixedConfig { tau: Some(tau), ..fixed.clone() })
+                ScheduleSpec::Fixed(crate::schedule::fixed::FixedConfig { tau: Some(tau), ..fixed.clone() })
             }
             _ => schedule.clone(),
         }
@@ -383,7 +402,7 @@ pub fn build_pair(
     let built_rule = rule.build(world_size)?;
     let built_schedule = match rule.forced_period() {
         Some(period) => Box::new(
-            crate::schedule::PeriodicSchedule::every(period)
+            crate::schedule::fixed::PeriodicSchedule::every(period)
                 .map_err(|e| SpecError::new("tau", period.to_string(), e))?,
         ),
         None => rule.with_default_period(schedule).build()?,
@@ -406,9 +425,21 @@ pub(crate) fn to_map<T: Serialize>(value: &T) -> Map<String, Value> {
     }
 }
 
-pub(crate) fn from_map<T: DeserializeOwned>(map: Map<String, Value>, option: &'static str) -> Result<T, SpecError> {
-    serde_json::from_value(Value::Object(map.clone()))
-        .map_err(|e| SpecError::new(option, Value::Object(map).to_string(), e))
+/// The settings in `map`; a value of the wrong type is an error naming its key (tried alone),
+/// anything else names `option`.
+pub fn from_map<T: DeserializeOwned>(map: Map<String, Value>, option: &'static str) -> Result<T, SpecError> {
+    serde_json::from_value(Value::Object(map.clone())).map_err(|error| {
+        for (key, value) in &map {
+            let alone = Map::from_iter([(key.clone(), value.clone())]);
+            if let Err(error) = serde_json::from_value::<T>(Value::Object(alone))
+                && let Some(name) = field_names::<T>().iter().find(|name| **name == key)
+            {
+                let shown = value.as_str().map_or_else(|| value.to_string(), str::to_string);
+                return SpecError::new(name, shown, error);
+            }
+        }
+        SpecError::new(option, Value::Object(map).to_string(), error)
+    })
 }
 
 /// The field names of a settings struct, as serde reads them (kebab-case).
@@ -475,6 +506,15 @@ pub fn at_least_one(text: &str) -> Result<u64, String> {
     }
 }
 
+/// Parses a finite number (NaN and infinities are refused, never read as "unset").
+pub fn finite_f64(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(_) => Err(format!("'{text}' is not a finite number")),
+        Err(_) => Err(format!("'{text}' is not a number")),
+    }
+}
+
 /// Parses a finite number greater than 0.
 pub fn positive_f64(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
@@ -486,8 +526,13 @@ pub fn positive_f64(text: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{AveragingConfig, ElasticConfig, GossipConfig, SynchronousConfig};
-    use crate::schedule::FixedConfig;
+    use crate::rules::{
+        RuleFlags,
+        averaging::{AveragingConfig, SynchronousConfig},
+        elastic::ElasticConfig,
+        gossip::GossipConfig,
+    };
+    use crate::schedule::{ScheduleFlags, fixed::FixedConfig};
     use crate::topology::TopologySpec;
     use clap::Parser;
 

@@ -10,6 +10,9 @@
 //!   [`measured_bytes_per_merge`] checks [`MatrixForm::expected_bytes_per_merge`].
 //! - [`Tiny`], [`tiny_for`], [`fixed_grads`] and [`test_value`]: a small model with a BatchNorm
 //!   and deterministic parameters and gradients, shared by the workspace's tests.
+//! - [`inputs`]: arbitrary inputs for property tests of parsers and file readers.
+
+pub mod inputs;
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -20,11 +23,11 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::CoopError;
-use crate::comm::{CommError, Communicator, InProcessGroup, Metered, PendingSum, Receive, TrafficByKind};
+use crate::comm::{CommError, Communicator, InProcessGroup, Metered, PendingSum, Receive, Route, TrafficByKind};
 use crate::launch::run_group;
 use crate::params::{BufferPolicy, ParamLayout, TensorRole};
 use crate::rules::{MatrixForm, MergeOutcome, MergeRule, RuleError, SyncContext};
-use crate::schedule::PeriodicSchedule;
+use crate::schedule::fixed::PeriodicSchedule;
 use crate::sync::Synchronizer;
 
 /// A deterministic value for position `k` of vector number `which` of worker `rank`.
@@ -140,29 +143,17 @@ impl<C: Communicator> Communicator for RecordingComm<C> {
         self.note(|l| l.all_gather += 1);
         self.inner.all_gather_bytes(payload)
     }
-    fn exchange(&mut self, send: &[f32], peers: &[usize], receive: Receive<'_, f32>) -> Result<(), CommError> {
+    fn exchange(&mut self, send: &[f32], peers: &[usize], recv: Receive<'_, f32>) -> Result<(), CommError> {
         self.note_exchange(peers.len());
-        self.inner.exchange(send, peers, receive)
+        self.inner.exchange(send, peers, recv)
     }
-    fn exchange_directed(
-        &mut self,
-        send: &[f32],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: Receive<'_, f32>,
-    ) -> Result<(), CommError> {
-        self.note_exchange(send_to.len());
-        self.inner.exchange_directed(send, send_to, receive_from, receive)
+    fn exchange_directed(&mut self, send: &[f32], route: Route<'_>, recv: Receive<'_, f32>) -> Result<(), CommError> {
+        self.note_exchange(route.send_to.len());
+        self.inner.exchange_directed(send, route, recv)
     }
-    fn exchange_bytes(
-        &mut self,
-        send: &[u8],
-        send_to: &[usize],
-        receive_from: &[usize],
-        receive: Receive<'_, u8>,
-    ) -> Result<(), CommError> {
-        self.note_exchange(send_to.len());
-        self.inner.exchange_bytes(send, send_to, receive_from, receive)
+    fn exchange_bytes(&mut self, send: &[u8], route: Route<'_>, recv: Receive<'_, u8>) -> Result<(), CommError> {
+        self.note_exchange(route.send_to.len());
+        self.inner.exchange_bytes(send, route, recv)
     }
     fn split(&mut self, color: usize) -> Result<Box<dyn Communicator>, CommError> {
         self.note(|l| l.split += 1);
@@ -485,5 +476,3 @@ pub fn fixed_grads<M: Module>(module: &M, rank: usize, step: u64, device: &Devic
 pub fn flat<M: Module>(module: &M) -> Vec<f32> {
     ParamLayout::of(module, BufferPolicy::Merge).flatten(module).expect("the layout was made from this module")
 }
-
-pub use crate::params::parameter_fingerprint;
