@@ -4,7 +4,7 @@
 use burn_coop::advisor::{AdaCommInputs, Advice};
 use burn_coop::{
     params::ParamLayout,
-    rules::{MatrixForm, MergeRule},
+    rules::{MatrixForm, MergeRule, RuleSpec},
 };
 use clap::Args;
 
@@ -42,15 +42,18 @@ pub struct AdviseArgs {
     pub json: bool,
 }
 
-/// Refuses a number of workers whose dense `m × m` mixing matrix would not fit (the theory's
-/// quantities are computed from it), saying what it would cost.
-pub fn check_dense_order(workers: usize) -> Result<(), String> {
+/// Refuses more workers than the rule's matrix form is computed for: gossip's matrices are
+/// sparse (a ring of 100,000 workers holds 300,000 entries, and its spectrum has a closed form),
+/// every other rule's is dense (`m²` entries, spectrum in time cubic in `m`).
+fn check_matrix_size(rule: &RuleSpec, workers: usize) -> Result<(), String> {
     let most = burn_coop::mixing::MAX_DENSE_ORDER;
-    if workers > most {
+    if workers > most && !matches!(rule, RuleSpec::Gossip(_)) {
         let gib = (workers as f64).powi(2) * 8.0 / f64::from(1 << 30);
         return Err(format!(
-            "{workers} workers: the theory's quantities come from the dense {workers} x {workers} mixing matrix \
-             ({gib:.1} GiB, and time cubic in the workers for its spectrum); at most {most} workers"
+            "{workers} workers: the theory's quantities of {} come from its dense matrix \
+             ({gib:.1} GiB, and time cubic in the workers for its spectrum); at most {most} workers \
+             (gossip on a ring or an exponential graph goes further)",
+            rule.name().as_str()
         ));
     }
     Ok(())
@@ -59,12 +62,12 @@ pub fn check_dense_order(workers: usize) -> Result<(), String> {
 /// Runs `coop advise`.
 pub fn run(args: &AdviseArgs) -> Result<(), String> {
     // `--step-time` is the runtime model's Y here, with or without a network.
-    let config = crate::train::resolve(&args.train, &["step-time"]);
+    let config = crate::train::resolve(&args.train, true);
     let (mut rule, schedule) =
         burn_coop::registry::build_pair(&config.rule, &config.schedule, config.workers).map_err(|e| e.to_string())?;
     // The period after any warm-up (an adaptive schedule's first one).
     let tau = schedule.period(u64::MAX / 2);
-    check_dense_order(config.workers)?;
+    check_matrix_size(&config.rule, config.workers)?;
     let values = match args.params {
         Some(values) => values as usize,
         None => {
@@ -92,8 +95,9 @@ pub fn run(args: &AdviseArgs) -> Result<(), String> {
         _ => None,
     };
     let name = config.rule.name().as_str();
-    let mut advice =
-        Advice::new(name, rule.as_ref(), config.workers, tau, config.lr, values).with_runtime(step_time, comm_delay);
+    let mut advice = Advice::new(name, rule.as_ref(), config.workers, tau, config.lr, values)
+        .map_err(|e| e.to_string())?
+        .with_runtime(step_time, comm_delay);
     if let Some(inputs) = adacomm {
         advice = advice.with_adacomm(inputs);
     }

@@ -490,12 +490,6 @@ impl TrainConfig {
         if self.workers == 0 {
             return invalid("workers", "0".into(), "at least one worker is needed");
         }
-        if self.transport == TransportName::Threads && self.workers > MAX_THREAD_WORKERS {
-            let reason = format!(
-                "each worker is a thread of this process holding its own model, optimizer state and batches; at most {MAX_THREAD_WORKERS} (more: --transport mpi)"
-            );
-            return invalid("workers", self.workers.to_string(), &reason);
-        }
         if self.epochs == 0 {
             return invalid("epochs", "0".into(), "at least one epoch is needed");
         }
@@ -593,6 +587,17 @@ impl TrainConfig {
             Some((key, why)) => Err(format!("{source} sets '{key}', which this run does not use: it is {why}")),
             None => Ok(()),
         }
+    }
+
+    /// Checks that the workers fit on threads of this process.
+    pub fn validate_threads(&self) -> Result<(), InvalidValue> {
+        if self.workers > MAX_THREAD_WORKERS {
+            let reason = format!(
+                "each worker is a thread of this process holding its own model, optimizer state and batches; at most {MAX_THREAD_WORKERS} (more: --transport mpi)"
+            );
+            return Err(InvalidValue { option: "workers", value: self.workers.to_string(), reason });
+        }
+        Ok(())
     }
 
     /// Checks the rule and schedule against the real number of workers (`--workers` for
@@ -720,7 +725,8 @@ mod tests {
         let mut config = TrainConfig::default();
         args.apply(&mut config).map_err(|e| InvalidValue::from(e).to_string())?;
         config.refuse_unused(&args.given_keys(), "the command line")?;
-        config.validate().and_then(|()| config.validate_for(config.workers)).map_err(|e| e.to_string())?;
+        let checked = config.validate().and_then(|()| config.validate_threads());
+        checked.and_then(|()| config.validate_for(config.workers)).map_err(|e| e.to_string())?;
         Ok(config)
     }
 
@@ -728,7 +734,8 @@ mod tests {
     fn file(text: &str) -> Result<TrainConfig, String> {
         let (config, keys) = TrainConfig::from_toml_str_with_keys(text)?;
         config.refuse_unused(&keys, "the file")?;
-        config.validate().and_then(|()| config.validate_for(config.workers)).map_err(|e| e.to_string())?;
+        let checked = config.validate().and_then(|()| config.validate_threads());
+        checked.and_then(|()| config.validate_for(config.workers)).map_err(|e| e.to_string())?;
         Ok(config)
     }
 

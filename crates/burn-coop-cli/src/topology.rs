@@ -29,36 +29,49 @@ struct Report {
     topology: String,
     workers: usize,
     weights: WeightRule,
-    w: Vec<Vec<f64>>,
+    /// `W` by rows, up to [`PRINTED`] workers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    w: Option<Vec<Vec<f64>>>,
+    nonzeros: usize,
     eigenvalues: Vec<f64>,
     zeta: f64,
     spectral_gap: f64,
 }
 
+/// The most workers whose `W` is printed.
+const PRINTED: usize = 64;
+
 /// Runs `coop topology`.
 pub fn run(args: &TopologyArgs) -> Result<(), String> {
     let workers = args.workers as usize;
-    crate::advise::check_dense_order(workers)?;
     let topology = args.topology.build(workers).map_err(|e| e.to_string())?;
     let w = topology.mixing_matrix(args.weights).map_err(|e| e.to_string())?;
+    let eigenvalues = w.eigenvalues().map_err(|e| e.to_string())?;
+    let zeta = w.zeta().map_err(|e| e.to_string())?;
     let report = Report {
         topology: topology.to_string(),
         workers,
         weights: args.weights,
-        w: w.to_rows(),
-        eigenvalues: w.eigenvalues(),
-        zeta: w.zeta(),
-        spectral_gap: w.spectral_gap(),
+        w: (workers <= PRINTED).then(|| w.to_rows()),
+        nonzeros: w.nonzeros(),
+        eigenvalues,
+        zeta,
+        spectral_gap: 1.0 - zeta,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
     } else {
         println!("{} ({} weights)", report.topology, crate::config::serde_name_of(&args.weights));
         println!();
-        print!("{w}");
+        match workers <= PRINTED {
+            true => print!("{w}"),
+            false => println!("W: {} non-zeros (printed up to {PRINTED} workers)", report.nonzeros),
+        }
         println!();
+        // A large ring's gap is below a millionth: shown in scientific notation.
+        let number = |v: f64| if v == 0.0 || v.abs() >= 1e-4 { format!("{v:.6}") } else { format!("{v:.6e}") };
         println!("zeta (second-largest |eigenvalue|): {:.6}", report.zeta);
-        println!("spectral gap 1 - zeta:              {:.6}", report.spectral_gap);
+        println!("spectral gap 1 - zeta:              {}", number(report.spectral_gap));
     }
     Ok(())
 }

@@ -13,9 +13,11 @@ use crate::config::{PartitionName, TrainArgs, TrainConfig, TransportName};
 
 /// Resolves the configuration: defaults, then `--config FILE` (or the resumed run's
 /// `config.toml`), then flags. Invalid values exit like clap's own errors, naming the value; so
-/// do settings the run does not use, except the keys in `also_used` (what the caller reads
-/// besides training: `coop advise` takes `--step-time` without a network).
-pub fn resolve(args: &TrainArgs, also_used: &[&str]) -> TrainConfig {
+/// do settings the run does not use. `for_advice`: the setting is read by `coop advise`, not
+/// trained (`--step-time` is its runtime model's without a network, and the number of workers is
+/// not bounded by threads).
+pub fn resolve(args: &TrainArgs, for_advice: bool) -> TrainConfig {
+    let also_used: &[&str] = if for_advice { &["step-time"] } else { &[] };
     let file = args.resume.as_ref().map(|dir| dir.join("config.toml")).or_else(|| args.config.clone());
     let (mut config, in_file) = match &file {
         Some(path) => TrainConfig::from_toml_file_with_keys(path)
@@ -43,7 +45,8 @@ pub fn resolve(args: &TrainArgs, also_used: &[&str]) -> TrainConfig {
     // Under MPI the number of workers is the number of ranks: the rule and schedule are checked
     // once it is known (in `run_mpi`).
     let checked = config.validate().and_then(|()| match config.transport {
-        TransportName::Threads => config.validate_for(config.workers),
+        _ if for_advice => Ok(()),
+        TransportName::Threads => config.validate_threads().and_then(|()| config.validate_for(config.workers)),
         TransportName::Mpi => Ok(()),
     });
     if let Err(invalid) = checked {
@@ -70,7 +73,7 @@ pub fn resolve(args: &TrainArgs, also_used: &[&str]) -> TrainConfig {
 
 /// Runs `coop train`.
 pub fn run(args: &TrainArgs) -> Result<(), String> {
-    let config = resolve(args, &[]);
+    let config = resolve(args, false);
     let resume = args.resume.is_some();
     let output = config.output_folder();
     let has_checkpoints = burn_coop::learner::latest_checkpoint(&output).is_ok_and(|latest| latest.is_some());

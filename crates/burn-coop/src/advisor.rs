@@ -21,7 +21,7 @@
 
 use serde::Serialize;
 
-use crate::mixing::MixingMatrix;
+use crate::mixing::{MixingError, MixingMatrix};
 use crate::rules::MatrixForm;
 
 /// `(1+ζ²)/(1−ζ²) · τ − 1`: the error floor a setting adds to synchronous SGD's, in units of
@@ -52,9 +52,9 @@ pub fn optimal_easgd_alpha(workers: usize) -> f64 {
 
 /// `ζ` from a second moment `E[WᵀW]` (doubly stochastic, symmetric): the square root of its
 /// second-largest eigenvalue (the largest is 1, for the all-ones vector).
-pub fn zeta_of_second_moment(second_moment: &MixingMatrix) -> f64 {
-    let values = second_moment.eigenvalues();
-    values.get(1).map_or(0.0, |&v| if v > 1e-14 { v.sqrt() } else { 0.0 })
+pub fn zeta_of_second_moment(second_moment: &MixingMatrix) -> Result<f64, MixingError> {
+    let values = second_moment.eigenvalues()?;
+    Ok(values.get(1).map_or(0.0, |&v| if v > 1e-14 { v.sqrt() } else { 0.0 }))
 }
 
 /// AdaComm's optimal period `τ* = √(2 F D / (η³ L² σ² T))`, with `F = F(x₀) − F_inf`, `D` the
@@ -129,12 +129,20 @@ pub struct Advice {
 impl Advice {
     /// The advice for `rule`, registered as `name` (e.g. [`RuleSpec::name`](crate::rules::RuleSpec::name)),
     /// on `workers` workers with period `tau`, learning rate `lr` and a model of `model_values`
-    /// values.
-    pub fn new(name: &str, rule: &dyn MatrixForm, workers: usize, tau: u64, lr: f64, model_values: usize) -> Self {
+    /// values; an error when the rule's matrix is too large for its spectrum
+    /// ([`MixingError::SpectrumTooLarge`]).
+    pub fn new(
+        name: &str,
+        rule: &dyn MatrixForm,
+        workers: usize,
+        tau: u64,
+        lr: f64,
+        model_values: usize,
+    ) -> Result<Self, MixingError> {
         let anchors = rule.mixing_matrix(workers).map_or(0, |w| w.order().saturating_sub(workers));
-        let zeta = rule.mixing_second_moment(workers).map(|gram| zeta_of_second_moment(&gram));
+        let zeta = rule.mixing_second_moment(workers).map(|gram| zeta_of_second_moment(&gram)).transpose()?;
         let bytes_per_merge = rule.expected_bytes_per_merge(model_values, workers);
-        Self {
+        Ok(Self {
             rule: name.to_string(),
             workers,
             anchors,
@@ -153,7 +161,7 @@ impl Advice {
             step_time: None,
             seconds_per_step: None,
             adacomm_tau_star: None,
-        }
+        })
     }
 
     /// Adds AdaComm's runtime model: `Y` seconds per local step, `D` per merge (either may be
@@ -204,17 +212,18 @@ mod tests {
     fn zeta_of_rules_matches_their_spectra() {
         let ring = Topology::ring(8).unwrap();
         let gossip = Gossip::on(&ring).unwrap();
-        let advice = Advice::new("gossip", &gossip, 8, 1, 0.1, 100);
+        let advice = Advice::new("gossip", &gossip, 8, 1, 0.1, 100).unwrap();
         let exact = (1.0 + 2.0 * (2.0 * std::f64::consts::PI / 8.0).cos()) / 3.0;
         assert!((advice.zeta.unwrap() - exact).abs() < 1e-9, "ring with 1/3 weights: {}", advice.zeta.unwrap());
         assert_eq!(advice.bytes_per_merge, Some(2.0 * 400.0));
 
         let elastic = Elastic::new(optimal_easgd_alpha(4), 4).unwrap();
-        let advice = Advice::new("elastic", &elastic, 4, 4, 0.1, 100);
+        let advice = Advice::new("elastic", &elastic, 4, 4, 0.1, 100).unwrap();
         assert!((advice.zeta.unwrap() - 4.0 / 6.0).abs() < 1e-9, "ζ* = m/(m+2)");
         assert_eq!((advice.anchors, advice.eta_eff), (1, 0.08));
 
-        let advice = Advice::new("average", &Averaging::new(), 4, 8, 0.1, 100).with_runtime(Some(0.1), Some(0.4));
+        let advice =
+            Advice::new("average", &Averaging::new(), 4, 8, 0.1, 100).unwrap().with_runtime(Some(0.1), Some(0.4));
         assert_eq!(advice.rule, "average");
         assert_eq!((advice.zeta, advice.error_floor_factor), (Some(0.0), Some(7.0)));
         assert_eq!(advice.bytes_per_step, Some(600.0 / 8.0));
@@ -223,11 +232,11 @@ mod tests {
         assert!((advice.with_adacomm(inputs).adacomm_tau_star.unwrap() - 5f64.sqrt()).abs() < 1e-12);
 
         let one_peer = Gossip::one_peer_exponential(8);
-        let zeta = Advice::new("gossip", &one_peer, 8, 1, 0.1, 1).zeta.unwrap();
+        let zeta = Advice::new("gossip", &one_peer, 8, 1, 0.1, 1).unwrap().zeta.unwrap();
         assert!(zeta > 0.0 && zeta < 1.0, "{zeta}");
 
         let matcha = Matcha::on(&ring, 0.5);
-        let zeta = Advice::new("matcha", &matcha, 8, 1, 0.1, 1).zeta.unwrap();
+        let zeta = Advice::new("matcha", &matcha, 8, 1, 0.1, 1).unwrap().zeta.unwrap();
         assert!((zeta * zeta - matcha.rho()).abs() < 1e-9, "ζ² is MATCHA's ρ");
     }
 }

@@ -11,10 +11,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::spectrum::symmetric_eigenvalues;
 
-/// The largest order of a dense mixing matrix this crate builds: 8·n² bytes and, for its
-/// spectrum (Jacobi's method), time cubic in n: 256 workers take about a second, 512 about
-/// twenty. Larger groups are refused with what they would cost.
+/// The largest order whose spectrum is computed densely (Jacobi's method: 8·n² bytes, time cubic
+/// in n; 256 workers take about a second, 512 about twenty). Larger circulant matrices (rings,
+/// exponential graphs, their second moments) have theirs in closed form; other large ones are
+/// refused with what they would cost.
 pub const MAX_DENSE_ORDER: usize = 256;
+
+/// The most non-zero entries a mixing matrix holds (16 bytes each: 256 MiB); a ring of 100,000
+/// workers has 300,000.
+pub const MAX_NONZEROS: usize = 1 << 24;
 
 /// Tolerance used when checking sums and symmetry of a user-supplied matrix.
 pub const MIXING_TOLERANCE: f64 = 1e-6;
@@ -93,13 +98,24 @@ pub enum MixingError {
         /// Number of connected components.
         components: usize,
     },
+    /// The spectrum of a large matrix that is not circulant.
+    #[error(
+        "the spectrum of a {order} x {order} mixing matrix is computed densely up to {most} workers (time cubic in the workers); beyond, only for circulant graphs (ring, exponential)"
+    )]
+    SpectrumTooLarge {
+        /// The matrix's order.
+        order: usize,
+        /// [`MAX_DENSE_ORDER`].
+        most: usize,
+    },
 }
 
-/// A validated `m × m` mixing matrix, stored row-major in `f64`.
+/// A validated `m × m` mixing matrix, stored sparse: each row's non-zero entries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MixingMatrix {
     order: usize,
-    entries: Vec<f64>,
+    /// Row `i`'s non-zero entries `(column, value)`, in increasing column.
+    rows: Vec<Vec<(usize, f64)>>,
 }
 
 impl MixingMatrix {
@@ -113,44 +129,66 @@ impl MixingMatrix {
         if order == 0 {
             return Err(MixingError::Empty);
         }
-        let mut entries = Vec::with_capacity(order * order);
-        for (row, values) in rows.iter().enumerate() {
-            if values.len() != order {
-                return Err(MixingError::NotSquare { row, len: values.len(), rows: order });
-            }
-            entries.extend_from_slice(values);
+        if let Some((row, values)) = rows.iter().enumerate().find(|(_, values)| values.len() != order) {
+            return Err(MixingError::NotSquare { row, len: values.len(), rows: order });
         }
-        let matrix = Self { order, entries };
+        let matrix = Self::from_dense_unchecked(order, rows.concat());
+        matrix.validate()?;
+        Ok(matrix)
+    }
+
+    /// Validates and wraps a matrix given by each row's non-zero entries `(column, value)` in
+    /// increasing column (the form graphs build, in memory proportional to their edges).
+    pub fn from_sparse(order: usize, rows: Vec<Vec<(usize, f64)>>) -> Result<Self, MixingError> {
+        if order == 0 {
+            return Err(MixingError::Empty);
+        }
+        if let Some((row, values)) = rows.iter().enumerate().find(|(_, r)| r.iter().any(|&(col, _)| col >= order)) {
+            return Err(MixingError::NotSquare { row, len: values.last().map_or(0, |e| e.0 + 1), rows: order });
+        }
+        if rows.len() != order {
+            return Err(MixingError::NotSquare { row: rows.len().min(order), len: order, rows: rows.len() });
+        }
+        let matrix = Self::from_sparse_unchecked(order, rows);
         matrix.validate()?;
         Ok(matrix)
     }
 
     /// The identity: every worker keeps its own model (the `W` of a local step).
     pub fn identity(order: usize) -> Self {
-        let mut entries = vec![0.0; order * order];
-        for i in 0..order {
-            entries[i * order + i] = 1.0;
-        }
-        Self { order, entries }
+        Self { order, rows: (0..order).map(|i| vec![(i, 1.0)]).collect() }
     }
 
-    /// `J = 11ᵀ/m`: exact averaging.
+    /// `J = 11ᵀ/m`: exact averaging (`m²` non-zeros).
     pub fn averaging(order: usize) -> Self {
-        Self { order, entries: vec![1.0 / order as f64; order * order] }
+        let row: Vec<(usize, f64)> = (0..order).map(|j| (j, 1.0 / order as f64)).collect();
+        Self { order, rows: vec![row; order] }
     }
 
     /// Builds a matrix from row-major entries without validation (for derived matrices such
-    /// as elastic averaging's, whose anchor entry may be negative).
-    pub(crate) fn from_entries_unchecked(order: usize, entries: Vec<f64>) -> Self {
+    /// as elastic averaging's, whose anchor entry may be negative); zeros are not stored.
+    pub(crate) fn from_dense_unchecked(order: usize, entries: Vec<f64>) -> Self {
         debug_assert_eq!(entries.len(), order * order);
-        Self { order, entries }
+        let rows = entries
+            .chunks(order.max(1))
+            .take(order)
+            .map(|row| row.iter().enumerate().filter(|&(_, &v)| v != 0.0).map(|(j, &v)| (j, v)).collect())
+            .collect();
+        Self { order, rows }
+    }
+
+    /// Builds a matrix from each row's non-zero entries (increasing column) without validation.
+    pub(crate) fn from_sparse_unchecked(order: usize, mut rows: Vec<Vec<(usize, f64)>>) -> Self {
+        for row in &mut rows {
+            row.retain(|&(_, v)| v != 0.0);
+            debug_assert!(row.windows(2).all(|pair| pair[0].0 < pair[1].0), "columns in increasing order");
+        }
+        Self { order, rows }
     }
 
     fn validate(&self) -> Result<(), MixingError> {
-        let n = self.order;
-        for row in 0..n {
-            for col in 0..n {
-                let value = self.get(row, col);
+        for (row, entries) in self.rows.iter().enumerate() {
+            for &(col, value) in entries {
                 if !value.is_finite() {
                     return Err(MixingError::NotFinite { row, col, value });
                 }
@@ -159,27 +197,39 @@ impl MixingMatrix {
                 }
             }
         }
-        for row in 0..n {
-            let sum: f64 = self.row(row).iter().sum();
+        for (row, entries) in self.rows.iter().enumerate() {
+            let sum: f64 = entries.iter().map(|e| e.1).sum();
             if (sum - 1.0).abs() > MIXING_TOLERANCE {
                 return Err(MixingError::RowSum { row, sum });
             }
         }
-        for col in 0..n {
-            let sum: f64 = (0..n).map(|row| self.get(row, col)).sum();
-            if (sum - 1.0).abs() > MIXING_TOLERANCE {
-                return Err(MixingError::ColumnSum { col, sum });
-            }
+        let mut columns = vec![0.0; self.order];
+        for &(col, value) in self.rows.iter().flatten() {
+            columns[col] += value;
         }
-        for row in 0..n {
-            for col in row + 1..n {
-                let (upper, lower) = (self.get(row, col), self.get(col, row));
-                if (upper - lower).abs() > MIXING_TOLERANCE {
-                    return Err(MixingError::NotSymmetric { row, col, upper, lower });
+        if let Some((col, &sum)) = columns.iter().enumerate().find(|(_, sum)| (**sum - 1.0).abs() > MIXING_TOLERANCE) {
+            return Err(MixingError::ColumnSum { col, sum });
+        }
+        let mut asymmetric: Option<(usize, usize)> = None;
+        for (row, entries) in self.rows.iter().enumerate() {
+            for &(col, value) in entries {
+                if (value - self.get(col, row)).abs() > MIXING_TOLERANCE {
+                    let pair = (row.min(col), row.max(col));
+                    asymmetric = Some(asymmetric.map_or(pair, |found| found.min(pair)));
                 }
             }
         }
-        let labels = connected_components(n, |i, j| self.get(i, j) != 0.0 || self.get(j, i) != 0.0);
+        if let Some((row, col)) = asymmetric {
+            return Err(MixingError::NotSymmetric { row, col, upper: self.get(row, col), lower: self.get(col, row) });
+        }
+        // Edges either way (an entry within the tolerance of symmetric may have no mirror).
+        let mut linked: Vec<Vec<usize>> = self.rows.iter().map(|row| row.iter().map(|e| e.0).collect()).collect();
+        for (row, entries) in self.rows.iter().enumerate() {
+            for &(col, _) in entries {
+                linked[col].push(row);
+            }
+        }
+        let labels = connected_components(self.order, |i| linked[i].iter().copied());
         let components = labels.iter().max().map_or(0, |max| max + 1);
         if components > 1 {
             let unreachable = labels.iter().position(|&label| label != 0).unwrap_or(0);
@@ -193,24 +243,33 @@ impl MixingMatrix {
         self.order
     }
 
+    /// The number of non-zero entries.
+    pub fn nonzeros(&self) -> usize {
+        self.rows.iter().map(Vec::len).sum()
+    }
+
     /// Entry `W[row][col]`.
     pub fn get(&self, row: usize, col: usize) -> f64 {
-        self.entries[row * self.order + col]
+        let entries = &self.rows[row];
+        entries.binary_search_by_key(&col, |e| e.0).map_or(0.0, |k| entries[k].1)
     }
 
-    /// Row `row` of the matrix.
-    pub fn row(&self, row: usize) -> &[f64] {
-        &self.entries[row * self.order..(row + 1) * self.order]
+    /// Row `row`'s non-zero entries `(column, value)`, in increasing column.
+    pub fn row(&self, row: usize) -> &[(usize, f64)] {
+        &self.rows[row]
     }
 
-    /// All entries, row-major.
-    pub fn entries(&self) -> &[f64] {
-        &self.entries
-    }
-
-    /// The rows as vectors (for printing or serializing).
+    /// The rows as dense vectors (for printing or serializing small matrices: `m²` values).
     pub fn to_rows(&self) -> Vec<Vec<f64>> {
-        self.entries.chunks(self.order).map(<[f64]>::to_vec).collect()
+        (0..self.order).map(|i| self.dense_row(i)).collect()
+    }
+
+    fn dense_row(&self, row: usize) -> Vec<f64> {
+        let mut dense = vec![0.0; self.order];
+        for &(col, value) in &self.rows[row] {
+            dense[col] = value;
+        }
+        dense
     }
 
     /// The weight worker `rank` keeps on its own model, `W[rank][rank]`.
@@ -227,49 +286,81 @@ impl MixingMatrix {
 
     /// The other workers `rank` mixes with and their weights `W[rank][j]`, in increasing `j`.
     pub fn neighbors(&self, rank: usize) -> Vec<(usize, f64)> {
-        self.row(rank).iter().enumerate().filter(|&(j, &w)| j != rank && w != 0.0).map(|(j, &w)| (j, w)).collect()
+        self.rows[rank].iter().copied().filter(|&(j, _)| j != rank).collect()
     }
 
-    /// Eigenvalues in decreasing order (the matrix is symmetric).
-    pub fn eigenvalues(&self) -> Vec<f64> {
-        symmetric_eigenvalues(&self.entries, self.order)
+    /// Eigenvalues in decreasing order (the matrix is symmetric): computed densely up to
+    /// [`MAX_DENSE_ORDER`] workers, in closed form for a larger circulant matrix
+    /// (`λ_k = Σ_j c_j cos(2πjk/m)`), and refused for any other.
+    pub fn eigenvalues(&self) -> Result<Vec<f64>, MixingError> {
+        let n = self.order;
+        if n <= MAX_DENSE_ORDER {
+            let dense: Vec<f64> = (0..n).flat_map(|i| self.dense_row(i)).collect();
+            return Ok(symmetric_eigenvalues(&dense, n));
+        }
+        let first = self.circulant_row().ok_or(MixingError::SpectrumTooLarge { order: n, most: MAX_DENSE_ORDER })?;
+        let mut values: Vec<f64> = (0..n)
+            .map(|k| {
+                first
+                    .iter()
+                    .map(|&(j, c)| c * (2.0 * std::f64::consts::PI * ((j * k) % n) as f64 / n as f64).cos())
+                    .sum()
+            })
+            .collect();
+        values.sort_by(|a, b| b.total_cmp(a));
+        Ok(values)
+    }
+
+    /// Row 0 when every row is row 0 shifted by its index (`W_ij = c_{(j−i) mod m}`) and the
+    /// matrix is symmetric (`c_j = c_{m−j}`, so the eigenvalues are the real `Σ_j c_j cos(2πjk/m)`).
+    fn circulant_row(&self) -> Option<&[(usize, f64)]> {
+        let (n, first) = (self.order, &self.rows[0]);
+        let symmetric = first.iter().all(|&(j, c)| self.get(0, (n - j) % n).to_bits() == c.to_bits());
+        let shifted = |i: usize| first.iter().all(|&(j, c)| self.get(i, (j + i) % n).to_bits() == c.to_bits());
+        (symmetric && (1..n).all(|i| self.rows[i].len() == first.len() && shifted(i))).then_some(first)
     }
 
     /// `ζ = max(|λ₂|, |λ_m|)`: the second-largest eigenvalue magnitude. 0 for exact averaging;
     /// closer to 1 means slower consensus. A one-worker matrix has `ζ = 0`.
-    pub fn zeta(&self) -> f64 {
-        let values = self.eigenvalues();
+    pub fn zeta(&self) -> Result<f64, MixingError> {
+        let values = self.eigenvalues()?;
         // The largest eigenvalue of a doubly stochastic matrix is 1; drop the one closest to 1.
         let top =
             values.iter().enumerate().min_by(|a, b| (a.1 - 1.0).abs().total_cmp(&(b.1 - 1.0).abs())).map(|(i, _)| i);
-        values.iter().enumerate().filter(|&(i, _)| Some(i) != top).map(|(_, v)| v.abs()).fold(0.0, f64::max)
+        Ok(values.iter().enumerate().filter(|&(i, _)| Some(i) != top).map(|(_, v)| v.abs()).fold(0.0, f64::max))
     }
 
     /// The spectral gap `1 − ζ`.
-    pub fn spectral_gap(&self) -> f64 {
-        1.0 - self.zeta()
+    pub fn spectral_gap(&self) -> Result<f64, MixingError> {
+        self.zeta().map(|zeta| 1.0 - zeta)
     }
 
-    /// `WᵀW` (symmetric, doubly stochastic when `W` is).
+    /// `WᵀW` (symmetric, doubly stochastic when `W` is): `Σ_k W_ki W_kj`, summed over `k` in
+    /// increasing order as a dense product would.
     pub fn gram(&self) -> MixingMatrix {
-        let n = self.order;
-        let mut entries = vec![0.0; n * n];
-        for i in 0..n {
-            for j in 0..n {
-                entries[i * n + j] = (0..n).map(|k| self.get(k, i) * self.get(k, j)).sum();
+        let mut rows: Vec<std::collections::BTreeMap<usize, f64>> = vec![Default::default(); self.order];
+        for entries in &self.rows {
+            for &(i, a) in entries {
+                for &(j, b) in entries {
+                    *rows[i].entry(j).or_insert(0.0) += a * b;
+                }
             }
         }
-        Self { order: n, entries }
+        Self::from_sparse_unchecked(self.order, rows.into_iter().map(|row| row.into_iter().collect()).collect())
     }
 
     /// The mean of several matrices of one order (the second moment of a cycle of merges).
     pub fn mean_of(matrices: &[MixingMatrix]) -> Option<MixingMatrix> {
         let first = matrices.first()?;
-        let mut entries = vec![0.0; first.entries.len()];
+        let mut rows: Vec<std::collections::BTreeMap<usize, f64>> = vec![Default::default(); first.order];
         for matrix in matrices {
-            entries.iter_mut().zip(&matrix.entries).for_each(|(e, v)| *e += v / matrices.len() as f64);
+            for (i, entries) in matrix.rows.iter().enumerate() {
+                for &(j, v) in entries {
+                    *rows[i].entry(j).or_insert(0.0) += v / matrices.len() as f64;
+                }
+            }
         }
-        Some(Self { order: first.order, entries })
+        Some(Self::from_sparse_unchecked(first.order, rows.into_iter().map(|row| row.into_iter().collect()).collect()))
     }
 
     /// Multiplies a `d × m` matrix of column vectors by this matrix: `X W`. Each element of
@@ -287,15 +378,19 @@ impl MixingMatrix {
 impl fmt::Display for MixingMatrix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for row in 0..self.order {
-            let cells: Vec<String> = self.row(row).iter().map(|v| format!("{v:>7.4}")).collect();
+            let cells: Vec<String> = self.dense_row(row).iter().map(|v| format!("{v:>7.4}")).collect();
             writeln!(f, "{}", cells.join(" "))?;
         }
         Ok(())
     }
 }
 
-/// Labels each of `n` nodes with its connected component (0-based, in order of discovery).
-pub(crate) fn connected_components(n: usize, edge: impl Fn(usize, usize) -> bool) -> Vec<usize> {
+/// Labels each of `n` nodes with its connected component (0-based, in order of discovery),
+/// given each node's neighbours.
+pub(crate) fn connected_components<I: IntoIterator<Item = usize>>(
+    n: usize,
+    neighbors: impl Fn(usize) -> I,
+) -> Vec<usize> {
     let mut labels = vec![usize::MAX; n];
     let mut next = 0;
     for start in 0..n {
@@ -305,8 +400,8 @@ pub(crate) fn connected_components(n: usize, edge: impl Fn(usize, usize) -> bool
         labels[start] = next;
         let mut stack = vec![start];
         while let Some(i) = stack.pop() {
-            for j in 0..n {
-                if labels[j] == usize::MAX && i != j && edge(i, j) {
+            for j in neighbors(i) {
+                if labels[j] == usize::MAX {
                     labels[j] = next;
                     stack.push(j);
                 }

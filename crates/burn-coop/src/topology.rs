@@ -6,7 +6,6 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::mixing::{MixingError, MixingMatrix, connected_components};
-use crate::spectrum::symmetric_eigenvalues;
 
 /// A communication graph by name, sized later to the number of workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -66,12 +65,16 @@ pub fn one_peer_exponential_matrix(workers: usize, round: u64) -> MixingMatrix {
     let Some(d) = one_peer_exponential_distance(workers, round) else {
         return MixingMatrix::identity(workers);
     };
-    let mut entries = vec![0.0; workers * workers];
-    for i in 0..workers {
-        entries[i * workers + i] += 0.5;
-        entries[((i + d) % workers) * workers + i] += 0.5;
-    }
-    MixingMatrix::from_entries_unchecked(workers, entries)
+    // Row r: ½ on itself and ½ on the worker whose model r receives, (r − d) mod m.
+    let rows = (0..workers)
+        .map(|r| {
+            let from = (r + workers - d) % workers;
+            let mut row = if from == r { vec![(r, 1.0)] } else { vec![(r, 0.5), (from, 0.5)] };
+            row.sort_by_key(|entry| entry.0);
+            row
+        })
+        .collect();
+    MixingMatrix::from_sparse_unchecked(workers, rows)
 }
 
 /// Why a topology cannot be built.
@@ -106,16 +109,17 @@ pub enum TopologyError {
         /// Workers requested.
         workers: usize,
     },
-    /// A dense mixing matrix of this many workers would not fit.
+    /// A graph with more edges than a mixing matrix holds.
     #[error(
-        "{workers} workers: the dense {workers} x {workers} mixing matrix would take {} MiB, and time cubic in the workers for its spectrum; at most {most} workers",
-        (*workers as u64).saturating_mul(*workers as u64).saturating_mul(8) >> 20
+        "{workers} workers: this graph's mixing matrix would hold {nonzeros} non-zeros ({} MiB); at most {}",
+        nonzeros.saturating_mul(16) >> 20,
+        crate::mixing::MAX_NONZEROS
     )]
     TooLarge {
         /// Workers requested.
         workers: usize,
-        /// The largest order built ([`crate::mixing::MAX_DENSE_ORDER`]).
-        most: usize,
+        /// Non-zeros of its mixing matrix: the workers and twice the edges.
+        nonzeros: u64,
     },
     /// Adjacency rows of uneven length.
     #[error("adjacency matrix is not square: row {row} has {len} entries but there are {rows} rows")]
@@ -284,6 +288,11 @@ impl Topology {
             return Err(TopologyError::NoWorkers);
         }
         let m = workers;
+        // A complete graph's links grow with m²: refuse one whose mixing matrix would not fit.
+        let complete = (m as u64).saturating_mul(m as u64);
+        if matches!(kind, TopologyKind::Complete) && complete > crate::mixing::MAX_NONZEROS as u64 {
+            return Err(TopologyError::TooLarge { workers: m, nonzeros: complete });
+        }
         let mut neighbors = vec![BTreeSet::new(); m];
         let mut link = |i: usize, j: usize| {
             if i != j {
@@ -336,7 +345,7 @@ impl Topology {
                 }
             }
         }
-        let labels = connected_components(m, |i, j| neighbors[i].contains(&j));
+        let labels = connected_components(m, |i| neighbors[i].iter().copied());
         let components = labels.iter().max().map_or(0, |max| max + 1);
         if components > 1 {
             let unreachable = labels.iter().position(|&label| label != 0).unwrap_or(0);
@@ -365,50 +374,42 @@ impl Topology {
         self.neighbors[rank].len()
     }
 
-    /// The mixing matrix of this graph under `rule` (validated before it is returned).
+    /// The mixing matrix of this graph under `rule` (validated before it is returned), stored
+    /// sparse: `m` + twice the edges non-zeros.
     pub fn mixing_matrix(&self, rule: WeightRule) -> Result<MixingMatrix, TopologyError> {
         let m = self.workers;
-        if m > crate::mixing::MAX_DENSE_ORDER {
-            return Err(TopologyError::TooLarge { workers: m, most: crate::mixing::MAX_DENSE_ORDER });
-        }
-        let mut w = vec![0.0; m * m];
-        match rule {
-            WeightRule::MetropolisHastings => {
-                for i in 0..m {
-                    for j in self.neighbors(i) {
-                        w[i * m + j] = 1.0 / (1.0 + self.degree(i).max(self.degree(j)) as f64);
-                    }
-                }
-            }
+        let weight: Box<dyn Fn(usize, usize) -> f64 + '_> = match rule {
+            WeightRule::MetropolisHastings => Box::new(|i, j| 1.0 / (1.0 + self.degree(i).max(self.degree(j)) as f64)),
             WeightRule::BestConstant => {
-                let mut laplacian = vec![0.0; m * m];
-                for i in 0..m {
-                    laplacian[i * m + i] = self.degree(i) as f64;
-                    for j in self.neighbors(i) {
-                        laplacian[i * m + j] = -1.0;
-                    }
-                }
                 let alpha = if m == 1 {
                     0.0
                 } else {
+                    let laplacian = (0..m)
+                        .map(|i| {
+                            let mut row: Vec<(usize, f64)> = self.neighbors(i).map(|j| (j, -1.0)).collect();
+                            row.push((i, self.degree(i) as f64));
+                            row.sort_by_key(|entry| entry.0);
+                            row
+                        })
+                        .collect();
                     // Decreasing order: λ_max first, λ₂ (the algebraic connectivity) second to last.
-                    let values = symmetric_eigenvalues(&laplacian, m);
+                    let values = MixingMatrix::from_sparse_unchecked(m, laplacian).eigenvalues()?;
                     let max_degree = (0..m).map(|i| self.degree(i)).max().unwrap_or(1) as f64;
                     (2.0 / (values[m - 2] + values[0])).min(1.0 / max_degree)
                 };
-                for i in 0..m {
-                    for j in self.neighbors(i) {
-                        w[i * m + j] = alpha;
-                    }
-                }
+                Box::new(move |_, _| alpha)
             }
-        }
-        for i in 0..m {
-            let off: f64 = (0..m).filter(|&j| j != i).map(|j| w[i * m + j]).sum();
-            w[i * m + i] = 1.0 - off;
-        }
-        let rows = w.chunks(m).map(<[f64]>::to_vec).collect();
-        Ok(MixingMatrix::new(rows)?)
+        };
+        let rows = (0..m)
+            .map(|i| {
+                let mut row: Vec<(usize, f64)> = self.neighbors(i).map(|j| (j, weight(i, j))).collect();
+                let off: f64 = row.iter().map(|entry| entry.1).sum();
+                let at = row.partition_point(|entry| entry.0 < i);
+                row.insert(at, (i, 1.0 - off));
+                row
+            })
+            .collect();
+        Ok(MixingMatrix::from_sparse(m, rows)?)
     }
 }
 

@@ -96,7 +96,7 @@ fn gossip_preserves_the_mean_and_shrinks_the_distance() {
         assert!((results[0].2.unwrap() - d_before).abs() < 1e-6 * d_before);
         assert!((results[0].3 - d_after).abs() < 1e-6 * d_before);
         // One gossip round contracts the disagreement by at least ζ².
-        let zeta = topology.mixing_matrix(Default::default()).unwrap().zeta();
+        let zeta = topology.mixing_matrix(Default::default()).unwrap().zeta().unwrap();
         assert!(d_after <= zeta * zeta * d_before * (1.0 + 1e-6), "{topology}: {d_after} > ζ² {d_before}");
     }
 }

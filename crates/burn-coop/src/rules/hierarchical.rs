@@ -147,7 +147,7 @@ impl MatrixForm for Hierarchical {
                 entries[i * world_size + j] = (group + 1.0 / world_size as f64) / k;
             }
         }
-        Some(MixingMatrix::from_entries_unchecked(world_size, entries))
+        Some(MixingMatrix::from_dense_unchecked(world_size, entries))
     }
 
     fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {

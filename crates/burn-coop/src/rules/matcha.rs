@@ -150,7 +150,7 @@ impl Matcha {
 
     /// `E[W_kᵀ W_k]` (symmetric), whose second-largest eigenvalue is `ρ`.
     pub fn expected_gram(&self) -> MixingMatrix {
-        MixingMatrix::from_entries_unchecked(
+        MixingMatrix::from_dense_unchecked(
             self.workers,
             second_moment(self.workers, &self.laplacians, &self.probabilities, self.alpha),
         )
@@ -235,7 +235,7 @@ impl MatrixForm for Matcha {
                 w[b * n + a] += self.alpha;
             }
         }
-        Some(MixingMatrix::from_entries_unchecked(n, w))
+        Some(MixingMatrix::from_dense_unchecked(n, w))
     }
 }
 
@@ -528,7 +528,7 @@ mod tests {
             }
         }
         let gram = matcha.expected_gram();
-        for (a, b) in gram.entries().iter().zip(&exact) {
+        for (a, b) in gram.to_rows().concat().iter().zip(&exact) {
             assert!((a - b).abs() < 1e-12, "{a} vs {b}");
         }
     }
