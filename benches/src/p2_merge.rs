@@ -107,7 +107,7 @@ fn merge_times(
     let per_worker = launch(WORKERS, |worker| -> Result<Vec<[f64; 4]>, BenchError> {
         let device = reference_device().autodiff();
         let mut model = resnet(scale.depth(), &device)?;
-        let mut optim = LocalSgd::new(sgd(), rule()?, PeriodicSchedule::every(u64::MAX)?, worker.comm())?;
+        let mut optim = LocalSgd::new(sgd(), rule()?, PeriodicSchedule::every(u64::MAX)?, worker.comm()?)?;
         // The first step broadcasts worker 0's model and starts the rule (the elastic anchor).
         let (images, targets) = random_batch(scale.pick(8, 2), &device);
         let (_, grads) = gradients(&model, images, targets);
@@ -154,7 +154,6 @@ fn merge_times(
         }
         Ok(times)
     })?;
-    let per_worker: Vec<Vec<[f64; 4]>> = per_worker.into_iter().collect::<Result<_, _>>()?;
     let part = |p: usize| {
         let slowest: Vec<f64> = (0..reps).map(|k| per_worker.iter().map(|t| t[k][p]).fold(0.0, f64::max)).collect();
         median(&slowest)

@@ -81,7 +81,7 @@ fn rounds_time(
     rule: Option<fn() -> Result<Box<dyn MergeRule>, BenchError>>,
 ) -> Result<f64, BenchError> {
     let per_worker = launch(WORKERS, |worker| -> Result<f64, BenchError> {
-        let comm = Delayed { inner: worker.comm(), delay };
+        let comm = Delayed { inner: worker.comm()?, delay };
         let mut sync = match rule {
             Some(rule) => {
                 let mut sync = Synchronizer::new(rule()?, PeriodicSchedule::every(TAU as u64)?, comm)?;
@@ -105,8 +105,7 @@ fn rounds_time(
         }
         Ok(start.elapsed().as_secs_f64())
     })?;
-    let times = per_worker.into_iter().collect::<Result<Vec<f64>, BenchError>>()?;
-    Ok(times.into_iter().fold(0.0, f64::max))
+    Ok(per_worker.into_iter().fold(0.0, f64::max))
 }
 
 /// Runs P4.

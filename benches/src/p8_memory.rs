@@ -44,7 +44,7 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let held = launch(WORKERS, |worker| -> Result<usize, BenchError> {
         let device = reference_device().autodiff();
         let mut model = resnet(depth, &device)?;
-        let mut optim = LocalSgd::new(sgd(), Averaging::new(), PeriodicSchedule::every(TAU)?, worker.comm())?;
+        let mut optim = LocalSgd::new(sgd(), Averaging::new(), PeriodicSchedule::every(TAU)?, worker.comm()?)?;
         for _ in 0..steps {
             let (images, targets) = random_batch(batch, &device);
             let (_, grads) = gradients(&model, images, targets);
@@ -57,7 +57,7 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
         Ok(held)
     })?;
     let peak_ours = alloc::peak().saturating_sub(base);
-    let held_ours = held.into_iter().collect::<Result<Vec<_>, _>>()?[0].saturating_sub(base);
+    let held_ours = held[0].saturating_sub(base);
 
     Ok(vec![
         Row {

@@ -35,6 +35,12 @@ pub enum CoopError {
     /// The module's parameters do not match the layout recorded at the first step.
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// [`Worker::comm`](crate::Worker::comm) was called twice.
+    #[error("worker {rank}'s communicator was already taken: one per worker")]
+    CommunicatorTaken {
+        /// The worker's rank.
+        rank: usize,
+    },
     /// A worker's parameters became NaN or infinite.
     #[error("worker {rank} has non-finite parameters at step {step} ({count} of {total} values are NaN or infinite)")]
     NonFiniteParameters {

@@ -53,9 +53,7 @@ pub mod topology;
 pub mod train_strategy;
 
 pub use error::CoopError;
-pub use launch::{
-    Failure, FailureCause, GroupFailure, Worker, WorkerFailure, WorkerPanicked, launch, run_group, run_group_led,
-};
+pub use launch::{Failure, FailureCause, GroupFailure, Worker, WorkerFailure, launch, run_group, run_group_led, shard};
 pub use local_sgd::{InnerStatePolicy, LocalSgd, LocalSgdState};
 pub use sync::{CoopStats, StepSignal, SyncReport, SyncState, Synchronizer, WorkerColumns};
 

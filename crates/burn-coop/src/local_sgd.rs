@@ -202,7 +202,18 @@ impl LocalSgd {
         }
     }
 
-    /// Merges now, whatever the schedule (e.g. before evaluating or saving the final model).
+    /// Makes every worker hold the same model now (before evaluating or saving it): nothing
+    /// when the last step's merge already did (a rule that reaches consensus, buffers merged),
+    /// otherwise an averaging of the models. Every worker must call it at the same point.
+    pub fn agree<M: Module>(&mut self, module: M) -> Result<M, CoopError> {
+        if self.sync.workers_agree() {
+            return Ok(module);
+        }
+        self.sync.average_now(module)
+    }
+
+    /// Merges now with the rule, whatever the schedule (its merge: a gossip rule moves the models
+    /// towards each other without making them equal; [`LocalSgd::agree`] makes them equal).
     /// Every worker must call it at the same point.
     pub fn merge<M: Module>(&mut self, module: M) -> Result<M, CoopError> {
         let (module, _) = self.sync.sync_now(module)?;

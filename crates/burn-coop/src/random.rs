@@ -5,14 +5,18 @@
 //! mix of them), so every worker gets the same number without exchanging it, and a resumed run
 //! draws the same numbers with no generator state to save.
 
-/// A uniform number in `[0, 1)` from `(seed, a, b)`, with 53 random bits.
-pub fn uniform(seed: u64, a: u64, b: u64) -> f64 {
+/// 64 random bits from `(seed, a, b)` (e.g. a worker's own seed from the run's and its rank).
+pub fn bits(seed: u64, a: u64, b: u64) -> u64 {
     let mut x = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xD1B5_4A32_D192_ED03);
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^= x >> 31;
-    (x >> 11) as f64 / (1u64 << 53) as f64
+    x ^ (x >> 31)
+}
+
+/// A uniform number in `[0, 1)` from `(seed, a, b)`, with 53 random bits.
+pub fn uniform(seed: u64, a: u64, b: u64) -> f64 {
+    (bits(seed, a, b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

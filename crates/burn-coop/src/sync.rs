@@ -494,6 +494,18 @@ impl Synchronizer {
         merged
     }
 
+    /// Replaces every worker's model by the workers' average, weights and buffers, whatever the
+    /// rule (one all-reduce of the model; the rule's own state, e.g. an anchor, is untouched):
+    /// the model to evaluate or save at the end. Every worker must call it at the same point.
+    pub fn average_now<M: Module>(&mut self, module: M) -> Result<M, CoopError> {
+        let module = self.start(module)?;
+        let layout = ParamLayout::of(&module, BufferPolicy::Merge);
+        let mut values = layout.flatten(&module)?;
+        self.comm.all_reduce_sum(&mut values)?;
+        crate::rules::kernels::divide(&mut values, self.world_size());
+        Ok(layout.unflatten(module, &values)?)
+    }
+
     fn merge_with<M: Module>(&mut self, layout: &ParamLayout, module: M) -> Result<(M, SyncReport), CoopError> {
         layout.flatten_into(&module, &mut self.flat)?;
         let report = self.merge_flat_buffer()?;
@@ -688,6 +700,14 @@ impl Synchronizer {
     /// What the last merge did, if one has run since this synchronizer was built or restored.
     pub fn last_sync(&self) -> Option<&SyncReport> {
         self.last_report.as_ref()
+    }
+
+    /// Whether every worker holds the same model now: the last step merged with a rule that
+    /// leaves every worker with the average (averaging, DiLoCo, …), buffers included.
+    pub fn workers_agree(&self) -> bool {
+        self.rule.reaches_consensus()
+            && self.buffer_policy == BufferPolicy::Merge
+            && self.last_report.as_ref().is_some_and(|report| report.step == self.state.stats.steps)
     }
 
     /// Seconds the synchronizer's collectives have taken so far (measured, so not part of the

@@ -6,7 +6,9 @@ use burn::tensor::Device;
 use burn_coop::comm::{CollectiveKind, NetworkModel, SimClock, StepTime, Traffic};
 use burn_coop::rules::{averaging::Averaging, overlap::Overlap};
 use burn_coop::testing::{Tiny, tiny_for};
-use burn_coop::{StepSignal, SyncReport, Synchronizer, launch, rules::MergeRule, schedule::fixed::PeriodicSchedule};
+use burn_coop::{
+    CoopError, StepSignal, SyncReport, Synchronizer, launch, rules::MergeRule, schedule::fixed::PeriodicSchedule,
+};
 
 /// Runs `steps` local steps on `m` workers with merges every `tau`; every worker's reports and
 /// the bytes of its model all-reduces so far at each merge.
@@ -20,21 +22,20 @@ fn run(
 ) -> Vec<Vec<(SyncReport, u64)>> {
     launch(m, |worker| {
         let rank = worker.rank();
-        let comm = worker.comm();
-        let mut sync = Synchronizer::new(rule(), PeriodicSchedule::every(tau).unwrap(), comm)
-            .unwrap()
+        let comm = worker.comm()?;
+        let mut sync = Synchronizer::new(rule(), PeriodicSchedule::every(tau)?, comm)?
             .with_seed(5)
             .with_simulation(network, step_time);
         let mut model: Tiny = tiny_for(rank, &Device::flex());
         let mut reports = Vec::new();
         for _ in 0..steps {
-            let (next, report) = sync.after_step(model, StepSignal::new(0.1, 1.0).with_seconds(123.0)).unwrap();
+            let (next, report) = sync.after_step(model, StepSignal::new(0.1, 1.0).with_seconds(123.0))?;
             model = next;
             if let Some(report) = report {
                 reports.push((report, sync.traffic_by_kind().of(CollectiveKind::AllReduce).bytes_sent));
             }
         }
-        reports
+        Ok::<_, CoopError>(reports)
     })
     .unwrap()
 }

@@ -1,10 +1,9 @@
-//! Both versions of the example train and print one held-out loss per worker; the cooperative
-//! one ends with the workers agreeing closely, the plain one does not.
+//! Both versions of the example train: each prints one validation loss per epoch, and it falls.
 
 use std::process::Command;
 
-fn losses(binary: &str) -> Vec<f64> {
-    let output = Command::new(binary).arg("64").output().expect("run the example");
+fn losses(binary: &str, epochs: usize) -> Vec<f64> {
+    let output = Command::new(binary).arg(epochs.to_string()).output().expect("run the example");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let text = String::from_utf8(output.stdout).unwrap();
     text.lines()
@@ -13,12 +12,10 @@ fn losses(binary: &str) -> Vec<f64> {
 }
 
 #[test]
-fn local_sgd_workers_agree_and_plain_workers_do_not() {
-    let cooperative = losses(env!("CARGO_BIN_EXE_swap-optimizer"));
-    let plain = losses(env!("CARGO_BIN_EXE_plain"));
-    assert_eq!((cooperative.len(), plain.len()), (4, 4));
-    // 64 steps with τ = 8: the last step is a merge, so all four models are the same model.
-    assert!(cooperative.windows(2).all(|w| w[0] == w[1]), "{cooperative:?}");
-    assert!(plain.windows(2).any(|w| w[0] != w[1]), "{plain:?}");
-    assert!(cooperative.iter().chain(&plain).all(|l| l.is_finite() && *l < 1.0), "{cooperative:?} {plain:?}");
+fn the_single_loop_and_the_cooperative_one_both_learn() {
+    for binary in [env!("CARGO_BIN_EXE_plain"), env!("CARGO_BIN_EXE_swap-optimizer")] {
+        let losses = losses(binary, 3);
+        assert_eq!(losses.len(), 3, "{binary}: one line per epoch");
+        assert!(losses[2] < losses[0] && losses[2] < 0.01, "{binary}: {losses:?}");
+    }
 }

@@ -154,17 +154,8 @@ pub(super) fn plan_steps<T: CoopTask>(task: &T, config: &LearnerConfig, workers:
     Ok(Steps { per_epoch, planned, total: config.max_steps.map_or(planned, |max| max.min(planned)) })
 }
 
-/// Seeding and initializing happen under one process-wide lock: workers on threads share the
-/// device's random generator, and the model must not depend on how their threads interleave.
-static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// A model initialized from `seed`: the same seed gives the same weights in every run.
+/// A model initialized from `seed`: the same seed gives the same weights in every run (seeding
+/// and initializing happen under one process-wide lock, see [`crate::Worker::init`]).
 pub(super) fn init_seeded<T: CoopTask>(task: &T, device: &Device, seed: u64) -> T::Model {
-    let _guard = INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    device.seed(seed);
-    let model = task.init_model(device);
-    // Parameters are initialized lazily: touch them all while the lock is held.
-    crate::params::flush_buffers(&model);
-    let _ = ParamLayout::of(&model, BufferPolicy::Merge);
-    model
+    crate::launch::init_seeded(seed, device, |device| task.init_model(device))
 }

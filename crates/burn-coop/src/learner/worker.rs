@@ -236,12 +236,10 @@ impl<T: CoopTask> StepRun<'_, T> {
     ) -> Result<EpochMetrics, LearnerError> {
         let (config, workers, step) = (self.plan.config, self.plan.workers, optim.stats().steps);
         let sync = optim.synchronizer();
-        let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, sim, sim_comm } = gather(sync, epoch_loss)?;
         // Right after a merge that left every worker with the same model (weights and buffers),
         // that model is the average: nothing to all-reduce.
-        let agreed = sync.rule().reaches_consensus()
-            && config.buffers == BufferPolicy::Merge
-            && sync.last_sync().is_some_and(|report| report.step == step);
+        let agreed = sync.workers_agree();
+        let Gathered { losses, bytes, consensus_bytes, subgroup_bytes, sim, sim_comm } = gather(sync, epoch_loss)?;
         let (average, evaluation) =
             evaluate_average(self.plan.task, model, step, sync.comm(), self.plan.device, agreed)?;
         let worker_accuracy = if config.eval_workers {
