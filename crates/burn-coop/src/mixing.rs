@@ -13,8 +13,8 @@ use crate::spectrum::symmetric_eigenvalues;
 
 /// The largest order whose spectrum is computed densely (Jacobi's method: 8·n² bytes, time cubic
 /// in n; 256 workers take about a second, 512 about twenty). Larger circulant matrices (rings,
-/// exponential graphs, their second moments) have theirs in closed form; other large ones are
-/// refused with what they would cost.
+/// exponential graphs, tori, their second moments) have theirs in closed form; other large ones
+/// are refused with what they would cost.
 pub const MAX_DENSE_ORDER: usize = 256;
 
 /// The most non-zero entries a mixing matrix holds (16 bytes each: 256 MiB); a ring of 100,000
@@ -100,7 +100,7 @@ pub enum MixingError {
     },
     /// The spectrum of a large matrix that is not circulant.
     #[error(
-        "the spectrum of a {order} x {order} mixing matrix is computed densely up to {most} workers (time cubic in the workers); beyond, only for circulant graphs (ring, exponential)"
+        "the spectrum of a {order} x {order} mixing matrix is computed densely up to {most} workers (time cubic in the workers); beyond, only for circulant graphs (ring, exponential, torus)"
     )]
     SpectrumTooLarge {
         /// The matrix's order.
@@ -290,20 +290,28 @@ impl MixingMatrix {
     }
 
     /// Eigenvalues in decreasing order (the matrix is symmetric): computed densely up to
-    /// [`MAX_DENSE_ORDER`] workers, in closed form for a larger circulant matrix
-    /// (`λ_k = Σ_j c_j cos(2πjk/m)`), and refused for any other.
+    /// [`MAX_DENSE_ORDER`] workers, in closed form for a larger symmetric matrix that is
+    /// circulant (rings, exponential graphs: `λ_k = Σ_j c_j cos(2πjk/m)`) or block-circulant with
+    /// circulant blocks (tori: `λ_ab = Σ c_(r,s) cos(2π(ar/R + bs/C))`), and refused for any other.
     pub fn eigenvalues(&self) -> Result<Vec<f64>, MixingError> {
         let n = self.order;
         if n <= MAX_DENSE_ORDER {
             let dense: Vec<f64> = (0..n).flat_map(|i| self.dense_row(i)).collect();
             return Ok(symmetric_eigenvalues(&dense, n));
         }
-        let first = self.circulant_row().ok_or(MixingError::SpectrumTooLarge { order: n, most: MAX_DENSE_ORDER })?;
+        let (rows, cols) =
+            self.circulant_shape().ok_or(MixingError::SpectrumTooLarge { order: n, most: MAX_DENSE_ORDER })?;
+        let offsets: Vec<(usize, usize, f64)> = self.rows[0].iter().map(|&(j, c)| (j / cols, j % cols, c)).collect();
+        let turn = 2.0 * std::f64::consts::PI;
         let mut values: Vec<f64> = (0..n)
             .map(|k| {
-                first
+                let (a, b) = (k / cols, k % cols);
+                offsets
                     .iter()
-                    .map(|&(j, c)| c * (2.0 * std::f64::consts::PI * ((j * k) % n) as f64 / n as f64).cos())
+                    .map(|&(r, s, c)| {
+                        let phase = ((a * r) % rows) as f64 / rows as f64 + ((b * s) % cols) as f64 / cols as f64;
+                        c * (turn * phase).cos()
+                    })
                     .sum()
             })
             .collect();
@@ -311,13 +319,36 @@ impl MixingMatrix {
         Ok(values)
     }
 
-    /// Row 0 when every row is row 0 shifted by its index (`W_ij = c_{(j−i) mod m}`) and the
-    /// matrix is symmetric (`c_j = c_{m−j}`, so the eigenvalues are the real `Σ_j c_j cos(2πjk/m)`).
-    fn circulant_row(&self) -> Option<&[(usize, f64)]> {
-        let (n, first) = (self.order, &self.rows[0]);
-        let symmetric = first.iter().all(|&(j, c)| self.get(0, (n - j) % n).to_bits() == c.to_bits());
-        let shifted = |i: usize| first.iter().all(|&(j, c)| self.get(i, (j + i) % n).to_bits() == c.to_bits());
-        (symmetric && (1..n).all(|i| self.rows[i].len() == first.len() && shifted(i))).then_some(first)
+    /// The shape `(R, C)`, `R·C = m` with `R` the smallest that fits, for which the matrix is
+    /// symmetric and block-circulant with circulant blocks: worker `i` sits at `(i / C, i mod C)`
+    /// and `W_ij = c(r_j − r_i, s_j − s_i)`, offsets taken modulo the shape. A circulant matrix is
+    /// the shape `(1, m)`; a `R × C` torus the shape `(R, C)`.
+    fn circulant_shape(&self) -> Option<(usize, usize)> {
+        let n = self.order;
+        (1..=n)
+            .filter(|rows| n.is_multiple_of(*rows))
+            .map(|rows| (rows, n / rows))
+            .find(|&shape| self.is_circulant(shape))
+    }
+
+    fn is_circulant(&self, (rows, cols): (usize, usize)) -> bool {
+        let first = &self.rows[0];
+        let at = |i: usize| (i / cols, i % cols);
+        let index = |r: usize, s: usize| (r % rows) * cols + s % cols;
+        let same = |i: usize, j: usize, c: f64| self.get(i, j).to_bits() == c.to_bits();
+        let symmetric = first.iter().all(|&(j, c)| {
+            let (r, s) = at(j);
+            same(0, index(rows - r, cols - s), c)
+        });
+        symmetric
+            && (1..self.order).all(|i| {
+                let (ri, si) = at(i);
+                self.rows[i].len() == first.len()
+                    && first.iter().all(|&(j, c)| {
+                        let (r, s) = at(j);
+                        same(i, index(ri + r, si + s), c)
+                    })
+            })
     }
 
     /// `ζ = max(|λ₂|, |λ_m|)`: the second-largest eigenvalue magnitude. 0 for exact averaging;

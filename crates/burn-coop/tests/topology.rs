@@ -222,10 +222,18 @@ fn large_graphs_mix_sparse_and_circulant_ones_have_their_spectrum_in_closed_form
         let expected = (1.0 + 2.0 * (2.0 * PI / m as f64).cos()) / 3.0;
         assert!((w.zeta().unwrap() - expected).abs() < 1e-9, "m = {m}");
     }
-    // A large graph that is not circulant mixes, but its spectrum is refused by name.
+    // A torus is block-circulant: ζ = 1 − (2 − 2cos(2π/400))/5 along its longer side.
     let torus = Topology::torus(250, 400).unwrap().mixing_matrix(WeightRule::MetropolisHastings).unwrap();
     assert_eq!(torus.nonzeros(), 5 * m);
-    assert!(matches!(torus.zeta(), Err(MixingError::SpectrumTooLarge { order: 100_000, .. })));
+    let expected = (3.0 + 2.0 * (2.0 * PI / 400.0).cos()) / 5.0;
+    assert!((torus.zeta().unwrap() - expected).abs() < 1e-12, "{} vs {expected}", torus.zeta().unwrap());
+    // Just above the dense bound the closed form agrees with the torus of the dense range.
+    let (small, large) = (Topology::torus(16, 16).unwrap(), Topology::torus(17, 16).unwrap());
+    for (topology, rows) in [(small, 16.0), (large, 17.0)] {
+        let w = topology.mixing_matrix(WeightRule::MetropolisHastings).unwrap();
+        let expected = (3.0 + 2.0 * (2.0 * PI / rows).cos()) / 5.0;
+        assert!((w.zeta().unwrap() - expected).abs() < 1e-9, "{rows} x 16");
+    }
     // A circulant matrix that is not symmetric (one-peer exponential) has complex eigenvalues:
     // refused, while its second moment, symmetric, has its closed form.
     let one_peer = burn_coop::topology::one_peer_exponential_matrix(1024, 0);
