@@ -23,7 +23,7 @@
 //! - [`shared_params`]: one flat buffer updated by several threads at once, lock-free (async);
 //! - [`state`]: binary state records of rules and schedules;
 //! - [`Synchronizer`]: the merge engine driven after each local step;
-//! - [`LocalSgd`]: a Burn optimizer plus a synchronizer, the one-line swap;
+//! - [`LocalSgd`]: a Burn optimizer plus a synchronizer, what a training loop swaps in;
 //! - [`learner`]: replicas trained together, with metrics, evaluation and checkpoints;
 //! - [`launch()`] / [`run_group`]: one thread per worker, failures reported cause first;
 //! - [`advisor`]: what the theory says about a setting (`ζ`, error floor, bytes, AdaComm's `τ*`);
