@@ -505,3 +505,69 @@ fn writing_back_leaves_shared_handles_alone() {
     assert!(model.fc1.weight.val().is_require_grad());
     assert!(!model.bn.running_mean.value().is_require_grad());
 }
+
+/// The model of every worker after `merges` merges of `rule` (no local step between them: the
+/// model each worker starts from is its own, [`tiny_for`] of its rank), as flat buffers, with
+/// the layout's split into trained parameters and buffers.
+fn merged_tiny<R: MergeRule + 'static>(m: usize, merges: u64, rule: impl Fn() -> R + Sync) -> (Vec<Vec<f32>>, Vec<bool>) {
+    let models = run_workers(m, |rank, comm| {
+        let mut sync = burn_coop::Synchronizer::new(rule(), PeriodicSchedule::every(1).unwrap(), comm)
+            .unwrap()
+            .with_initial_broadcast(false);
+        let mut model = tiny_for(rank);
+        for _ in 0..merges {
+            model = sync.after_step(model, burn_coop::StepSignal::new(0.1, 1.0)).unwrap().0;
+        }
+        flat(&model)
+    });
+    let layout = ParamLayout::of(&tiny_for(0), BufferPolicy::Merge);
+    let mut is_buffer = vec![false; layout.len()];
+    for slot in layout.slots() {
+        let offset = slot.offset.unwrap();
+        is_buffer[offset..offset + slot.len()].fill(slot.role == TensorRole::Buffer);
+    }
+    (models, is_buffer)
+}
+
+#[test]
+fn extrapolating_rules_move_trained_parameters_only_and_average_buffers() {
+    use burn_coop::rules::{diloco::DiLoCo, overlap::Overlap};
+    let m = 3;
+    let (averaged, is_buffer) = merged_tiny(m, 1, Averaging::new);
+    assert!(is_buffer.iter().any(|b| *b) && is_buffer.iter().any(|b| !*b));
+    let starts: Vec<Vec<f32>> = (0..m).map(|rank| flat(&tiny_for(rank))).collect();
+    let mean = worker_mean(&starts);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let buffers = |v: &[f32]| v.iter().zip(&is_buffer).filter(|(_, b)| **b).map(|(x, _)| *x).collect::<Vec<_>>();
+
+    // DiLoCo, one merge: x_sync = z_i (each worker's own start), Δ = z_i − x̄, u = Δ, and the
+    // Nesterov step z_i − lr (β u + Δ) on the weights; buffers are averaging's, bit for bit.
+    let (lr, beta) = (0.7, 0.9);
+    let (diloco, _) = merged_tiny(m, 1, || DiLoCo::new(lr, beta, true).unwrap());
+    for (rank, model) in diloco.iter().enumerate() {
+        assert_eq!(bits(&buffers(model)), bits(&buffers(&averaged[rank])), "DiLoCo buffers, worker {rank}");
+        let expected: Vec<f64> = starts[rank]
+            .iter()
+            .zip(&mean)
+            .map(|(&z, &mean)| f64::from(z) - lr * (1.0 + beta) * (f64::from(z) - mean))
+            .collect();
+        for (k, (&got, want)) in model.iter().zip(&expected).enumerate().filter(|(k, _)| !is_buffer[*k]) {
+            assert!((f64::from(got) - want).abs() < 1e-5, "DiLoCo weight {k} of worker {rank}: {got} vs {want}");
+        }
+        // The outer step moved the weights well away from the mean (it extrapolates).
+        assert!(model.iter().zip(&mean).zip(&is_buffer).any(|((x, mu), b)| !b && (f64::from(*x) - mu).abs() > 1e-2));
+    }
+
+    // Overlap, two merges: the first pulls towards each worker's own start (x stays z_i) and
+    // sends z_i / m; the second pulls towards their mean: x_i = (1 − α) z_i + α x̄. Buffers are
+    // averaged at the first merge and stay averaged.
+    let (pull, gamma) = (0.6, 0.7);
+    let (overlap, _) = merged_tiny(m, 2, || Overlap::new(pull, gamma).unwrap());
+    for (rank, model) in overlap.iter().enumerate() {
+        assert_eq!(bits(&buffers(model)), bits(&buffers(&averaged[rank])), "Overlap buffers, worker {rank}");
+        for (k, &got) in model.iter().enumerate().filter(|(k, _)| !is_buffer[*k]) {
+            let want = (1.0 - pull) * f64::from(starts[rank][k]) + pull * mean[k];
+            assert!((f64::from(got) - want).abs() < 1e-5, "Overlap weight {k} of worker {rank}: {got} vs {want}");
+        }
+    }
+}

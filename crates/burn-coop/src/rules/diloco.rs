@@ -11,7 +11,13 @@
 //! `x_sync ← x_sync − lr_outer · u` (plain heavy ball),
 //!
 //! and every worker adopts `x_sync`. Defaults: `lr_outer = 0.7`, `β = 0.9`, Nesterov (DiLoCo's
-//! published setting). With `lr_outer = 1` and `β = 0` this is periodic averaging; to make that
+//! published setting, Section 3 and Table 1 of the paper).
+//!
+//! The outer step moves the trained parameters only. Buffers (BatchNorm running means and
+//! variances, marked exact in the split the [`Synchronizer`](crate::Synchronizer) gives with
+//! [`MergeRule::set_segments`]) take the plain mean `x̄`, bit for bit what averaging gives, and
+//! keep no momentum: extrapolating a running variance could push it below zero. torchft's
+//! `DiLoCo` does the same (its outer optimizer holds `model.parameters()` only). With `lr_outer = 1` and `β = 0` this is periodic averaging; to make that
 //! hold bit for bit the update is written `x_sync ← x̄ + (1 − lr_outer) Δ − lr_outer · β · u`
 //! (Nesterov) or `x̄ + (1 − lr_outer) Δ − lr_outer · β · u_old` (plain), algebraically the same.
 //! `x_sync` starts as the initial model and, with `u`, is saved in checkpoints. One sum
@@ -22,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use super::kernels::replace_by_mean;
 use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext};
 use crate::comm::Communicator;
+use crate::compress::Segments;
 use crate::registry::{RuleConfig, SpecError};
 use crate::state::StateRecord;
 
@@ -79,6 +86,7 @@ pub struct DiLoCo {
     synced: Option<Vec<f32>>,
     momentum: Vec<f32>,
     sum: Vec<f32>,
+    segments: Option<Segments>,
 }
 
 impl DiLoCo {
@@ -90,11 +98,15 @@ impl DiLoCo {
         if !(beta.is_finite() && (0.0..1.0).contains(&beta)) {
             return Err(SpecError::new("outer-momentum", beta.to_string(), "the outer momentum must lie in [0, 1)"));
         }
-        Ok(Self { lr, beta, nesterov, synced: None, momentum: Vec::new(), sum: Vec::new() })
+        Ok(Self { lr, beta, nesterov, synced: None, momentum: Vec::new(), sum: Vec::new(), segments: None })
     }
 }
 
 impl MergeRule for DiLoCo {
+    fn set_segments(&mut self, segments: &Segments) {
+        self.segments = Some(segments.clone());
+    }
+
     fn start(&mut self, initial: &[f32], _ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
         if self.synced.is_none() {
             self.synced = Some(initial.to_vec());
@@ -116,6 +128,7 @@ impl MergeRule for DiLoCo {
             );
             return Err(RuleError::BadState { rule: DiLoCoConfig::NAME, reason });
         }
+        let split = super::split_for(DiLoCoConfig::NAME, self.segments.as_ref(), params.len())?;
         self.sum.resize(params.len(), 0.0);
         comm.all_reduce_sum_into(params, &mut self.sum)?;
         // params ← x̄, measuring each worker's distance to it in the same pass.
@@ -123,13 +136,21 @@ impl MergeRule for DiLoCo {
         let synced = self.synced.as_mut().expect("checked above");
         self.momentum.resize(params.len(), 0.0);
         let (lr, beta) = (self.lr as f32, self.beta as f32);
-        for ((x, z), u) in params.iter_mut().zip(synced.iter_mut()).zip(self.momentum.iter_mut()) {
-            let delta = *z - *x;
-            let previous = *u;
-            *u = beta * previous + delta;
-            let carried = if self.nesterov { *u } else { previous };
-            *x += (1.0 - lr) * delta - lr * beta * carried;
-            *z = *x;
+        for (range, part) in split.iter() {
+            let (x, z, u) = (&mut params[range.clone()], &mut synced[range.clone()], &mut self.momentum[range]);
+            if part.exact {
+                // A buffer keeps the plain mean.
+                z.copy_from_slice(x);
+                continue;
+            }
+            for ((x, z), u) in x.iter_mut().zip(z.iter_mut()).zip(u.iter_mut()) {
+                let delta = *z - *x;
+                let previous = *u;
+                *u = beta * previous + delta;
+                let carried = if self.nesterov { *u } else { previous };
+                *x += (1.0 - lr) * delta - lr * beta * carried;
+                *z = *x;
+            }
         }
         Ok(MergeOutcome { local_squared_distance: Some(local), trigger: None })
     }

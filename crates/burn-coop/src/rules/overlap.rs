@@ -21,8 +21,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::kernels::replace_by_mean;
 use super::{CooperativeRule, InFlightAnchor, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext};
 use crate::comm::Communicator;
+use crate::compress::Segments;
 use crate::registry::{RuleConfig, SpecError};
 use crate::state::StateRecord;
 
@@ -80,6 +82,10 @@ pub struct Overlap {
     /// The anchor and the next anchor's sum, travelling until the next merge.
     anchor: InFlightAnchor,
     momentum: Option<Vec<f32>>,
+    segments: Option<Segments>,
+    /// The buffers' values, gathered for their plain mean.
+    buffers: Vec<f32>,
+    buffer_sum: Vec<f32>,
 }
 
 impl Overlap {
@@ -89,7 +95,15 @@ impl Overlap {
             let reason = format!("pull {pull} must lie in (0, 1], anchor momentum {anchor_momentum} in [0, 1)");
             return Err(RuleError::BadState { rule: OverlapConfig::NAME, reason });
         }
-        Ok(Self { pull, anchor_momentum, anchor: InFlightAnchor::default(), momentum: None })
+        Ok(Self {
+            pull,
+            anchor_momentum,
+            anchor: InFlightAnchor::default(),
+            momentum: None,
+            segments: None,
+            buffers: Vec::new(),
+            buffer_sum: Vec::new(),
+        })
     }
 
     /// The anchor as of the last merge.
@@ -98,7 +112,29 @@ impl Overlap {
     }
 }
 
+impl Overlap {
+    /// The plain mean over the workers of the buffers (the exact parts of `split`) of `params`,
+    /// as averaging writes it, into `self.buffers` in buffer order: one blocking all-reduce of
+    /// the buffers alone (none when the model has none).
+    fn mean_of_buffers(&mut self, params: &[f32], split: &Segments, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+        self.buffers.clear();
+        for (range, _) in split.iter().filter(|(_, part)| part.exact) {
+            self.buffers.extend_from_slice(&params[range]);
+        }
+        if !self.buffers.is_empty() {
+            self.buffer_sum.resize(self.buffers.len(), 0.0);
+            comm.all_reduce_sum_into(&self.buffers, &mut self.buffer_sum)?;
+            replace_by_mean(&mut self.buffers, &self.buffer_sum, comm.world_size());
+        }
+        Ok(())
+    }
+}
+
 impl MergeRule for Overlap {
+    fn set_segments(&mut self, segments: &Segments) {
+        self.segments = Some(segments.clone());
+    }
+
     fn start(&mut self, initial: &[f32], _ctx: &SyncContext, _comm: &mut dyn Communicator) -> Result<(), RuleError> {
         self.anchor.start(initial);
         Ok(())
@@ -115,6 +151,8 @@ impl MergeRule for Overlap {
             let reason = format!("the anchor or its momentum does not have the model's {n} values");
             return Err(RuleError::BadState { rule, reason });
         }
+        let split = super::split_for(rule, self.segments.as_ref(), n)?.into_owned();
+        self.mean_of_buffers(params, &split, comm)?;
         if let Some(sum) = self.anchor.collect(comm)? {
             self.anchor.set_anchor(sum);
         }
@@ -122,19 +160,29 @@ impl MergeRule for Overlap {
         let (alpha, keep) = (self.pull as f32, 1.0 - self.pull as f32);
         params.iter_mut().zip(z).for_each(|(x, z)| *x = *x * keep + alpha * z);
         let (eta, inv_eta) = (lr as f32, (1.0 / lr) as f32);
-        match &mut self.momentum {
+        let momentum = match &mut self.momentum {
             Some(m) => {
                 let gamma = self.anchor_momentum as f32;
                 m.iter_mut()
                     .zip(params.iter())
                     .zip(z)
                     .for_each(|((m, x), z)| *m = *m * gamma - inv_eta * x + inv_eta * z);
+                m
             }
-            None => self.momentum = Some(params.iter().zip(z).map(|(x, z)| (x - z) / -eta).collect()),
-        }
-        let m = self.momentum.as_ref().expect("set above");
+            None => self.momentum.insert(params.iter().zip(z).map(|(x, z)| (x - z) / -eta).collect()),
+        };
         let share = ctx.world_size as f32;
-        let payload: Vec<f32> = z.iter().zip(m).map(|(z, m)| (z + -eta * m) / share).collect();
+        let mut payload: Vec<f32> = z.iter().zip(momentum.iter()).map(|(z, m)| (z + -eta * m) / share).collect();
+        // Buffers take the plain mean of their values before the merge: no pull, no momentum
+        // (their share of the anchor's sum is unused).
+        let mut means = self.buffers.chunks(usize::MAX).next().unwrap_or_default();
+        for (range, _) in split.iter().filter(|(_, part)| part.exact) {
+            let (mean, rest) = means.split_at(range.len());
+            means = rest;
+            params[range.clone()].copy_from_slice(mean);
+            momentum[range.clone()].fill(0.0);
+            payload[range].iter_mut().zip(mean).for_each(|(p, x)| *p = x / share);
+        }
         self.anchor.start_sum(payload, comm)?;
         Ok(MergeOutcome { local_squared_distance: None, trigger: None })
     }
