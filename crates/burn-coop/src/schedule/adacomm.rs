@@ -1,24 +1,37 @@
-//! AdaComm: a period that shrinks as the training loss falls.
+//! AdaComm: a period that follows the square root of the training loss.
 //!
 //! Wang & Joshi, "Adaptive Communication Strategies to Achieve the Best Error-Runtime Trade-off
-//! in Local-Update SGD", SysML 2019 (arXiv 1810.08313). Training is cut into intervals of
-//! `interval` local steps (counted from the merge that closes the previous interval). At the
-//! start of interval `l` the period becomes
+//! in Local-Update SGD", SysML 2019 (arXiv 1810.08313), Section 4 ("AdaComm"). Training is cut
+//! into intervals of length `T_0`. At the start of interval `l` the period becomes the paper's
+//! basic update rule
 //!
-//! `τ_l = ⌈ sqrt(F_l / F_0) · τ_0 ⌉`, clamped to `[1, τ_0]`,
+//! `τ_l = ⌈ sqrt( F(x_{t=lT_0}) / F(x_{t=0}) ) · τ_0 ⌉`,
 //!
-//! with `F_l` the training loss averaged over all workers and over the steps of the interval that
-//! just ended, and `F_0` the same average over the first interval (run with `τ_0`). The
-//! learning-rate-aware form (`--adacomm-lr-aware`, the paper's variant for decaying rates)
-//! multiplies the ratio by `η_0 / η_l` inside the square root, `η_0` and `η_l` the learning
-//! rates at the ends of the first and of the last interval. The loss reaches the schedule through
-//! the synchronizer's statistics collective (a mean over workers), so every worker computes the
-//! same `τ`. Intervals end at merges: an interval is over at the first merge at least `interval`
-//! steps after its start. On a constant loss the period stays `τ_0` (the fixed schedule). The
-//! interval is counted in local steps, or, with `--interval-seconds` and a simulated network
+//! or, with `--adacomm-lr-aware`, the paper's form for a learning rate that changes,
+//!
+//! `τ_l = ⌈ sqrt( (η_0 / η_l) · F(x_{t=lT_0}) / F(x_{t=0}) ) · τ_0 ⌉`,
+//!
+//! with `F(x_{t=0})` the initial training loss, `η_0` the initial learning rate and `η_l` the
+//! rate at the start of interval `l`. The paper bounds `τ` by nothing else: it only ever falls
+//! below `τ_0` as the loss falls, and with the learning-rate form it rises above `τ_0` when the
+//! rate decays faster than the loss (a smaller rate lets the workers drift less per step). The
+//! rule was read in the paper's Section 4 (basic rule) and checked against PaddlePaddle's
+//! `AdaptiveLocalSGDOptimizer`, which implements it with `η_0 / η_l` to the first power. (The
+//! error-runtime bound behind it gives `τ* ∝ √(F / η³)`, see [`crate::advisor`]; the paper's
+//! rule keeps the first power.)
+//!
+//! What is measured: losses reach the schedule through the synchronizer's statistics collective
+//! at merges, as the mean over workers and over the steps since the previous merge, so every
+//! worker computes the same `τ`. `F(x_{t=0})` is the mean of the first merge period (the first
+//! `τ_0` steps: one batch per worker would be too noisy) and `F(x_{t=lT_0})` that of the merge
+//! period that closes interval `l − 1`, so `τ` first changes after one interval. `η_0` is the
+//! learning rate of the first step; `η_l` that of the step before the closing merge. Intervals
+//! end at merges: an interval is over at the first merge at least `T_0` after its start,
+//! counted in local steps (`--interval`), or, with `--interval-seconds` and a simulated network
 //! (`--network`), in simulated seconds as in the paper (the clock at each merge, averaged over
-//! the workers by the statistics collective, so every worker decides alike); without a
-//! simulated clock the step count is used.
+//! the workers by the statistics collective); without a simulated clock the step count is used.
+//! On a constant loss and rate the period stays `τ_0` (the fixed schedule). A rate that reaches
+//! zero makes the period unbounded: no merge until the end of training.
 
 use serde::{Deserialize, Serialize};
 
@@ -30,7 +43,7 @@ use crate::state::StateRecord;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AdaCommConfig {
-    /// AdaComm's initial (and largest) period τ_0 ≥ 1 (default 16).
+    /// AdaComm's initial period τ_0 ≥ 1 (default 16).
     #[arg(long, value_parser = crate::registry::at_least_one)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tau0: Option<u64>,
@@ -42,7 +55,8 @@ pub struct AdaCommConfig {
     #[arg(long, value_parser = crate::registry::positive_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interval_seconds: Option<f64>,
-    /// Multiply the loss ratio by η_0/η_l (true/false; default false).
+    /// The paper's learning-rate-aware form: multiply the loss ratio by η_0/η_l (true/false;
+    /// default false, the basic rule).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adacomm_lr_aware: Option<bool>,
@@ -99,18 +113,18 @@ pub struct AdaComm {
     lr_aware: bool,
     tau: u64,
     interval_start: u64,
-    last_merge: u64,
-    loss_sum: f64,
-    loss_steps: u64,
-    first: Option<(f64, f64)>,
-    lr: f64,
+    /// `F(x_{t=0})`, once the first merge measured it.
+    loss0: Option<f64>,
+    /// `η_0`, the learning rate of the first step.
+    lr0: Option<f64>,
     /// The interval in simulated seconds, and when the current one started on that clock.
     interval_seconds: Option<f64>,
     interval_start_seconds: f64,
 }
 
 impl AdaComm {
-    /// AdaComm starting at period `tau0` (≥ 1), updating it every `interval` (≥ 1) steps.
+    /// AdaComm starting at period `tau0` (≥ 1), updating it every `interval` (≥ 1) steps, with
+    /// the learning-rate-aware form when `lr_aware`.
     pub fn new(tau0: u64, interval: u64, lr_aware: bool) -> Result<Self, SpecError> {
         if tau0 == 0 {
             return Err(SpecError::new("tau0", "0", "AdaComm's initial period must be at least 1"));
@@ -124,11 +138,8 @@ impl AdaComm {
             lr_aware,
             tau: tau0,
             interval_start: 0,
-            last_merge: 0,
-            loss_sum: 0.0,
-            loss_steps: 0,
-            first: None,
-            lr: 0.0,
+            loss0: None,
+            lr0: None,
             interval_seconds: None,
             interval_start_seconds: 0.0,
         })
@@ -140,10 +151,17 @@ impl AdaComm {
         Self { interval_seconds: seconds, ..self }
     }
 
-    /// `⌈ sqrt(ratio) · τ_0 ⌉` clamped to `[1, τ_0]`.
+    /// `⌈ sqrt(ratio) · τ_0 ⌉`, at least 1 (a zero loss); unbounded (`u64::MAX`) for an
+    /// infinite ratio (a zero rate); the current period for a ratio that is not a number.
     fn period_for(&self, ratio: f64) -> u64 {
-        let tau = (ratio.max(0.0).sqrt() * self.tau0 as f64).ceil();
-        if tau.is_nan() { self.tau0 } else { (tau as u64).clamp(1, self.tau0) }
+        let tau = (ratio.sqrt() * self.tau0 as f64).ceil();
+        if tau.is_nan() || ratio < 0.0 {
+            self.tau
+        } else if tau >= u64::MAX as f64 {
+            u64::MAX
+        } else {
+            (tau as u64).max(1)
+        }
     }
 }
 
@@ -153,36 +171,32 @@ impl SyncSchedule for AdaComm {
     }
 
     fn is_sync_step(&mut self, signal: &ScheduleSignal) -> bool {
+        if self.lr0.is_none() {
+            self.lr0 = signal.lr;
+        }
         signal.steps_since_sync >= self.tau
     }
 
     fn after_sync(&mut self, feedback: &SyncFeedback) {
-        let steps = feedback.step - self.last_merge;
-        self.last_merge = feedback.step;
-        if let Some(loss) = feedback.mean_loss {
-            self.loss_sum += loss * steps as f64;
-            self.loss_steps += steps;
-        }
-        self.lr = feedback.lr.unwrap_or(self.lr);
+        let Some(loss) = feedback.mean_loss else { return };
+        let Some(loss0) = self.loss0 else {
+            self.loss0 = Some(loss);
+            return;
+        };
         let ended = match (self.interval_seconds, feedback.sim_seconds) {
             (Some(interval), Some(now)) => now - self.interval_start_seconds >= interval,
             _ => feedback.step - self.interval_start >= self.interval,
         };
-        if !ended || self.loss_steps == 0 {
+        if !ended {
             return;
         }
-        let loss = self.loss_sum / self.loss_steps as f64;
-        match self.first {
-            None => self.first = Some((loss, self.lr)),
-            Some((loss0, lr0)) => {
-                let lr_factor = if self.lr_aware && self.lr > 0.0 { lr0 / self.lr } else { 1.0 };
-                self.tau = self.period_for(loss / loss0 * lr_factor);
-            }
-        }
+        let lr_factor = match (self.lr_aware, self.lr0, feedback.lr) {
+            (true, Some(lr0), Some(lr)) => lr0 / lr,
+            _ => 1.0,
+        };
+        self.tau = self.period_for(loss / loss0 * lr_factor);
         self.interval_start = feedback.step;
         self.interval_start_seconds = feedback.sim_seconds.unwrap_or(self.interval_start_seconds);
-        self.loss_sum = 0.0;
-        self.loss_steps = 0;
     }
 
     fn wants_loss(&self) -> bool {
@@ -197,40 +211,34 @@ impl SyncSchedule for AdaComm {
         let mut record = StateRecord::new()
             .with_scalar("tau", self.tau as f64)
             .with_scalar("interval_start", self.interval_start as f64)
-            .with_scalar("last_merge", self.last_merge as f64)
-            .with_scalar("loss_sum", self.loss_sum)
-            .with_scalar("loss_steps", self.loss_steps as f64)
-            .with_scalar("lr", self.lr)
             .with_scalar("interval_start_seconds", self.interval_start_seconds);
-        if let Some((loss0, lr0)) = self.first {
-            record = record.with_scalar("loss0", loss0).with_scalar("lr0", lr0);
+        if let Some(loss0) = self.loss0 {
+            record = record.with_scalar("loss0", loss0);
+        }
+        if let Some(lr0) = self.lr0 {
+            record = record.with_scalar("lr0", lr0);
         }
         record
     }
 
     fn load_record(&mut self, record: StateRecord) -> Result<(), ScheduleError> {
+        let bad = |reason: String| ScheduleError::BadState { schedule: "adacomm", reason };
         let get = |key: &str| {
-            record.scalar(key).ok_or_else(|| ScheduleError::BadState {
-                schedule: "adacomm",
-                reason: format!("the record lacks `{key}` (it holds {:?})", record.keys()),
-            })
+            record.scalar(key).ok_or_else(|| bad(format!("the record lacks `{key}` (it holds {:?})", record.keys())))
         };
-        let tau = get("tau")? as u64;
-        if tau == 0 || tau > self.tau0 {
-            let reason = format!("a period of {tau} outside [1, {}]", self.tau0);
-            return Err(ScheduleError::BadState { schedule: "adacomm", reason });
+        let tau = get("tau")?;
+        if !(tau >= 1.0) {
+            return Err(bad(format!("a period of {tau}, below 1")));
         }
-        self.tau = tau;
+        let known = ["tau", "interval_start", "interval_start_seconds", "loss0", "lr0"];
+        if let Some(key) = record.keys().into_iter().find(|key| !known.contains(&key.as_str())) {
+            return Err(bad(format!("an unknown entry `{key}` (from another version of the schedule?)")));
+        }
+        self.tau = tau as u64;
         self.interval_start = get("interval_start")? as u64;
-        self.last_merge = get("last_merge")? as u64;
-        self.loss_sum = get("loss_sum")?;
-        self.loss_steps = get("loss_steps")? as u64;
-        self.lr = get("lr")?;
-        self.interval_start_seconds = record.scalar("interval_start_seconds").unwrap_or(0.0);
-        self.first = match (record.scalar("loss0"), record.scalar("lr0")) {
-            (Some(loss0), Some(lr0)) => Some((loss0, lr0)),
-            _ => None,
-        };
+        self.interval_start_seconds = get("interval_start_seconds")?;
+        self.loss0 = record.scalar("loss0");
+        self.lr0 = record.scalar("lr0");
         Ok(())
     }
 }
@@ -303,15 +311,43 @@ mod tests {
         assert_eq!(ada.period(32), 2);
     }
 
+    /// The loss and learning rate of a logged run: loss 2 for the first 4 steps, 1 until step
+    /// 16, then 0.5; rate 0.4 until step 12, then 0.1.
+    fn logged_loss(step: u64) -> f64 {
+        match step {
+            0..=4 => 2.0,
+            5..=16 => 1.0,
+            _ => 0.5,
+        }
+    }
+
+    fn logged_lr(step: u64) -> f64 {
+        if step <= 12 { 0.4 } else { 0.1 }
+    }
+
     #[test]
-    fn the_lr_aware_form_divides_by_the_rate() {
-        // Same loss, learning rate halved: τ = ⌈sqrt(1 · 2)·4⌉ = 6, clamped to τ_0 = 4; a loss
-        // ratio of 1/16 with the rate divided by 4: ⌈sqrt(4/16)·4⌉ = 2.
+    fn the_basic_rule_follows_a_hand_computed_sequence() {
+        // τ_0 = 4, intervals of 8 steps. F_0 = 2 (the first merge, steps 1–4). Merge 8 ends the
+        // first interval: F = 1, ⌈√(1/2)·4⌉ = ⌈2.83⌉ = 3. Merge 17 (9 steps on): F = (1+1+0.5)/3
+        // over steps 15–17, ⌈√(0.4167)·4⌉ = ⌈2.58⌉ = 3. Merge 26: F = 0.5, ⌈√(0.25)·4⌉ = 2.
+        let mut ada = AdaComm::new(4, 8, false).unwrap();
+        let got = merges(&mut ada, logged_loss, logged_lr, 40);
+        assert_eq!(got, vec![4, 8, 11, 14, 17, 20, 23, 26, 28, 30, 32, 34, 36, 38, 40]);
+    }
+
+    #[test]
+    fn the_lr_aware_rule_rises_above_tau0_when_the_rate_decays() {
+        // The same log with η_0 = 0.4 (the first step's rate). Merge 8: rate 0.4, τ = 3 as
+        // above. Merge 17: rate 0.1, ⌈√(0.4167 · 4)·4⌉ = ⌈5.16⌉ = 6 > τ_0: the decay raises τ.
+        // Merge 29 (12 steps on): F = 0.5, ⌈√(0.25 · 4)·4⌉ = 4.
+        let mut ada = AdaComm::new(4, 8, true).unwrap();
+        let got = merges(&mut ada, logged_loss, logged_lr, 40);
+        assert_eq!(got, vec![4, 8, 11, 14, 17, 23, 29, 33, 37]);
+        assert_eq!(ada.period(40), 4);
+        // A rate that reaches zero leaves no merge until the end.
         let mut ada = AdaComm::new(4, 4, true).unwrap();
-        assert_eq!(merges(&mut ada, |_| 1.0, |s| if s <= 4 { 0.2 } else { 0.1 }, 12), vec![4, 8, 12]);
-        let mut ada = AdaComm::new(4, 4, true).unwrap();
-        let loss = |s: u64| if s <= 4 { 1.0 } else { 1.0 / 16.0 };
-        assert_eq!(merges(&mut ada, loss, |s| if s <= 4 { 0.2 } else { 0.05 }, 12), vec![4, 8, 10, 12]);
+        let got = merges(&mut ada, |_| 1.0, |s| if s <= 4 { 0.1 } else { 0.0 }, 40);
+        assert_eq!(got, vec![4, 8]);
     }
 
     #[test]
@@ -322,6 +358,8 @@ mod tests {
         back.load_record(ada.record()).unwrap();
         assert_eq!(back, ada);
         assert!(back.load_record(StateRecord::new()).is_err());
+        let old = ada.record().with_scalar("loss_sum", 3.0);
+        assert!(back.load_record(old).unwrap_err().to_string().contains("loss_sum"));
         assert_eq!(AdaComm::new(0, 8, false).unwrap_err().option, "tau0");
         assert_eq!(AdaComm::new(4, 0, false).unwrap_err().option, "interval");
         // From a file, where no flag parser stands guard.
