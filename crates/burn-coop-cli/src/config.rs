@@ -626,6 +626,16 @@ impl TrainConfig {
         })
     }
 
+    /// The rule's own defaults for what the run did not set (`given`: the keys set by flags or
+    /// the file): its period for a fixed schedule without `--tau` (Overlap Local-SGD: 2) and
+    /// its authors' buffer policy without `--buffers` (asynchronous local SGD: parameters only).
+    pub fn take_rule_defaults(&mut self, given: &[String]) {
+        self.schedule = self.rule.with_default_period(&self.schedule);
+        if let (false, Some(policy)) = (given.iter().any(|key| key == "buffers"), self.rule.default_buffers()) {
+            self.buffers = policy;
+        }
+    }
+
     /// The learner's part of the configuration.
     pub fn learner_config(&self) -> LearnerConfig {
         let optimizer = match self.optimizer {
@@ -725,6 +735,7 @@ mod tests {
         let mut config = TrainConfig::default();
         args.apply(&mut config).map_err(|e| InvalidValue::from(e).to_string())?;
         config.refuse_unused(&args.given_keys(), "the command line")?;
+        config.take_rule_defaults(&args.given_keys());
         let checked = config.validate().and_then(|()| config.validate_threads());
         checked.and_then(|()| config.validate_for(config.workers)).map_err(|e| e.to_string())?;
         Ok(config)
@@ -732,11 +743,24 @@ mod tests {
 
     /// A configuration file's text resolved over the defaults.
     fn file(text: &str) -> Result<TrainConfig, String> {
-        let (config, keys) = TrainConfig::from_toml_str_with_keys(text)?;
+        let (mut config, keys) = TrainConfig::from_toml_str_with_keys(text)?;
         config.refuse_unused(&keys, "the file")?;
+        config.take_rule_defaults(&keys);
         let checked = config.validate().and_then(|()| config.validate_threads());
         checked.and_then(|()| config.validate_for(config.workers)).map_err(|e| e.to_string())?;
         Ok(config)
+    }
+
+    #[test]
+    fn asynchronous_local_sgd_averages_parameters_only_unless_told() {
+        assert_eq!(flags("--rule async").unwrap().buffers, BufferPolicy::KeepLocal);
+        assert_eq!(flags("--rule async --buffers merge").unwrap().buffers, BufferPolicy::Merge);
+        assert_eq!(file("rule = \"async\"\nbuffers = \"merge\"").unwrap().buffers, BufferPolicy::Merge);
+        assert_eq!(file("rule = \"async\"").unwrap().buffers, BufferPolicy::KeepLocal);
+        assert_eq!(flags("--rule average").unwrap().buffers, BufferPolicy::Merge);
+        // With a warm-up (LAPSGD's recipe) the fixed schedule keeps its steps.
+        let config = flags("--rule async --warmup-steps 780 --tau 8").unwrap();
+        assert_eq!(config.learner_config().schedule.describe(), "tau = 8 after 780 synchronous steps");
     }
 
     #[test]

@@ -40,8 +40,8 @@ pub fn resolve(args: &TrainArgs, for_advice: bool) -> TrainConfig {
     if let Some(dir) = &args.resume {
         config.output = Some(dir.clone());
     }
-    // A rule's own default period (Overlap Local-SGD: 2) when no `--tau` was given.
-    config.schedule = config.rule.with_default_period(&config.schedule);
+    let given: Vec<String> = args.given_keys().into_iter().chain(in_file.iter().cloned()).collect();
+    config.take_rule_defaults(&given);
     // Under MPI the number of workers is the number of ranks: the rule and schedule are checked
     // once it is known (in `run_mpi`).
     let checked = config.validate().and_then(|()| match config.transport {

@@ -68,6 +68,12 @@ pub trait RuleConfig:
         None
     }
 
+    /// What the rule's authors do with buffers (BatchNorm running statistics) when the run does
+    /// not say (`--buffers`): `None` for the project's default, merging them.
+    fn default_buffers(&self) -> Option<crate::params::BufferPolicy> {
+        None
+    }
+
     /// The configuration with every default that does not depend on the number of workers
     /// written out (for resolved configuration files).
     fn resolved(&self) -> Self {
@@ -316,6 +322,8 @@ pub trait BuildRule {
     fn forced_period(&self) -> Option<u64>;
     /// See [`RuleConfig::default_period`].
     fn default_period(&self) -> Option<u64>;
+    /// See [`RuleConfig::default_buffers`].
+    fn default_buffers(&self) -> Option<crate::params::BufferPolicy>;
 }
 
 impl<T: RuleConfig> BuildRule for T {
@@ -333,6 +341,9 @@ impl<T: RuleConfig> BuildRule for T {
     }
     fn default_period(&self) -> Option<u64> {
         RuleConfig::default_period(self)
+    }
+    fn default_buffers(&self) -> Option<crate::params::BufferPolicy> {
+        RuleConfig::default_buffers(self)
     }
 }
 
@@ -372,6 +383,12 @@ impl RuleSpec {
     /// The period the rule's paper uses, for a fixed schedule given no `--tau`.
     pub fn default_period(&self) -> Option<u64> {
         self.config().default_period()
+    }
+
+    /// What the rule's authors do with buffers when the run does not say (see
+    /// [`RuleConfig::default_buffers`]).
+    pub fn default_buffers(&self) -> Option<crate::params::BufferPolicy> {
+        self.config().default_buffers()
     }
 
     /// `schedule` with this rule's default period written in, when it is the fixed schedule

@@ -430,6 +430,33 @@ fn asynchronous_local_sgd_trains_with_local_threads_and_merges_in_place() {
     assert!(last["test_accuracy"].as_f64().unwrap() > 0.5, "{last}");
     std::fs::remove_dir_all(out).unwrap();
 
+    // A warm-up of 5 steps (LAPSGD's `--pre_post_epochs`): merges after steps 1–5, then every
+    // τ = 2 steps from there (7, 9, 11), with averaging of the trained parameters only: each
+    // worker keeps its BatchNorm statistics, which are not sent.
+    let mut config = self::config("async-warmup", RuleSpec::Async(AsyncConfig { local_threads: Some(2) }));
+    config.schedule = ScheduleSpec::Fixed(FixedConfig { tau: Some(2), warmup_steps: Some(5) });
+    config.buffers = burn_coop::params::BufferPolicy::KeepLocal;
+    let summary = run(Synthetic::new(), &config).unwrap();
+    let trained = summary.workers[0].final_parameters.len() as u64;
+    assert!(trained < n, "the buffers stay out of the averaged values");
+    for worker in &summary.workers {
+        assert_eq!((worker.steps, worker.syncs), (12, 8), "5 warm-up merges and 3 after");
+        let expected = Traffic::broadcast(4 * trained, 2) + 8 * Traffic::ring_all_reduce(4 * trained, 2);
+        assert_eq!(worker.bytes_sent, expected);
+    }
+    let syncs = lines(&config.output.join("syncs.csv"));
+    let at = |name: &str| syncs[0].split(',').position(|c| c == name).unwrap();
+    let (step, tau) = (at("step"), at("tau"));
+    let merges: Vec<(u64, u64)> = syncs[1..]
+        .iter()
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            (cells[step].parse().unwrap(), cells[tau].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(merges, vec![(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (7, 2), (9, 2), (11, 2)]);
+    std::fs::remove_dir_all(&config.output).unwrap();
+
     // A NaN loss on one worker's local thread stops every worker, naming the cause.
     let config = self::config("async-nan", RuleSpec::Async(AsyncConfig { local_threads: Some(2) }));
     let error = run(Synthetic { nan_at: Some((1, 6)), ..Synthetic::new() }, &config).unwrap_err();

@@ -42,7 +42,8 @@ use crate::error::CoopError;
 use crate::params::ParamLayout;
 use crate::rules::apply_average_in_place;
 use crate::schedule::ScheduleSpec;
-use crate::schedule::fixed::FixedConfig;
+use crate::schedule::SyncSchedule;
+use crate::schedule::fixed::PeriodicSchedule;
 use crate::shared_params::SharedParams;
 use crate::sync::{spread_by_worker, worker_column};
 
@@ -80,11 +81,13 @@ pub(super) fn run_async_worker<T: CoopTask>(
             "asynchronous local SGD takes no checkpoints (its local threads race by design, so no run could continue bit for bit): start it again instead of resuming".into(),
         ));
     }
-    let tau = match config.rule.with_default_period(&config.schedule) {
-        ScheduleSpec::Fixed(FixedConfig { tau, warmup_steps }) if warmup_steps.unwrap_or(0) == 0 => tau.unwrap_or(8),
+    let schedule = match config.rule.with_default_period(&config.schedule) {
+        ScheduleSpec::Fixed(fixed) => PeriodicSchedule::every(fixed.tau())
+            .map_err(|error| LearnerError::Config(error.to_string()))?
+            .with_warmup(fixed.warmup_steps()),
         _ => {
             return Err(LearnerError::Config(
-                "asynchronous local SGD averages every τ steps of a worker: use the fixed schedule without warm-up steps".into(),
+                "asynchronous local SGD averages every τ steps of a worker (after any warm-up steps, every step): use the fixed schedule".into(),
             ));
         }
     };
@@ -122,7 +125,8 @@ pub(super) fn run_async_worker<T: CoopTask>(
     let epoch_base = clock_now(&comm);
     let mut run = AsyncRun {
         local: LocalSteps { plan: WorkerPlan { task, config, device: &device, rank, workers, steps }, shared: &shared },
-        tau,
+        schedule,
+        last_merge: 0,
         layouts: &layouts,
         comm,
         writer,
@@ -175,7 +179,10 @@ impl<T: CoopTask> Copy for LocalSteps<'_, T> {}
 /// One worker of asynchronous local SGD: what its epochs share.
 struct AsyncRun<'a, T: CoopTask> {
     local: LocalSteps<'a, T>,
-    tau: u64,
+    /// Every τ steps of the worker, every step during the warm-up.
+    schedule: PeriodicSchedule,
+    /// The step of the last merge.
+    last_merge: u64,
     layouts: &'a [ParamLayout],
     comm: Metered<Box<dyn Communicator>>,
     writer: Option<MetricsWriter>,
@@ -348,10 +355,8 @@ impl<T: CoopTask> AsyncRun<'_, T> {
         epoch_steps: usize,
         state: &EpochSync,
     ) -> Result<(), LearnerError> {
-        let tau = self.tau;
-        let first = (epoch_start / tau + 1) * tau;
-        let merges: Vec<u64> =
-            (0..).map(|k| first + k * tau).take_while(|&s| s <= epoch_start + epoch_steps as u64).collect();
+        let last = epoch_start + epoch_steps as u64;
+        let merges: Vec<u64> = (epoch_start + 1..=last).filter(|&s| self.schedule.syncs_at(s)).collect();
         for merge_step in merges {
             let (lock, ready) = &state.progress;
             let (loss, failed, computed) = {
@@ -427,9 +432,10 @@ impl<T: CoopTask> AsyncRun<'_, T> {
         self.last_distance = Some(consensus);
         let simulating = self.local.plan.config.network.is_some();
         let lr = self.lr_at(merge_step - 1);
-        let (tau, syncs, wall) = (self.tau, self.syncs, self.clock.now());
+        let (tau, syncs, wall) = (self.schedule.period(merge_step - 1), self.syncs, self.clock.now());
+        let steps = merge_step - std::mem::replace(&mut self.last_merge, merge_step);
         if let Some(w) = self.writer.as_mut() {
-            for _ in 0..tau {
+            for _ in 0..steps {
                 w.step(epoch, loss, lr);
             }
             let metrics = SyncMetrics {
@@ -492,7 +498,7 @@ impl<T: CoopTask> AsyncRun<'_, T> {
                 step,
                 syncs: self.syncs,
                 lr: self.lr_at(step - 1),
-                tau: self.tau,
+                tau: self.schedule.period(step - 1),
                 train_loss: losses.iter().sum::<f64>() / workers as f64,
                 worker_train_loss: losses,
                 consensus_distance: self.last_distance,

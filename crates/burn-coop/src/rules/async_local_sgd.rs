@@ -74,6 +74,12 @@ impl RuleConfig for AsyncConfig {
     fn resolved(&self) -> Self {
         Self { local_threads: Some(self.threads() as u64) }
     }
+
+    /// The authors' code averages `net.parameters()` only: BatchNorm's running statistics stay
+    /// with each worker (its first local thread's, for the evaluated average).
+    fn default_buffers(&self) -> Option<crate::params::BufferPolicy> {
+        Some(crate::params::BufferPolicy::KeepLocal)
+    }
 }
 
 /// Averaging applied as a change, `x ← x + (mean − s)` with `s` the snapshot that was
