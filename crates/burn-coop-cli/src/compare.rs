@@ -37,24 +37,24 @@ pub struct CompareArgs {
 
 /// One merge row of a run, as far as the comparison needs it.
 #[derive(Debug, Clone, PartialEq)]
-struct Merge {
-    step: u64,
-    loss: f64,
-    seconds: f64,
-    bytes: f64,
+pub(crate) struct Merge {
+    pub(crate) step: u64,
+    pub(crate) loss: f64,
+    pub(crate) seconds: f64,
+    pub(crate) bytes: f64,
 }
 
 /// What a run needed to reach the target.
 #[derive(Debug, Clone, PartialEq)]
-struct Reached {
-    step: u64,
-    seconds: f64,
-    bytes: f64,
+pub(crate) struct Reached {
+    pub(crate) step: u64,
+    pub(crate) seconds: f64,
+    pub(crate) bytes: f64,
 }
 
 /// The run's merges: step, loss, time (the slowest worker's simulated clock, or wall seconds)
 /// and mean bytes sent per worker.
-fn merges(run: &Run) -> Result<Vec<Merge>, String> {
+pub(crate) fn merges(run: &Run) -> Result<Vec<Merge>, String> {
     let column = |name: &str, reduce: Reduce| run.context(run.syncs.column(name, reduce));
     let time = if run.simulated() { column("sim_seconds", Reduce::Max)? } else { column("wall_seconds", Reduce::Max)? };
     let (steps, losses, bytes) = (
@@ -77,7 +77,7 @@ fn windowed(merges: &[Merge], window: u64) -> Vec<Option<f64>> {
 }
 
 /// The first merge where the loss averaged over the last `window` steps reaches `target`.
-fn reached(merges: &[Merge], target: f64, window: u64) -> Option<Reached> {
+pub(crate) fn reached(merges: &[Merge], target: f64, window: u64) -> Option<Reached> {
     merges
         .iter()
         .zip(windowed(merges, window))
@@ -86,7 +86,7 @@ fn reached(merges: &[Merge], target: f64, window: u64) -> Option<Reached> {
 }
 
 /// The lowest windowed loss a run reached.
-fn best(merges: &[Merge], window: u64) -> Option<f64> {
+pub(crate) fn best(merges: &[Merge], window: u64) -> Option<f64> {
     windowed(merges, window).into_iter().flatten().reduce(f64::min)
 }
 

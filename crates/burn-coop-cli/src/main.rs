@@ -7,6 +7,7 @@ mod config;
 mod data;
 mod device;
 mod plot;
+mod report;
 mod runs;
 mod topology;
 mod train;
@@ -38,6 +39,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Curves of runs on one chart (PNG or SVG by extension).
     Plot(plot::PlotArgs),
+    /// A README's results tables, written from the run folders they quote (or checked).
+    Report(report::ReportArgs),
     /// Obtain or check the CIFAR-10 data.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Command::Advise(args) => advise::run(&args),
         Command::Compare(args) => compare::run(&args),
         Command::Plot(args) => plot::run(&args),
+        Command::Report(args) => report::run(&args),
         Command::Data(command) => data::run(&command),
     };
     match result {
