@@ -6,7 +6,8 @@
 //! and a doubly stochastic `(m+v) × (m+v)` matrix `W` with second-largest eigenvalue magnitude
 //! `ζ`, the averaged model follows SGD with the effective rate `η_eff = mη/(m+v)`, and the bound
 //! on the expected gradient norm adds to synchronous SGD's an error floor proportional to
-//! `η² L² σ² ((1+ζ²)/(1−ζ²) · τ − 1)`. [`error_floor_factor`] is that factor: `τ − 1` for
+//! `η_eff² L² σ² ((1+ζ²)/(1−ζ²) · τ − 1)` (the theorem's rate is the effective one; without
+//! anchors `η_eff = η`). [`error_floor_factor`] is that factor: `τ − 1` for
 //! periodic averaging (`ζ = 0`), `0` for synchronous SGD. From it, decentralized SGD (`W`, every
 //! step) has a lower floor than periodic averaging with period `τ` exactly when
 //! `(1+ζ²)/(1−ζ²) < τ` ([`decentralized_beats_averaging`]). For graphs that change from merge
@@ -25,7 +26,7 @@ use crate::mixing::{MixingError, MixingMatrix};
 use crate::rules::MatrixForm;
 
 /// `(1+ζ²)/(1−ζ²) · τ − 1`: the error floor a setting adds to synchronous SGD's, in units of
-/// `η² L² σ²` (infinite for `ζ ≥ 1`, which never reaches consensus).
+/// `η_eff² L² σ²` (infinite for `ζ ≥ 1`, which never reaches consensus).
 pub fn error_floor_factor(zeta: f64, tau: u64) -> f64 {
     if zeta >= 1.0 {
         return f64::INFINITY;

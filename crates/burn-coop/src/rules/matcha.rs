@@ -5,10 +5,13 @@
 //!
 //! 1. The base graph (`--graph`, default the ring) is split into `M` disjoint matchings
 //!    `G_1 … G_M` (sets of edges no two of which share a worker), with Laplacians `L_j`. Here
-//!    by a greedy edge colouring: edges in increasing `(i, j)` order, each given the first
-//!    matching free at both ends (at most `2Δ − 1` matchings; the paper's Misra–Gries
-//!    colouring guarantees `Δ + 1`; for rings, tori and complete graphs of even order the
-//!    greedy count is the same).
+//!    by a greedy edge colouring, which is ours: edges in increasing `(i, j)` order, each given
+//!    the first matching free at both ends (at most `2Δ − 1` matchings, where a `Δ + 1` edge
+//!    colouring such as Misra–Gries' is optimal to one; for rings, tori and complete graphs of
+//!    even order the greedy count is already optimal). The authors' code decomposes otherwise
+//!    (`graph_manager.py`, `getSubGraphs`: perfect matchings found by maximum-weight matching,
+//!    the remaining edges split greedily by degree), and its experiments use matchings written
+//!    out by hand (`util.select_graph`), as [`Matcha::from_matchings`] takes them.
 //! 2. Matching `j` is active at a merge with probability `p_j`, chosen to maximize the
 //!    algebraic connectivity of the expected graph under the communication budget `C_b`
 //!    (`--budget`, the fraction of matchings active on average):

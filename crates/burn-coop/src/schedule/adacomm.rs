@@ -15,10 +15,11 @@
 //! rate at the start of interval `l`. The paper bounds `τ` by nothing else: it only ever falls
 //! below `τ_0` as the loss falls, and with the learning-rate form it rises above `τ_0` when the
 //! rate decays faster than the loss (a smaller rate lets the workers drift less per step). The
-//! rule was read in the paper's Section 4 (basic rule) and checked against PaddlePaddle's
-//! `AdaptiveLocalSGDOptimizer`, which implements it with `η_0 / η_l` to the first power. (The
-//! error-runtime bound behind it gives `τ* ∝ √(F / η³)`, see [`crate::advisor`]; the paper's
-//! rule keeps the first power.)
+//! basic rule is the one printed in the paper's Section 4; the learning-rate form is written as
+//! PaddlePaddle's `AdaptiveLocalSGDOptimizer` implements it from the paper (`η_0 / η_l` to the
+//! first power, there with bounds of its own, 1 and 16, which are not the paper's and are not
+//! applied here). The paper's equation numbers were not checked. The error-runtime bound behind
+//! the rule gives `τ* ∝ √(F / η³)` (see [`crate::advisor`]); the rule keeps the first power.
 //!
 //! What is measured: losses reach the schedule through the synchronizer's statistics collective
 //! at merges, as the mean over workers and over the steps since the previous merge, so every

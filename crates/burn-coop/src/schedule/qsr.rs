@@ -10,7 +10,9 @@
 //! merge every `H_base` steps; as `η` decays they merge less and less often (`H ∝ 1/η²`), which
 //! the paper shows both saves communication and improves generalization. The rule is meant for
 //! a decaying rate: while the rate is still rising (a warm-up, and the first round), `H = H_base`,
-//! since a small warm-up rate would otherwise give the longest periods at the very start. `α` is a per-task
+//! since a small warm-up rate would otherwise give the longest periods at the very start. The
+//! authors' code does the same (`localopt.py`, `adjust_h`: `H = init_h` until the warm-up steps
+//! are over); the paper's formula alone does not say it. `α` is a per-task
 //! constant: the paper tunes it so that `(α/η_peak)² ≤ H_base`; the default `α = 0.2` fits this
 //! project's CIFAR-10 recipe (peak `η = 0.2`, so `H = H_base` at the peak, 100 steps at
 //! `η = 0.02`). A learning rate of 0 gives the largest period there is (no more merges until the
