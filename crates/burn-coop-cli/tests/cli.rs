@@ -411,3 +411,13 @@ fn shared_rule_flags_reach_every_rule_that_has_them_and_only_those() {
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(stderr(&output).contains("--compressor"), "{}", stderr(&output));
 }
+
+/// The README's results tables are what `coop report` writes from the committed run folders.
+#[test]
+fn the_readme_results_tables_are_the_run_folders() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let manifest = root.join("examples/cifar10-resnet/results/report.toml");
+    let readme = root.join("README.md");
+    let out = coop(&["report", manifest.to_str().unwrap(), "--check", readme.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
