@@ -129,7 +129,10 @@ fn without_wall_clock(text: &str) -> Vec<Vec<String>> {
 /// The family's rules and schedules, each a short run. Every one is deterministic, so each must
 /// reproduce its recording bit for bit: losses, learning rates, periods, consensus distances,
 /// bytes of every kind, simulated clocks, trigger decisions. Asynchronous local SGD is not here:
-/// its local threads race by design.
+/// its local threads race by design. The recordings of `diloco`, `overlap`, `overlap-simulated`,
+/// `adacomm` and `adacomm-simulated` were made again when those algorithms became the published
+/// ones (outer steps on trained parameters only; AdaComm's own rule); every other recording
+/// reproduced bit for bit across that change.
 const FAMILY: [(&str, &[&str]); 22] = [
     ("sync", &["--rule", "sync"]),
     ("average-tau4", &["--rule", "average", "--tau", "4"]),
