@@ -297,7 +297,8 @@ mod tests {
     fn folder(dir: &Path, name: &str, rule: &str, loss: impl Fn(u64) -> f64) -> PathBuf {
         let path = dir.join(name);
         std::fs::create_dir_all(&path).unwrap();
-        std::fs::write(path.join("config.toml"), format!("rule = \"{rule}\"\nschedule = \"fixed\"\ntau = 2\n")).unwrap();
+        std::fs::write(path.join("config.toml"), format!("rule = \"{rule}\"\nschedule = \"fixed\"\ntau = 2\n"))
+            .unwrap();
         let mut syncs = String::from("step,tau,train_loss,bytes_sent_per_worker,sim_seconds\n");
         for k in 1..=4u64 {
             let _ = writeln!(syncs, "{},2,{},{};{},{}", 2 * k, loss(k), 1e6 * k as f64, 3e6 * k as f64, k as f64);

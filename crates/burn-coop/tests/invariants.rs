@@ -509,7 +509,11 @@ fn writing_back_leaves_shared_handles_alone() {
 /// The model of every worker after `merges` merges of `rule` (no local step between them: the
 /// model each worker starts from is its own, [`tiny_for`] of its rank), as flat buffers, with
 /// the layout's split into trained parameters and buffers.
-fn merged_tiny<R: MergeRule + 'static>(m: usize, merges: u64, rule: impl Fn() -> R + Sync) -> (Vec<Vec<f32>>, Vec<bool>) {
+fn merged_tiny<R: MergeRule + 'static>(
+    m: usize,
+    merges: u64,
+    rule: impl Fn() -> R + Sync,
+) -> (Vec<Vec<f32>>, Vec<bool>) {
     let models = run_workers(m, |rank, comm| {
         let mut sync = burn_coop::Synchronizer::new(rule(), PeriodicSchedule::every(1).unwrap(), comm)
             .unwrap()

@@ -129,7 +129,12 @@ impl Overlap {
     /// The plain mean over the workers of the buffers (the exact parts of `split`) of `params`,
     /// as averaging writes it, into `self.buffers` in buffer order: one blocking all-reduce of
     /// the buffers alone (none when the model has none).
-    fn mean_of_buffers(&mut self, params: &[f32], split: &Segments, comm: &mut dyn Communicator) -> Result<(), RuleError> {
+    fn mean_of_buffers(
+        &mut self,
+        params: &[f32],
+        split: &Segments,
+        comm: &mut dyn Communicator,
+    ) -> Result<(), RuleError> {
         self.buffers.clear();
         for (range, _) in split.iter().filter(|(_, part)| part.exact) {
             self.buffers.extend_from_slice(&params[range]);

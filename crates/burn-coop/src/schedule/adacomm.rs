@@ -228,7 +228,7 @@ impl SyncSchedule for AdaComm {
             record.scalar(key).ok_or_else(|| bad(format!("the record lacks `{key}` (it holds {:?})", record.keys())))
         };
         let tau = get("tau")?;
-        if !(tau >= 1.0) {
+        if tau.is_nan() || tau < 1.0 {
             return Err(bad(format!("a period of {tau}, below 1")));
         }
         let known = ["tau", "interval_start", "interval_start_seconds", "loss0", "lr0"];
