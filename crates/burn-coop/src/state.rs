@@ -63,6 +63,11 @@ impl StateRecord {
         self.buffers.remove(name)
     }
 
+    /// Removes and returns a scalar.
+    pub fn take_scalar(&mut self, name: &str) -> Option<f64> {
+        self.scalars.remove(name)
+    }
+
     /// A scalar, if present.
     pub fn scalar(&self, name: &str) -> Option<f64> {
         self.scalars.get(name).copied()

@@ -22,57 +22,162 @@
 //! (Nesterov) or `x̄ + (1 − lr_outer) Δ − lr_outer · β · u_old` (plain), algebraically the same.
 //! `x_sync` starts as the initial model and, with `u`, is saved in checkpoints. One sum
 //! all-reduce of the model per merge, as averaging.
+//!
+//! `--outer-optimizer adam` replaces the momentum step by Adam on the same pseudo-gradient
+//! (FedAdam/FedOpt; `--outer-momentum` is then `β₁`, with `--outer-beta2` and `--outer-eps`;
+//! it has no default learning rate, since DiLoCo's 0.7 is a momentum-SGD rate): see
+//! [`crate::rules::outer`].
 
 use serde::{Deserialize, Serialize};
 
 use super::kernels::replace_by_mean;
+use super::outer::{OuterKind, OuterOptimizer};
 use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext};
 use crate::comm::Communicator;
 use crate::compress::Segments;
 use crate::registry::{RuleConfig, SpecError};
 use crate::state::StateRecord;
 
+/// The outer optimizer's name (`--outer-optimizer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OuterOptimizerName {
+    /// Momentum SGD, Nesterov's by default (DiLoCo's).
+    #[default]
+    Sgd,
+    /// Adam (FedAdam).
+    Adam,
+}
+
 /// `--rule diloco`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DiLoCoConfig {
-    /// DiLoCo's outer learning rate, in (0, 2) (default 0.7).
+    /// DiLoCo's outer optimizer: sgd (momentum SGD, the default) or adam.
+    #[arg(long, value_parser = crate::registry::serde_name::<OuterOptimizerName>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer_optimizer: Option<OuterOptimizerName>,
+    /// DiLoCo's outer learning rate: in (0, 2) for sgd (default 0.7), positive for adam (no
+    /// default).
     #[arg(long, value_parser = crate::registry::finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outer_lr: Option<f64>,
-    /// DiLoCo's outer momentum β, in [0, 1) (default 0.9).
+    /// DiLoCo's outer momentum β (Adam's β₁), in [0, 1) (default 0.9).
     #[arg(long, value_parser = crate::registry::finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outer_momentum: Option<f64>,
-    /// Nesterov outer momentum (true/false; default true).
+    /// Nesterov outer momentum, for sgd (true/false; default true).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outer_nesterov: Option<bool>,
+    /// Adam's β₂, in [0, 1) (default 0.999).
+    #[arg(long, value_parser = crate::registry::finite_f64)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer_beta2: Option<f64>,
+    /// Adam's ε, positive (default 1e-8).
+    #[arg(long, value_parser = crate::registry::finite_f64)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer_eps: Option<f64>,
+}
+
+impl DiLoCoConfig {
+    /// The outer optimizer these settings describe, checked: a setting the chosen optimizer does
+    /// not use is an error naming it.
+    pub fn outer(&self) -> Result<OuterOptimizer, SpecError> {
+        let beta = self.outer_momentum.unwrap_or(0.9);
+        if !(beta.is_finite() && (0.0..1.0).contains(&beta)) {
+            return Err(SpecError::new("outer-momentum", beta.to_string(), "the outer momentum must lie in [0, 1)"));
+        }
+        match self.outer_optimizer.unwrap_or_default() {
+            OuterOptimizerName::Sgd => {
+                for (option, given) in [("outer-beta2", self.outer_beta2), ("outer-eps", self.outer_eps)] {
+                    if let Some(value) = given {
+                        return Err(SpecError::new(option, value.to_string(), "only the adam outer optimizer uses it"));
+                    }
+                }
+                let lr = self.outer_lr.unwrap_or(0.7);
+                if !(lr.is_finite() && lr > 0.0 && lr < 2.0) {
+                    return Err(SpecError::new(
+                        "outer-lr",
+                        lr.to_string(),
+                        "the outer learning rate must lie in (0, 2)",
+                    ));
+                }
+                let nesterov = self.outer_nesterov.unwrap_or(true);
+                Ok(OuterOptimizer::new(lr, OuterKind::Momentum { beta, nesterov }))
+            }
+            OuterOptimizerName::Adam => {
+                if let Some(nesterov) = self.outer_nesterov {
+                    let reason = "only the sgd outer optimizer has Nesterov momentum";
+                    return Err(SpecError::new("outer-nesterov", nesterov.to_string(), reason));
+                }
+                let lr = self.outer_lr.ok_or_else(|| {
+                    let reason = "the adam outer optimizer needs its learning rate (DiLoCo's 0.7 is momentum SGD's)";
+                    SpecError::new("outer-lr", "none", reason)
+                })?;
+                if !(lr.is_finite() && lr > 0.0) {
+                    return Err(SpecError::new("outer-lr", lr.to_string(), "the outer learning rate must be positive"));
+                }
+                let beta2 = self.outer_beta2.unwrap_or(0.999);
+                if !(beta2.is_finite() && (0.0..1.0).contains(&beta2)) {
+                    return Err(SpecError::new("outer-beta2", beta2.to_string(), "Adam's β₂ must lie in [0, 1)"));
+                }
+                let eps = self.outer_eps.unwrap_or(1e-8);
+                if !(eps.is_finite() && eps > 0.0) {
+                    return Err(SpecError::new("outer-eps", eps.to_string(), "Adam's ε must be positive"));
+                }
+                Ok(OuterOptimizer::new(lr, OuterKind::Adam { beta1: beta, beta2, eps }))
+            }
+        }
+    }
 }
 
 impl RuleConfig for DiLoCoConfig {
     const NAME: &'static str = "diloco";
 
     fn build(&self, _world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
-        let lr = self.outer_lr.unwrap_or(0.7);
-        let beta = self.outer_momentum.unwrap_or(0.9);
-        Ok(Box::new(DiLoCo::new(lr, beta, self.outer_nesterov.unwrap_or(true))?))
+        Ok(Box::new(DiLoCo::with_outer(self.outer()?)))
     }
 
     fn describe(&self) -> String {
-        format!(
-            "DiLoCo, outer lr = {}, momentum = {}{}",
-            self.outer_lr.unwrap_or(0.7),
-            self.outer_momentum.unwrap_or(0.9),
-            if self.outer_nesterov.unwrap_or(true) { " (Nesterov)" } else { "" }
-        )
+        match self.outer() {
+            Ok(outer) => format!("DiLoCo, {}", describe_outer(&outer)),
+            Err(error) => format!("DiLoCo ({error})"),
+        }
     }
 
     fn resolved(&self) -> Self {
-        Self {
-            outer_lr: Some(self.outer_lr.unwrap_or(0.7)),
-            outer_momentum: Some(self.outer_momentum.unwrap_or(0.9)),
-            outer_nesterov: Some(self.outer_nesterov.unwrap_or(true)),
+        let Ok(outer) = self.outer() else { return self.clone() };
+        let lr = Some(outer.lr());
+        match outer.kind() {
+            OuterKind::Momentum { beta, nesterov } => Self {
+                outer_optimizer: Some(OuterOptimizerName::Sgd),
+                outer_lr: lr,
+                outer_momentum: Some(beta),
+                outer_nesterov: Some(nesterov),
+                outer_beta2: None,
+                outer_eps: None,
+            },
+            OuterKind::Adam { beta1, beta2, eps } => Self {
+                outer_optimizer: Some(OuterOptimizerName::Adam),
+                outer_lr: lr,
+                outer_momentum: Some(beta1),
+                outer_nesterov: None,
+                outer_beta2: Some(beta2),
+                outer_eps: Some(eps),
+            },
+        }
+    }
+}
+
+/// `outer lr = 0.7, momentum = 0.9 (Nesterov)` or `outer Adam, lr = …, β = (…, …), ε = …`.
+pub(crate) fn describe_outer(outer: &OuterOptimizer) -> String {
+    match outer.kind() {
+        OuterKind::Momentum { beta, nesterov } => {
+            format!("outer lr = {}, momentum = {beta}{}", outer.lr(), if nesterov { " (Nesterov)" } else { "" })
+        }
+        OuterKind::Adam { beta1, beta2, eps } => {
+            format!("outer Adam, lr = {}, betas = ({beta1}, {beta2}), eps = {eps}", outer.lr())
         }
     }
 }
@@ -80,11 +185,10 @@ impl RuleConfig for DiLoCoConfig {
 /// DiLoCo's outer step; see the [module documentation](crate::rules::diloco).
 #[derive(Debug)]
 pub struct DiLoCo {
-    lr: f64,
-    beta: f64,
-    nesterov: bool,
+    outer: OuterOptimizer,
+    /// Outer steps taken (Adam's bias correction).
+    steps: u64,
     synced: Option<Vec<f32>>,
-    momentum: Vec<f32>,
     sum: Vec<f32>,
     segments: Option<Segments>,
 }
@@ -92,13 +196,18 @@ pub struct DiLoCo {
 impl DiLoCo {
     /// The outer optimizer with learning rate `lr` in (0, 2) and momentum `beta` in [0, 1).
     pub fn new(lr: f64, beta: f64, nesterov: bool) -> Result<Self, SpecError> {
-        if !(lr.is_finite() && lr > 0.0 && lr < 2.0) {
-            return Err(SpecError::new("outer-lr", lr.to_string(), "the outer learning rate must lie in (0, 2)"));
-        }
-        if !(beta.is_finite() && (0.0..1.0).contains(&beta)) {
-            return Err(SpecError::new("outer-momentum", beta.to_string(), "the outer momentum must lie in [0, 1)"));
-        }
-        Ok(Self { lr, beta, nesterov, synced: None, momentum: Vec::new(), sum: Vec::new(), segments: None })
+        let config = DiLoCoConfig {
+            outer_lr: Some(lr),
+            outer_momentum: Some(beta),
+            outer_nesterov: Some(nesterov),
+            ..DiLoCoConfig::default()
+        };
+        Ok(Self::with_outer(config.outer()?))
+    }
+
+    /// DiLoCo with a checked outer optimizer ([`DiLoCoConfig::outer`]).
+    pub fn with_outer(outer: OuterOptimizer) -> Self {
+        Self { outer, steps: 0, synced: None, sum: Vec::new(), segments: None }
     }
 }
 
@@ -119,11 +228,11 @@ impl MergeRule for DiLoCo {
             rule: DiLoCoConfig::NAME,
             reason: "the rule was not started with the initial model".into(),
         })?;
-        if synced.len() != params.len() || (!self.momentum.is_empty() && self.momentum.len() != params.len()) {
+        if synced.len() != params.len() || !self.outer.fits(params.len()) {
             let reason = format!(
-                "the synchronized model has {} values and the momentum {}, but the model has {}",
+                "the synchronized model has {} values and the outer optimizer's state {}, but the model has {}",
                 synced.len(),
-                self.momentum.len(),
+                self.outer.len(),
                 params.len()
             );
             return Err(RuleError::BadState { rule: DiLoCoConfig::NAME, reason });
@@ -134,22 +243,14 @@ impl MergeRule for DiLoCo {
         // params ← x̄, measuring each worker's distance to it in the same pass.
         let local = replace_by_mean(params, &self.sum, ctx.world_size);
         let synced = self.synced.as_mut().expect("checked above");
-        self.momentum.resize(params.len(), 0.0);
-        let (lr, beta) = (self.lr as f32, self.beta as f32);
+        self.outer.fit(params.len());
+        self.steps += 1;
         for (range, part) in split.iter() {
-            let (x, z, u) = (&mut params[range.clone()], &mut synced[range.clone()], &mut self.momentum[range]);
             if part.exact {
                 // A buffer keeps the plain mean.
-                z.copy_from_slice(x);
-                continue;
-            }
-            for ((x, z), u) in x.iter_mut().zip(z.iter_mut()).zip(u.iter_mut()) {
-                let delta = *z - *x;
-                let previous = *u;
-                *u = beta * previous + delta;
-                let carried = if self.nesterov { *u } else { previous };
-                *x += (1.0 - lr) * delta - lr * beta * carried;
-                *z = *x;
+                synced[range.clone()].copy_from_slice(&params[range]);
+            } else {
+                self.outer.step(params, synced, range, self.steps);
             }
         }
         Ok(MergeOutcome { local_squared_distance: Some(local), trigger: None })
@@ -164,13 +265,20 @@ impl MergeRule for DiLoCo {
     }
 
     fn record(&self) -> StateRecord {
-        StateRecord::new().with_held("synced", self.synced.as_ref()).with_held("momentum", Some(&self.momentum))
+        let record = self.outer.record_into(StateRecord::new().with_held("synced", self.synced.as_ref()));
+        match self.outer.kind() {
+            OuterKind::Momentum { .. } => record,
+            OuterKind::Adam { .. } => record.with_scalar("outer-steps", self.steps as f64),
+        }
     }
 
     fn load_record(&mut self, mut record: StateRecord) -> Result<(), RuleError> {
         self.synced = record.take_buffer("synced");
-        self.momentum = record.take_buffer("momentum").unwrap_or_default();
-        super::no_leftovers(DiLoCoConfig::NAME, &record, "`synced` and `momentum`")
+        self.outer.load(&mut record);
+        if let OuterKind::Adam { .. } = self.outer.kind() {
+            self.steps = record.take_scalar("outer-steps").unwrap_or(0.0) as u64;
+        }
+        super::no_leftovers(DiLoCoConfig::NAME, &record, "`synced` and the outer optimizer's state")
     }
 }
 
@@ -184,7 +292,7 @@ impl MatrixForm for DiLoCo {
 mod tests {
     use super::*;
     use crate::rules::averaging::Averaging;
-    use crate::testing::{initial_buffer, run_one_merge, worker_buffer};
+    use crate::testing::{initial_buffer, merge_trajectories, run_one_merge, worker_buffer};
 
     #[test]
     fn expected_bytes_are_the_metered_ones() {
@@ -225,6 +333,81 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// DiLoCo with outer Adam over several merges, in `f64`, from the inputs of
+    /// [`merge_trajectories`]: the synchronized model after each merge.
+    fn adam_reference(m: usize, merges: usize, lr: f64, beta1: f64, beta2: f64, eps: f64) -> Vec<Vec<f64>> {
+        let n = 37;
+        let start: Vec<f64> = worker_buffer(m, n).iter().map(|&v| f64::from(v)).collect();
+        let (mut z, mut first, mut second) = (start.clone(), vec![0.0; n], vec![0.0; n]);
+        let mut history = Vec::new();
+        for round in 0..merges {
+            let t = round as i32 + 1;
+            for k in 0..n {
+                // Every worker starts the round from z and moves by its own shift.
+                let mean =
+                    (0..m).map(|r| z[k] + f64::from(worker_buffer(r + round, n)[k] * 0.1)).sum::<f64>() / m as f64;
+                let g = z[k] - mean;
+                first[k] = beta1 * first[k] + (1.0 - beta1) * g;
+                second[k] = beta2 * second[k] + (1.0 - beta2) * g * g;
+                let (m_hat, v_hat) = (first[k] / (1.0 - beta1.powi(t)), second[k] / (1.0 - beta2.powi(t)));
+                z[k] -= lr * m_hat / (v_hat.sqrt() + eps);
+            }
+            history.push(z.clone());
+        }
+        history
+    }
+
+    fn adam_config(lr: f64) -> DiLoCoConfig {
+        DiLoCoConfig {
+            outer_optimizer: Some(OuterOptimizerName::Adam),
+            outer_lr: Some(lr),
+            outer_beta2: Some(0.99),
+            ..DiLoCoConfig::default()
+        }
+    }
+
+    #[test]
+    fn outer_adam_follows_an_independent_recurrence_and_resumes_bit_for_bit() {
+        let (m, merges) = (3, 5);
+        let make = || DiLoCo::with_outer(adam_config(0.05).outer().unwrap());
+        let runs = merge_trajectories(m, merges, None, make);
+        let expected = adam_reference(m, merges, 0.05, 0.9, 0.99, 1e-8);
+        for (round, want) in expected.iter().enumerate() {
+            for worker in &runs {
+                for (k, (bits, want)) in worker[round].iter().zip(want).enumerate() {
+                    let got = f64::from(f32::from_bits(*bits));
+                    assert!((got - want).abs() < 1e-5, "merge {round}, value {k}: {got} vs {want}");
+                }
+            }
+        }
+        assert_eq!(merge_trajectories(m, merges, Some(3), make), runs, "Adam's moments and step count are saved");
+    }
+
+    #[test]
+    fn outer_optimizer_settings_are_checked_by_name() {
+        assert_eq!(
+            DiLoCoConfig { outer_optimizer: Some(OuterOptimizerName::Adam), ..DiLoCoConfig::default() }
+                .outer()
+                .unwrap_err()
+                .option,
+            "outer-lr"
+        );
+        let adam = adam_config(0.05);
+        assert_eq!(
+            DiLoCoConfig { outer_nesterov: Some(true), ..adam.clone() }.outer().unwrap_err().option,
+            "outer-nesterov"
+        );
+        assert_eq!(DiLoCoConfig { outer_beta2: Some(1.0), ..adam.clone() }.outer().unwrap_err().option, "outer-beta2");
+        assert_eq!(DiLoCoConfig { outer_eps: Some(0.0), ..adam.clone() }.outer().unwrap_err().option, "outer-eps");
+        let sgd = DiLoCoConfig { outer_eps: Some(1e-6), ..DiLoCoConfig::default() };
+        assert_eq!(sgd.outer().unwrap_err().option, "outer-eps");
+        // Adam takes learning rates beyond momentum SGD's (0, 2).
+        assert!(adam_config(3.0).outer().is_ok());
+        assert_eq!(adam.resolved().outer_beta2, Some(0.99));
+        assert_eq!(DiLoCoConfig::default().resolved().outer_nesterov, Some(true));
+        assert_eq!(DiLoCoConfig::default().describe(), "DiLoCo, outer lr = 0.7, momentum = 0.9 (Nesterov)");
     }
 
     #[test]

@@ -45,6 +45,7 @@ pub mod hierarchical;
 mod in_flight;
 pub(crate) mod kernels;
 pub mod matcha;
+pub mod outer;
 pub mod overlap;
 pub mod squarm;
 
