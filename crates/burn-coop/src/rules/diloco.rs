@@ -53,29 +53,29 @@ pub enum OuterOptimizerName {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DiLoCoConfig {
-    /// DiLoCo's outer optimizer: sgd (momentum SGD, the default) or adam.
-    #[arg(long, value_parser = crate::registry::serde_name::<OuterOptimizerName>)]
+    /// DiLoCo's outer optimizer: sgd (momentum SGD, the default) or adam (shared `--outer-optimizer`).
+    #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outer_optimizer: Option<OuterOptimizerName>,
     /// DiLoCo's outer learning rate: in (0, 2) for sgd (default 0.7), positive for adam (no
     /// default).
-    #[arg(long, value_parser = crate::registry::finite_f64)]
+    #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outer_lr: Option<f64>,
     /// DiLoCo's outer momentum β (Adam's β₁), in [0, 1) (default 0.9).
-    #[arg(long, value_parser = crate::registry::finite_f64)]
+    #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outer_momentum: Option<f64>,
     /// Nesterov outer momentum, for sgd (true/false; default true).
-    #[arg(long)]
+    #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outer_nesterov: Option<bool>,
     /// Adam's β₂, in [0, 1) (default 0.999).
-    #[arg(long, value_parser = crate::registry::finite_f64)]
+    #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outer_beta2: Option<f64>,
     /// Adam's ε, positive (default 1e-8).
-    #[arg(long, value_parser = crate::registry::finite_f64)]
+    #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outer_eps: Option<f64>,
 }
@@ -250,7 +250,7 @@ impl MergeRule for DiLoCo {
                 // A buffer keeps the plain mean.
                 synced[range.clone()].copy_from_slice(&params[range]);
             } else {
-                self.outer.step(params, synced, range, self.steps);
+                self.outer.step(&mut params[range.clone()], &mut synced[range.clone()], range, self.steps);
             }
         }
         Ok(MergeOutcome { local_squared_distance: Some(local), trigger: None })

@@ -16,6 +16,7 @@
 //! | [`EcLocalSgd`] (local SGD with error-compensated double compression; `average --compressor`: compressed changes without memories) | `J` with the identity compressor | 0 (keeps `x_s` and two error memories) | `ec_local_sgd.rs` | Gao, Xu & Huang, AAAI 2021; Tang et al., ICML 2019 |
 //! | [`Squarm`](squarm::Squarm) (`choco`: compressed gossip to public copies; `squarm`: sent only past a threshold) | `I + γ(W − I)` on the public copies | 0 (keeps the public copies of itself and its neighbours) | `squarm.rs` | Koloskova, Stich & Jaggi, ICML 2019; Singh, Data, George & Diggavi, arXiv 2005.07041 |
 //! | [`DiLoCo`](diloco::DiLoCo) (outer Nesterov momentum on `x_sync − x̄`; SlowMo) | none (`J` at `lr_outer = 1`, `β = 0`) | 0 (keeps `x_sync` and `u`) | `diloco.rs` | Douillard et al., arXiv 2311.08105; Wang et al., ICLR 2020 |
+//! | [`StreamingDiLoCo`](streaming_diloco::StreamingDiLoCo) (DiLoCo one fragment per merge, its all-reduce travelling during the next τ steps, mixed with share α) | none (DiLoCo with one fragment, no overlap, `α = 0`) | 0 (keeps `x_sync`, the outer state and the fragment in flight) | `streaming_diloco.rs` | Douillard et al., arXiv 2501.18512; torchft's `DiLoCo` |
 //!
 //! A rule is a [`MergeRule`]: [`MergeRule::merge`] replaces this worker's flat parameters by
 //! their merged value, talking to the other workers only through the communicator; a rule
@@ -48,6 +49,7 @@ pub mod matcha;
 pub mod outer;
 pub mod overlap;
 pub mod squarm;
+pub mod streaming_diloco;
 
 pub(crate) use async_local_sgd::AsyncConfig;
 pub(crate) use async_local_sgd::apply_average_in_place;
@@ -61,6 +63,7 @@ pub(crate) use hierarchical::HierarchicalConfig;
 pub(crate) use matcha::MatchaConfig;
 pub(crate) use overlap::OverlapConfig;
 pub(crate) use squarm::{ChocoConfig, SquarmConfig};
+pub(crate) use streaming_diloco::StreamingDiLoCoConfig;
 
 use in_flight::InFlightAnchor;
 
@@ -96,6 +99,31 @@ pub struct SharedRuleFlags {
     #[arg(long, value_parser = crate::registry::finite_f64)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub consensus_step: Option<f64>,
+    /// The outer optimizer: sgd (momentum SGD, default) or adam (diloco, streaming-diloco).
+    #[arg(long, value_parser = crate::registry::serde_name::<diloco::OuterOptimizerName>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer_optimizer: Option<diloco::OuterOptimizerName>,
+    /// The outer learning rate: in (0, 2) for sgd (default 0.7), positive for adam (no default;
+    /// diloco, streaming-diloco).
+    #[arg(long, value_parser = crate::registry::finite_f64)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer_lr: Option<f64>,
+    /// The outer momentum β (Adam's β₁) in [0, 1), default 0.9 (diloco, streaming-diloco).
+    #[arg(long, value_parser = crate::registry::finite_f64)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer_momentum: Option<f64>,
+    /// Nesterov outer momentum, for sgd (true/false; default true; diloco, streaming-diloco).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer_nesterov: Option<bool>,
+    /// Adam's β₂ in [0, 1), default 0.999 (diloco, streaming-diloco).
+    #[arg(long, value_parser = crate::registry::finite_f64)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer_beta2: Option<f64>,
+    /// Adam's ε, positive, default 1e-8 (diloco, streaming-diloco).
+    #[arg(long, value_parser = crate::registry::finite_f64)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer_eps: Option<f64>,
 }
 
 // The registry: one line per rule (its `--rule` name comes from its config's `NAME`).
@@ -120,6 +148,8 @@ crate::registry::registry! {
     Gossip(gossip: GossipConfig),
     /// An outer optimizer (Nesterov momentum) on the averaged update (DiLoCo, SlowMo).
     Diloco(diloco: DiLoCoConfig),
+    /// DiLoCo one fragment of the model per merge, its all-reduce overlapping the local steps.
+    StreamingDiloco(streaming_diloco: StreamingDiLoCoConfig),
     /// Averaging within groups every merge and across all workers every k-th merge.
     Hierarchical(hierarchical: HierarchicalConfig),
     /// Gossip on randomly activated matchings of a base graph under a budget (MATCHA).

@@ -87,12 +87,14 @@ impl OuterOptimizer {
         self.first.is_empty()
     }
 
-    /// One outer step on `at`: on entry `mean[at]` holds `x̄` and `synced[at]` the synchronized
-    /// model; on exit both hold the new synchronized model. `t` (≥ 1) counts the outer steps
-    /// taken on this range, this one included (Adam's bias correction). The state must have
-    /// been sized with [`OuterOptimizer::fit`].
+    /// One outer step on the values `at` of the model: on entry `mean` holds their `x̄` and
+    /// `synced` their synchronized values (both `at.len()` long); on exit both hold the new
+    /// synchronized values. `t` (≥ 1) counts the outer steps taken on this range, this one
+    /// included (Adam's bias correction). The state must have been sized with
+    /// [`OuterOptimizer::fit`].
     pub fn step(&mut self, mean: &mut [f32], synced: &mut [f32], at: Range<usize>, t: u64) {
-        let (x, z) = (&mut mean[at.clone()], &mut synced[at.clone()]);
+        debug_assert!(mean.len() == at.len() && synced.len() == at.len());
+        let (x, z) = (mean, synced);
         match self.kind {
             OuterKind::Momentum { beta, nesterov } => {
                 let (lr, beta) = (self.lr as f32, beta as f32);
@@ -205,7 +207,7 @@ mod tests {
         let mut outer = OuterOptimizer::new(0.5, OuterKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 });
         outer.fit(4);
         let (mut mean, mut synced) = (vec![1.0f32, 2.0, 3.0, 4.0], vec![0.0f32; 4]);
-        outer.step(&mut mean, &mut synced, 1..3, 1);
+        outer.step(&mut mean[1..3], &mut synced[1..3], 1..3, 1);
         assert_eq!((mean[0], mean[3], synced[0], synced[3]), (1.0, 4.0, 0.0, 0.0));
         let record = outer.record_into(StateRecord::new());
         let mut back = OuterOptimizer::new(0.5, OuterKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 });
