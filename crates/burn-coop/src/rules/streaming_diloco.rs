@@ -5,8 +5,8 @@
 //! Free Lunch", 2025 (arXiv 2501.18512); the order of operations follows torchft's
 //! implementation (`torchft/local_sgd.py`: `DiLoCo` with `model_fragments`,
 //! `fragment_sync_delay`, `fragment_update_alpha`). The model is split into `P` fragments
-//! (`--fragments`): runs of whole tensors in buffer order with about the same number of values
-//! each (the paper's sequential pattern; its strided pattern needs layers, which a flat buffer
+//! (`--fragments`): runs of whole tensors in buffer order, each ending at the tensor boundary
+//! nearest its share `(p + 1) n / P` of the values (the paper's sequential pattern; its strided pattern needs layers, which a flat buffer
 //! does not know). Every worker keeps the synchronized model `x_sync` and one outer optimizer
 //! ([`crate::rules::outer`], DiLoCo's Nesterov momentum by default) whose state is per value,
 //! so every fragment has its own. Merges come every τ local steps and handle one fragment each,
@@ -210,9 +210,9 @@ impl StreamingDiLoCo {
         })
     }
 
-    /// The fragments as ranges of a buffer of `n` values: runs of whole tensors of the split
-    /// (the whole buffer as one tensor without one), fragment `p` ending at the first tensor
-    /// boundary at or after `(p + 1) n / P` values.
+    /// The fragments as ranges of a buffer of `n` values: runs of whole tensors of the split,
+    /// fragment `p` ending at the tensor boundary nearest `(p + 1) n / P` values (equal runs of
+    /// values without a split).
     fn split(&self, n: usize) -> Result<Vec<Range<usize>>, RuleError> {
         let split = super::split_for(StreamingDiLoCoConfig::NAME, self.segments.as_ref(), n)?;
         let p = self.fragments;
@@ -236,10 +236,11 @@ impl StreamingDiLoCo {
                 n
             } else {
                 let target = ((f + 1) * n).div_ceil(p);
-                // The first tensor boundary at or after the target, leaving a tensor to each
-                // later fragment.
+                // The tensor boundary nearest the target (the earlier on a tie), leaving a tensor
+                // to each later fragment.
                 let last_allowed = bounds[bounds.len() - (p - f)];
-                bounds.iter().copied().find(|&b| b > start && b >= target).unwrap_or(n).min(last_allowed)
+                let candidates = bounds.iter().copied().filter(|&b| b > start && b <= last_allowed);
+                candidates.min_by_key(|&b| b.abs_diff(target)).unwrap_or(last_allowed)
             };
             ranges.push(start..end);
             start = end;
@@ -503,8 +504,8 @@ mod tests {
         assert_eq!(rule.split(37).unwrap(), vec![0..13, 13..25, 25..37]);
         let tensors = [10, 2, 30, 4, 4, 50];
         rule.set_segments(&Segments::new(tensors.iter().map(|&len| Segment { len, exact: len == 4 })));
-        // 100 values: boundaries at 10, 12, 42, 46, 50, 100; targets 34 and 67, and the last
-        // fragment keeps at least its one tensor.
+        // 100 values: boundaries at 10, 12, 42, 46, 50, 100; targets 34 (nearest 42) and 67
+        // (nearest 50, as the last fragment keeps at least its one tensor).
         let ranges = rule.split(100).unwrap();
         assert_eq!(ranges, vec![0..42, 42..50, 50..100]);
         assert_eq!(rule.exact_parts(&(42..50)), vec![(42..46, true), (46..50, true)]);
