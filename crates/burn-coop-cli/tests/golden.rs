@@ -132,8 +132,9 @@ fn without_wall_clock(text: &str) -> Vec<Vec<String>> {
 /// its local threads race by design. The recordings of `diloco`, `overlap`, `overlap-simulated`,
 /// `adacomm` and `adacomm-simulated` were made again when those algorithms became the published
 /// ones (outer steps on trained parameters only; AdaComm's own rule); every other recording
-/// reproduced bit for bit across that change.
-const FAMILY: [(&str, &[&str]); 22] = [
+/// reproduced bit for bit across that change. `streaming-diloco` and `diloco-adam` were recorded
+/// when those rules were added.
+const FAMILY: [(&str, &[&str]); 24] = [
     ("sync", &["--rule", "sync"]),
     ("average-tau4", &["--rule", "average", "--tau", "4"]),
     ("post-local", &["--rule", "average", "--tau", "4", "--warmup-steps", "8"]),
@@ -145,6 +146,8 @@ const FAMILY: [(&str, &[&str]); 22] = [
     ("hierarchical", &["--rule", "hierarchical", "--tau", "2", "--groups", "2", "--global-every", "2"]),
     ("diloco", &["--rule", "diloco", "--tau", "4"]),
     ("overlap", &["--rule", "overlap"]),
+    ("streaming-diloco", &["--rule", "streaming-diloco", "--fragments", "3", "--tau", "2"]),
+    ("diloco-adam", &["--rule", "diloco", "--tau", "4", "--outer-optimizer", "adam", "--outer-lr", "0.05"]),
     ("elastic-overlap", &["--rule", "elastic-overlap", "--tau", "4"]),
     ("ec-sign", &["--rule", "ec-local-sgd", "--compressor", "sign", "--tau", "4"]),
     ("average-topk", &["--rule", "average", "--compressor", "topk:0.01", "--tau", "4"]),
