@@ -9,6 +9,8 @@
 //! | `sign` | the mean magnitude `‖v‖₁/n` (`f32`) and one sign bit per value (scaled sign) | `4 + ⌈n/8⌉` |
 //! | `qsgd:S` | `‖v‖₂` (`f32`) and per value a sign bit and a level in `0..=S`, packed (QSGD, Alistarh et al., NeurIPS 2017: `v_i ≈ ‖v‖₂ · sign(v_i) · ℓ_i/S` with `ℓ_i` rounded up with probability `S|v_i|/‖v‖₂ − ⌊S|v_i|/‖v‖₂⌋`, so the decoded value is unbiased) | `4 + ⌈n(1 + ⌈log₂(S+1)⌉)/8⌉` |
 //! | `bf16`, `fp16` | each value rounded to nearest-even in 16 bits | `2n` |
+//! | `int8` | per block of 256 values a scale `max|v|/127` (`f32`), then each value as the nearest whole multiple of it (`i8`, ties to even) | `n + 4⌈n/256⌉` |
+//! | `fp8` | per block of 256 values a scale `max|v|/448` (`f32`), then each `v/scale` as the nearest FP8 E4M3 value (OCP's, largest 448, ties to the even code) | `n + 4⌈n/256⌉` |
 //!
 //! A payload is an 8-byte header (kind, flags, value count) followed by one body per
 //! [`Segment`] of the buffer, in order: each tensor of a model is compressed on its own (its own
@@ -53,7 +55,14 @@ pub enum Compressor {
     Bf16,
     /// IEEE half precision.
     Fp16,
+    /// 8-bit integers with one `f32` scale per block of [`QUANT_BLOCK`] values.
+    Int8,
+    /// FP8 E4M3 with one `f32` scale per block of [`QUANT_BLOCK`] values.
+    Fp8,
 }
+
+/// Values per scale of the block-scaled 8-bit compressors (`int8`, `fp8`).
+pub const QUANT_BLOCK: usize = 256;
 
 /// Where a payload is made or read: the shared seed, the merge round and the sender's rank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -124,7 +133,17 @@ impl Compressor {
             Self::Qsgd(_) => 5,
             Self::Bf16 => 6,
             Self::Fp16 => 7,
+            Self::Int8 => 9,
+            Self::Fp8 => 10,
         }
+    }
+
+    /// Whether the decoded values of several workers' payloads may be summed in place of their
+    /// values (every value quantized deterministically on its own scale, none left out): the
+    /// compressors a quantized all-reduce can carry (`bf16`, `fp16`, `int8`, `fp8`; the identity
+    /// too, losslessly).
+    pub fn is_elementwise(self) -> bool {
+        matches!(self, Self::Identity | Self::Bf16 | Self::Fp16 | Self::Int8 | Self::Fp8)
     }
 
     /// Whether decoding gives back exactly the values encoded (the identity): then a rule may
@@ -159,6 +178,7 @@ impl Compressor {
             Self::Sign => 4 + n.div_ceil(8),
             Self::Qsgd(s) => 4 + (n * Self::qsgd_bits(s)).div_ceil(8),
             Self::Bf16 | Self::Fp16 => 2 * n,
+            Self::Int8 | Self::Fp8 => n + 4 * n.div_ceil(QUANT_BLOCK),
         }
     }
 
@@ -228,7 +248,31 @@ impl Compressor {
             }
             Self::Bf16 => values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
             Self::Fp16 => values.iter().for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            Self::Int8 | Self::Fp8 => {
+                let blocks = values.chunks(QUANT_BLOCK);
+                let scales: Vec<f32> = blocks.clone().map(|block| self.block_scale(block)).collect();
+                scales.iter().for_each(|scale| out.extend_from_slice(&scale.to_le_bytes()));
+                for (block, scale) in blocks.zip(scales) {
+                    let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    for v in block {
+                        let code = match self {
+                            Self::Int8 => (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8 as u8,
+                            _ => fp8::encode(v * inverse),
+                        };
+                        out.push(code);
+                    }
+                }
+            }
         }
+    }
+
+    /// A block's scale: its largest magnitude over the largest code (127 for `int8`, 448 for
+    /// `fp8`), 0 for a block of zeros; a non-finite value makes it non-finite (and every value
+    /// of the block decodes to NaN or 0, as the sender's model already was).
+    fn block_scale(self, block: &[f32]) -> f32 {
+        let largest = block.iter().fold(0.0f32, |m, v| if v.abs() > m || v.is_nan() { v.abs() } else { m });
+        let top = if self == Self::Int8 { 127.0 } else { fp8::MAX };
+        largest / top
     }
 
     /// Decodes `payload` (made by this compressor for a buffer split into `segments`) into
@@ -335,6 +379,19 @@ impl Compressor {
             Self::Fp16 => out.iter_mut().zip(body.chunks_exact(2)).for_each(|(v, b)| {
                 *v = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
             }),
+            Self::Int8 | Self::Fp8 => {
+                let blocks = len.div_ceil(QUANT_BLOCK);
+                let codes = &body[4 * blocks..];
+                for (b, block) in out.chunks_mut(QUANT_BLOCK).enumerate() {
+                    let scale = f32_at(b);
+                    for (v, &code) in block.iter_mut().zip(&codes[b * QUANT_BLOCK..]) {
+                        *v = match self {
+                            Self::Int8 => f32::from(code as i8) * scale,
+                            _ => fp8::decode(code) * scale,
+                        };
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -545,6 +602,8 @@ impl fmt::Display for Compressor {
             Self::Qsgd(levels) => write!(f, "qsgd:{levels}"),
             Self::Bf16 => write!(f, "bf16"),
             Self::Fp16 => write!(f, "fp16"),
+            Self::Int8 => write!(f, "int8"),
+            Self::Fp8 => write!(f, "fp8"),
         }
     }
 }
@@ -585,8 +644,10 @@ impl FromStr for Compressor {
             ("qsgd", None) => Err("qsgd needs its number of levels, e.g. qsgd:16".into()),
             ("bf16", None) => Ok(Self::Bf16),
             ("fp16", None) => Ok(Self::Fp16),
+            ("int8", None) => Ok(Self::Int8),
+            ("fp8", None) => Ok(Self::Fp8),
             _ => Err(format!(
-                "unknown compressor '{text}' (identity, topk:F, topk:F+sign, randk:F, sign, qsgd:S, bf16, fp16)"
+                "unknown compressor '{text}' (identity, topk:F, topk:F+sign, randk:F, sign, qsgd:S, bf16, fp16, int8, fp8)"
             )),
         }
     }
@@ -602,6 +663,46 @@ impl TryFrom<String> for Compressor {
 impl From<Compressor> for String {
     fn from(compressor: Compressor) -> Self {
         compressor.to_string()
+    }
+}
+
+/// FP8 E4M3 as OCP defines it ("FN": no infinities, one NaN code per sign): 4 exponent bits with
+/// bias 7, 3 mantissa bits, subnormals, largest finite value 448.
+mod fp8 {
+    /// The largest finite value.
+    pub const MAX: f32 = 448.0;
+
+    /// The value of a code.
+    pub fn decode(code: u8) -> f32 {
+        let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+        let (exponent, mantissa) = ((code >> 3) & 0x0f, code & 0x07);
+        if exponent == 0x0f && mantissa == 0x07 {
+            return f32::NAN;
+        }
+        let magnitude = if exponent == 0 {
+            f32::from(mantissa) / 8.0 * 2f32.powi(-6)
+        } else {
+            (1.0 + f32::from(mantissa) / 8.0) * 2f32.powi(i32::from(exponent) - 7)
+        };
+        sign * magnitude
+    }
+
+    /// The code nearest `value` (ties to the even code), saturating at ±448; NaN for NaN.
+    pub fn encode(value: f32) -> u8 {
+        if value.is_nan() {
+            return 0x7f;
+        }
+        let sign = if value.is_sign_negative() { 0x80 } else { 0 };
+        let magnitude = value.abs().min(MAX);
+        // Codes 0..=126 are the non-negative finite values, increasing.
+        let (mut low, mut high) = (0u8, 126u8);
+        while high - low > 1 {
+            let middle = low + (high - low) / 2;
+            if decode(middle) <= magnitude { low = middle } else { high = middle }
+        }
+        let (below, above) = (magnitude - decode(low), decode(high) - magnitude);
+        let code = if below < above || (below == above && low % 2 == 0) { low } else { high };
+        sign | code
     }
 }
 
@@ -799,5 +900,39 @@ mod tests {
         for bad in ["topk", "topk:0", "topk:2", "qsgd", "qsgd:0", "zip", "sign:3", "randk:0.1+sign", "sign+sign"] {
             assert!(bad.parse::<Compressor>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn block_scaled_8_bit_codes_round_within_half_a_step() {
+        // FP8 E4M3: every finite code decodes and encodes back; the extremes are OCP's.
+        for code in (0u8..=0x7e).chain(0x80..=0xfe) {
+            assert_eq!(fp8::encode(fp8::decode(code)), code, "code {code:#x}");
+        }
+        assert_eq!((fp8::decode(0x7e), fp8::decode(0x01), fp8::decode(0x08)), (448.0, 2f32.powi(-9), 2f32.powi(-6)));
+        assert!(fp8::decode(0x7f).is_nan() && fp8::encode(f32::NAN) == 0x7f);
+        assert_eq!((fp8::encode(1000.0), fp8::encode(-1000.0)), (0x7e, 0xfe), "saturates");
+        // 1.0625 lies halfway between 1 (code 0x38) and 1.125 (0x39): the even code.
+        assert_eq!(fp8::encode(1.0625), 0x38);
+        // Round trips: int8 within half a block's scale, FP8 within 2⁻⁴ of the value (or the
+        // subnormal spacing); a block of 256 values per scale, so 600 values make 3 blocks.
+        let values: Vec<f32> = (0..600).map(|k| ((k as f32 * 0.37).sin() * 10.0f32.powi(k % 4 - 2))).collect();
+        for c in [Compressor::Int8, Compressor::Fp8] {
+            let (payload, decoded) = round_trip(c, &values);
+            assert_eq!(payload.len(), HEADER_BYTES + 600 + 4 * 3, "{c}");
+            for (b, (block, back)) in values.chunks(QUANT_BLOCK).zip(decoded.chunks(QUANT_BLOCK)).enumerate() {
+                let largest = block.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                for (v, d) in block.iter().zip(back) {
+                    let bound = match c {
+                        Compressor::Int8 => largest / 127.0 / 2.0 * 1.0001,
+                        _ => v.abs() * 2f32.powi(-4) + largest / 448.0 * 2f32.powi(-10),
+                    };
+                    assert!((v - d).abs() <= bound, "{c}, block {b}: {v} decoded {d}");
+                }
+            }
+            assert_eq!(c.to_string().parse::<Compressor>().unwrap(), c);
+            assert!(c.is_elementwise());
+        }
+        // A block of zeros has scale 0 and decodes to zeros.
+        assert_eq!(round_trip(Compressor::Int8, &[0.0; 5]).1, vec![0.0; 5]);
     }
 }

@@ -236,6 +236,20 @@ pub enum RuleError {
     /// Communication failed during the merge.
     #[error(transparent)]
     Comm(#[from] CommError),
+    /// A quantized all-reduce was asked of a compressor that cannot be summed after decoding.
+    #[error("{0} cannot be summed after decoding (a quantized all-reduce takes bf16, fp16, int8 or fp8)")]
+    NotElementwise(crate::compress::Compressor),
+}
+
+impl From<crate::comm::QuantizedReduceError> for RuleError {
+    fn from(error: crate::comm::QuantizedReduceError) -> Self {
+        use crate::comm::QuantizedReduceError as Q;
+        match error {
+            Q::Comm(error) => Self::Comm(error),
+            Q::Payload { from, error } => Self::Payload { from, error },
+            Q::NotElementwise(compressor) => Self::NotElementwise(compressor),
+        }
+    }
 }
 
 /// What a rule knows about the merge it is running. Identical on every worker, except `rank`.
