@@ -915,7 +915,7 @@ mod tests {
         assert_eq!(fp8::encode(1.0625), 0x38);
         // Round trips: int8 within half a block's scale, FP8 within 2⁻⁴ of the value (or the
         // subnormal spacing); a block of 256 values per scale, so 600 values make 3 blocks.
-        let values: Vec<f32> = (0..600).map(|k| ((k as f32 * 0.37).sin() * 10.0f32.powi(k % 4 - 2))).collect();
+        let values: Vec<f32> = (0..600).map(|k| (k as f32 * 0.37).sin() * 10.0f32.powi(k % 4 - 2)).collect();
         for c in [Compressor::Int8, Compressor::Fp8] {
             let (payload, decoded) = round_trip(c, &values);
             assert_eq!(payload.len(), HEADER_BYTES + 600 + 4 * 3, "{c}");
