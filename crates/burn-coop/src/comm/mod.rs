@@ -41,7 +41,7 @@ mod quantized;
 pub use in_process::{InProcessComm, InProcessGroup};
 pub use metered::{CollectiveKind, CommTime, Metered, Traffic, TrafficByKind};
 pub use network::{NetworkModel, SMALL_COLLECTIVE_VALUES, SimClock, StepTime};
-pub use quantized::{QuantizedReduceError, quantized_all_reduce_sum};
+pub use quantized::{QuantizedReduceError, quantized_all_reduce_bytes, quantized_all_reduce_sum};
 
 /// Why communication failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -113,6 +113,18 @@ pub fn quantized_all_reduce_sum(
     Ok(())
 }
 
+/// The bytes one worker sends in [`quantized_all_reduce_sum`] of a buffer split as `split`
+/// among `m` workers, averaged over the workers (every chunk travels `2(m − 1)` times in all,
+/// once per hop, each hop sent by a different worker on average).
+pub fn quantized_all_reduce_bytes(compressor: Compressor, split: &Segments, m: usize) -> f64 {
+    if m <= 1 {
+        return 0.0;
+    }
+    let n = split.len();
+    let total: usize = (0..m).map(|k| compressor.payload_bytes(&split_of(split, &chunk(n, m, k)))).sum();
+    2.0 * (m - 1) as f64 * total as f64 / m as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +190,7 @@ mod tests {
             // one scale per block of 256 and an 8-byte header.
             let per_chunk = Compressor::Int8.payload_bytes(&Segments::whole(250)) as u64;
             assert_eq!(bytes, 6 * per_chunk, "worker {rank}");
+            assert_eq!(quantized_all_reduce_bytes(Compressor::Int8, &Segments::whole(n), m), bytes as f64);
         }
         // Against an all-gather of whole int8 models: (m − 1) models per worker.
         let all_gather = (m as u64 - 1) * Compressor::Int8.payload_bytes(&Segments::whole(n)) as u64;

@@ -31,7 +31,10 @@
 //! error memories stay zero (see [`Segments`]).
 //!
 //! Without error feedback (`average --compressor C`) the memories stay zero:
-//! `x_s ← x_s + (1/m) Σ_j C(x_j − x_s)`, plain averaging of compressed changes.
+//! `x_s ← x_s + (1/m) Σ_j C(x_j − x_s)`, plain averaging of compressed changes. With an
+//! elementwise quantizer (`bf16`, `fp16`, `int8`, `fp8`) the sum travels by a quantized
+//! all-reduce ([`crate::comm::quantized_all_reduce_sum`]: each worker sends `2(m − 1)/m` of the
+//! quantized changes instead of `m − 1` of them, every hop rounding its partial sum again).
 //!
 //! The identity compressor is lossless: then `c_i = Δ_i`, the memories stay zero and the merge
 //! is the mean of the models, which the rule computes directly with averaging's sum all-reduce
@@ -147,6 +150,13 @@ impl EcLocalSgd {
         self.worker.is_lossless() && self.server.is_lossless()
     }
 
+    /// Whether the merge is a quantized all-reduce of the changes: averaging without memories
+    /// by an elementwise quantizer (`bf16`, `fp16`, `int8`, `fp8`), whose decoded values can be
+    /// summed hop by hop.
+    fn reduces(&self) -> bool {
+        !self.error_feedback && !self.worker.is_lossless() && self.worker.is_elementwise()
+    }
+
     /// This worker's error memory (zeros before the first merge).
     pub fn worker_error(&self) -> &[f32] {
         &self.worker_error
@@ -177,6 +187,7 @@ impl EcLocalSgd {
         let n = params.len();
         let m = ctx.world_size;
         let segments = super::split_for(self.registry_name(), self.segments.as_ref(), n)?;
+        let reduces = self.reduces();
         let synced = self.synced.as_mut().expect("checked by merge");
         // Memories only where they can hold something (a checkpoint keeps what exists).
         if self.error_feedback {
@@ -192,6 +203,14 @@ impl EcLocalSgd {
             self.meant.extend(params.iter().zip(synced.iter()).map(|(x, z)| x - z));
         }
         let at = |rank: usize| CompressContext { seed: ctx.seed, round: ctx.round, rank };
+        if reduces {
+            // Compressed averaging by an elementwise quantizer: the changes' sum by a quantized
+            // all-reduce, no memories.
+            crate::comm::quantized_all_reduce_sum(comm, &mut self.meant, self.worker, Some(&segments), at(ctx.rank))?;
+            divide(&mut self.meant, m);
+            synced.iter_mut().zip(&self.meant).for_each(|(z, c)| *z += c);
+            return Ok(());
+        }
         self.worker.compress(&self.meant, &segments, at(ctx.rank), &mut self.payload);
         let all = comm.all_gather_bytes(&self.payload)?;
         self.mean.clear();
@@ -291,6 +310,11 @@ impl MatrixForm for EcLocalSgd {
     fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
         Some(if self.lossless() {
             Traffic::ring_all_reduce(4 * values as u64, world_size) as f64
+        } else if self.reduces() {
+            // 2(m − 1) chunks of the quantized all-reduce, each a payload of its share.
+            let split = Segments::resolve(self.segments.as_ref(), values)
+                .unwrap_or_else(|| Cow::Owned(Segments::whole(values)));
+            crate::comm::quantized_all_reduce_bytes(self.worker, &split, world_size) as f64
         } else {
             let split = Segments::resolve(self.segments.as_ref(), values)
                 .unwrap_or_else(|| Cow::Owned(Segments::whole(values)));
@@ -468,6 +492,29 @@ mod tests {
         let make =
             || -> Box<dyn CooperativeRule> { Box::new(EcLocalSgd::new(Compressor::TopK(0.1), Compressor::Sign)) };
         assert_eq!(merge_trajectories(4, 6, Some(3), make), merge_trajectories(4, 6, None, make));
+    }
+
+    #[test]
+    fn elementwise_quantizers_average_by_a_quantized_all_reduce() {
+        let (m, n) = (4, 600);
+        for c in [Compressor::Int8, Compressor::Fp8, Compressor::Bf16] {
+            let make = || -> Box<dyn CooperativeRule> { Box::new(EcLocalSgd::without_error_feedback(c)) };
+            let measured = crate::testing::measured_bytes_per_merge(m, n, 2, make);
+            assert_eq!(make().expected_bytes_per_merge(n, m), Some(measured), "{c}");
+            // Half or less of an all-gather of the same payloads.
+            let all_gather = ((m - 1) * c.payload_bytes(&Segments::whole(n))) as f64;
+            assert!(measured < 0.55 * all_gather, "{c}: {measured} against {all_gather}");
+            // One merge: every worker holds the same model, the mean of the moved models to
+            // within the quantizer's error.
+            let runs = run(m, n, 1, || EcLocalSgd::without_error_feedback(c));
+            assert!(runs.windows(2).all(|w| w[0].0 == w[1].0), "{c}");
+            let start = initial_buffer(m, n);
+            let exact = run(m, n, 1, || EcLocalSgd::without_error_feedback(Compressor::Identity));
+            let largest = exact[0].0.iter().zip(&start).fold(0.0f32, |a, (x, s)| a.max((x - s).abs()));
+            for (k, (got, want)) in runs[0].0.iter().zip(&exact[0].0).enumerate() {
+                assert!((got - want).abs() <= 0.1 * largest * m as f32, "{c}, value {k}: {got} vs {want}");
+            }
+        }
     }
 
     #[test]
