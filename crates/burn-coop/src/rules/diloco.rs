@@ -23,6 +23,11 @@
 //! `x_sync` starts as the initial model and, with `u`, is saved in checkpoints. One sum
 //! all-reduce of the model per merge, as averaging.
 //!
+//! With `--compressor` an elementwise quantizer (`bf16`, `fp16`, `int8`, `fp8`), the workers
+//! send their pseudo-gradients `x_sync − x_i` instead of their models, summed by a quantized
+//! all-reduce ([`crate::comm::quantized_all_reduce_sum`]; buffers exact), and `x̄ = x_sync − ḡ`
+//! (torchft's `should_quantize` sends FP8 pseudo-gradients the same way).
+//!
 //! `--outer-optimizer adam` replaces the momentum step by Adam on the same pseudo-gradient
 //! (FedAdam/FedOpt; `--outer-momentum` is then `β₁`, with `--outer-beta2` and `--outer-eps`;
 //! it has no default learning rate, since DiLoCo's 0.7 is a momentum-SGD rate): see
@@ -34,7 +39,7 @@ use super::kernels::replace_by_mean;
 use super::outer::{OuterKind, OuterOptimizer};
 use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext};
 use crate::comm::Communicator;
-use crate::compress::Segments;
+use crate::compress::{CompressContext, Compressor, Segments};
 use crate::registry::{RuleConfig, SpecError};
 use crate::state::StateRecord;
 
@@ -74,6 +79,11 @@ pub struct DiLoCoConfig {
     #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outer_beta2: Option<f64>,
+    /// How the pseudo-gradients travel (shared `--compressor`): dense by default; an
+    /// elementwise quantizer (bf16, fp16, int8, fp8) sums them by a quantized all-reduce.
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressor: Option<Compressor>,
     /// Adam's ε, positive (default 1e-8).
     #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -136,12 +146,16 @@ impl RuleConfig for DiLoCoConfig {
     const NAME: &'static str = "diloco";
 
     fn build(&self, _world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
-        Ok(Box::new(DiLoCo::with_outer(self.outer()?)))
+        Ok(Box::new(DiLoCo::with_outer(self.outer()?).with_compressor(quantizer(self.compressor)?)))
     }
 
     fn describe(&self) -> String {
+        let sent = match self.compressor.filter(|c| !c.is_lossless()) {
+            Some(c) => format!(", pseudo-gradients in {c}"),
+            None => String::new(),
+        };
         match self.outer() {
-            Ok(outer) => format!("DiLoCo, {}", describe_outer(&outer)),
+            Ok(outer) => format!("DiLoCo, {}{sent}", describe_outer(&outer)),
             Err(error) => format!("DiLoCo ({error})"),
         }
     }
@@ -157,6 +171,7 @@ impl RuleConfig for DiLoCoConfig {
                 outer_nesterov: Some(nesterov),
                 outer_beta2: None,
                 outer_eps: None,
+                compressor: self.compressor,
             },
             OuterKind::Adam { beta1, beta2, eps } => Self {
                 outer_optimizer: Some(OuterOptimizerName::Adam),
@@ -165,8 +180,24 @@ impl RuleConfig for DiLoCoConfig {
                 outer_nesterov: None,
                 outer_beta2: Some(beta2),
                 outer_eps: Some(eps),
+                compressor: self.compressor,
             },
         }
+    }
+}
+
+/// The quantizer the pseudo-gradients travel in, checked: `None` for the dense all-reduce (also
+/// for the identity), an elementwise quantizer for the quantized all-reduce, an error naming
+/// `compressor` otherwise.
+pub(crate) fn quantizer(compressor: Option<Compressor>) -> Result<Option<Compressor>, SpecError> {
+    match compressor {
+        Some(c) if c.is_lossless() => Ok(None),
+        Some(c) if !c.is_elementwise() => Err(SpecError::new(
+            "compressor",
+            c.to_string(),
+            "the pseudo-gradients are summed by a quantized all-reduce: bf16, fp16, int8 or fp8",
+        )),
+        other => Ok(other),
     }
 }
 
@@ -191,6 +222,8 @@ pub struct DiLoCo {
     synced: Option<Vec<f32>>,
     sum: Vec<f32>,
     segments: Option<Segments>,
+    /// The quantizer of the pseudo-gradients' all-reduce (`None`: the models, dense).
+    compressor: Option<Compressor>,
 }
 
 impl DiLoCo {
@@ -207,7 +240,13 @@ impl DiLoCo {
 
     /// DiLoCo with a checked outer optimizer ([`DiLoCoConfig::outer`]).
     pub fn with_outer(outer: OuterOptimizer) -> Self {
-        Self { outer, steps: 0, synced: None, sum: Vec::new(), segments: None }
+        Self { outer, steps: 0, synced: None, sum: Vec::new(), segments: None, compressor: None }
+    }
+
+    /// The pseudo-gradients `x_sync − x_i` summed by a quantized all-reduce in `compressor` (an
+    /// elementwise quantizer, see [`quantizer`]) instead of the models by a dense one.
+    pub fn with_compressor(self, compressor: Option<Compressor>) -> Self {
+        Self { compressor, ..self }
     }
 }
 
@@ -238,10 +277,30 @@ impl MergeRule for DiLoCo {
             return Err(RuleError::BadState { rule: DiLoCoConfig::NAME, reason });
         }
         let split = super::split_for(DiLoCoConfig::NAME, self.segments.as_ref(), params.len())?;
-        self.sum.resize(params.len(), 0.0);
-        comm.all_reduce_sum_into(params, &mut self.sum)?;
-        // params ← x̄, measuring each worker's distance to it in the same pass.
-        let local = replace_by_mean(params, &self.sum, ctx.world_size);
+        let local = match self.compressor {
+            None => {
+                self.sum.resize(params.len(), 0.0);
+                comm.all_reduce_sum_into(params, &mut self.sum)?;
+                // params ← x̄, measuring each worker's distance to it in the same pass.
+                replace_by_mean(params, &self.sum, ctx.world_size)
+            }
+            Some(compressor) => {
+                // The mean pseudo-gradient ḡ = mean_i(x_sync − x_i) quantized, then x̄ = x_sync − ḡ.
+                let synced = self.synced.as_ref().expect("checked above");
+                self.sum.clear();
+                self.sum.extend(synced.iter().zip(params.iter()).map(|(z, x)| z - x));
+                let at = CompressContext { seed: ctx.seed, round: ctx.round, rank: ctx.rank };
+                crate::comm::quantized_all_reduce_sum(comm, &mut self.sum, compressor, Some(&split), at)?;
+                super::kernels::divide(&mut self.sum, ctx.world_size);
+                let mut local = 0.0;
+                for ((x, z), g) in params.iter_mut().zip(synced).zip(&self.sum) {
+                    let mean = z - g;
+                    local += f64::from(*x - mean) * f64::from(*x - mean);
+                    *x = mean;
+                }
+                local
+            }
+        };
         let synced = self.synced.as_mut().expect("checked above");
         self.outer.fit(params.len());
         self.steps += 1;
@@ -284,7 +343,14 @@ impl MergeRule for DiLoCo {
 
 impl MatrixForm for DiLoCo {
     fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
-        Some(crate::comm::Traffic::ring_all_reduce(4 * values as u64, world_size) as f64)
+        Some(match self.compressor {
+            None => crate::comm::Traffic::ring_all_reduce(4 * values as u64, world_size) as f64,
+            Some(compressor) => {
+                let split = Segments::resolve(self.segments.as_ref(), values)
+                    .map_or_else(|| Segments::whole(values), std::borrow::Cow::into_owned);
+                crate::comm::quantized_all_reduce_bytes(compressor, &split, world_size)
+            }
+        })
     }
 }
 
@@ -383,6 +449,30 @@ mod tests {
             }
         }
         assert_eq!(merge_trajectories(m, merges, Some(3), make), runs, "Adam's moments and step count are saved");
+    }
+
+    #[test]
+    fn quantized_pseudo_gradients_cost_their_bytes_and_stay_near_the_dense_step() {
+        let (m, n) = (4, 600);
+        let make = |c: Option<Compressor>| move || DiLoCo::new(0.7, 0.9, true).unwrap().with_compressor(c);
+        for c in [Compressor::Int8, Compressor::Fp8] {
+            let measured = crate::testing::measured_bytes_per_merge(m, n, 2, make(Some(c)));
+            assert_eq!(make(Some(c))().expected_bytes_per_merge(n, m), Some(measured), "{c}");
+            let dense = crate::testing::measured_bytes_per_merge(m, n, 2, make(None));
+            assert!(measured < 0.3 * dense, "{c}: {measured} against {dense} dense");
+            // Five merges, against the dense rule: every worker the same model, within the
+            // quantizer's error of the dense one.
+            let quantized = merge_trajectories(m, 5, None, make(Some(c)));
+            let exact = merge_trajectories(m, 5, None, make(None));
+            let value = |bits: &u32| f32::from_bits(*bits);
+            for (q, e) in quantized[0].last().unwrap().iter().zip(exact[0].last().unwrap()) {
+                assert!((value(q) - value(e)).abs() < 0.05, "{c}: {} vs {}", value(q), value(e));
+            }
+            assert!(quantized.windows(2).all(|w| w[0] == w[1]), "{c}: every worker alike");
+            assert_ne!(quantized, exact, "{c}: lossy");
+        }
+        assert_eq!(quantizer(Some(Compressor::TopK(0.01))).unwrap_err().option, "compressor");
+        assert_eq!(quantizer(Some(Compressor::Identity)).unwrap(), None);
     }
 
     #[test]

@@ -115,6 +115,7 @@ impl StreamingDiLoCoConfig {
             outer_nesterov: self.outer_nesterov,
             outer_beta2: self.outer_beta2,
             outer_eps: self.outer_eps,
+            compressor: None,
         }
     }
 }
