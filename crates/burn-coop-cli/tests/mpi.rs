@@ -168,9 +168,9 @@ fn new_rules_and_schedules_run_with_their_defaults_on_threads_and_ranks() {
     // the last bit of a merge to 1e-3 within a few steps, for plain averaging too). Four ranks
     // for the rules that only exchange with neighbours (sums built in a fixed order) and for
     // several anchors (sums of two group members, and of anchors with zeros).
-    // The compressed rules gather or exchange byte payloads and add them in rank order: four
-    // ranks agree to the bit.
-    let settings: [(&str, &[&str]); 13] = [
+    // The compressed rules gather or exchange byte payloads and add them in rank order, and the
+    // quantized all-reduce adds in ring order: four ranks agree to the bit.
+    let settings: [(&str, &[&str]); 16] = [
         ("2", &["--rule", "diloco"]),
         ("2", &["--rule", "hierarchical"]),
         ("2", &["--schedule", "adacomm"]),
@@ -184,6 +184,9 @@ fn new_rules_and_schedules_run_with_their_defaults_on_threads_and_ranks() {
         ("4", &["--rule", "average", "--compressor", "qsgd:4"]),
         ("4", &["--rule", "choco", "--compressor", "topk:0.1"]),
         ("4", &["--rule", "squarm", "--trigger-threshold", "1"]),
+        ("2", &["--rule", "streaming-diloco", "--fragments", "2", "--tau", "2"]),
+        ("4", &["--rule", "diloco", "--compressor", "int8", "--tau", "2"]),
+        ("4", &["--rule", "average", "--compressor", "fp8", "--tau", "2"]),
     ];
     for (k, (np, setting)) in settings.into_iter().enumerate() {
         let common = ["train", "--batch-size", "8", "--max-steps", "16", "--lr", "0.02", "--verify", "false"];
