@@ -475,6 +475,15 @@ impl Segments {
         }
     }
 
+    /// The part of this split that falls in `range` (of the buffer it covers), as a split of
+    /// its own.
+    pub fn slice(&self, range: &std::ops::Range<usize>) -> Self {
+        Self::new(self.iter().filter_map(|(r, part)| {
+            let (start, end) = (r.start.max(range.start), r.end.min(range.end));
+            (start < end).then(|| Segment { len: end - start, exact: part.exact })
+        }))
+    }
+
     /// The ranges of the values a lossy compressor acts on (every segment but the exact ones).
     pub fn compressed_ranges(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
         self.iter().filter(|(_, s)| !s.exact).map(|(range, _)| range)

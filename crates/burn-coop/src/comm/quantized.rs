@@ -20,7 +20,7 @@
 use std::ops::Range;
 
 use super::{CommError, Communicator, Route};
-use crate::compress::{CompressContext, CompressError, Compressor, Segment, Segments};
+use crate::compress::{CompressContext, CompressError, Compressor, Segments};
 
 /// Why a quantized all-reduce failed.
 #[derive(Debug, thiserror::Error)]
@@ -44,14 +44,6 @@ pub enum QuantizedReduceError {
 /// Chunk `k` of `m` of a buffer of `n` values.
 fn chunk(n: usize, m: usize, k: usize) -> Range<usize> {
     (k * n).div_ceil(m)..((k + 1) * n).div_ceil(m)
-}
-
-/// The part of `split` (covering the whole buffer) that falls in `range`, as its own split.
-fn split_of(split: &Segments, range: &Range<usize>) -> Segments {
-    Segments::new(split.iter().filter_map(|(r, part)| {
-        let (start, end) = (r.start.max(range.start), r.end.min(range.end));
-        (start < end).then(|| Segment { len: end - start, exact: part.exact })
-    }))
 }
 
 /// Replaces `values` by their element-wise sum over the workers, every message compressed by
@@ -83,19 +75,19 @@ pub fn quantized_all_reduce_sum(
     // Reduce-scatter: step s sends chunk r − s and adds chunk r − s − 1 from the previous rank.
     for s in 0..m - 1 {
         let (sent, received) = (chunk(n, m, (r + m - s) % m), chunk(n, m, (r + 2 * m - s - 1) % m));
-        compressor.compress(&values[sent.clone()], &split_of(split, &sent), at(r), &mut payload);
+        compressor.compress(&values[sent.clone()], &split.slice(&sent), at(r), &mut payload);
         let mut outcome = Ok(());
         comm.exchange_bytes(&payload, route, &mut |_, bytes| {
-            outcome = compressor.decompress(bytes, &split_of(split, &received), at(previous[0]), &mut decoded);
+            outcome = compressor.decompress(bytes, &split.slice(&received), at(previous[0]), &mut decoded);
         })?;
         outcome.map_err(|error| QuantizedReduceError::Payload { from: previous[0], error })?;
         values[received].iter_mut().zip(&decoded).for_each(|(v, d)| *v += d);
     }
     // This worker's complete chunk, compressed once; it keeps the decoded values, as everyone.
     let owned = chunk(n, m, (r + 1) % m);
-    compressor.compress(&values[owned.clone()], &split_of(split, &owned), at(r), &mut payload);
+    compressor.compress(&values[owned.clone()], &split.slice(&owned), at(r), &mut payload);
     compressor
-        .decompress(&payload, &split_of(split, &owned), at(r), &mut decoded)
+        .decompress(&payload, &split.slice(&owned), at(r), &mut decoded)
         .map_err(|error| QuantizedReduceError::Payload { from: r, error })?;
     values[owned].copy_from_slice(&decoded);
     // All-gather: step s forwards the payload of chunk r + 1 − s and receives chunk r − s.
@@ -105,7 +97,7 @@ pub fn quantized_all_reduce_sum(
         let mut incoming = Vec::new();
         comm.exchange_bytes(&payload, route, &mut |_, bytes| incoming = bytes.to_vec())?;
         compressor
-            .decompress(&incoming, &split_of(split, &received), at(origin), &mut decoded)
+            .decompress(&incoming, &split.slice(&received), at(origin), &mut decoded)
             .map_err(|error| QuantizedReduceError::Payload { from: previous[0], error })?;
         values[received].copy_from_slice(&decoded);
         payload = incoming;
@@ -121,7 +113,7 @@ pub fn quantized_all_reduce_bytes(compressor: Compressor, split: &Segments, m: u
         return 0.0;
     }
     let n = split.len();
-    let total: usize = (0..m).map(|k| compressor.payload_bytes(&split_of(split, &chunk(n, m, k)))).sum();
+    let total: usize = (0..m).map(|k| compressor.payload_bytes(&split.slice(&chunk(n, m, k)))).sum();
     2.0 * (m - 1) as f64 * total as f64 / m as f64
 }
 
@@ -129,6 +121,7 @@ pub fn quantized_all_reduce_bytes(compressor: Compressor, split: &Segments, m: u
 mod tests {
     use super::*;
     use crate::comm::{InProcessGroup, Metered, Traffic};
+    use crate::compress::Segment;
     use crate::launch::{Failure, run_group};
     use crate::rules::RuleError;
     use crate::testing::worker_buffer;

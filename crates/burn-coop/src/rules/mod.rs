@@ -79,8 +79,8 @@ pub struct SharedRuleFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
     /// What travels instead of dense values: identity, topk:F, topk:F+sign, randk:F, sign, qsgd:S,
-    /// bf16, fp16, int8, fp8 (average, ec-local-sgd, choco, squarm; diloco takes the elementwise
-    /// ones, bf16 to fp8, for its pseudo-gradients).
+    /// bf16, fp16, int8, fp8 (average, ec-local-sgd, choco, squarm; diloco and streaming-diloco
+    /// take the elementwise ones, bf16 to fp8, for their pseudo-gradients).
     #[arg(long, value_parser = crate::registry::serde_name::<crate::compress::Compressor>)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compressor: Option<crate::compress::Compressor>,

@@ -32,7 +32,9 @@
 //! segments given by [`MergeRule::set_segments`]) take the plain mean instead of an outer step
 //! (then the same mixing). With one fragment, no overlap and `α = 0` this is [`DiLoCo`] bit for
 //! bit. A checkpoint taken while a fragment travels saves the fragment and its payload; the
-//! resumed run starts the same all-reduce again at its first merge.
+//! resumed run starts the same all-reduce again at its first merge. With `--compressor` an
+//! elementwise quantizer (`bf16`, `fp16`, `int8`, `fp8`), a fragment's pseudo-gradients
+//! `x_sync − x_i` are summed by the quantized all-reduce (see [`StreamingDiLoCo::with_compressor`]).
 //!
 //! [`DiLoCo`]: crate::rules::diloco::DiLoCo
 
@@ -40,12 +42,12 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use super::diloco::{DiLoCoConfig, OuterOptimizerName, describe_outer};
+use super::diloco::{DiLoCoConfig, OuterOptimizerName, describe_outer, quantizer};
 use super::kernels::replace_by_mean;
 use super::outer::OuterOptimizer;
 use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext};
 use crate::comm::{Communicator, PendingSum, Traffic};
-use crate::compress::Segments;
+use crate::compress::{CompressContext, Compressor, Segments};
 use crate::registry::{RuleConfig, SpecError};
 use crate::state::StateRecord;
 
@@ -91,6 +93,11 @@ pub struct StreamingDiLoCoConfig {
     #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outer_eps: Option<f64>,
+    /// How a fragment's pseudo-gradients travel (shared `--compressor`): dense by default; an
+    /// elementwise quantizer (bf16, fp16, int8, fp8) sums them by a quantized all-reduce.
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressor: Option<Compressor>,
 }
 
 impl StreamingDiLoCoConfig {
@@ -115,7 +122,7 @@ impl StreamingDiLoCoConfig {
             outer_nesterov: self.outer_nesterov,
             outer_beta2: self.outer_beta2,
             outer_eps: self.outer_eps,
-            compressor: None,
+            compressor: self.compressor,
         }
     }
 }
@@ -125,7 +132,8 @@ impl RuleConfig for StreamingDiLoCoConfig {
 
     fn build(&self, _world_size: usize) -> Result<Box<dyn CooperativeRule>, SpecError> {
         let outer = self.outer_settings().outer()?;
-        Ok(Box::new(StreamingDiLoCo::new(self.fragments() as usize, self.overlap(), self.alpha(), outer)?))
+        let rule = StreamingDiLoCo::new(self.fragments() as usize, self.overlap(), self.alpha(), outer)?;
+        Ok(Box::new(rule.with_compressor(quantizer(self.compressor)?)))
     }
 
     fn describe(&self) -> String {
@@ -154,6 +162,7 @@ impl RuleConfig for StreamingDiLoCoConfig {
             outer_nesterov: outer.outer_nesterov,
             outer_beta2: outer.outer_beta2,
             outer_eps: outer.outer_eps,
+            compressor: self.compressor,
         }
     }
 }
@@ -163,8 +172,11 @@ impl RuleConfig for StreamingDiLoCoConfig {
 #[derive(Debug)]
 struct InFlight {
     fragment: usize,
+    /// This worker's values of the fragment (dense: the sum travels), or, when `reduced`, the
+    /// fragment's mean already reduced by the quantized all-reduce.
     payload: Vec<f32>,
     pending: Option<PendingSum>,
+    reduced: bool,
 }
 
 /// Streaming DiLoCo; see the [module documentation](crate::rules::streaming_diloco).
@@ -184,6 +196,8 @@ pub struct StreamingDiLoCo {
     /// The fragments' ranges, from the split (computed at the first merge).
     ranges: Vec<Range<usize>>,
     sum: Vec<f32>,
+    /// The quantizer of the pseudo-gradients' all-reduce (`None`: the values, dense).
+    compressor: Option<Compressor>,
 }
 
 impl StreamingDiLoCo {
@@ -208,7 +222,38 @@ impl StreamingDiLoCo {
             segments: None,
             ranges: Vec::new(),
             sum: Vec::new(),
+            compressor: None,
         })
+    }
+
+    /// Each fragment's pseudo-gradients `x_sync − x_i` summed by a quantized all-reduce in
+    /// `compressor` (an elementwise quantizer) instead of its values by a dense one. The
+    /// quantized all-reduce is built of neighbour exchanges and does not travel in the
+    /// background: with overlap it runs when the fragment is sent, and its result is applied a
+    /// merge later as the dense one's would be (the same algorithm; the time is not hidden).
+    pub fn with_compressor(self, compressor: Option<Compressor>) -> Self {
+        Self { compressor, ..self }
+    }
+
+    /// The mean of fragment `f`'s values over the workers by the quantized all-reduce of the
+    /// pseudo-gradients: `x_sync − mean_i(x_sync − x_i)`.
+    fn quantized_mean(
+        &mut self,
+        compressor: Compressor,
+        f: usize,
+        params: &[f32],
+        ctx: &SyncContext,
+        comm: &mut dyn Communicator,
+    ) -> Result<Vec<f32>, RuleError> {
+        let range = self.ranges[f].clone();
+        let synced = &self.synced.as_ref().expect("started before any merge")[range.clone()];
+        let mut g: Vec<f32> = synced.iter().zip(&params[range.clone()]).map(|(z, x)| z - x).collect();
+        let whole = Segments::whole(params.len());
+        let split = self.segments.as_ref().filter(|s| s.len() == params.len()).unwrap_or(&whole).slice(&range);
+        let at = CompressContext { seed: ctx.seed, round: ctx.round, rank: ctx.rank };
+        crate::comm::quantized_all_reduce_sum(comm, &mut g, compressor, Some(&split), at)?;
+        let m = ctx.world_size as f32;
+        Ok(synced.iter().zip(&g).map(|(z, g)| z - g / m).collect())
     }
 
     /// The fragments as ranges of a buffer of `n` values: runs of whole tensors of the split,
@@ -322,21 +367,35 @@ impl MergeRule for StreamingDiLoCo {
         self.outer.fit(n);
         // The fragment sent at the previous merge lands (started again first after a resume).
         if let Some(mut flight) = self.in_flight.take() {
-            let pending = match flight.pending.take() {
-                Some(pending) => pending,
-                None => comm.start_all_reduce_sum(flight.payload.clone())?,
+            let mut mean = if flight.reduced {
+                flight.payload
+            } else {
+                let pending = match flight.pending.take() {
+                    Some(pending) => pending,
+                    None => comm.start_all_reduce_sum(flight.payload.clone())?,
+                };
+                let mut sum = pending.wait()?;
+                super::kernels::divide(&mut sum, ctx.world_size);
+                sum
             };
-            let mut mean = pending.wait()?;
-            super::kernels::divide(&mut mean, ctx.world_size);
             self.finish(flight.fragment, &mut mean, params);
         }
         let f = (self.merges % self.fragments as u64) as usize;
         self.merges += 1;
         let range = self.ranges[f].clone();
+        if let Some(compressor) = self.compressor {
+            let mut mean = self.quantized_mean(compressor, f, params, ctx, comm)?;
+            if self.overlap {
+                self.in_flight = Some(InFlight { fragment: f, payload: mean, pending: None, reduced: true });
+            } else {
+                self.finish(f, &mut mean, params);
+            }
+            return Ok(MergeOutcome { local_squared_distance: None, trigger: None });
+        }
         if self.overlap {
             let payload = params[range].to_vec();
             let pending = comm.start_all_reduce_sum(payload.clone())?;
-            self.in_flight = Some(InFlight { fragment: f, payload, pending: Some(pending) });
+            self.in_flight = Some(InFlight { fragment: f, payload, pending: Some(pending), reduced: false });
             return Ok(MergeOutcome { local_squared_distance: None, trigger: None });
         }
         // Blocking: the fragment's mean now, as DiLoCo computes it (its distance measured in the
@@ -351,7 +410,7 @@ impl MergeRule for StreamingDiLoCo {
     }
 
     fn measures_consensus(&self) -> bool {
-        self.fragments == 1 && !self.overlap
+        self.fragments == 1 && !self.overlap && self.compressor.is_none()
     }
 
     fn reaches_consensus(&self) -> bool {
@@ -365,9 +424,10 @@ impl MergeRule for StreamingDiLoCo {
             record = record.with_scalar(&format!("fragment-{p}-steps"), *steps as f64);
         }
         if let Some(flight) = &self.in_flight {
+            let key = if flight.reduced { "in-flight-mean" } else { "in-flight" };
             record = record
                 .with_scalar("in-flight-fragment", flight.fragment as f64)
-                .with_buffer("in-flight", flight.payload.clone());
+                .with_buffer(key, flight.payload.clone());
         }
         record
     }
@@ -380,9 +440,11 @@ impl MergeRule for StreamingDiLoCo {
         for p in 0..self.fragments {
             self.steps[p] = record.take_scalar(&format!("fragment-{p}-steps")).unwrap_or(0.0) as u64;
         }
-        self.in_flight = match (record.take_scalar("in-flight-fragment"), record.take_buffer("in-flight")) {
+        let (sent, reduced) = (record.take_buffer("in-flight"), record.take_buffer("in-flight-mean"));
+        let was_reduced = reduced.is_some();
+        self.in_flight = match (record.take_scalar("in-flight-fragment"), sent.or(reduced)) {
             (Some(f), Some(payload)) if (f as usize) < self.fragments => {
-                Some(InFlight { fragment: f as usize, payload, pending: None })
+                Some(InFlight { fragment: f as usize, payload, pending: None, reduced: was_reduced })
             }
             (None, None) => None,
             (f, payload) => {
@@ -405,7 +467,19 @@ impl MergeRule for StreamingDiLoCo {
 impl MatrixForm for StreamingDiLoCo {
     /// One all-reduce of one fragment per merge: on average `1/P` of the model.
     fn expected_bytes_per_merge(&self, values: usize, world_size: usize) -> Option<f64> {
-        Some(Traffic::ring_all_reduce(4 * values as u64, world_size) as f64 / self.fragments as f64)
+        Some(match self.compressor {
+            None => Traffic::ring_all_reduce(4 * values as u64, world_size) as f64 / self.fragments as f64,
+            Some(compressor) => {
+                let whole = Segments::whole(values);
+                let split = self.segments.as_ref().filter(|s| s.len() == values).unwrap_or(&whole);
+                let ranges = self.split(values).ok()?;
+                let total: f64 = ranges
+                    .iter()
+                    .map(|range| crate::comm::quantized_all_reduce_bytes(compressor, &split.slice(range), world_size))
+                    .sum();
+                total / self.fragments as f64
+            }
+        })
     }
 }
 
@@ -513,6 +587,25 @@ mod tests {
         let mut many = StreamingDiLoCo::new(7, true, 0.5, nesterov()).unwrap();
         many.set_segments(&Segments::new(tensors.iter().map(|&len| Segment { len, exact: false })));
         assert!(matches!(many.split(100), Err(RuleError::BadState { .. })), "7 fragments of 6 tensors");
+    }
+
+    #[test]
+    fn quantized_fragments_stay_near_the_dense_ones_and_resume() {
+        for overlap in [false, true] {
+            let make = |c: Option<Compressor>| {
+                move || StreamingDiLoCo::new(3, overlap, 0.5, nesterov()).unwrap().with_compressor(c)
+            };
+            let quantized = merge_trajectories(4, 7, None, make(Some(Compressor::Int8)));
+            let dense = merge_trajectories(4, 7, None, make(None));
+            for (q, d) in quantized[0].last().unwrap().iter().zip(dense[0].last().unwrap()) {
+                let (q, d) = (f32::from_bits(*q), f32::from_bits(*d));
+                assert!((q - d).abs() < 0.05, "overlap {overlap}: {q} vs {d}");
+            }
+            assert_ne!(quantized, dense);
+            assert_eq!(merge_trajectories(4, 7, Some(4), make(Some(Compressor::Int8))), quantized, "resumed");
+            let measured = crate::testing::measured_bytes_per_merge(4, 60, 3, make(Some(Compressor::Int8)));
+            assert_eq!(make(Some(Compressor::Int8))().expected_bytes_per_merge(60, 4), Some(measured));
+        }
     }
 
     #[test]
