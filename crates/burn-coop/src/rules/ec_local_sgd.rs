@@ -314,7 +314,7 @@ impl MatrixForm for EcLocalSgd {
             // 2(m − 1) chunks of the quantized all-reduce, each a payload of its share.
             let split = Segments::resolve(self.segments.as_ref(), values)
                 .unwrap_or_else(|| Cow::Owned(Segments::whole(values)));
-            crate::comm::quantized_all_reduce_bytes(self.worker, &split, world_size) as f64
+            crate::comm::quantized_all_reduce_bytes(self.worker, &split, world_size)
         } else {
             let split = Segments::resolve(self.segments.as_ref(), values)
                 .unwrap_or_else(|| Cow::Owned(Segments::whole(values)));
