@@ -9,6 +9,7 @@
 //! | P2 | one merge of 4 replicas (weights and BatchNorm buffers), per rule | the bytes the merge must read and write at `memcpy` bandwidth | ≤ 2.0 |
 //! | P3 | the learner, 4 replicas × batch 32, τ = 8 | a plain Burn loop at batch 128 (images/s) | ≥ 0.95 |
 //! | P4 | local steps and merges with an all-reduce delayed by 60% of τ steps, overlapped rules and blocking averaging | the same local steps without merges | ≤ 1.05 (overlapped) |
+//! | P6 | bytes per worker of the busiest merge: Streaming DiLoCo (4 fragments), DiLoCo with int8/fp8 pseudo-gradients, averaging int8 changes by the quantized all-reduce | DiLoCo's dense all-reduce; an all-gather of the same int8 payloads | report; ≤ 0.3; ≤ 2/m · 1.1 |
 //! | P7 | ResNet-20 training on each Burn backend compiled in | PyTorch on CPU, same model, batch and threads | report (≥ 1.0 is the goal) |
 //! | P8 | peak heap of 4 replicas training | 4 × one replica with its optimizer | ≤ 1.1 |
 //!
@@ -22,6 +23,7 @@ pub mod p2_merge;
 pub mod p3_learner;
 pub mod p4_overlap;
 pub mod p5_compress;
+pub mod p6_bytes;
 pub mod p7_backends;
 pub mod p8_memory;
 pub mod report;
@@ -88,12 +90,13 @@ impl Options {
 /// returns every row.
 pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     type Bench = fn(&Options) -> Result<Vec<Row>, BenchError>;
-    let benches: [(&str, Bench); 7] = [
+    let benches: [(&str, Bench); 8] = [
         ("P1", p1_wrapper::run),
         ("P2", p2_merge::run),
         ("P3", p3_learner::run),
         ("P4", p4_overlap::run),
         ("P5", p5_compress::run),
+        ("P6", p6_bytes::run),
         ("P7", p7_backends::run),
         ("P8", p8_memory::run),
     ];

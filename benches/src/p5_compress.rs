@@ -36,6 +36,8 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
         Compressor::Qsgd(16),
         Compressor::Bf16,
         Compressor::Fp16,
+        Compressor::Int8,
+        Compressor::Fp8,
     ];
     let mut rows = Vec::new();
     let (mut payload, mut decoded) = (Vec::new(), Vec::new());

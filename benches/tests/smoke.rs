@@ -18,6 +18,10 @@ fn every_benchmark_runs_at_smoke_scale() {
     assert_eq!(p2_goals, 3, "one goal row per rule");
     assert_eq!(count("P3"), 1);
     assert_eq!(count("P4"), 3, "two overlapped rules and blocking averaging");
+    assert_eq!(count("P6"), 4, "Streaming DiLoCo, two quantizers for DiLoCo, quantized averaging");
+    for row in rows.iter().filter(|r| r.id == "P6" && r.goal != Goal::Report) {
+        assert_eq!(row.met(), Some(true), "bytes are deterministic: {}", row.summary());
+    }
     assert!(count("P7") >= 1, "at least the Flex backend");
     assert_eq!(count("P8"), 2);
     for row in &rows {

@@ -89,7 +89,12 @@ impl ScheduleConfig for AdaCommConfig {
     }
 
     fn describe(&self) -> String {
-        format!("AdaComm from tau = {} every {} steps", self.tau0(), self.interval())
+        let every = match self.interval_seconds {
+            Some(seconds) => format!("{seconds} simulated s"),
+            None => format!("{} steps", self.interval()),
+        };
+        let form = if self.adacomm_lr_aware.unwrap_or(false) { ", learning-rate form" } else { "" };
+        format!("AdaComm from tau = {} every {every}{form}", self.tau0())
     }
 
     fn run_tag(&self) -> String {
