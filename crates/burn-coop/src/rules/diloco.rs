@@ -244,7 +244,7 @@ impl DiLoCo {
     }
 
     /// The pseudo-gradients `x_sync − x_i` summed by a quantized all-reduce in `compressor` (an
-    /// elementwise quantizer, see [`quantizer`]) instead of the models by a dense one.
+    /// elementwise quantizer: bf16, fp16, int8, fp8) instead of the models by a dense one.
     pub fn with_compressor(self, compressor: Option<Compressor>) -> Self {
         Self { compressor, ..self }
     }
