@@ -380,7 +380,11 @@ fn shared_rule_flags_reach_every_rule_that_has_them_and_only_those() {
     };
     refused(
         &["--rule", "gossip", "--compressor", "sign"],
-        "--compressor is a setting of the average, ec-local-sgd, choco, squarm rules, but this run uses gossip",
+        "--compressor is a setting of the average, diloco, streaming-diloco, ec-local-sgd, choco, squarm rules, but this run uses gossip",
+    );
+    refused(
+        &["--rule", "average", "--outer-lr", "0.5"],
+        "--outer-lr is a setting of the diloco, streaming-diloco rules, but this run uses average",
     );
     refused(
         &["--rule", "elastic", "--topology", "torus"],
