@@ -121,7 +121,7 @@ impl Row {
     }
 
     /// The periods as logged at the merges, each once in order of appearance: all of them when
-    /// at most four, else the first and the last.
+    /// at most five, else the first and the last.
     fn periods(&self) -> Result<String, String> {
         let mut seen: Vec<u64> = Vec::new();
         for tau in self.column(&self.run.syncs, "tau", Reduce::Mean)? {
@@ -130,7 +130,7 @@ impl Row {
             }
         }
         let shown: Vec<String> = match seen.len() {
-            0..=4 => seen.iter().map(u64::to_string).collect(),
+            0..=5 => seen.iter().map(u64::to_string).collect(),
             _ => vec![seen[0].to_string(), seen[seen.len() - 1].to_string()],
         };
         Ok(shown.join(" → "))
