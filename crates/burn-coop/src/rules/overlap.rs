@@ -193,7 +193,7 @@ impl MergeRule for Overlap {
         let mut payload: Vec<f32> = z.iter().zip(momentum.iter()).map(|(z, m)| (z + -eta * m) / share).collect();
         // Buffers take the plain mean of their values before the merge: no pull, no momentum
         // (their share of the anchor's sum is unused).
-        let mut means = self.buffers.chunks(usize::MAX).next().unwrap_or_default();
+        let mut means = &self.buffers[..];
         for (range, _) in split.iter().filter(|(_, part)| part.exact) {
             let (mean, rest) = means.split_at(range.len());
             means = rest;
