@@ -21,7 +21,7 @@
 use std::time::Instant;
 
 use burn_coop::{
-    LocalSgd, Synchronizer, launch,
+    DEFAULT_BUCKET_BYTES, LocalSgd, Synchronizer, launch,
     params::{BufferPolicy, ParamLayout},
     rules::{MergeRule, averaging::Averaging, elastic::Elastic, gossip::Gossip},
     schedule::fixed::PeriodicSchedule,
@@ -29,7 +29,7 @@ use burn_coop::{
 };
 
 use crate::setup::{
-    cpu_threads, flat_len, fmt_seconds, gradients, median, random_batch, reference_device, resnet, sgd,
+    WideMlp, cpu_threads, flat_len, fmt_seconds, gradients, median, random_batch, reference_device, resnet, sgd,
 };
 use crate::{BenchError, Goal, Options, Row};
 
@@ -80,7 +80,73 @@ pub fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
             });
         }
     }
+    rows.extend(wide_rows(options)?);
     Ok(rows)
+}
+
+/// The large-model rows: an averaging merge of four [`WideMlp`] replicas (64 MiB each at full
+/// scale) with buckets of several sizes and in one piece, against each worker's model read and
+/// written once at the memcpy bandwidth measured over a buffer of the four models (the traffic
+/// of the arithmetic, whatever the bucketing). The default bucket size is the one chosen here.
+fn wide_rows(options: &Options) -> Result<Vec<Row>, BenchError> {
+    let scale = options.scale;
+    let (width, reps) = (scale.pick(2048, 128), scale.pick(12, 3));
+    let n = flat_len(&WideMlp::new(width, &reference_device()));
+    let bandwidth = memcpy_bandwidth(WORKERS * n, scale.pick(10, 3));
+    let bytes = (2 * WORKERS * n * 4) as f64;
+    let bound = bytes / bandwidth;
+    let mib = 1 << 20;
+    let sizes = [(DEFAULT_BUCKET_BYTES, true), (mib, false), (16 * mib, false), (usize::MAX, false)];
+    let mut rows = Vec::new();
+    for (bucket, default) in sizes {
+        let seconds = wide_merge_time(width, bucket, reps)?;
+        let buckets = if bucket == usize::MAX {
+            "in one piece".to_string()
+        } else {
+            format!("in buckets of {} MiB{}", bucket / mib, if default { " (the default)" } else { "" })
+        };
+        rows.push(Row {
+            id: "P2",
+            what: format!(
+                "averaging merge of {WORKERS} × {width}² MLP ({}) {buckets}, median of {reps} / {:.0} MB at memcpy {:.1} GB/s",
+                crate::setup::fmt_mib((n * 4) as f64),
+                bytes / 1e6,
+                bandwidth / 1e9
+            ),
+            ours: fmt_seconds(seconds),
+            reference: fmt_seconds(bound),
+            ratio: seconds / bound,
+            goal: if default { Goal::AtMost(2.0) } else { Goal::Report },
+        });
+    }
+    Ok(rows)
+}
+
+/// The median over `reps` merges of the slowest worker's time for an averaging merge of the
+/// wide model with buckets of `bucket` bytes.
+fn wide_merge_time(width: usize, bucket: usize, reps: usize) -> Result<f64, BenchError> {
+    let per_worker = launch(WORKERS, |worker| -> Result<Vec<f64>, BenchError> {
+        let device = reference_device().autodiff();
+        let mut model = WideMlp::new(width, &device);
+        let sync = Synchronizer::new(Averaging::new(), PeriodicSchedule::every(u64::MAX)?, worker.comm()?)?
+            .with_bucket_size(bucket);
+        let mut optim = LocalSgd::with_synchronizer(sgd(), sync);
+        let grads = model.gradients(2, &device);
+        model = optim.step(0.01, model, grads)?;
+        let sync = optim.synchronizer();
+        let mut times = Vec::with_capacity(reps);
+        for rep in 0..reps + 2 {
+            sync.comm().barrier()?;
+            let start = Instant::now();
+            model = sync.sync_now(model)?.0;
+            if rep >= 2 {
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
+        Ok(times)
+    })?;
+    let slowest: Vec<f64> = (0..reps).map(|k| per_worker.iter().map(|t| t[k]).fold(0.0, f64::max)).collect();
+    Ok(median(&slowest))
 }
 
 /// Medians over merges of the slowest worker's time, for the whole merge and its parts.

@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use burn_coop::learner::OptimizerSpec;
@@ -65,6 +66,41 @@ pub fn train_step(
         return Err(format!("the benchmark model's loss is {loss}").into());
     }
     Ok(optim.step(0.05, model, grads))
+}
+
+/// A model of four `width × width` linear layers with ReLUs between them: the large-model
+/// benchmarks' model, where the cost of moving values dominates Burn's per-tensor costs (width
+/// 2048 is 64 MiB of `f32` weights, plus 32 KiB of biases).
+#[derive(Module, Debug)]
+pub struct WideMlp {
+    layers: Vec<Linear>,
+}
+
+impl WideMlp {
+    /// Four `width × width` layers on `device`, initialized.
+    pub fn new(width: usize, device: &Device) -> Self {
+        Self { layers: (0..4).map(|_| LinearConfig::new(width, width).init(device)).collect() }
+    }
+
+    /// The mean squared output on `input`: a loss with a gradient for every weight.
+    pub fn loss(&self, input: Tensor<2>) -> Tensor<1> {
+        let last = self.layers.len() - 1;
+        let mut x = input;
+        for (k, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x);
+            if k < last {
+                x = burn::tensor::activation::relu(x);
+            }
+        }
+        x.powf_scalar(2.0).mean()
+    }
+
+    /// The loss's gradients on a random batch of `batch` rows.
+    pub fn gradients(&self, batch: usize, device: &Device) -> GradientsParams {
+        let width = self.layers[0].weight.dims()[0];
+        let input = Tensor::<2>::random([batch, width], Distribution::Normal(0.0, 1.0), device);
+        GradientsParams::from_grads(self.loss(input).backward(), self)
+    }
 }
 
 /// `n` random CIFAR-like images with labels (a deterministic function of `seed`).

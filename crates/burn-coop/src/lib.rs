@@ -55,7 +55,7 @@ pub mod train_strategy;
 pub use error::CoopError;
 pub use launch::{Failure, FailureCause, GroupFailure, Worker, WorkerFailure, launch, run_group, run_group_led, shard};
 pub use local_sgd::{InnerStatePolicy, LocalSgd, LocalSgdState};
-pub use sync::{CoopStats, StepSignal, SyncReport, SyncState, Synchronizer, WorkerColumns};
+pub use sync::{CoopStats, DEFAULT_BUCKET_BYTES, StepSignal, SyncReport, SyncState, Synchronizer, WorkerColumns};
 
 /// The README's code blocks, compiled and run as documentation tests.
 #[cfg(doctest)]

@@ -5,6 +5,8 @@
 //! so the merged buffer can be written back with the same [`ParamId`]s, shapes, devices, dtypes
 //! and `require_grad` flags.
 
+use std::ops::Range;
+
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
 use serde::{Deserialize, Serialize};
@@ -169,9 +171,44 @@ impl ParamLayout {
     /// Copies the module's tensors into `out` (resized to [`ParamLayout::len`]).
     pub fn flatten_into<M: Module>(&self, module: &M, out: &mut Vec<f32>) -> Result<(), LayoutError> {
         flush_buffers(module);
+        self.flatten_bucket_into(module, &self.whole(), out)
+    }
+
+    /// The whole flat buffer as one bucket.
+    fn whole(&self) -> LayoutBucket {
+        LayoutBucket { slots: 0..self.slots.len(), values: 0..self.len }
+    }
+
+    /// The included tensors grouped, in order, into buckets of consecutive tensors holding at
+    /// most `max_values` values together; a tensor larger than that is a bucket of its own.
+    /// Every value of the flat buffer is in exactly one bucket.
+    pub fn buckets(&self, max_values: usize) -> Vec<LayoutBucket> {
+        let mut buckets: Vec<LayoutBucket> = Vec::new();
+        for (index, slot) in self.slots.iter().enumerate() {
+            let Some(offset) = slot.offset else { continue };
+            let end = offset + slot.len();
+            match buckets.last_mut() {
+                Some(last) if end - last.values.start <= max_values => {
+                    last.slots.end = index + 1;
+                    last.values.end = end;
+                }
+                _ => buckets.push(LayoutBucket { slots: index..index + 1, values: offset..end }),
+            }
+        }
+        buckets
+    }
+
+    /// Copies the tensors of `bucket` into `out` (resized to the bucket's values). Pending
+    /// running statistics must have been applied first ([`flush_buffers`]).
+    pub fn flatten_bucket_into<M: Module>(
+        &self,
+        module: &M,
+        bucket: &LayoutBucket,
+        out: &mut Vec<f32>,
+    ) -> Result<(), LayoutError> {
         out.clear();
-        out.resize(self.len, 0.0);
-        let mut visitor = FlattenVisitor { layout: self, index: 0, out, error: None };
+        out.resize(bucket.values.len(), 0.0);
+        let mut visitor = FlattenVisitor { layout: self, bucket, index: 0, out, error: None };
         module.visit(&mut visitor);
         let index = visitor.index;
         if let Some(error) = visitor.error {
@@ -190,16 +227,48 @@ impl ParamLayout {
     /// Writes `flat` back into the module's tensors, keeping ids, shapes, devices, dtypes,
     /// autodiff and `require_grad`. Tensors left out by the policy are untouched.
     pub fn unflatten<M: Module>(&self, module: M, flat: &[f32]) -> Result<M, LayoutError> {
-        if flat.len() != self.len {
-            return Err(LayoutError::BufferLength { expected: self.len, found: flat.len() });
+        self.unflatten_bucket(module, &self.whole(), flat)
+    }
+
+    /// Writes `values`, the bucket's values, back into its tensors; the other tensors are
+    /// untouched.
+    pub fn unflatten_bucket<M: Module>(
+        &self,
+        module: M,
+        bucket: &LayoutBucket,
+        values: &[f32],
+    ) -> Result<M, LayoutError> {
+        if values.len() != bucket.values.len() {
+            return Err(LayoutError::BufferLength { expected: bucket.values.len(), found: values.len() });
         }
-        let mut mapper = WriteBackMapper { layout: self, index: 0, flat, error: None };
+        let mut mapper = WriteBackMapper { layout: self, bucket, index: 0, flat: values, error: None };
         let module = module.map(&mut mapper);
         let index = mapper.index;
         if let Some(error) = mapper.error {
             return Err(error);
         }
         self.check_count(index)?;
+        Ok(module)
+    }
+
+    /// Merges one tensor of the module in its own memory: the tensor at `slot` is taken out of
+    /// the module, `merge` changes its values (as `f32`) in place, and it is put back, keeping
+    /// everything [`ParamLayout::unflatten`] keeps. On Burn's CPU backend, a tensor only the
+    /// module holds is neither copied out nor back. When `merge` fails, the tensor is put back
+    /// with whatever values it then holds and the error is returned.
+    pub fn merge_tensor_in_place<M: Module, E>(
+        &self,
+        module: M,
+        slot: usize,
+        merge: &mut dyn FnMut(&mut [f32]) -> Result<(), E>,
+    ) -> Result<M, InPlaceError<E>> {
+        let mut mapper = InPlaceMapper { layout: self, slot, index: 0, merge, error: None };
+        let module = module.map(&mut mapper);
+        let index = mapper.index;
+        if let Some(error) = mapper.error {
+            return Err(error);
+        }
+        self.check_count(index).map_err(InPlaceError::Layout)?;
         Ok(module)
     }
 
@@ -258,8 +327,19 @@ impl ModuleVisitor for LayoutVisitor {
     }
 }
 
+/// A run of consecutive tensors of a [`ParamLayout`] and the values they fill in the flat
+/// buffer ([`ParamLayout::buckets`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutBucket {
+    /// The tensors, as indices into [`ParamLayout::slots`].
+    pub slots: Range<usize>,
+    /// Their values in the flat buffer.
+    pub values: Range<usize>,
+}
+
 struct FlattenVisitor<'a> {
     layout: &'a ParamLayout,
+    bucket: &'a LayoutBucket,
     index: usize,
     out: &'a mut [f32],
     error: Option<LayoutError>,
@@ -281,7 +361,8 @@ impl ModuleVisitor for FlattenVisitor<'_> {
                 return;
             }
         };
-        let Some(offset) = slot.offset else { return };
+        let Some(offset) = slot.offset.filter(|_| self.bucket.slots.contains(&index)) else { return };
+        let offset = offset - self.bucket.values.start;
         let target = &mut self.out[offset..offset + slot.len()];
         if let Err(cause) = read_f32(tensor, target) {
             self.error = Some(LayoutError::Read { id: param.id, cause });
@@ -303,6 +384,7 @@ fn read_f32<const D: usize>(tensor: Tensor<D>, target: &mut [f32]) -> Result<(),
 
 struct WriteBackMapper<'a> {
     layout: &'a ParamLayout,
+    bucket: &'a LayoutBucket,
     index: usize,
     flat: &'a [f32],
     error: Option<LayoutError>,
@@ -324,35 +406,120 @@ impl ModuleMapper for WriteBackMapper<'_> {
                 return Param::from_mapped_value(id, old, mapper);
             }
         };
-        let Some(offset) = slot.offset else {
+        let Some(offset) = slot.offset.filter(|_| self.bucket.slots.contains(&index)) else {
             return Param::from_mapped_value(id, old, mapper);
         };
+        let offset = offset - self.bucket.values.start;
         let values = self.flat[offset..offset + slot.len()].to_vec();
         let updated = rebuild_like(&old, TensorData::new(values, shape), id);
         Param::from_mapped_value(id, updated, mapper)
     }
 }
 
+/// Why [`ParamLayout::merge_tensor_in_place`] failed: the module or the merge.
+#[derive(Debug)]
+pub enum InPlaceError<E> {
+    /// The module does not match the layout, or a tensor could not be read.
+    Layout(LayoutError),
+    /// The merge failed.
+    Merge(E),
+}
+
+struct InPlaceMapper<'a, E> {
+    layout: &'a ParamLayout,
+    slot: usize,
+    index: usize,
+    merge: &'a mut dyn FnMut(&mut [f32]) -> Result<(), E>,
+    error: Option<InPlaceError<E>>,
+}
+
+impl<E> ModuleMapper for InPlaceMapper<'_, E> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let index = self.index;
+        self.index += 1;
+        if self.error.is_some() || index != self.slot {
+            return param;
+        }
+        let (id, old, mapper) = param.consume();
+        let shape: Vec<usize> = old.shape().iter().copied().collect();
+        if let Err(error) = self.layout.expect(index, id, &shape) {
+            self.error = Some(InPlaceError::Layout(error));
+            return Param::from_mapped_value(id, old, mapper);
+        }
+        let like = Like::of(&old);
+        let read = old.inner().try_into_data().map_err(|e| e.to_string());
+        let mut data = match read {
+            Ok(data) if data.dtype() == DType::F32 => data,
+            Ok(data) => data.convert::<f32>(),
+            Err(cause) => {
+                // The tensor is gone with its failed read: the error ends the run.
+                self.error = Some(InPlaceError::Layout(LayoutError::Read { id, cause }));
+                let zeros = TensorData::new(vec![0.0f32; shape.iter().product()], shape);
+                return Param::from_mapped_value(id, like.build(zeros, id), mapper);
+            }
+        };
+        match data.as_mut_slice::<f32>() {
+            Ok(values) => {
+                if let Err(error) = (self.merge)(values) {
+                    self.error = Some(InPlaceError::Merge(error));
+                }
+            }
+            Err(cause) => {
+                self.error = Some(InPlaceError::Layout(LayoutError::Read { id, cause: format!("{cause:?}") }));
+            }
+        }
+        Param::from_mapped_value(id, like.build(data, id), mapper)
+    }
+}
+
+/// What a rebuilt tensor takes from the one it replaces.
+struct Like {
+    device: burn::tensor::Device,
+    dtype: DType,
+    autodiff: bool,
+    checkpointing: Option<burn::tensor::GradientCheckpointingStrategy>,
+    require_grad: bool,
+    distributed: bool,
+}
+
+impl Like {
+    fn of<const D: usize>(tensor: &Tensor<D>) -> Self {
+        // The autodiff settings can only be read from an autodiff tensor.
+        let autodiff = tensor.is_autodiff();
+        Self {
+            device: tensor.device(),
+            dtype: tensor.dtype(),
+            autodiff,
+            checkpointing: if autodiff { tensor.gradient_checkpointing_strategy() } else { None },
+            require_grad: autodiff && tensor.is_require_grad(),
+            distributed: autodiff && tensor.is_distributed(),
+        }
+    }
+
+    fn build<const D: usize>(&self, data: TensorData, id: ParamId) -> Tensor<D> {
+        let options = TensorCreationOptions::new(self.device.clone().without_autodiff()).with_dtype(self.dtype);
+        let mut tensor = Tensor::<D>::from_data(data, options);
+        if !self.autodiff {
+            return tensor;
+        }
+        tensor = tensor.autodiff();
+        if let Some(strategy) = self.checkpointing {
+            tensor = tensor.with_gradient_checkpointing_strategy(strategy);
+        }
+        if self.require_grad {
+            tensor = tensor.require_grad();
+        }
+        if self.distributed {
+            tensor = tensor.set_distributed(id);
+        }
+        tensor
+    }
+}
+
 /// A tensor holding `data` with everything else — device, dtype, autodiff, checkpointing
 /// strategy, `require_grad`, distributed flag — taken from `like`.
 fn rebuild_like<const D: usize>(like: &Tensor<D>, data: TensorData, id: ParamId) -> Tensor<D> {
-    let device = like.device();
-    let options = TensorCreationOptions::new(device.clone().without_autodiff()).with_dtype(like.dtype());
-    let mut tensor = Tensor::<D>::from_data(data, options);
-    if !like.is_autodiff() {
-        return tensor;
-    }
-    tensor = tensor.autodiff();
-    if let Some(strategy) = like.gradient_checkpointing_strategy() {
-        tensor = tensor.with_gradient_checkpointing_strategy(strategy);
-    }
-    if like.is_require_grad() {
-        tensor = tensor.require_grad();
-    }
-    if like.is_distributed() {
-        tensor = tensor.set_distributed(id);
-    }
-    tensor
+    Like::of(like).build(data, id)
 }
 
 /// A hash (FNV-1a over the bit patterns) of all a module's float tensors, parameters and

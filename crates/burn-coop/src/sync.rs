@@ -5,9 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::comm::{CommTime, Communicator, Metered, NetworkModel, SimClock, StepTime, Traffic, TrafficByKind};
 use crate::error::CoopError;
-use crate::params::{BufferPolicy, ParamLayout};
+use crate::params::{BufferPolicy, InPlaceError, LayoutBucket, ParamLayout};
 use crate::rules::kernels::{count_non_finite, distance_to_mean};
-use crate::rules::{MergeRule, SyncContext, Triggered};
+use crate::rules::{Bucket, MergeOutcome, MergeRule, SyncContext, Triggered};
 use crate::schedule::{ScheduleSignal, SyncFeedback, SyncSchedule};
 use crate::state::StateFile;
 
@@ -245,6 +245,67 @@ pub struct SyncState {
     pub sim_clock: Option<SimClock>,
 }
 
+/// The default bucket size of merges taken a bucket at a time
+/// ([`Synchronizer::with_bucket_size`]): 4 MiB, chosen by measurement (bench P2 at 64 MiB).
+pub const DEFAULT_BUCKET_BYTES: usize = 4 << 20;
+
+/// Where the values given to [`merge_pieces`] sit in a merge taken in buckets.
+struct Pieces {
+    /// Their offset in the flat model.
+    at: usize,
+    /// The largest piece.
+    size: usize,
+    /// Whether they start the merge.
+    first: bool,
+    /// Whether they end it.
+    last: bool,
+    /// Scratch the rule may keep ([`Bucket::keep`]).
+    keep: usize,
+}
+
+/// Merges `values` with the rule in pieces of at most `pieces.size` values; the sum of the
+/// pieces' distances, when the rule measures them.
+fn merge_pieces(
+    rule: &mut dyn MergeRule,
+    comm: &mut dyn Communicator,
+    values: &mut [f32],
+    pieces: Pieces,
+    ctx: &SyncContext,
+) -> Result<Option<f64>, CoopError> {
+    let count = values.len().div_ceil(pieces.size);
+    let mut local = None;
+    for (p, values) in values.chunks_mut(pieces.size).enumerate() {
+        let bucket = Bucket {
+            values,
+            at: pieces.at + p * pieces.size,
+            first: pieces.first && p == 0,
+            last: pieces.last && p + 1 == count,
+            keep: pieces.keep,
+        };
+        if let Some(distance) = rule.merge_bucket(bucket, ctx, comm)?.local_squared_distance {
+            *local.get_or_insert(0.0) += distance;
+        }
+    }
+    Ok(local)
+}
+
+/// The one tensor of `bucket` when it holds a single tensor of the flat buffer.
+fn lone_tensor(layout: &ParamLayout, bucket: &LayoutBucket) -> Option<usize> {
+    let mut included = bucket.slots.clone().filter(|&index| layout.slots()[index].offset.is_some());
+    match (included.next(), included.next()) {
+        (Some(index), None) => Some(index),
+        _ => None,
+    }
+}
+
+/// What a merge recorded before its rule ran.
+struct Begun {
+    start: TrafficByKind,
+    start_time: CommTime,
+    before_rule: TrafficByKind,
+    measured: Option<f64>,
+}
+
 /// The merge engine every front end drives after each local step. A synchronizer owns the merge rule, the schedule, this worker's communicator (wrapped in
 /// a [`Metered`] ledger), the parameter layout, the flat buffer and the counters. The training
 /// loop calls [`Synchronizer::before_step`] and [`Synchronizer::after_step`] around each local
@@ -272,6 +333,7 @@ pub struct Synchronizer {
     seed: u64,
     layout: Option<ParamLayout>,
     flat: Vec<f32>,
+    bucket_values: usize,
     state: SyncState,
     lr: Option<f64>,
     last_report: Option<SyncReport>,
@@ -308,6 +370,7 @@ impl Synchronizer {
             seed: 0,
             layout: None,
             flat: Vec::new(),
+            bucket_values: DEFAULT_BUCKET_BYTES / 4,
             state: SyncState::default(),
             lr: None,
             last_report: None,
@@ -340,6 +403,16 @@ impl Synchronizer {
     /// set before the first step.
     pub fn with_buffer_policy(self, policy: BufferPolicy) -> Self {
         Self { buffer_policy: policy, layout: None, ..self }
+    }
+
+    /// The bucket size in bytes of `f32` values (default [`DEFAULT_BUCKET_BYTES`]) for rules
+    /// that merge a bucket of tensors at a time (averaging, elastic averaging with one anchor,
+    /// DiLoCo without a compressor): the memory a merge needs beyond the model and the rule's
+    /// own state. A model within one bucket merges exactly as in one piece; in several buckets
+    /// every parameter is still the same, bit for bit (the rules are elementwise), and only the
+    /// measured consensus distance may differ in its last digits (it is summed per bucket).
+    pub fn with_bucket_size(self, bytes: usize) -> Self {
+        Self { bucket_values: (bytes / 4).max(1), ..self }
     }
 
     /// Whether workers adopt worker 0's parameters before the first step (default: yes, so that
@@ -408,6 +481,10 @@ impl Synchronizer {
         let ctx = self.context();
         self.rule.start(&self.flat, &ctx, &mut self.comm)?;
         self.state.started = true;
+        if self.rule.merges_in_buckets() && self.flat.len() > self.bucket_values {
+            // Merges read the model a bucket at a time: no copy of it is kept.
+            self.flat = Vec::new();
+        }
         Ok(module)
     }
 
@@ -507,6 +584,9 @@ impl Synchronizer {
     }
 
     fn merge_with<M: Module>(&mut self, layout: &ParamLayout, module: M) -> Result<(M, SyncReport), CoopError> {
+        if self.rule.merges_in_buckets() && !self.statistics_plan().measure {
+            return self.merge_in_buckets(layout, module);
+        }
         layout.flatten_into(&module, &mut self.flat)?;
         let report = self.merge_flat_buffer()?;
         Ok((layout.unflatten(module, &self.flat)?, report))
@@ -540,7 +620,7 @@ impl Synchronizer {
         let non_finite = count_non_finite(&self.flat);
         let plan = self.statistics_plan();
         if !plan.reduce && non_finite > 0 {
-            return Err(self.non_finite(ctx.rank, non_finite));
+            return Err(self.non_finite(ctx.rank, non_finite, self.flat.len()));
         }
 
         let start = self.comm.traffic();
@@ -548,6 +628,75 @@ impl Synchronizer {
         let measured = if plan.measure { Some(self.measure_consensus(ctx.world_size)?) } else { None };
         let before_rule = self.comm.traffic();
         let outcome = self.rule.merge(&mut self.flat, &ctx, &mut self.comm)?;
+        let begun = Begun { start, start_time, before_rule, measured };
+        self.finish_merge(ctx, plan, begun, outcome, non_finite)
+    }
+
+    /// A merge a bucket of tensors at a time, for rules that merge in buckets: each bucket is
+    /// read from the module, checked for non-finite values, merged (in pieces of at most the
+    /// bucket size when one tensor is larger) and written back before the next is read, so the
+    /// merge needs one bucket of memory, not a copy of the model. A model that fits in one
+    /// bucket keeps its buffers between merges; a larger one gives them back.
+    fn merge_in_buckets<M: Module>(&mut self, layout: &ParamLayout, module: M) -> Result<(M, SyncReport), CoopError> {
+        let ctx = self.context();
+        let plan = self.statistics_plan();
+        let size = self.bucket_values;
+        let buckets = layout.buckets(size);
+        let keep = if buckets.len() > 1 { 0 } else { usize::MAX };
+        crate::params::flush_buffers(&module);
+        let start = self.comm.traffic();
+        let start_time = self.comm.time();
+        let mut module = module;
+        let (mut non_finite, mut local) = (0, None);
+        let mut staging = std::mem::take(&mut self.flat);
+        for (k, bucket) in buckets.iter().enumerate() {
+            let (first, last) = (k == 0, k + 1 == buckets.len());
+            let mut merge = |values: &mut [f32]| -> Result<(), CoopError> {
+                let bad = count_non_finite(values);
+                non_finite += bad;
+                if !plan.reduce && bad > 0 {
+                    let (rank, step, total) = (ctx.rank, ctx.step, layout.len());
+                    return Err(CoopError::NonFiniteParameters { rank, step, count: bad, total });
+                }
+                let pieces = Pieces { at: bucket.values.start, size, first, last, keep };
+                if let Some(distance) = merge_pieces(&mut *self.rule, &mut self.comm, values, pieces, &ctx)? {
+                    *local.get_or_insert(0.0) += distance;
+                }
+                Ok(())
+            };
+            module = match lone_tensor(layout, bucket) {
+                // A tensor alone in its bucket is merged in its own memory, without a copy.
+                Some(slot) => layout.merge_tensor_in_place(module, slot, &mut merge).map_err(|error| match error {
+                    InPlaceError::Layout(error) => CoopError::from(error),
+                    InPlaceError::Merge(error) => error,
+                })?,
+                None => {
+                    layout.flatten_bucket_into(&module, bucket, &mut staging)?;
+                    merge(&mut staging)?;
+                    layout.unflatten_bucket(module, bucket, &staging)?
+                }
+            };
+        }
+        if keep > 0 {
+            self.flat = staging;
+        }
+        let outcome = MergeOutcome { local_squared_distance: local, trigger: None };
+        let begun = Begun { start, start_time, before_rule: start, measured: None };
+        let report = self.finish_merge(ctx, plan, begun, outcome, non_finite)?;
+        Ok((module, report))
+    }
+
+    /// The rest of a merge once the rule has merged: traffic, the statistics collective, the
+    /// report and the schedule's feedback.
+    fn finish_merge(
+        &mut self,
+        ctx: SyncContext,
+        plan: StatisticsPlan,
+        begun: Begun,
+        outcome: MergeOutcome,
+        non_finite: usize,
+    ) -> Result<SyncReport, CoopError> {
+        let Begun { start, start_time, before_rule, measured } = begun;
         let after_rule = self.comm.traffic();
         let local_distance = outcome.local_squared_distance.or(measured);
         // The schedule's clock is read before the statistics collective, which it pays for.
@@ -662,7 +811,8 @@ impl Synchronizer {
         if plan.reduce
             && let Some(bad_rank) = values[..world].iter().position(|&count| count > 0.0)
         {
-            return Err(self.non_finite(bad_rank, values[bad_rank] as usize));
+            let total = self.layout.as_ref().map_or(self.flat.len(), ParamLayout::len);
+            return Err(self.non_finite(bad_rank, values[bad_rank] as usize, total));
         }
         if plan.reduce {
             reduced.sim_seconds = mine.clock.map(|_| values[world + 2] / world as f64);
@@ -688,8 +838,8 @@ impl Synchronizer {
         }
     }
 
-    fn non_finite(&self, rank: usize, count: usize) -> CoopError {
-        CoopError::NonFiniteParameters { rank, step: self.state.stats.steps, count, total: self.flat.len() }
+    fn non_finite(&self, rank: usize, count: usize, total: usize) -> CoopError {
+        CoopError::NonFiniteParameters { rank, step: self.state.stats.steps, count, total }
     }
 
     /// Counters: steps, merges, traffic, last consensus distance.

@@ -575,3 +575,61 @@ fn extrapolating_rules_move_trained_parameters_only_and_average_buffers() {
         }
     }
 }
+
+/// Three workers train `Tiny` (weights and BatchNorm buffers) for six steps with a merge every
+/// two, with buckets of `bucket` bytes: every worker's final values, the consensus distance of
+/// each merge and the number of sum all-reduces.
+fn trained_in_buckets<R: MergeRule + 'static>(
+    bucket: usize,
+    rule: impl Fn() -> R + Sync,
+) -> Vec<(Vec<f32>, Vec<Option<f64>>, u64)> {
+    run_workers(3, |rank, comm| {
+        let comm = burn_coop::testing::RecordingComm::new(comm);
+        let log = comm.log();
+        let sync = burn_coop::Synchronizer::new(rule(), PeriodicSchedule::every(2).unwrap(), comm)
+            .unwrap()
+            .with_bucket_size(bucket);
+        let mut optim = LocalSgd::with_synchronizer(sgd_momentum(), sync);
+        let mut model = tiny_for(0);
+        let mut distances = Vec::new();
+        for step in 0..6 {
+            let grads = fixed_grads(&model, rank, step);
+            model = optim.step(0.1, model, grads).unwrap();
+            if let Some(report) = optim.last_sync().filter(|r| r.step == step + 1) {
+                distances.push(report.consensus_distance);
+            }
+        }
+        let all_reduces = log.lock().unwrap().all_reduce;
+        (flat(&model), distances, all_reduces)
+    })
+}
+
+#[test]
+fn merges_in_buckets_leave_every_value_as_one_piece_does() {
+    use burn_coop::rules::diloco::DiLoCo;
+    fn check<R: MergeRule + 'static>(name: &str, rule: impl Fn() -> R + Sync) {
+        let whole = trained_in_buckets(usize::MAX, &rule);
+        // The initial broadcast is not a sum; three merges in one piece are three all-reduces.
+        assert_eq!(whole[0].2, 3, "{name}: merges in one piece");
+        let n = whole[0].0.len();
+        for bucket in [4, 7 * 4, 64 * 4] {
+            let pieces = trained_in_buckets(bucket, &rule);
+            for (rank, (got, want)) in pieces.iter().zip(&whole).enumerate() {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got.0), bits(&want.0), "{name}, buckets of {bucket} bytes, worker {rank}");
+                assert_eq!(got.1.len(), 3);
+                for (a, b) in got.1.iter().zip(&want.1) {
+                    let (a, b) = (a.expect("measured"), b.expect("measured"));
+                    assert!((a - b).abs() <= 1e-6 * b.abs(), "{name}: distance {a} vs {b}");
+                }
+                // Every merge took at least one all-reduce per piece of at most the bucket size.
+                assert!(got.2 >= 3 * n.div_ceil(bucket / 4) as u64, "{name}: {} all-reduces", got.2);
+            }
+        }
+        // The workers moved apart between merges, so the merges did something.
+        assert!(whole[0].1.iter().all(|d| d.unwrap() > 0.0), "{name}");
+    }
+    check("averaging", Averaging::new);
+    check("elastic", || Elastic::new(0.25, 3).unwrap());
+    check("DiLoCo", || DiLoCo::new(0.7, 0.9, true).unwrap());
+}

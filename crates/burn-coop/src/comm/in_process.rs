@@ -5,7 +5,8 @@
 //! joins round k. A worker deposits its payload and, for a blocking call, waits until every
 //! worker has deposited; a non-blocking call returns at once and waits later. Each worker then
 //! reads all payloads (sums run in rank order, so every worker gets bit-identical results), and
-//! the last reader retires the round and hands each deposit's allocation back to its owner.
+//! the last reader retires the round and hands each deposit's allocation (up to one merge bucket,
+//! 4 MiB) back to its owner.
 //! Several rounds can be open at once, which is what lets communication overlap computation.
 
 use std::collections::BTreeMap;
@@ -94,6 +95,11 @@ impl Payload {
         }
     }
 }
+
+/// The largest allocation (in values) a worker keeps for its next deposit, one at a time: 4 MiB,
+/// a merge bucket ([`crate::DEFAULT_BUCKET_BYTES`]). Larger ones go back to the system, so that
+/// a large model's merge leaves no copy of it behind.
+const SPARE_LIMIT: usize = crate::sync::DEFAULT_BUCKET_BYTES / 4;
 
 #[derive(Debug)]
 struct Round {
@@ -223,7 +229,10 @@ impl Shared {
         }
         let entry = state.rounds.remove(&round).expect("present");
         for (rank, deposit) in entry.deposits.into_iter().enumerate() {
-            if let Some(values) = deposit.and_then(|d| Arc::try_unwrap(d).ok()).and_then(Payload::f32_allocation) {
+            if let Some(values) = deposit.and_then(|d| Arc::try_unwrap(d).ok()).and_then(Payload::f32_allocation)
+                && values.capacity() <= SPARE_LIMIT
+                && state.spare[rank].is_empty()
+            {
                 state.spare[rank].push(values);
             }
         }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::EcLocalSgd;
 use super::kernels::replace_by_mean;
-use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, SyncContext};
+use super::{Bucket, CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, SyncContext};
 use crate::comm::{Communicator, Traffic};
 use crate::compress::Compressor;
 use crate::mixing::MixingMatrix;
@@ -97,9 +97,19 @@ impl MergeRule for Averaging {
     /// A blocking all-reduce (MPI's blocking collectives are faster than its non-blocking ones
     /// when nothing overlaps them), then the mean and this worker's distance to it in one pass.
     fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
-        self.sum.resize(params.len(), 0.0);
-        comm.all_reduce_sum_into(params, &mut self.sum)?;
-        let local = replace_by_mean(params, &self.sum, ctx.world_size);
+        self.merge_bucket(Bucket { values: params, at: 0, first: true, last: true, keep: usize::MAX }, ctx, comm)
+    }
+
+    fn merges_in_buckets(&self) -> bool {
+        true
+    }
+
+    /// The same on the bucket's values, the sum in a buffer of the bucket's size.
+    fn merge_bucket(&mut self, bucket: Bucket<'_>, ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
+        self.sum.resize(bucket.values.len(), 0.0);
+        comm.all_reduce_sum_into(bucket.values, &mut self.sum)?;
+        let local = replace_by_mean(bucket.values, &self.sum, ctx.world_size);
+        bucket.release(&mut self.sum);
         Ok(MergeOutcome { local_squared_distance: Some(local), trigger: None })
     }
 

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use super::kernels::replace_by_mean;
 use super::outer::{OuterKind, OuterOptimizer};
-use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext};
+use super::{Bucket, CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext};
 use crate::comm::Communicator;
 use crate::compress::{CompressContext, Compressor, Segments};
 use crate::registry::{RuleConfig, SpecError};
@@ -263,20 +263,36 @@ impl MergeRule for DiLoCo {
     }
 
     fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
+        self.merge_bucket(Bucket { values: params, at: 0, first: true, last: true, keep: usize::MAX }, ctx, comm)
+    }
+
+    /// With dense all-reduces (no `--compressor`, whose blocks and scales span the model) and
+    /// once started: the outer step and its state are per value.
+    fn merges_in_buckets(&self) -> bool {
+        self.compressor.is_none() && self.synced.is_some()
+    }
+
+    /// The merge on the bucket's values and the same range of the synchronized model and the
+    /// outer optimizer's state; the outer step count moves at the first bucket.
+    fn merge_bucket(&mut self, bucket: Bucket<'_>, ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
         let synced = self.synced.as_ref().ok_or(RuleError::BadState {
             rule: DiLoCoConfig::NAME,
             reason: "the rule was not started with the initial model".into(),
         })?;
-        if synced.len() != params.len() || !self.outer.fits(params.len()) {
-            let reason = format!(
-                "the synchronized model has {} values and the outer optimizer's state {}, but the model has {}",
-                synced.len(),
-                self.outer.len(),
-                params.len()
-            );
+        let n = synced.len();
+        let range = bucket.range();
+        if range.end > n || (bucket.first && bucket.last && range.len() != n) {
+            let reason =
+                format!("the synchronized model has {n} values, but the merge gives values {range:?} of the model");
             return Err(RuleError::BadState { rule: DiLoCoConfig::NAME, reason });
         }
-        let split = super::split_for(DiLoCoConfig::NAME, self.segments.as_ref(), params.len())?;
+        if !self.outer.fits(n) {
+            let reason =
+                format!("the synchronized model has {n} values and the outer optimizer's state {}", self.outer.len());
+            return Err(RuleError::BadState { rule: DiLoCoConfig::NAME, reason });
+        }
+        let split = super::split_for(DiLoCoConfig::NAME, self.segments.as_ref(), n)?;
+        let Bucket { values: params, first, last, keep, .. } = bucket;
         let local = match self.compressor {
             None => {
                 self.sum.resize(params.len(), 0.0);
@@ -286,7 +302,7 @@ impl MergeRule for DiLoCo {
             }
             Some(compressor) => {
                 // The mean pseudo-gradient ḡ = mean_i(x_sync − x_i) quantized, then x̄ = x_sync − ḡ.
-                let synced = self.synced.as_ref().expect("checked above");
+                let synced = &synced[range.clone()];
                 self.sum.clear();
                 self.sum.extend(synced.iter().zip(params.iter()).map(|(z, x)| z - x));
                 let at = CompressContext { seed: ctx.seed, round: ctx.round, rank: ctx.rank };
@@ -302,15 +318,26 @@ impl MergeRule for DiLoCo {
             }
         };
         let synced = self.synced.as_mut().expect("checked above");
-        self.outer.fit(params.len());
-        self.steps += 1;
-        for (range, part) in split.iter() {
+        self.outer.fit(n);
+        if first {
+            self.steps += 1;
+        }
+        for (whole, part) in split.iter() {
+            // The part of this tensor inside the bucket, in model and in bucket coordinates.
+            let (start, end) = (whole.start.max(range.start), whole.end.min(range.end));
+            if start >= end {
+                continue;
+            }
+            let (global, local_range) = (start..end, start - range.start..end - range.start);
             if part.exact {
                 // A buffer keeps the plain mean.
-                synced[range.clone()].copy_from_slice(&params[range]);
+                synced[global].copy_from_slice(&params[local_range]);
             } else {
-                self.outer.step(&mut params[range.clone()], &mut synced[range.clone()], range, self.steps);
+                self.outer.step(&mut params[local_range], &mut synced[global.clone()], global, self.steps);
             }
+        }
+        if last && self.sum.capacity() > keep {
+            self.sum = Vec::new();
         }
         Ok(MergeOutcome { local_squared_distance: Some(local), trigger: None })
     }

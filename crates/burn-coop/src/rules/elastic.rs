@@ -43,7 +43,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::kernels::{add_scaled, difference, distance_to_mean};
-use super::{CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext, check_world_size};
+use super::{
+    Bucket, CooperativeRule, MatrixForm, MergeOutcome, MergeRule, Merged, RuleError, SyncContext, check_world_size,
+};
 use crate::comm::Communicator;
 use crate::mixing::MixingMatrix;
 use crate::registry::{RuleConfig, SpecError};
@@ -240,18 +242,25 @@ impl Elastic {
     }
 }
 
-impl Elastic {
-    /// With `d_i = x_i − z` in `diff` and `S = Σ_j d_j` in `sum`: `x_i ← x_i − α d_i`,
-    /// `z ← z + α S`, and this worker's squared distance to the mean (`x_i − x̄ = d_i − S/m`,
-    /// no extra exchange).
-    fn pull_and_move_anchor(&mut self, params: &mut [f32], world_size: usize) -> MergeOutcome {
-        let local = distance_to_mean(&self.diff, &self.sum, world_size);
-        let alpha = self.alpha as f32;
-        add_scaled(params, -alpha, &self.diff);
-        add_scaled(self.anchor.as_mut().expect("known at a merge"), alpha, &self.sum);
-        MergeOutcome { local_squared_distance: Some(local), trigger: None }
-    }
+/// With `d_i = x_i − z` in `diff` and `S = Σ_j d_j` in `sum`: `x_i ← x_i − α d_i`,
+/// `z ← z + α S`, and this worker's squared distance to the mean (`x_i − x̄ = d_i − S/m`, no
+/// extra exchange).
+fn pull_and_move_anchor(
+    params: &mut [f32],
+    anchor: &mut [f32],
+    diff: &[f32],
+    sum: &[f32],
+    alpha: f64,
+    world_size: usize,
+) -> MergeOutcome {
+    let local = distance_to_mean(diff, sum, world_size);
+    let alpha = alpha as f32;
+    add_scaled(params, -alpha, diff);
+    add_scaled(anchor, alpha, sum);
+    MergeOutcome { local_squared_distance: Some(local), trigger: None }
+}
 
+impl Elastic {
     /// A merge with several anchors: two sum all-reduces started together, `x_i − z_g` in the
     /// group and the anchors over everyone, then `x_i ← x_i − α (x_i − z_g)`,
     /// `z_g ← z_g + α Σ_{j∈g} (x_j − z_g) + (1 − nα)(z̄ − z_g)`.
@@ -314,10 +323,29 @@ impl MergeRule for Elastic {
         if self.anchors > 1 {
             return self.merge_anchors(params, ctx, comm);
         }
-        difference(&mut self.diff, params, self.anchor.as_ref().expect("ensured above"));
-        self.sum.resize(params.len(), 0.0);
+        self.merge_bucket(Bucket { values: params, at: 0, first: true, last: true, keep: usize::MAX }, ctx, comm)
+    }
+
+    /// With one anchor: started on the initial model, so a bucket can be merged on its own.
+    fn merges_in_buckets(&self) -> bool {
+        self.anchors == 1 && self.anchor.is_some()
+    }
+
+    /// The one-anchor merge on the bucket's values and the same range of the anchor.
+    fn merge_bucket(&mut self, bucket: Bucket<'_>, ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
+        check_world_size(ElasticConfig::NAME, self.workers, ctx)?;
+        let range = bucket.range();
+        let anchor = self.anchor.as_mut().and_then(|a| a.get_mut(range.clone())).ok_or_else(|| {
+            let reason = format!("the anchor does not cover values {range:?} of the model");
+            RuleError::BadState { rule: ElasticConfig::NAME, reason }
+        })?;
+        difference(&mut self.diff, bucket.values, anchor);
+        self.sum.resize(bucket.values.len(), 0.0);
         comm.all_reduce_sum_into(&self.diff, &mut self.sum)?;
-        Ok(self.pull_and_move_anchor(params, ctx.world_size))
+        let outcome = pull_and_move_anchor(bucket.values, anchor, &self.diff, &self.sum, self.alpha, ctx.world_size);
+        bucket.release(&mut self.diff);
+        bucket.release(&mut self.sum);
+        Ok(outcome)
     }
 
     fn measures_consensus(&self) -> bool {

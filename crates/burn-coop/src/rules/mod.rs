@@ -168,6 +168,8 @@ crate::registry::registry! {
     Squarm(squarm: SquarmConfig),
 }
 
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
 
 use crate::comm::{CommError, Communicator};
@@ -297,6 +299,41 @@ pub struct Triggered {
 /// What [`MergeRule::merge`] returns: what the merge measured on this worker, or why it failed.
 pub type Merged = Result<MergeOutcome, RuleError>;
 
+/// One bucket of a merge taken a bucket at a time ([`MergeRule::merge_bucket`]): consecutive
+/// values of the flat model, given in order from the first to the last, every worker the same
+/// ranges.
+#[derive(Debug)]
+pub struct Bucket<'a> {
+    /// This worker's values of the bucket, merged in place.
+    pub values: &'a mut [f32],
+    /// Where `values` start in the flat model.
+    pub at: usize,
+    /// Whether this is the merge's first bucket (a rule counts its merges here).
+    pub first: bool,
+    /// Whether this is the merge's last bucket.
+    pub last: bool,
+    /// How many values of scratch space the rule may keep for the next merge once the last
+    /// bucket is merged: a model in one bucket keeps its buffers (reused at every merge), a
+    /// model in several gives them back, so that between merges a worker holds only the rule's
+    /// own state.
+    pub keep: usize,
+}
+
+impl Bucket<'_> {
+    /// The bucket's range in the flat model.
+    pub fn range(&self) -> Range<usize> {
+        self.at..self.at + self.values.len()
+    }
+
+    /// Gives `scratch` back when this is the last bucket and it holds more than
+    /// [`Bucket::keep`] values.
+    pub fn release<T>(&self, scratch: &mut Vec<T>) {
+        if self.last && scratch.capacity() > self.keep {
+            *scratch = Vec::new();
+        }
+    }
+}
+
 /// One synchronization rule of Cooperative SGD, applied to a worker's flat parameter buffer.
 ///
 /// All workers call the same methods at the same steps; the rule talks to the others only
@@ -319,6 +356,22 @@ pub trait MergeRule: Send {
     /// local steps collects here what it started at the previous merge and starts what the next
     /// one collects.
     fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged;
+
+    /// Whether the rule can merge the model a bucket at a time ([`MergeRule::merge_bucket`]):
+    /// rules whose update is elementwise, with state per value. The
+    /// [`Synchronizer`](crate::Synchronizer) then reads, merges and writes back one bucket of
+    /// tensors at a time instead of the whole model.
+    fn merges_in_buckets(&self) -> bool {
+        false
+    }
+
+    /// Merges one bucket; a merge is the buckets covering the model in order, and leaves every
+    /// value as [`MergeRule::merge`] would (the distance it returns is this bucket's share).
+    /// Only called when [`MergeRule::merges_in_buckets`] says so.
+    fn merge_bucket(&mut self, bucket: Bucket<'_>, ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
+        let _ = (bucket, ctx, comm);
+        Err(RuleError::BadState { rule: "this rule", reason: "it does not merge in buckets".into() })
+    }
 
     /// Whether the rule measures `‖x_i − x̄‖²` itself at every merge (no extra communication);
     /// others have the consensus distance measured only when asked.
@@ -359,6 +412,12 @@ impl<R: MergeRule + ?Sized> MergeRule for Box<R> {
     }
     fn merge(&mut self, params: &mut [f32], ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
         (**self).merge(params, ctx, comm)
+    }
+    fn merges_in_buckets(&self) -> bool {
+        (**self).merges_in_buckets()
+    }
+    fn merge_bucket(&mut self, bucket: Bucket<'_>, ctx: &SyncContext, comm: &mut dyn Communicator) -> Merged {
+        (**self).merge_bucket(bucket, ctx, comm)
     }
     fn measures_consensus(&self) -> bool {
         (**self).measures_consensus()
