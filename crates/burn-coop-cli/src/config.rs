@@ -83,6 +83,9 @@ pub struct TrainConfig {
     /// Measure the consensus distance every N merges for rules that do not measure it by
     /// themselves (gossip); 0: never.
     pub consensus_every: u64,
+    /// The bucket size in MiB of merges taken a bucket of tensors at a time (averaging,
+    /// elastic averaging with one anchor, DiLoCo without a compressor).
+    pub bucket_mib: f64,
     /// Workers (model replicas).
     pub workers: usize,
     /// Devices; replica r runs on `devices[r % len]`.
@@ -181,6 +184,7 @@ impl Default for TrainConfig {
             rule: RuleSpec::default(),
             schedule: ScheduleSpec::default(),
             consensus_every: 0,
+            bucket_mib: (burn_coop::DEFAULT_BUCKET_BYTES >> 20) as f64,
             workers: 4,
             devices: vec![DeviceName::default_for_build()],
             epochs: 5,
@@ -246,6 +250,11 @@ pub struct TrainArgs {
     /// themselves (gossip; 0: never).
     #[arg(long)]
     pub consensus_every: Option<u64>,
+    /// The bucket size in MiB of merges taken a bucket of tensors at a time (averaging, elastic
+    /// with one anchor, DiLoCo without a compressor; default 4): the memory a merge needs
+    /// beyond the model and the rule's state. Every parameter is the same whatever the size.
+    #[arg(long, value_parser = positive_f64)]
+    pub bucket_mib: Option<f64>,
     /// Number of workers.
     #[arg(long, value_parser = at_least_one)]
     pub workers: Option<u64>,
@@ -351,7 +360,7 @@ impl TrainArgs {
         macro_rules! given {
             ($($field:ident),*) => { $( if self.$field.is_some() { keys.push(stringify!($field).replace('_', "-")); } )* };
         }
-        given!(model, consensus_every, workers, devices, epochs, batch_size, optimizer, lr, lr_schedule);
+        given!(model, consensus_every, bucket_mib, workers, devices, epochs, batch_size, optimizer, lr, lr_schedule);
         given!(lr_warmup_epochs, min_lr, milestones, gamma, momentum, nesterov, weight_decay, partition, beta);
         given!(augment, buffers, inner_state, seed, output, checkpoint_every, keep_checkpoints, eval_workers);
         given!(max_steps, data, download, verify, transport, network, step_time, straggler);
@@ -366,7 +375,7 @@ impl TrainArgs {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { config.$field = v.into(); } )* };
         }
-        set!(model, consensus_every, devices, optimizer, lr, lr_schedule);
+        set!(model, consensus_every, bucket_mib, devices, optimizer, lr, lr_schedule);
         set!(lr_warmup_epochs, min_lr, milestones, gamma, momentum, nesterov, weight_decay, partition, beta);
         set!(augment, buffers, inner_state, seed, checkpoint_every, eval_workers, download, verify, transport);
         self.rule.apply(&mut config.rule)?;
@@ -496,6 +505,13 @@ impl TrainConfig {
         if self.batch_size == 0 {
             return invalid("batch-size", "0".into(), "a batch needs at least one image");
         }
+        if !(self.bucket_mib.is_finite() && self.bucket_mib * (1 << 20) as f64 >= 4.0) {
+            return invalid(
+                "bucket-mib",
+                self.bucket_mib.to_string(),
+                "a bucket must hold at least one value (4 bytes)",
+            );
+        }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return invalid("lr", self.lr.to_string(), "the learning rate must be positive");
         }
@@ -603,7 +619,15 @@ impl TrainConfig {
     /// Checks the rule and schedule against the real number of workers (`--workers` for
     /// threads, the number of ranks under MPI), by building them.
     pub fn validate_for(&self, workers: usize) -> Result<(), InvalidValue> {
-        burn_coop::registry::build_pair(&self.rule, &self.schedule, workers)?;
+        let (rule, _) = burn_coop::registry::build_pair(&self.rule, &self.schedule, workers)?;
+        let default_bucket = (burn_coop::DEFAULT_BUCKET_BYTES >> 20) as f64;
+        if self.bucket_mib != default_bucket && !rule.merges_in_buckets() {
+            let reason = format!(
+                "{} merges the whole model at once; buckets apply to average, sync, elastic with one anchor and diloco without --compressor",
+                self.rule.describe()
+            );
+            return Err(InvalidValue { option: "bucket-mib", value: self.bucket_mib.to_string(), reason });
+        }
         Ok(())
     }
 
@@ -655,6 +679,7 @@ impl TrainConfig {
             rule: self.rule.clone(),
             schedule: self.schedule.clone(),
             consensus_every: self.consensus_every,
+            bucket_bytes: (self.bucket_mib * (1 << 20) as f64) as usize,
             epochs: self.epochs,
             optimizer,
             lr: LrSchedule { lr: self.lr, shape, warmup_epochs: self.lr_warmup_epochs, min_lr: self.min_lr },

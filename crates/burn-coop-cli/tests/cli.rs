@@ -237,6 +237,24 @@ fn bad_values_are_named_like_clap_errors() {
 }
 
 #[test]
+fn a_bucket_size_is_refused_where_it_means_nothing() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["train", "--bucket-mib", "0"], "invalid value '0' for '--bucket-mib <BUCKET_MIB>'"),
+        (&["train", "--bucket-mib", "NaN"], "invalid value 'NaN' for '--bucket-mib <BUCKET_MIB>'"),
+        (&["train", "--bucket-mib", "0.000001"], "invalid value '0.000001' for '--bucket-mib'"),
+        (
+            &["train", "--rule", "gossip", "--bucket-mib", "1"],
+            "invalid value '1' for '--bucket-mib': gossip on a ring merges the whole model at once",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = coop(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
+    }
+}
+
+#[test]
 fn config_file_errors_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");

@@ -24,6 +24,9 @@ pub struct LearnerConfig {
     /// Measure the consensus distance every this many merges for rules that do not measure it
     /// by themselves (gossip); 0: never. Its bytes are reported apart.
     pub consensus_every: u64,
+    /// The bucket size in bytes of merges taken a bucket of tensors at a time (see
+    /// [`Synchronizer::with_bucket_size`](crate::Synchronizer::with_bucket_size)).
+    pub bucket_bytes: usize,
     /// Training epochs.
     pub epochs: usize,
     /// Inner optimizer.
@@ -63,6 +66,7 @@ impl Default for LearnerConfig {
             rule: RuleSpec::default(),
             schedule: ScheduleSpec::default(),
             consensus_every: 0,
+            bucket_bytes: crate::DEFAULT_BUCKET_BYTES,
             epochs: 5,
             optimizer: OptimizerSpec::default(),
             lr: LrSchedule::default(),

@@ -48,6 +48,7 @@ pub fn run_worker<T: CoopTask>(
     let mut sync = Synchronizer::new(rule, schedule, comm)?
         .with_buffer_policy(config.buffers)
         .with_consensus_every(config.consensus_every)
+        .with_bucket_size(config.bucket_bytes)
         .with_seed(config.seed)
         .with_worker_columns();
     if let Some(network) = config.network {

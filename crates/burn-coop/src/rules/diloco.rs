@@ -266,10 +266,10 @@ impl MergeRule for DiLoCo {
         self.merge_bucket(Bucket { values: params, at: 0, first: true, last: true, keep: usize::MAX }, ctx, comm)
     }
 
-    /// With dense all-reduces (no `--compressor`, whose blocks and scales span the model) and
-    /// once started: the outer step and its state are per value.
+    /// With dense all-reduces (no `--compressor`, whose blocks and scales span the model): the
+    /// outer step and its state are per value.
     fn merges_in_buckets(&self) -> bool {
-        self.compressor.is_none() && self.synced.is_some()
+        self.compressor.is_none()
     }
 
     /// The merge on the bucket's values and the same range of the synchronized model and the

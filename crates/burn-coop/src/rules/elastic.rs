@@ -326,9 +326,9 @@ impl MergeRule for Elastic {
         self.merge_bucket(Bucket { values: params, at: 0, first: true, last: true, keep: usize::MAX }, ctx, comm)
     }
 
-    /// With one anchor: started on the initial model, so a bucket can be merged on its own.
+    /// With one anchor (started on the initial model, so a bucket can be merged on its own).
     fn merges_in_buckets(&self) -> bool {
-        self.anchors == 1 && self.anchor.is_some()
+        self.anchors == 1
     }
 
     /// The one-anchor merge on the bucket's values and the same range of the anchor.
