@@ -13,9 +13,9 @@ fn every_benchmark_runs_at_smoke_scale() {
     let rows = burn_coop_benches::run(&options).expect("benchmarks run");
     let count = |id: &str| rows.iter().filter(|r| r.id == id).count();
     assert_eq!(count("P1"), 2);
-    assert_eq!(count("P2"), 12, "per rule: the whole merge and its three parts");
+    assert_eq!(count("P2"), 16, "per rule: the whole merge and its three parts; the wide model at four bucket sizes");
     let p2_goals = rows.iter().filter(|r| r.id == "P2" && r.goal == Goal::AtMost(2.0)).count();
-    assert_eq!(p2_goals, 3, "one goal row per rule");
+    assert_eq!(p2_goals, 4, "one goal row per rule, and the wide model's default bucket size");
     assert_eq!(count("P3"), 1);
     assert_eq!(count("P4"), 3, "two overlapped rules and blocking averaging");
     assert_eq!(count("P6"), 4, "Streaming DiLoCo, two quantizers for DiLoCo, quantized averaging");
@@ -23,7 +23,7 @@ fn every_benchmark_runs_at_smoke_scale() {
         assert_eq!(row.met(), Some(true), "bytes are deterministic: {}", row.summary());
     }
     assert!(count("P7") >= 1, "at least the Flex backend");
-    assert_eq!(count("P8"), 2);
+    assert_eq!(count("P8"), 8, "ResNet peak and held; held and peak of the wide model per rule");
     for row in &rows {
         if row.id != "P7" {
             assert!(row.ratio.is_finite() && row.ratio > 0.0, "{}", row.summary());

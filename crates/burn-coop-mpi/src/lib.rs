@@ -137,6 +137,10 @@ impl Drop for Handle {
     }
 }
 
+/// The largest copy (in values) `all_reduce_sum` keeps for its next call: 4 MiB, one merge
+/// bucket ([`burn_coop::DEFAULT_BUCKET_BYTES`]).
+const SCRATCH_LIMIT: usize = burn_coop::DEFAULT_BUCKET_BYTES / 4;
+
 /// A [`Communicator`] whose workers are the ranks of an MPI communicator.
 ///
 /// Build it with [`MpiComm::world`] (initializes MPI, one worker per rank of `MPI_COMM_WORLD`)
@@ -479,7 +483,7 @@ impl Communicator for MpiComm {
         self.scratch.clear();
         self.scratch.extend_from_slice(values);
         // SAFETY: both buffers hold `n` f32 and are distinct allocations.
-        check(
+        let result = check(
             unsafe {
                 ffi::MPI_Allreduce(
                     self.scratch.as_ptr().cast::<c_void>(),
@@ -491,7 +495,13 @@ impl Communicator for MpiComm {
                 )
             },
             "MPI_Allreduce (f32 sum)",
-        )
+        );
+        // A copy of a large model is not kept between calls (merges in buckets use
+        // `all_reduce_sum_into`, which needs none).
+        if self.scratch.capacity() > SCRATCH_LIMIT {
+            self.scratch = Vec::new();
+        }
+        result
     }
 
     fn all_reduce_sum_into(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
