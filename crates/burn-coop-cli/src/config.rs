@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use burn_coop::comm::{NetworkModel, StepTime};
-use burn_coop::learner::{LrSchedule, LrShape, OptimizerSpec};
+use burn_coop::learner::{InjectedFault, LrSchedule, LrShape, OptimizerSpec};
 use burn_coop::{
     InnerStatePolicy, learner::LearnerConfig, params::BufferPolicy, rules::RuleSpec, schedule::ScheduleSpec,
 };
@@ -152,6 +152,12 @@ pub struct TrainConfig {
     /// A straggler delay added to every simulated step, `exp:MEAN` (exponential, seeded per
     /// worker and step).
     pub straggler: Option<String>,
+    /// Faults to inject, `RANK@STEP[:panic|nan|hang|exit]` (threads only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inject_fault: Vec<InjectedFault>,
+    /// Seconds a worker waits at a collective before declaring the missing workers lost
+    /// (threads only; unset: as long as they are alive).
+    pub peer_timeout: Option<f64>,
 }
 
 /// The most workers on threads of one process.
@@ -217,6 +223,8 @@ impl Default for TrainConfig {
             network: None,
             step_time: "measured".into(),
             straggler: None,
+            inject_fault: Vec::new(),
+            peer_timeout: None,
         }
     }
 }
@@ -351,6 +359,15 @@ pub struct TrainArgs {
     /// A simulated straggler delay per step: exp:MEAN (seconds).
     #[arg(long, value_name = "exp:MEAN")]
     pub straggler: Option<String>,
+    /// Make worker RANK fail right after its local step STEP, to see and test what a failure
+    /// does: panic (default), nan (its parameters), hang (needs --peer-timeout), exit.
+    /// Repeatable; threads only.
+    #[arg(long, value_name = "RANK@STEP[:KIND]", action = clap::ArgAction::Append)]
+    pub inject_fault: Option<Vec<InjectedFault>>,
+    /// Seconds a worker waits at a collective for the others before it declares the missing
+    /// ones lost (threads only; default: as long as they are alive).
+    #[arg(long, value_name = "SECONDS", value_parser = positive_f64)]
+    pub peer_timeout: Option<f64>,
 }
 
 impl TrainArgs {
@@ -363,7 +380,7 @@ impl TrainArgs {
         given!(model, consensus_every, bucket_mib, workers, devices, epochs, batch_size, optimizer, lr, lr_schedule);
         given!(lr_warmup_epochs, min_lr, milestones, gamma, momentum, nesterov, weight_decay, partition, beta);
         given!(augment, buffers, inner_state, seed, output, checkpoint_every, keep_checkpoints, eval_workers);
-        given!(max_steps, data, download, verify, transport, network, step_time, straggler);
+        given!(max_steps, data, download, verify, transport, network, step_time, straggler, inject_fault, peer_timeout);
         keys.extend(self.rule.given_keys());
         keys.extend(self.schedule.given_keys());
         keys
@@ -409,6 +426,12 @@ impl TrainArgs {
         }
         if let Some(v) = &self.straggler {
             config.straggler = Some(v.clone());
+        }
+        if let Some(v) = &self.inject_fault {
+            config.inject_fault = v.clone();
+        }
+        if let Some(v) = self.peer_timeout {
+            config.peer_timeout = Some(v);
         }
         Ok(())
     }
@@ -619,6 +642,13 @@ impl TrainConfig {
     /// Checks the rule and schedule against the real number of workers (`--workers` for
     /// threads, the number of ranks under MPI), by building them.
     pub fn validate_for(&self, workers: usize) -> Result<(), InvalidValue> {
+        if let Err(reason) = burn_coop::learner::check_faults(&self.inject_fault, workers, self.peer_timeout) {
+            let (option, value) = match self.peer_timeout {
+                Some(seconds) if !(seconds.is_finite() && seconds > 0.0) => ("peer-timeout", seconds.to_string()),
+                _ => ("inject-fault", self.inject_fault.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")),
+            };
+            return Err(InvalidValue { option, value, reason });
+        }
         let (rule, _) = burn_coop::registry::build_pair(&self.rule, &self.schedule, workers)?;
         let default_bucket = (burn_coop::DEFAULT_BUCKET_BYTES >> 20) as f64;
         if self.bucket_mib != default_bucket && !rule.merges_in_buckets() {
@@ -697,6 +727,8 @@ impl TrainConfig {
                 fixed: parse_step_time(&self.step_time).ok().flatten(),
                 straggler_mean: self.straggler.as_deref().and_then(|s| parse_straggler(s).ok()),
             },
+            faults: self.inject_fault.clone(),
+            peer_timeout: self.peer_timeout,
         }
     }
 }

@@ -121,6 +121,12 @@ fn run_mpi(mut config: TrainConfig, resume: bool) -> Result<(), String> {
 
     use burn_coop::comm::Communicator;
 
+    if let Some(fault) = config.inject_fault.first() {
+        return Err(format!("--inject-fault {fault}: faults are injected on threads only, not yet over MPI"));
+    }
+    if let Some(seconds) = config.peer_timeout {
+        return Err(format!("--peer-timeout {seconds}: a peer timeout applies on threads only, not yet over MPI"));
+    }
     let comm = burn_coop_mpi::MpiComm::world().map_err(|e| e.to_string())?;
     let (rank, world) = (comm.rank(), comm.world_size());
     config.workers = world;

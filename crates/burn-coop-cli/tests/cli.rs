@@ -255,6 +255,40 @@ fn a_bucket_size_is_refused_where_it_means_nothing() {
 }
 
 #[test]
+fn an_injected_fault_stops_the_run_naming_the_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = generated_cifar(dir.path(), 32);
+    let base = ["train", "--data", data.to_str().unwrap(), "--verify", "false", "--workers", "2", "--batch-size", "8"];
+    let run = dir.path().join("run");
+    let output = coop(&[&base[..], &["--inject-fault", "1@3:exit", "--output", run.to_str().unwrap()]].concat());
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("worker 1 failed on purpose after step 3: injected fault 'exit'"),
+        "{}",
+        stderr(&output)
+    );
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--inject-fault", "2@3"],
+            "invalid value '2@3:panic' for '--inject-fault': the fault 2@3:panic is for worker 2",
+        ),
+        (&["--inject-fault", "1@3:hang"], "give a peer timeout"),
+        (&["--inject-fault", "1@x"], "invalid value '1@x' for '--inject-fault <RANK@STEP[:KIND]>'"),
+        (&["--peer-timeout", "0"], "invalid value '0' for '--peer-timeout <SECONDS>'"),
+    ];
+    for (args, expected) in cases {
+        let output = coop(&[&base[..], args].concat());
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
+    }
+    let file = dir.path().join("faults.toml");
+    std::fs::write(&file, "workers = 2\ninject-fault = [\"0@2:hang\"]\npeer-timeout = -1.0\n").unwrap();
+    let output = coop(&["train", "--config", file.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("'peer-timeout'"), "{}", stderr(&output));
+}
+
+#[test]
 fn config_file_errors_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");

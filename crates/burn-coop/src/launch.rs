@@ -46,9 +46,12 @@ impl FailureCause for Box<dyn std::error::Error + Send + Sync> {
 }
 
 impl FailureCause for CommError {
+    /// A lost peer is the consequence of that peer's own failure; a timeout is what the others
+    /// see of a worker that stopped making progress, whose own error (when it has one) says why.
     fn consequence_level(&self) -> u8 {
         match self {
             Self::PeerLost { .. } => 2,
+            Self::Timeout { .. } => 1,
             _ => 0,
         }
     }

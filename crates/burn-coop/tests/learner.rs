@@ -560,3 +560,64 @@ fn a_merge_of_the_learner_takes_one_statistics_collective() {
         assert_eq!(rows.len(), 1 + 3, "{name}");
     }
 }
+
+/// Twenty seeded trials of a 4-worker run losing a random worker at a random step to a random
+/// fault: every trial stops within a bounded time (no hang), with the error of the worker that
+/// failed, named, whatever the others saw (a lost peer, a timeout, its NaN values).
+#[test]
+fn a_worker_failing_at_a_random_step_stops_the_run_naming_it() {
+    use burn_coop::learner::{FaultKind, InjectedFault};
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move |bound: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % bound
+    };
+    let task = Synthetic::new();
+    let total = 2 * task.batches as u64;
+    for trial in 0..20 {
+        let fault =
+            InjectedFault { rank: next(4) as usize, step: 1 + next(total), kind: FaultKind::ALL[next(4) as usize] };
+        let rule = RuleSpec::Average(Default::default());
+        let config = LearnerConfig {
+            workers: 4,
+            faults: vec![fault],
+            peer_timeout: Some(0.5),
+            ..config(&format!("chaos-{trial}"), rule)
+        };
+        let started = std::time::Instant::now();
+        let error = run(task.clone(), &config).expect_err("a worker failed").to_string();
+        let seconds = started.elapsed().as_secs_f64();
+        let worker = format!("worker {}", fault.rank);
+        let named = match fault.kind {
+            FaultKind::Panic => error.contains(&format!("{worker} panicked: injected fault {fault}")),
+            FaultKind::Nan => error.contains(&worker) && error.contains("non-finite"),
+            FaultKind::Hang | FaultKind::Exit => error.contains(&format!(
+                "{worker} failed on purpose after step {}: injected fault '{}'",
+                fault.step,
+                fault.kind.name()
+            )),
+        };
+        assert!(named, "trial {trial}, fault {fault}: {error}");
+        assert!(seconds < 20.0, "trial {trial}, fault {fault}: {seconds} s");
+        let _ = std::fs::remove_dir_all(&config.output);
+    }
+}
+
+#[test]
+fn faults_that_cannot_happen_are_refused() {
+    let fault = |text: &str| text.parse::<burn_coop::learner::InjectedFault>().unwrap();
+    let rule = RuleSpec::Average(Default::default());
+    let cases = [
+        (vec![fault("2@3")], None, "worker 2, but the run has 2 workers"),
+        (vec![fault("1@13")], None, "comes after the run's last step, 12"),
+        (vec![fault("1@3:hang")], None, "give a peer timeout"),
+        (vec![], Some(0.0), "positive number of seconds"),
+    ];
+    for (faults, peer_timeout, expected) in cases {
+        let config = LearnerConfig { faults, peer_timeout, ..config("bad-faults", rule.clone()) };
+        let error = run(Synthetic::new(), &config).expect_err("refused").to_string();
+        assert!(error.contains(expected), "{error}");
+    }
+}

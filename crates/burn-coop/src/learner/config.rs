@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::fault::InjectedFault;
 use super::optimizer::{LrSchedule, OptimizerSpec};
 use crate::comm::{NetworkModel, StepTime};
 use crate::local_sgd::InnerStatePolicy;
@@ -57,6 +58,11 @@ pub struct LearnerConfig {
     pub network: Option<NetworkModel>,
     /// The simulated time of a local step (with a network).
     pub step_time: StepTime,
+    /// Faults to inject (see [`InjectedFault`]); honoured on threads.
+    pub faults: Vec<InjectedFault>,
+    /// Seconds a worker waits at a collective for the others before it declares the missing
+    /// ones lost (`None`: as long as they are alive). A lost peer is reported at once either way.
+    pub peer_timeout: Option<f64>,
 }
 
 impl Default for LearnerConfig {
@@ -81,6 +87,8 @@ impl Default for LearnerConfig {
             progress: true,
             network: None,
             step_time: StepTime::default(),
+            faults: Vec::new(),
+            peer_timeout: None,
         }
     }
 }

@@ -9,6 +9,7 @@
 mod async_worker;
 mod checkpoint;
 mod config;
+mod fault;
 mod metrics;
 mod optimizer;
 mod shared;
@@ -21,6 +22,7 @@ use burn::tensor::Device;
 
 pub use checkpoint::{CheckpointError, latest_checkpoint};
 pub use config::LearnerConfig;
+pub use fault::{FaultKind, FaultParseError, InjectedFault, check_faults};
 pub use metrics::{Columns, EpochMetrics, RunPoint, SyncMetrics};
 pub use optimizer::{LrSchedule, LrShape, OptimizerSpec};
 pub use shared::WorkerReport;
@@ -92,6 +94,16 @@ pub enum LearnerError {
     /// A model or optimizer record could not be (de)serialized.
     #[error("cannot serialize or restore a record: {0}")]
     Record(String),
+    /// A fault injected on purpose (`--inject-fault`) made this worker fail.
+    #[error("worker {worker} failed on purpose after step {step}: injected fault '{kind}'")]
+    InjectedFault {
+        /// The worker.
+        worker: usize,
+        /// The step after which it failed.
+        step: u64,
+        /// The fault's kind.
+        kind: &'static str,
+    },
     /// Another worker failed and said so at a collective (asynchronous local SGD); its own
     /// error is the cause.
     #[error("worker {worker} failed (its own error says why), so this worker stopped")]
@@ -170,7 +182,11 @@ impl<T: CoopTask> Learner<T> {
         std::fs::write(&resolved, serde_json::to_vec_pretty(&config).expect("config serializes"))
             .map_err(|source| LearnerError::Io { path: resolved, source })?;
 
-        let comms = InProcessGroup::new(config.workers).into_communicators();
+        let mut group = InProcessGroup::new(config.workers);
+        if let Some(seconds) = config.peer_timeout.filter(|s| s.is_finite() && *s > 0.0) {
+            group = group.with_timeout(std::time::Duration::from_secs_f64(seconds));
+        }
+        let comms = group.into_communicators();
         let (task, devices, resume) = (&self.task, &self.devices, self.resume);
         let reports =
             run_group(comms, |rank, comm| run_worker(task, &config, &devices[rank % devices.len()], comm, resume))

@@ -16,6 +16,7 @@ use burn::tensor::{Bytes, Device};
 use super::LearnerError;
 use super::checkpoint::{CheckpointError, Checkpoints, WorkerFiles, WorkerState, merging_of};
 use super::config::LearnerConfig;
+use super::fault::{FaultKind, InjectedFault};
 use super::metrics::{Columns, EpochMetrics, MetricsWriter, RunPoint, SyncMetrics};
 use super::shared::{WallClock, WorkerPlan, WorkerReport, evaluate_average, init_seeded, plan_steps, save_average};
 use super::task::CoopTask;
@@ -35,12 +36,23 @@ pub fn run_worker<T: CoopTask>(
     comm: impl Communicator + 'static,
     resume: bool,
 ) -> Result<WorkerReport, LearnerError> {
+    super::fault::check_faults(&config.faults, comm.world_size(), config.peer_timeout).map_err(LearnerError::Config)?;
     if let crate::rules::RuleSpec::Async(asynchronous) = &config.rule {
+        if let Some(fault) = config.faults.first() {
+            let reason = format!(
+                "the fault {fault} cannot be injected with asynchronous local SGD (its steps run on several threads per worker)"
+            );
+            return Err(LearnerError::Config(reason));
+        }
         return super::async_worker::run_async_worker(task, config, device, comm, asynchronous.threads(), resume);
     }
     let (rank, workers) = (comm.rank(), comm.world_size());
     let device = device.clone().autodiff();
     let steps = plan_steps(task, config, workers)?;
+    if let Some(fault) = config.faults.iter().find(|f| f.step > steps.total) {
+        let reason = format!("the fault {fault} comes after the run's last step, {}", steps.total);
+        return Err(LearnerError::Config(reason));
+    }
     let checkpoints = Checkpoints::in_output(&config.output);
 
     let (rule, schedule) = crate::registry::build_pair(&config.rule, &config.schedule, workers)?;
@@ -203,6 +215,9 @@ impl<T: CoopTask> StepRun<'_, T> {
                 w.step(epoch, loss_value, lr);
             }
             let step = optim.stats().steps;
+            if let Some(fault) = config.faults.iter().find(|f| f.rank == self.plan.rank && f.step == step) {
+                model = inject(*fault, model, config.peer_timeout)?;
+            }
             if let (Some(report), Some(w)) = (report, writer.as_deref_mut()) {
                 let metrics = sync_metrics(epoch, lr, optim.period(), &report, self.clock.now());
                 w.sync(&metrics).map_err(|source| LearnerError::Io { path: config.output.clone(), source })?;
@@ -374,4 +389,23 @@ fn checkpoint<M: Module>(
     }
     optim.comm().barrier().map_err(CoopError::from)?;
     Ok(())
+}
+
+/// Makes this worker fail as `fault` says (see [`InjectedFault`]): panics, returns the model
+/// with every value NaN, or returns the error that ends the worker (at once, or after three
+/// peer timeouts for a hang, by when the others have given up on it).
+fn inject<M: Module>(fault: InjectedFault, model: M, peer_timeout: Option<f64>) -> Result<M, LearnerError> {
+    let failed = LearnerError::InjectedFault { worker: fault.rank, step: fault.step, kind: fault.kind.name() };
+    match fault.kind {
+        FaultKind::Panic => panic!("injected fault {fault}: worker {} panics after step {}", fault.rank, fault.step),
+        FaultKind::Nan => {
+            let layout = ParamLayout::of(&model, BufferPolicy::Merge);
+            Ok(layout.unflatten(model, &vec![f32::NAN; layout.len()])?)
+        }
+        FaultKind::Hang => {
+            std::thread::sleep(std::time::Duration::from_secs_f64(3.0 * peer_timeout.unwrap_or(0.0)));
+            Err(failed)
+        }
+        FaultKind::Exit => Err(failed),
+    }
 }
