@@ -246,7 +246,10 @@ pub struct SyncState {
 }
 
 /// The default bucket size of merges taken a bucket at a time
-/// ([`Synchronizer::with_bucket_size`]): 4 MiB, chosen by measurement (bench P2 at 64 MiB).
+/// ([`Synchronizer::with_bucket_size`]): 4 MiB. Measured on a 64 MiB model (bench P2, four
+/// workers on threads), an averaging merge takes 4.4× the memory-bandwidth bound with 1 MiB
+/// buckets, 4.9× with 4 MiB, 6.6× with 16 MiB and 14.6× in one piece; 4 MiB stays within 10%
+/// of the fastest while a ResNet-20 (1.1 MB) still merges in one piece, exactly as before.
 pub const DEFAULT_BUCKET_BYTES: usize = 4 << 20;
 
 /// Where the values given to [`merge_pieces`] sit in a merge taken in buckets.
