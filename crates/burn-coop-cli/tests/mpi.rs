@@ -170,7 +170,7 @@ fn new_rules_and_schedules_run_with_their_defaults_on_threads_and_ranks() {
     // several anchors (sums of two group members, and of anchors with zeros).
     // The compressed rules gather or exchange byte payloads and add them in rank order, and the
     // quantized all-reduce adds in ring order: four ranks agree to the bit.
-    let settings: [(&str, &[&str]); 16] = [
+    let settings: [(&str, &[&str]); 19] = [
         ("2", &["--rule", "diloco"]),
         ("2", &["--rule", "hierarchical"]),
         ("2", &["--schedule", "adacomm"]),
@@ -187,6 +187,10 @@ fn new_rules_and_schedules_run_with_their_defaults_on_threads_and_ranks() {
         ("2", &["--rule", "streaming-diloco", "--fragments", "2", "--tau", "2"]),
         ("4", &["--rule", "diloco", "--compressor", "int8", "--tau", "2"]),
         ("4", &["--rule", "average", "--compressor", "fp8", "--tau", "2"]),
+        // Merges in buckets of 10 KiB: groups of small tensors and large tensors in pieces.
+        ("2", &["--rule", "average", "--bucket-mib", "0.01"]),
+        ("2", &["--rule", "elastic", "--bucket-mib", "0.01"]),
+        ("2", &["--rule", "diloco", "--bucket-mib", "0.01"]),
     ];
     for (k, (np, setting)) in settings.into_iter().enumerate() {
         let common = ["train", "--batch-size", "8", "--max-steps", "16", "--lr", "0.02", "--verify", "false"];
