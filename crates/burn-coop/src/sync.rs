@@ -191,6 +191,8 @@ impl StatisticsPlan {
 /// This worker's share of a merge's statistics.
 struct Statistics {
     non_finite: usize,
+    /// Values of this worker's model (for the error naming a worker's non-finite values).
+    values: usize,
     local_distance: Option<f64>,
     clock: Option<SimClock>,
     trigger: Option<Triggered>,
@@ -303,6 +305,8 @@ fn lone_tensor(layout: &ParamLayout, bucket: &LayoutBucket) -> Option<usize> {
 
 /// What a merge recorded before its rule ran.
 struct Begun {
+    /// Values of the merged model.
+    values: usize,
     start: TrafficByKind,
     start_time: CommTime,
     before_rule: TrafficByKind,
@@ -631,7 +635,7 @@ impl Synchronizer {
         let measured = if plan.measure { Some(self.measure_consensus(ctx.world_size)?) } else { None };
         let before_rule = self.comm.traffic();
         let outcome = self.rule.merge(&mut self.flat, &ctx, &mut self.comm)?;
-        let begun = Begun { start, start_time, before_rule, measured };
+        let begun = Begun { values: self.flat.len(), start, start_time, before_rule, measured };
         self.finish_merge(ctx, plan, begun, outcome, non_finite)
     }
 
@@ -684,7 +688,7 @@ impl Synchronizer {
             self.flat = staging;
         }
         let outcome = MergeOutcome { local_squared_distance: local, trigger: None };
-        let begun = Begun { start, start_time, before_rule: start, measured: None };
+        let begun = Begun { values: layout.len(), start, start_time, before_rule: start, measured: None };
         let report = self.finish_merge(ctx, plan, begun, outcome, non_finite)?;
         Ok((module, report))
     }
@@ -699,7 +703,7 @@ impl Synchronizer {
         outcome: MergeOutcome,
         non_finite: usize,
     ) -> Result<SyncReport, CoopError> {
-        let Begun { start, start_time, before_rule, measured } = begun;
+        let Begun { values, start, start_time, before_rule, measured } = begun;
         let after_rule = self.comm.traffic();
         let local_distance = outcome.local_squared_distance.or(measured);
         // The schedule's clock is read before the statistics collective, which it pays for.
@@ -727,6 +731,7 @@ impl Synchronizer {
 
         let mine = Statistics {
             non_finite,
+            values,
             local_distance,
             clock,
             trigger: outcome.trigger,
@@ -814,8 +819,7 @@ impl Synchronizer {
         if plan.reduce
             && let Some(bad_rank) = values[..world].iter().position(|&count| count > 0.0)
         {
-            let total = self.layout.as_ref().map_or(self.flat.len(), ParamLayout::len);
-            return Err(self.non_finite(bad_rank, values[bad_rank] as usize, total));
+            return Err(self.non_finite(bad_rank, values[bad_rank] as usize, mine.values));
         }
         if plan.reduce {
             reduced.sim_seconds = mine.clock.map(|_| values[world + 2] / world as f64);

@@ -393,27 +393,35 @@ fn a_panicking_worker_makes_the_others_fail_fast() {
 
 #[test]
 fn non_finite_parameters_stop_every_worker_with_the_culprit_named() {
-    let results = run_workers(3, |rank, comm| {
-        let mut optim =
-            LocalSgd::new(SgdConfig::new().init(), Averaging::new(), PeriodicSchedule::every(2).unwrap(), comm)
-                .unwrap();
-        let mut model = tiny_for(rank);
-        for step in 0..2 {
-            let mut grads = fixed_grads(&model, rank, step);
-            if rank == 1 && step == 1 {
-                let id = model.fc2.bias.as_ref().unwrap().id;
-                grads.register::<1>(id, Tensor::from_data([f32::NAN, 0.0], &burn::tensor::Device::flex()));
-            }
-            match optim.step(0.1, model, grads) {
-                Ok(next) => model = next,
-                Err(error) => return error.to_string(),
-            }
+    // The whole model in one bucket, and in buckets of two values.
+    for bucket in [burn_coop::DEFAULT_BUCKET_BYTES, 8] {
+        let results = run_workers(3, |rank, comm| non_finite_at_worker_1(rank, comm, bucket));
+        for message in results {
+            assert_eq!(message, "worker 1 has non-finite parameters at step 2 (1 of 42 values are NaN or infinite)");
         }
-        "no error".to_string()
-    });
-    for message in results {
-        assert_eq!(message, "worker 1 has non-finite parameters at step 2 (1 of 42 values are NaN or infinite)");
     }
+}
+
+/// Two steps of averaging with a NaN gradient at worker 1's second step: the error each
+/// worker stops with.
+fn non_finite_at_worker_1(rank: usize, comm: burn_coop::comm::InProcessComm, bucket: usize) -> String {
+    let sync = burn_coop::Synchronizer::new(Averaging::new(), PeriodicSchedule::every(2).unwrap(), comm)
+        .unwrap()
+        .with_bucket_size(bucket);
+    let mut optim = LocalSgd::with_synchronizer(SgdConfig::new().init(), sync);
+    let mut model = tiny_for(rank);
+    for step in 0..2 {
+        let mut grads = fixed_grads(&model, rank, step);
+        if rank == 1 && step == 1 {
+            let id = model.fc2.bias.as_ref().unwrap().id;
+            grads.register::<1>(id, Tensor::from_data([f32::NAN, 0.0], &burn::tensor::Device::flex()));
+        }
+        match optim.step(0.1, model, grads) {
+            Ok(next) => model = next,
+            Err(error) => return error.to_string(),
+        }
+    }
+    "no error".to_string()
 }
 
 #[test]
