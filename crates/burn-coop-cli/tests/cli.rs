@@ -220,6 +220,15 @@ fn compare_reports_time_and_bytes_to_the_synchronous_runs_final_loss() {
     assert!(!bad.status.success() && stderr(&bad).contains(".png or .svg"), "{}", stderr(&bad));
 }
 
+/// Each command line ends as a usage error (status 2) whose message contains its text.
+fn assert_each_refused(cases: &[(&[&str], &str)]) {
+    for (args, expected) in cases {
+        let output = coop(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
+    }
+}
+
 #[test]
 fn bad_values_are_named_like_clap_errors() {
     let cases: [(&[&str], &str); 5] = [
@@ -229,11 +238,7 @@ fn bad_values_are_named_like_clap_errors() {
         (&["train", "--rule", "gossip", "--topology", "torus", "--workers", "7"], "7 workers cannot form a 2-D torus"),
         (&["train", "--devices", "quantum"], "unknown device 'quantum'"),
     ];
-    for (args, expected) in cases {
-        let output = coop(args);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
-        assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
-    }
+    assert_each_refused(&cases);
 }
 
 #[test]
@@ -247,11 +252,7 @@ fn a_bucket_size_is_refused_where_it_means_nothing() {
             "invalid value '1' for '--bucket-mib': gossip on a ring merges the whole model at once",
         ),
     ];
-    for (args, expected) in cases {
-        let output = coop(args);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
-        assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
-    }
+    assert_each_refused(&cases);
 }
 
 #[test]
