@@ -84,8 +84,8 @@ pub struct TrainConfig {
     /// themselves (gossip); 0: never.
     pub consensus_every: u64,
     /// The bucket size in MiB of merges taken a bucket of tensors at a time (averaging,
-    /// elastic averaging with one anchor, DiLoCo without a compressor).
-    pub bucket_mib: f64,
+    /// elastic averaging with one anchor, DiLoCo without a compressor); unset: 4.
+    pub bucket_mib: Option<f64>,
     /// Workers (model replicas).
     pub workers: usize,
     /// Devices; replica r runs on `devices[r % len]`.
@@ -190,7 +190,7 @@ impl Default for TrainConfig {
             rule: RuleSpec::default(),
             schedule: ScheduleSpec::default(),
             consensus_every: 0,
-            bucket_mib: (burn_coop::DEFAULT_BUCKET_BYTES >> 20) as f64,
+            bucket_mib: None,
             workers: 4,
             devices: vec![DeviceName::default_for_build()],
             epochs: 5,
@@ -528,12 +528,10 @@ impl TrainConfig {
         if self.batch_size == 0 {
             return invalid("batch-size", "0".into(), "a batch needs at least one image");
         }
-        if !(self.bucket_mib.is_finite() && self.bucket_mib * (1 << 20) as f64 >= 4.0) {
-            return invalid(
-                "bucket-mib",
-                self.bucket_mib.to_string(),
-                "a bucket must hold at least one value (4 bytes)",
-            );
+        if let Some(mib) = self.bucket_mib
+            && !(mib.is_finite() && mib * (1 << 20) as f64 >= 4.0)
+        {
+            return invalid("bucket-mib", mib.to_string(), "a bucket must hold at least one value (4 bytes)");
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return invalid("lr", self.lr.to_string(), "the learning rate must be positive");
@@ -650,13 +648,14 @@ impl TrainConfig {
             return Err(InvalidValue { option, value, reason });
         }
         let (rule, _) = burn_coop::registry::build_pair(&self.rule, &self.schedule, workers)?;
-        let default_bucket = (burn_coop::DEFAULT_BUCKET_BYTES >> 20) as f64;
-        if self.bucket_mib != default_bucket && !rule.merges_in_buckets() {
+        if let Some(mib) = self.bucket_mib
+            && !rule.merges_in_buckets()
+        {
             let reason = format!(
                 "{} merges the whole model at once; buckets apply to average, sync, elastic with one anchor and diloco without --compressor",
                 self.rule.describe()
             );
-            return Err(InvalidValue { option: "bucket-mib", value: self.bucket_mib.to_string(), reason });
+            return Err(InvalidValue { option: "bucket-mib", value: mib.to_string(), reason });
         }
         Ok(())
     }
@@ -709,7 +708,9 @@ impl TrainConfig {
             rule: self.rule.clone(),
             schedule: self.schedule.clone(),
             consensus_every: self.consensus_every,
-            bucket_bytes: (self.bucket_mib * (1 << 20) as f64) as usize,
+            bucket_bytes: self
+                .bucket_mib
+                .map_or(burn_coop::DEFAULT_BUCKET_BYTES, |mib| (mib * (1 << 20) as f64) as usize),
             epochs: self.epochs,
             optimizer,
             lr: LrSchedule { lr: self.lr, shape, warmup_epochs: self.lr_warmup_epochs, min_lr: self.min_lr },

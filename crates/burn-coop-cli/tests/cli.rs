@@ -243,7 +243,7 @@ fn bad_values_are_named_like_clap_errors() {
 
 #[test]
 fn a_bucket_size_is_refused_where_it_means_nothing() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["train", "--bucket-mib", "0"], "invalid value '0' for '--bucket-mib <BUCKET_MIB>'"),
         (&["train", "--bucket-mib", "NaN"], "invalid value 'NaN' for '--bucket-mib <BUCKET_MIB>'"),
         (&["train", "--bucket-mib", "0.000001"], "invalid value '0.000001' for '--bucket-mib'"),
@@ -251,6 +251,8 @@ fn a_bucket_size_is_refused_where_it_means_nothing() {
             &["train", "--rule", "gossip", "--bucket-mib", "1"],
             "invalid value '1' for '--bucket-mib': gossip on a ring merges the whole model at once",
         ),
+        // The default's value given explicitly is still a setting gossip does not use.
+        (&["train", "--rule", "gossip", "--bucket-mib", "4"], "invalid value '4' for '--bucket-mib'"),
     ];
     assert_each_refused(&cases);
 }
